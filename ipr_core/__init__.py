@@ -1,0 +1,1 @@
+"""IPR core: the method as a plain library (no Prefect imports here)."""

@@ -1,0 +1,43 @@
+"""The policy backend interface: a batch of conversations in, `n` completions each out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Message = dict[str, str]
+"""A chat message: {"role": "system" | "user" | "assistant", "content": str}."""
+
+FinishReason = Literal["stop", "length", "context"]
+"""stop: a stop string or EOS; length: hit max_new_tokens; context: the prompt did not fit."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    max_new_tokens: int = 128
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    """Tokens prefilled for this completion (the prompt, counted once per completion)."""
+    generated_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class PolicyBackend(Protocol):
+    policy_id: str
+    max_context: int
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def generate(
+        self, conversations: list[list[Message]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Return `params.n` completions for each conversation, in order."""
+        ...

@@ -1,0 +1,24 @@
+"""Errors that carry enough context for a user to find the bad input."""
+
+
+class IprError(Exception):
+    """Base class for errors the CLI reports as a one-line message and exit code 2."""
+
+
+class InputError(IprError):
+    """Bad user input: names the source (file or config), the record and the field."""
+
+    def __init__(
+        self, source: str, message: str, record: str | None = None, field: str | None = None
+    ):
+        self.source, self.record, self.field = source, record, field
+        where = source
+        if record is not None:
+            where += f", record {record!r}"
+        if field is not None:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {message}")
+
+
+class UnknownEnvError(IprError):
+    """An env id that no adapter is registered for."""

@@ -1,0 +1,52 @@
+"""Exploration along expert trajectories (ipr-method.md, stage 3).
+
+For each expert trajectory of K steps and every j = 0..K-1, replay the first j expert
+turns and let the agent act greedily to the end. j = 0 is the agent's own trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
+from ipr_core.step_rewards import StepQuery
+from ipr_core.types import Trajectory, same_action
+
+
+@dataclass(frozen=True)
+class Exploration:
+    expert: Trajectory
+    prefix_len: int
+    rollout: RolloutResult
+
+    def agent_step_query(self) -> StepQuery | None:
+        """The agent's first own action, for MC scoring; None when there is nothing to
+        compare (no action taken, or the same action as the expert's)."""
+        own = self.rollout.policy_steps
+        if not own:
+            return None
+        expert_step = self.expert.steps[self.prefix_len]
+        if same_action(own[0].action, expert_step.action):
+            return None
+        history = tuple(step.text for step in self.expert.steps[: self.prefix_len])
+        return StepQuery(self.expert.task.task_id, "agent", history, own[0].text)
+
+
+def explore(
+    engine: RolloutEngine,
+    experts: Sequence[Trajectory],
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[Exploration]:
+    specs: list[RolloutSpec] = []
+    owners: list[tuple[Trajectory, int]] = []
+    for expert in experts:
+        texts = tuple(step.text for step in expert.steps)
+        for j in range(len(texts)):
+            specs.append(RolloutSpec(task_id=expert.task.task_id, prefix=texts[:j]))
+            owners.append((expert, j))
+    results = engine.run(specs, temperature=temperature, seed=seed)
+    return [
+        Exploration(expert, j, result) for (expert, j), result in zip(owners, results, strict=True)
+    ]

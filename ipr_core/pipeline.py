@@ -1,0 +1,281 @@
+"""The IPR data stages as plain functions over the store.
+
+Each stage reads what it needs from the store and writes its results in one
+transaction, so stages can run (and be retried, cached and resumed) independently;
+the Prefect tasks in `tasks/` wrap exactly these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ipr_core.envs import make_env
+from ipr_core.expert import Rejected, gold_trajectories
+from ipr_core.explore import Exploration, explore
+from ipr_core.mining import MiningConfig, StepKey, mine_pairs
+from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
+from ipr_core.step_rewards import StepReward, estimate_step_rewards, expert_queries
+from ipr_core.store import Store, expert_to_row, steps_from_json, steps_to_json, upsert
+from ipr_core.types import Pair, Trajectory
+
+EXPERT_ITERATION = 0
+"""Expert step rewards depend only on the fixed scorer: stored once, under iteration 0."""
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    written: int
+    rejected: list[Rejected]
+
+
+def ingest_gold(store: Store, env_id: str, split: str, limit: int) -> IngestReport:
+    """Build `limit` verified expert trajectories of a split from the env's gold actions."""
+    env = make_env(env_id)
+    kept: list[Trajectory] = []
+    rejected: list[Rejected] = []
+    try:
+        for built in gold_trajectories(env, split):
+            if isinstance(built, Rejected):
+                rejected.append(built)
+            else:
+                kept.append(built)
+            if len(kept) >= limit:
+                break
+    finally:
+        env.close()
+    store.write({"expert_trajectories": [expert_to_row(t, source="gold") for t in kept]})
+    return IngestReport(written=len(kept), rejected=rejected)
+
+
+def ingest_file(store: Store, trajectories: Sequence[Trajectory], source: str) -> int:
+    """Store imported expert trajectories (already validated whole) in one transaction."""
+    rows = [expert_to_row(t, source=source) for t in trajectories]
+    return store.write({"expert_trajectories": rows})["expert_trajectories"]
+
+
+# -- Monte Carlo step rewards --------------------------------------------------------------
+def expert_step_rewards(
+    store: Store,
+    run_id: str,
+    engine: RolloutEngine,
+    scorer_id: str,
+    experts: Sequence[Trajectory],
+    n_samples: int,
+    temperature: float,
+    seed: int,
+) -> int:
+    """Score every expert step once per (run, scorer); returns how many were computed now."""
+    done = _step_reward_keys(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
+    queries = [
+        query
+        for expert in experts
+        for query in expert_queries(expert)
+        if (query.task_id, query.prefix_len) not in done
+    ]
+    if queries:
+        rewards, rollouts = estimate_step_rewards(engine, queries, n_samples, temperature, seed)
+        _write_step_rewards(store, run_id, EXPERT_ITERATION, engine, scorer_id, rewards, rollouts)
+    return len(queries)
+
+
+def agent_step_rewards(
+    store: Store,
+    run_id: str,
+    iteration: int,
+    engine: RolloutEngine,
+    scorer_id: str,
+    explorations: Sequence[Exploration],
+    n_samples: int,
+    temperature: float,
+    seed: int,
+) -> int:
+    """Score the agent's first own action of every exploration that differs from the expert's."""
+    queries = [q for e in explorations if (q := e.agent_step_query()) is not None]
+    rewards, rollouts = estimate_step_rewards(engine, queries, n_samples, temperature, seed)
+    _write_step_rewards(store, run_id, iteration, engine, scorer_id, rewards, rollouts)
+    return len(queries)
+
+
+def _write_step_rewards(
+    store: Store,
+    run_id: str,
+    iteration: int,
+    engine: RolloutEngine,
+    scorer_id: str,
+    rewards: Sequence[StepReward],
+    rollouts: Sequence[Sequence[RolloutResult]],
+) -> None:
+    reward_rows, rollout_rows = [], []
+    for reward, results in zip(rewards, rollouts, strict=True):
+        query = reward.query
+        reward_rows.append(
+            {
+                "run_id": run_id,
+                "scorer_id": scorer_id,
+                "iteration": iteration,
+                "env_id": engine.env_id,
+                "task_id": query.task_id,
+                "prefix_len": query.prefix_len,
+                "actor": query.actor,
+                "action": reward.action,
+                "step_text": query.step_text,
+                "mean_reward": reward.mean_reward,
+                "n_samples": reward.n_samples,
+                "n_ok": reward.n_ok,
+                "n_failed": reward.n_failed,
+                "terminal": reward.terminal,
+            }
+        )
+        rollout_rows += [
+            rollout_row(r, run_id, iteration, "mc", query.prefix_len, query.actor, scorer_id)
+            for r in results
+        ]
+    store.write({"rollouts": rollout_rows, "step_rewards": reward_rows})
+
+
+def _step_reward_keys(
+    store: Store, run_id: str, scorer_id: str, iteration: int, actor: str
+) -> set[StepKey]:
+    return set(step_reward_map(store, run_id, scorer_id, iteration, actor))
+
+
+def step_reward_map(
+    store: Store, run_id: str, scorer_id: str, iteration: int, actor: str
+) -> dict[StepKey, float | None]:
+    if not store.table_exists("step_rewards"):
+        return {}
+    frame = store.query(
+        "SELECT task_id, prefix_len, mean_reward FROM step_rewards "
+        "WHERE run_id = ? AND scorer_id = ? AND iteration = ? AND actor = ?",
+        [run_id, scorer_id, iteration, actor],
+    )
+    return {
+        (row.task_id, int(row.prefix_len)): None if _is_null(row.mean_reward) else row.mean_reward
+        for row in frame.itertuples()
+    }
+
+
+# -- exploration ---------------------------------------------------------------------------
+def explore_stage(
+    store: Store,
+    run_id: str,
+    iteration: int,
+    engine: RolloutEngine,
+    experts: Sequence[Trajectory],
+    seed: int,
+) -> list[Exploration]:
+    """Greedy exploration from every expert prefix; rollouts stored as kind 'explore'."""
+    explorations = explore(engine, experts, temperature=0.0, seed=seed)
+    policy_id = engine.backend.policy_id
+    rows = [
+        rollout_row(e.rollout, run_id, iteration, "explore", e.prefix_len, "agent", policy_id)
+        for e in explorations
+    ]
+    store.write({"rollouts": rows})
+    return explorations
+
+
+def load_explorations(
+    store: Store, run_id: str, iteration: int, experts: Sequence[Trajectory]
+) -> list[Exploration]:
+    """The stored exploration rollouts of an iteration, rejoined with their experts."""
+    by_task = {expert.task.task_id: expert for expert in experts}
+    frame = store.query(
+        "SELECT * FROM rollouts WHERE run_id = ? AND iteration = ? AND kind = 'explore' "
+        "ORDER BY task_id, prefix_len",
+        [run_id, iteration],
+    )
+    explorations = []
+    for row in frame.to_dict("records"):
+        expert = by_task.get(row["task_id"])
+        if expert is None:
+            continue
+        j = int(row["prefix_len"])
+        prefix = tuple(step.text for step in expert.steps[:j])
+        reward = None if _is_null(row["outcome_reward"]) else row["outcome_reward"]
+        trajectory = Trajectory(expert.task, steps_from_json(row["steps"]), reward, row["status"])
+        result = RolloutResult(spec=RolloutSpec(expert.task.task_id, prefix), trajectory=trajectory)
+        explorations.append(Exploration(expert, j, result))
+    return explorations
+
+
+# -- pairs ---------------------------------------------------------------------------------
+def mine_stage(
+    store: Store,
+    run_id: str,
+    iteration: int,
+    scorer_id: str,
+    explorations: Sequence[Exploration],
+    config: MiningConfig,
+    action_hint: str,
+    env_id: str,
+) -> list[Pair]:
+    """Mine an iteration's pairs and replace whatever that iteration had stored before."""
+    expert_rewards = step_reward_map(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
+    agent_rewards = step_reward_map(store, run_id, scorer_id, iteration, "agent")
+    pairs = mine_pairs(explorations, expert_rewards, agent_rewards, config, action_hint)
+    rows = [pair_row(p, run_id, iteration, env_id, config.step_mode) for p in pairs]
+    with store.transaction() as con:
+        con.execute("DELETE FROM pairs WHERE run_id = ? AND iteration = ?", [run_id, iteration])
+        upsert(con, "pairs", rows)
+    return pairs
+
+
+# -- rows ----------------------------------------------------------------------------------
+def rollout_row(
+    result: RolloutResult,
+    run_id: str,
+    iteration: int,
+    kind: str,
+    prefix_len: int,
+    actor: str,
+    policy_id: str,
+) -> dict[str, Any]:
+    trajectory = result.trajectory
+    return {
+        "run_id": run_id,
+        "iteration": iteration,
+        "kind": kind,
+        "env_id": trajectory.task.env_id,
+        "task_id": result.spec.task_id,
+        "prefix_len": prefix_len,
+        "actor": actor,
+        "sample_idx": result.spec.sample_idx,
+        "policy_id": policy_id,
+        "status": result.status,
+        "outcome_reward": result.outcome_reward,
+        "n_steps": len(trajectory.steps),
+        "steps": steps_to_json(trajectory.steps),
+        "prefill_tokens": result.prefill_tokens,
+        "generated_tokens": result.generated_tokens,
+        "env_steps": result.env_steps,
+        "parse_failures": result.parse_failures,
+        "error": result.error,
+    }
+
+
+def pair_row(pair: Pair, run_id: str, iteration: int, env_id: str, mode: str) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "iteration": iteration,
+        "level": pair.level,
+        "env_id": env_id,
+        "task_id": pair.task_id,
+        "prefix_len": pair.prefix_len,
+        "mode": mode if pair.level == "step" else "trajectory",
+        "prompt": json.dumps(pair.prompt),
+        "chosen": json.dumps(pair.chosen),
+        "rejected": json.dumps(pair.rejected),
+        "chosen_actor": pair.chosen_actor,
+        "chosen_reward": pair.chosen_reward,
+        "rejected_reward": pair.rejected_reward,
+        "chosen_outcome": pair.chosen_outcome,
+        "rejected_outcome": pair.rejected_outcome,
+    }
+
+
+def _is_null(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value)

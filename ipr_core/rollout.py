@@ -1,0 +1,260 @@
+"""The lock-step rollout engine.
+
+Many episodes advance together: each round makes ONE batched generate call for every
+live episode, then steps each episode's environment. An episode may start from a
+replayed prefix of assistant turns (an expert prefix, or a prefix plus the action
+whose step reward is being estimated). Finished episodes free their slot at once, so
+up to `max_live` episodes are always in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from ipr_core.backends.base import Completion, Message, PolicyBackend, SamplingParams
+from ipr_core.envs import Env, EnvTask, make_env
+from ipr_core.prompts import INVALID_TURN_OBSERVATION, STOP_STRINGS, build_conversation
+from ipr_core.react import parse_react
+from ipr_core.types import RolloutStatus, Step, Trajectory, is_failed
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    task_id: str
+    prefix: tuple[str, ...] = ()
+    """Assistant turns replayed in the environment before the policy acts."""
+    sample_idx: int = 0
+
+
+@dataclass
+class RolloutResult:
+    spec: RolloutSpec
+    trajectory: Trajectory
+    """All steps, the replayed prefix included."""
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    env_steps: int = 0
+    parse_failures: int = 0
+    error: str | None = None
+
+    @property
+    def status(self) -> RolloutStatus:
+        return self.trajectory.status
+
+    @property
+    def outcome_reward(self) -> float | None:
+        return self.trajectory.outcome_reward
+
+    @property
+    def policy_steps(self) -> tuple[Step, ...]:
+        """The steps the policy took after the replayed prefix."""
+        return self.trajectory.steps[len(self.spec.prefix) :]
+
+
+@dataclass
+class _Episode:
+    spec: RolloutSpec
+    env: Env | None = None
+    task: EnvTask | None = None
+    steps: list[Step] = field(default_factory=list)
+    reward: float = 0.0
+    status: RolloutStatus | None = None
+    """Set when the episode ends."""
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    env_steps: int = 0
+    parse_failures: int = 0
+    error: str | None = None
+
+
+class RolloutEngine:
+    """Runs episodes of one environment with one policy backend; reuses env instances."""
+
+    def __init__(
+        self,
+        env_id: str,
+        backend: PolicyBackend,
+        max_live: int = 32,
+        max_new_tokens: int = 96,
+    ):
+        self.env_id = env_id
+        self.backend = backend
+        self.max_live = max_live
+        self.max_new_tokens = max_new_tokens
+        self._idle_envs: list[Env] = [make_env(env_id)]
+        self.action_hint = self._idle_envs[0].action_hint
+        self.max_steps = self._idle_envs[0].max_steps
+
+    def close(self) -> None:
+        for env in self._idle_envs:
+            env.close()
+        self._idle_envs.clear()
+
+    def __enter__(self) -> RolloutEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API ----------------------------------------------------------------------
+    def conversation(self, task: EnvTask, steps: Sequence[Step]) -> list[Message]:
+        return build_conversation(task, steps, self.action_hint)
+
+    def replay(self, task_id: str, prefix: Sequence[str]) -> tuple[RolloutResult, bool]:
+        """Replay assistant turns without generating; also says whether the episode ended."""
+        episode = _Episode(spec=RolloutSpec(task_id=task_id, prefix=tuple(prefix)))
+        self._start(episode)
+        ended = episode.status is not None
+        return self._finish(episode), ended
+
+    def run(
+        self, specs: Sequence[RolloutSpec], temperature: float, seed: int = 0
+    ) -> list[RolloutResult]:
+        """Run every spec to the end of its episode; results in the order of `specs`."""
+        results: list[RolloutResult | None] = [None] * len(specs)
+        pending = deque(enumerate(specs))
+        live: list[tuple[int, _Episode]] = []
+        round_idx = 0
+        while pending or live:
+            while pending and len(live) < self.max_live:
+                index, spec = pending.popleft()
+                episode = _Episode(spec=spec)
+                self._start(episode)
+                if episode.status is None:
+                    live.append((index, episode))
+                else:
+                    results[index] = self._finish(episode)
+            if not live:
+                continue
+            params = SamplingParams(
+                temperature=temperature,
+                max_new_tokens=self.max_new_tokens,
+                stop=STOP_STRINGS,
+                seed=seed * 1_000_003 + round_idx,
+            )
+            conversations = [self.conversation(ep.task, ep.steps) for _, ep in live]
+            try:
+                completions = self._generate(conversations, params)
+            except Exception as exc:  # the backend failed: every live episode failed with it
+                for _, episode in live:
+                    episode.status, episode.error = "generation_error", repr(exc)
+            else:
+                for (_, episode), completion in zip(live, completions, strict=True):
+                    self._advance(episode, completion)
+            still_live = []
+            for index, episode in live:
+                if episode.status is None:
+                    still_live.append((index, episode))
+                else:
+                    results[index] = self._finish(episode)
+            live = still_live
+            round_idx += 1
+        return [result for result in results if result is not None]
+
+    # -- episode mechanics ---------------------------------------------------------------
+    def _start(self, episode: _Episode) -> None:
+        """Reset the env to the task and replay the prefix; may end the episode already."""
+        episode.env = self._acquire_env()
+        try:
+            episode.task = episode.env.reset(episode.spec.task_id)
+        except Exception as exc:
+            self._crash(episode, f"reset failed: {exc!r}")
+            return
+        for text in episode.spec.prefix:
+            self._act(episode, text)
+            if episode.status is not None:
+                return
+
+    def _advance(self, episode: _Episode, completion: Completion) -> None:
+        episode.prefill_tokens += completion.prompt_tokens
+        episode.generated_tokens += completion.generated_tokens
+        if completion.finish_reason == "context":
+            episode.status = "truncated"
+            episode.error = "the conversation no longer fits the model's context"
+            return
+        self._act(episode, completion.text.strip())
+
+    def _act(self, episode: _Episode, text: str) -> None:
+        """Execute one assistant turn; an unparsable turn gets a corrective observation."""
+        assert episode.env is not None
+        parsed = parse_react(text)
+        if parsed.ok:
+            try:
+                result = episode.env.step(parsed.action)
+            except Exception as exc:
+                self._crash(episode, f"step {len(episode.steps) + 1} failed: {exc!r}")
+                return
+            episode.env_steps += 1
+            episode.reward = result.reward
+            observation, done = result.observation, result.done
+        else:
+            episode.parse_failures += 1
+            observation, done = INVALID_TURN_OBSERVATION, False
+        episode.steps.append(Step(text=text, action=parsed.action, observation=observation))
+        if done:
+            episode.status = "ok"
+        elif len(episode.steps) >= self.max_steps:
+            episode.status = "max_steps"
+
+    def _crash(self, episode: _Episode, error: str) -> None:
+        episode.status, episode.error = "env_error", error
+        if episode.env is not None:
+            with contextlib.suppress(Exception):  # the instance is discarded either way
+                episode.env.close()
+            episode.env = None
+
+    def _finish(self, episode: _Episode) -> RolloutResult:
+        if episode.env is not None:
+            self._idle_envs.append(episode.env)
+        status = episode.status or "ok"
+        failed = is_failed(status)
+        task = episode.task or EnvTask(self.env_id, episode.spec.task_id, "", "", "")
+        trajectory = Trajectory(
+            task=task,
+            steps=tuple(episode.steps),
+            outcome_reward=None if failed else episode.reward,
+            status=status,
+        )
+        return RolloutResult(
+            spec=episode.spec,
+            trajectory=trajectory,
+            prefill_tokens=episode.prefill_tokens,
+            generated_tokens=episode.generated_tokens,
+            env_steps=episode.env_steps,
+            parse_failures=episode.parse_failures,
+            error=episode.error,
+        )
+
+    # -- resources -----------------------------------------------------------------------
+    def _acquire_env(self) -> Env:
+        return self._idle_envs.pop() if self._idle_envs else make_env(self.env_id)
+
+    def _generate(
+        self, conversations: list[list[Message]], params: SamplingParams
+    ) -> list[Completion]:
+        """One backend call for the round, sharing work between identical conversations.
+
+        Greedy: identical conversations get the same completion, generated once.
+        Sampling: when every distinct conversation appears c times (the N Monte Carlo
+        samples of one prefix), ask for n=c completions of each, so a backend with
+        prefix caching prefills each prefix once.
+        """
+        keys = [json.dumps(conversation) for conversation in conversations]
+        unique: dict[str, int] = {}
+        for key in keys:
+            unique[key] = unique.get(key, 0) + 1
+        counts = set(unique.values())
+        if params.temperature == 0 or (len(counts) == 1 and counts != {1}):
+            n = 1 if params.temperature == 0 else counts.pop()
+            order = list(unique)
+            batch = [conversations[keys.index(key)] for key in order]
+            outputs = self.backend.generate(batch, replace(params, n=n))
+            served = {key: list(out) for key, out in zip(order, outputs, strict=True)}
+            if params.temperature == 0:
+                return [served[key][0] for key in keys]
+            return [served[key].pop() for key in keys]
+        return [out[0] for out in self.backend.generate(conversations, params)]

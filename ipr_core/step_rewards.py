@@ -1,0 +1,96 @@
+"""Monte Carlo step rewards (ipr-method.md, stage 2).
+
+r_s(e_{t-1}, a_t) is the mean outcome reward of N scorer rollouts that replay the
+history e_{t-1}, execute a_t, then sample the scorer to the end at temperature 1.
+When a_t ends the episode, the step reward is that outcome itself and nothing is
+sampled. Failed rollouts are counted as failed and left out of the mean; a query
+whose every rollout failed has no step reward (None), never 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ipr_core.react import parse_react
+from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
+from ipr_core.types import Actor, Trajectory, is_failed
+
+
+@dataclass(frozen=True)
+class StepQuery:
+    """Asks for the step reward of taking `step_text` after the assistant turns `history`."""
+
+    task_id: str
+    actor: Actor
+    history: tuple[str, ...]
+    step_text: str
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.history)
+
+
+@dataclass(frozen=True)
+class StepReward:
+    query: StepQuery
+    action: str
+    mean_reward: float | None
+    n_samples: int
+    n_ok: int
+    n_failed: int
+    terminal: bool
+
+
+def estimate_step_rewards(
+    engine: RolloutEngine,
+    queries: Sequence[StepQuery],
+    n_samples: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> tuple[list[StepReward], list[list[RolloutResult]]]:
+    """Step rewards for `queries`, and the rollouts behind each (all sampled in lock-step)."""
+    rollouts: list[list[RolloutResult]] = [[] for _ in queries]
+    specs: list[RolloutSpec] = []
+    owners: list[int] = []
+    terminal: list[bool] = []
+    for i, query in enumerate(queries):
+        prefix = (*query.history, query.step_text)
+        replayed, ended = engine.replay(query.task_id, prefix)
+        terminal.append(ended)
+        if ended:  # the action ended the episode (or the replay failed): nothing to sample
+            rollouts[i].append(replayed)
+            continue
+        for sample_idx in range(n_samples):
+            specs.append(RolloutSpec(task_id=query.task_id, prefix=prefix, sample_idx=sample_idx))
+            owners.append(i)
+    for owner, result in zip(owners, engine.run(specs, temperature, seed), strict=True):
+        rollouts[owner].append(result)
+    rewards = [
+        summarize(query, results, is_terminal)
+        for query, results, is_terminal in zip(queries, rollouts, terminal, strict=True)
+    ]
+    return rewards, rollouts
+
+
+def summarize(query: StepQuery, results: Sequence[RolloutResult], terminal: bool) -> StepReward:
+    """The MC average over the rollouts that did not fail."""
+    outcomes = [r.outcome_reward for r in results if not is_failed(r.status)]
+    outcomes = [o for o in outcomes if o is not None]
+    return StepReward(
+        query=query,
+        action=parse_react(query.step_text).action,
+        mean_reward=sum(outcomes) / len(outcomes) if outcomes else None,
+        n_samples=len(results),
+        n_ok=len(outcomes),
+        n_failed=len(results) - len(outcomes),
+        terminal=terminal,
+    )
+
+
+def expert_queries(expert: Trajectory) -> list[StepQuery]:
+    """One query per expert step t: the expert action a_t after the expert history e_{t-1}."""
+    texts = tuple(step.text for step in expert.steps)
+    return [
+        StepQuery(expert.task.task_id, "expert", texts[:t], texts[t]) for t in range(len(texts))
+    ]

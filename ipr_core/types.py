@@ -1,0 +1,66 @@
+"""The data model shared by every stage: steps, trajectories, rollouts and pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ipr_core.backends.base import Message
+from ipr_core.envs.base import EnvTask
+
+RolloutStatus = Literal["ok", "max_steps", "env_error", "generation_error", "truncated"]
+"""ok: the env ended the episode; max_steps: the step bound ended it (its outcome counts);
+env_error: the environment crashed; generation_error: the backend failed;
+truncated: the conversation outgrew the model's context. The last three are failures:
+they carry no outcome reward and are never averaged as 0."""
+
+FAILED_STATUSES: frozenset[str] = frozenset({"env_error", "generation_error", "truncated"})
+
+Actor = Literal["expert", "agent"]
+PairLevel = Literal["trajectory", "step"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One agent turn and the environment's answer."""
+
+    text: str
+    """The assistant turn as written or generated ("Thought: ...\\nAction: ...")."""
+    action: str
+    """The parsed action; empty when the turn did not parse."""
+    observation: str
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    task: EnvTask
+    steps: tuple[Step, ...]
+    outcome_reward: float | None
+    """None when the rollout failed (see RolloutStatus)."""
+    status: RolloutStatus = "ok"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A contrastive pair: the chosen and rejected continuations of one prompt."""
+
+    level: PairLevel
+    task_id: str
+    prefix_len: int
+    prompt: tuple[Message, ...]
+    chosen: tuple[Message, ...]
+    rejected: tuple[Message, ...]
+    chosen_actor: Actor
+    chosen_reward: float
+    rejected_reward: float
+    chosen_outcome: float
+    rejected_outcome: float
+
+
+def is_failed(status: str) -> bool:
+    return status in FAILED_STATUSES
+
+
+def same_action(a: str, b: str) -> bool:
+    """Actions compare equal up to case and whitespace (the env treats them alike)."""
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
