@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ipr_core.explore import Exploration
 from ipr_core.prompts import build_conversation, step_messages
 from ipr_core.types import Pair, Step, is_failed, same_action
+
+if TYPE_CHECKING:
+    from ipr_core.explore import Exploration
 
 StepKey = tuple[str, int]
 """(task_id, prefix_len)"""

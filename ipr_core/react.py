@@ -44,5 +44,5 @@ def format_turn(thought: str, action: str) -> str:
 
 
 def _clean_action(raw: str) -> str:
-    action = raw.strip().strip("*`\"'").strip()
-    return action.rstrip(".!").strip()
+    decoration = " \t*`\"'"
+    return raw.strip(decoration).rstrip(".!").strip(decoration)

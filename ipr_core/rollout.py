@@ -101,6 +101,13 @@ class RolloutEngine:
         self.close()
 
     # -- public API ----------------------------------------------------------------------
+    def task_ids(self, split: str) -> list[str]:
+        env = self._acquire_env()
+        try:
+            return env.task_ids(split)
+        finally:
+            self._idle_envs.append(env)
+
     def conversation(self, task: EnvTask, steps: Sequence[Step]) -> list[Message]:
         return build_conversation(task, steps, self.action_hint)
 

@@ -61,7 +61,7 @@ SCHEMA: dict[str, str] = {
         parse_failures INTEGER NOT NULL,
         error VARCHAR,
         created_at TIMESTAMP DEFAULT current_timestamp,
-        PRIMARY KEY (run_id, iteration, kind, task_id, prefix_len, actor, sample_idx)""",
+        PRIMARY KEY (run_id, iteration, kind, policy_id, task_id, prefix_len, actor, sample_idx)""",
     "step_rewards": """
         run_id VARCHAR NOT NULL,
         scorer_id VARCHAR NOT NULL,
@@ -97,6 +97,16 @@ SCHEMA: dict[str, str] = {
         rejected_outcome DOUBLE NOT NULL,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, iteration, level, task_id, prefix_len)""",
+    "checkpoints": """
+        checkpoint_id VARCHAR PRIMARY KEY,
+        parent_id VARCHAR,
+        kind VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        run_id VARCHAR,
+        iteration INTEGER,
+        config VARCHAR NOT NULL,
+        metrics VARCHAR,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
     "evaluations": """
         run_id VARCHAR NOT NULL,
         iteration INTEGER NOT NULL,
@@ -208,11 +218,9 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
         return 0
     frame = pd.DataFrame(list(rows))
     columns = ", ".join(frame.columns)
-    con.register("_batch", frame)
-    try:
-        con.execute(f"INSERT OR REPLACE INTO {table} ({columns}) SELECT {columns} FROM _batch")
-    finally:
-        con.unregister("_batch")
+    con.register("_batch", frame)  # on failure the transaction and connection are dropped
+    con.execute(f"INSERT OR REPLACE INTO {table} ({columns}) SELECT {columns} FROM _batch")
+    con.unregister("_batch")
     return len(frame)
 
 

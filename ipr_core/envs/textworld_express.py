@@ -1,0 +1,316 @@
+"""TextWorldExpress (TWX) adapter: the `twx/<game>` environments.
+
+TWX simulates its text games in a Scala JVM reached through py4j. The pip package's own
+`TextWorldExpressEnv` starts one JVM per instance; the rollout engine keeps a pool of ~32
+instances, so this adapter instead starts one JVM per process and gives every instance its
+own `PythonInterface` object in it (each holds its own game; the interface has no shared
+state). The JVM stops when the last instance is closed.
+
+Scoring: TWX reports `score` as progress normalised by the game's maximum score, 1.0 exactly
+when the task succeeds. cookingworld, coin, twc and mapreader only add credit (e.g. TWC gives
+1 point per target item in the inventory and 2 once it is put away), and a task failure
+(e.g. an ingredient cut the wrong way) ends the episode keeping the partial score;
+arithmetic, sorting, simonsays and peckingorder report -1 on failure. The reward here is
+that score clamped to [0, 1], and 1.0 on success.
+
+Gold paths (generated on every reset) reach reward 1.0 for all 3000 train/dev/test seeds of
+every variant, but may hold actions after the task is done (twc appends a move); replaying
+them past `done` is harmless.
+
+Invalid actions are answered by TWX itself with "Unknown action: I'm not sure what you
+mean." and cost a step; they never raise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
+from py4j.protocol import Py4JError
+from textworld_express.constants import BASEPATH, JAR_PATH
+
+from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
+
+SPLITS = ("train", "dev", "test")
+MAX_ACTION_CHARS = 300
+"""Longer actions are cut: no TWX command is near this long, and the text goes over a socket."""
+
+_COMMON_HINT = (
+    "Actions are short imperative commands using the exact object names from the "
+    "observation, e.g. 'look around', 'inventory', 'move north' (or south/east/west)"
+)
+
+
+@dataclass(frozen=True)
+class TwxVariant:
+    """How one TWX game is set up for this project."""
+
+    game: str
+    params: dict[str, int]
+    max_steps: int
+    action_hint: str
+
+
+# Parameters keep episodes short enough for a small model: few rooms, no doors, no inventory
+# limit. max_steps leaves margin over the longest gold path found over all 3000 seeds of
+# train/dev/test (in brackets); every seed's gold path reaches reward 1.0 with these params.
+VARIANTS: dict[str, TwxVariant] = {
+    # Gold path length 10-24, median 17.
+    "cookingworld": TwxVariant(
+        game="cookingworld",
+        params={
+            "numLocations": 3,
+            "numIngredients": 2,
+            "numDistractorItems": 3,
+            "includeDoors": 0,
+            "limitInventorySize": 0,
+        },
+        max_steps=30,
+        action_hint=_COMMON_HINT
+        + ", 'examine X', 'open X', 'close X', 'take X', 'put X in Y', 'read cookbook', "
+        "'slice X', 'dice X', 'chop X' (with the knife in your inventory), "
+        "'cook X in stove' (fried) or 'cook X in oven' (roasted), 'prepare meal', 'eat meal'.",
+    ),
+    # Gold path length 2-27, median 5: the TWX gold agent walks at random until it sees the
+    # coin, and is not seeded (TWX bug), so the same task gets a different gold path each reset.
+    # With 3 rooms a random walk over valid actions already succeeded 87% of the time.
+    "coin": TwxVariant(
+        game="coin",
+        params={
+            "numLocations": 5,
+            "numDistractorItems": 3,
+            "includeDoors": 0,
+            "limitInventorySize": 0,
+        },
+        max_steps=35,
+        action_hint=_COMMON_HINT + ", 'take X'. Take the coin once you see it.",
+    ),
+    # Gold path length 6-10.
+    "twc": TwxVariant(
+        game="twc",
+        params={
+            "numLocations": 2,
+            "numItemsToPutAway": 2,
+            "includeDoors": 0,
+            "limitInventorySize": 0,
+        },
+        max_steps=20,
+        action_hint=_COMMON_HINT + ", 'examine X', 'open X', 'close X', 'take X', 'put X in Y' "
+        "(Y a container or surface, e.g. 'put clean blue socks in chest of drawers').",
+    ),
+    # Gold path length 7-9.
+    "mapreader": TwxVariant(
+        game="mapreader",
+        params={
+            "numLocations": 6,
+            "maxDistanceApart": 2,
+            "maxDistractorItemsPerLocation": 0,
+            "includeDoors": 0,
+            "limitInventorySize": 0,
+        },
+        max_steps=20,
+        action_hint=_COMMON_HINT
+        + ", 'task' (repeats the task), 'read map', 'take X', 'put X in Y'.",
+    ),
+    # Gold path length 5.
+    "arithmetic": TwxVariant(
+        game="arithmetic",
+        params={},
+        max_steps=15,
+        action_hint=_COMMON_HINT
+        + ", 'take X', 'read math problem', 'put X in box', where X is named with its "
+        "quantity, e.g. 'take 2 bananas'.",
+    ),
+    # Gold path length 6-10.
+    "sorting": TwxVariant(
+        game="sorting",
+        params={},
+        max_steps=20,
+        action_hint=_COMMON_HINT
+        + ", 'take X', 'put X in box', where X is named with its quantity, "
+        "e.g. 'take 25g of oak'.",
+    ),
+    # Gold path length 5.
+    "simonsays": TwxVariant(
+        game="simonsays",
+        params={},
+        max_steps=15,
+        action_hint=(
+            "Each turn, type exactly the command Simon says, e.g. 'smell pineapple', "
+            "'examine apple', 'touch peach', 'jump up and down', 'sit down'."
+        ),
+    ),
+    # Gold path length 9.
+    "peckingorder": TwxVariant(
+        game="peckingorder",
+        params={},
+        max_steps=20,
+        action_hint=_COMMON_HINT + ", 'read instructions book', 'take X', 'put X in Y'. "
+        "Read the instructions book again after each step it asks for.",
+    ),
+}
+
+
+@dataclass
+class _SharedJvm:
+    """One TWX JVM for every adapter instance of the process, started on first use."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    gateway: JavaGateway | None = None
+    users: int = 0
+
+    def acquire(self) -> JavaGateway:
+        with self.lock:
+            if self.gateway is None or self.gateway.java_process.poll() is not None:
+                self.gateway, self.users = _launch_gateway(), 0
+            self.users += 1
+            return self.gateway
+
+    def release(self, gateway: JavaGateway) -> None:
+        with self.lock:
+            if gateway is not self.gateway:
+                return  # a JVM that died and was replaced: nothing left to stop
+            self.users -= 1
+            if self.users == 0:
+                _stop_gateway(self.gateway)
+                self.gateway = None
+
+
+def _launch_gateway() -> JavaGateway:
+    try:
+        # die_on_exit: the JVM exits when this process does, even on a hard kill.
+        port, proc = launch_gateway(
+            classpath=JAR_PATH, die_on_exit=True, cwd=BASEPATH, return_proc=True
+        )
+    except (OSError, ValueError, Py4JError) as e:
+        raise EnvCrashed(f"could not start the TextWorldExpress JVM: {e}") from e
+    return JavaGateway(
+        gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc
+    )
+
+
+def _stop_gateway(gateway: JavaGateway) -> None:
+    gateway.shutdown()
+    proc = gateway.java_process
+    if proc.poll() is None:
+        # With --die-on-broken-pipe the py4j server exits on a line on its stdin.
+        try:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+
+
+_JVM = _SharedJvm()
+
+
+def _params_str(params: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def normalise_action(action: str) -> str:
+    """One line, single spaces, no trailing full stop, bounded length."""
+    return " ".join(action.split()).rstrip(".")[:MAX_ACTION_CHARS]
+
+
+def _by_lower_case(valid_actions: list[str]) -> dict[str, str]:
+    return {a.lower(): a for a in valid_actions}
+
+
+class TextWorldExpressEnv:
+    """One TWX game (`variant` is the game name) as an `Env`; `params` override the defaults."""
+
+    def __init__(self, variant: str, params: dict[str, int] | None = None):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown TextWorldExpress game {variant!r}; known: {list(VARIANTS)}")
+        spec = VARIANTS[variant]
+        self.env_id = f"twx/{variant}"
+        self.max_steps = spec.max_steps
+        self.action_hint = spec.action_hint
+        self._gateway: JavaGateway | None = _JVM.acquire()
+        self._server: Any = None
+        self._task: EnvTask | None = None
+        self._last: StepResult | None = None
+        self._steps = 0
+        self._valid_actions: dict[str, str] = {}
+        try:
+            self._server = self._gateway.jvm.textworldexpress.runtime.PythonInterface()
+            error = self._server.load(spec.game, _params_str({**spec.params, **(params or {})}))
+            seeds = {
+                "train": self._server.getSeedsTrain(),
+                "dev": self._server.getSeedsDev(),
+                "test": self._server.getSeedsTest(),
+            }
+            self._seeds = {split: [int(s) for s in ss] for split, ss in seeds.items()}
+        except Py4JError as e:
+            self.close()
+            raise EnvCrashed(f"{self.env_id}: TWX JVM failed while loading: {e}") from e
+        if error:
+            self.close()
+            raise ValueError(f"{self.env_id}: bad game parameters: {error}")
+
+    def task_ids(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        return [f"{split}-{seed}" for seed in self._seeds[split]]
+
+    def reset(self, task_id: str) -> EnvTask:
+        split, _, seed = task_id.partition("-")
+        if split not in SPLITS or not seed.isdigit() or int(seed) not in self._seeds[split]:
+            raise ValueError(f"{self.env_id}: unknown task id {task_id!r}")
+        info = json.loads(self._call("generateNewGameJSON", int(seed), split, True))
+        self._task = EnvTask(
+            env_id=self.env_id,
+            task_id=task_id,
+            split=split,
+            instruction=self._call("getTaskDescription"),
+            initial_observation=info["observation"],
+        )
+        self._steps = 0
+        self._valid_actions = _by_lower_case(info["validActions"])
+        self._last = StepResult(info["observation"], done=False, reward=0.0)
+        return self._task
+
+    def step(self, action: str) -> StepResult:
+        if self._last is None:
+            raise RuntimeError(f"{self.env_id}: step() before reset()")
+        if self._last.done:
+            return self._last
+        action = normalise_action(action)
+        # The TWX parser is case-sensitive ("Look around" is unknown) but object names are not
+        # all lower case ("clean blue T-shirt"): take the spelling of the matching valid action.
+        action = self._valid_actions.get(action.lower(), action)
+        info = json.loads(self._call("stepJSON", action))
+        self._steps += 1
+        self._valid_actions = _by_lower_case(info["validActions"])
+        success = bool(info["tasksuccess"])
+        reward = 1.0 if success else min(max(float(info["score"]), 0.0), 1.0)
+        done = success or bool(info["taskfailure"]) or self._steps >= self.max_steps
+        self._last = StepResult(info["observation"], done=done, reward=reward)
+        return self._last
+
+    def gold_actions(self) -> list[str] | None:
+        if self._task is None:
+            return None
+        return [str(a) for a in self._call("getGoldActionSequence")]
+
+    def close(self) -> None:
+        """Drop this instance's game; the shared JVM stops with the last instance."""
+        if self._gateway is not None:
+            self._server = None
+            _JVM.release(self._gateway)
+            self._gateway = None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """Call the JVM; any failure there is the environment's, not the agent's."""
+        if self._server is None:
+            raise EnvCrashed(f"{self.env_id}: used after close()")
+        try:
+            return getattr(self._server, method)(*args)
+        except Py4JError as e:
+            raise EnvCrashed(f"{self.env_id}: TWX JVM failed in {method}: {e}") from e

@@ -1,0 +1,14 @@
+"""Training on TRL and PEFT: SFT on expert trajectories, then the IPR mixture on pairs.
+
+Heavy imports (torch, TRL) load only when a trainer is used.
+"""
+
+from ipr_core.training.config import (
+    LoraSettings,
+    MixtureSettings,
+    MixtureWeights,
+    SFTSettings,
+    mixture_preset,
+)
+
+__all__ = ["LoraSettings", "MixtureSettings", "MixtureWeights", "SFTSettings", "mixture_preset"]

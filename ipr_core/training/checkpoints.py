@@ -1,0 +1,139 @@
+"""Content-addressed checkpoint folders: retrying a stage never retrains a finished model.
+
+A checkpoint's id hashes its parent's id, its training data and its settings, so the same
+inputs always land in the same folder. Training writes to a temporary folder that is
+renamed into place only after the completion marker is written: a folder named by an
+id is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from ipr_core.store import Store
+
+CheckpointKind = Literal["base", "sft", "mixture"]
+COMPLETE_MARKER = "COMPLETE"
+RESULT_FILE = "result.json"
+MODEL_DIR = "model"
+"""The full (merged) model and tokenizer: what the next stage and the backends load."""
+ADAPTER_DIR = "adapter"
+"""The LoRA adapter alone, when LoRA was used."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint_id: str
+    parent_id: str | None
+    kind: CheckpointKind
+    path: Path
+    """The loadable model folder (`<checkpoint>/model`)."""
+    settings: dict[str, Any]
+    metrics: dict[str, float]
+    skipped: bool = False
+    """True when the checkpoint already existed and nothing was trained."""
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        del data["skipped"]
+        return json.dumps(data, sort_keys=True, indent=2)
+
+
+def checkpoint_id(parent_id: str, data_hash: str, settings: BaseModel) -> str:
+    payload = json.dumps([parent_id, data_hash, settings.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def model_id(model_path: Path) -> str:
+    """The id of a model folder: the id it was trained as, else a hash of its files' content."""
+    result = model_path.parent / RESULT_FILE
+    if model_path.name == MODEL_DIR and (model_path.parent / COMPLETE_MARKER).exists():
+        return json.loads(result.read_text())["checkpoint_id"]
+    digest = hashlib.sha256()
+    for file in sorted(p for p in model_path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(model_path).as_posix().encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def base_checkpoint(model_path: Path) -> TrainResult:
+    """The result-shaped record of a model this project did not train (the base model)."""
+    return TrainResult(
+        checkpoint_id=model_id(model_path),
+        parent_id=None,
+        kind="base",
+        path=model_path,
+        settings={},
+        metrics={},
+        skipped=True,
+    )
+
+
+def train_once(
+    checkpoints_root: Path,
+    ckpt_id: str,
+    parent_id: str,
+    kind: CheckpointKind,
+    settings: BaseModel,
+    train: Callable[[Path], dict[str, float]],
+) -> TrainResult:
+    """Run `train(work_dir)` unless checkpoint `ckpt_id` is already complete.
+
+    `train` saves the model under `work_dir / MODEL_DIR` and returns its metrics.
+    """
+    final = checkpoints_root / ckpt_id
+    if (final / COMPLETE_MARKER).exists():
+        return load_result(final)
+    checkpoints_root.mkdir(parents=True, exist_ok=True)
+    work = checkpoints_root / f".{ckpt_id}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    metrics = train(work)
+    result = TrainResult(
+        checkpoint_id=ckpt_id,
+        parent_id=parent_id,
+        kind=kind,
+        path=final / MODEL_DIR,
+        settings=settings.model_dump(mode="json"),
+        metrics=metrics,
+    )
+    (work / RESULT_FILE).write_text(result.to_json())
+    (work / COMPLETE_MARKER).touch()
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder left by other means
+    os.replace(work, final)
+    return result
+
+
+def load_result(folder: Path) -> TrainResult:
+    data = json.loads((folder / RESULT_FILE).read_text())
+    data["path"] = folder / MODEL_DIR
+    return TrainResult(**data, skipped=True)
+
+
+def record_checkpoint(
+    store: Store, result: TrainResult, run_id: str | None = None, iteration: int | None = None
+) -> None:
+    """Write the checkpoint's row (idempotent: the id is the primary key)."""
+    row = {
+        "checkpoint_id": result.checkpoint_id,
+        "parent_id": result.parent_id,
+        "kind": result.kind,
+        "path": str(result.path),
+        "run_id": run_id,
+        "iteration": iteration,
+        "config": json.dumps(result.settings, sort_keys=True),
+        "metrics": json.dumps(result.metrics, sort_keys=True),
+    }
+    store.write({"checkpoints": [row]})

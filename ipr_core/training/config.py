@@ -1,0 +1,90 @@
+"""Typed training settings and the presets of the paper's table rows.
+
+The defaults follow the released IPR scripts (SFT lr 2e-5 for 3 epochs; mixture lr 3e-6,
+beta 0.1, equal weights). Batch sizes default small because this project trains on CPU;
+the paper's batch of 48 is reached with `grad_accum`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+
+class SFTSettings(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(2048, gt=0)
+    """Tokens per conversation; longer ones lose their oldest turns (see training.data)."""
+    lora: LoraSettings = LoraSettings()
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory (worth it for long conversations on big models)."""
+    seed: int = 0
+
+
+class MixtureWeights(_Strict):
+    """w_o, w_s, w_sft of L = w_o L_o-DPO + w_s L_s-DPO + w_sft L_SFT."""
+
+    trajectory_dpo: float = Field(1.0, ge=0)
+    step_dpo: float = Field(1.0, ge=0)
+    sft: float = Field(1.0, ge=0)
+
+
+class MixtureSettings(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(3e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    weights: MixtureWeights = MixtureWeights()
+    batch_size: int = Field(2, gt=0)
+    """Pairs per step (each is two sequences: chosen and rejected)."""
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(2048, gt=0)
+    lora: LoraSettings = LoraSettings()
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory (worth it for long conversations on big models)."""
+    seed: int = 0
+
+
+PRESETS: dict[str, MixtureWeights | None] = {
+    "ipr": MixtureWeights(),
+    "eto": MixtureWeights(step_dpo=0.0, sft=0.0),
+    "ipr-no-odpo": MixtureWeights(trajectory_dpo=0.0),
+    "ipr-no-sdpo": MixtureWeights(step_dpo=0.0),
+    "ipr-no-sft": MixtureWeights(sft=0.0),
+    "sft": None,
+}
+"""The rows of the paper's main table and ablations; `sft` trains no mixture at all."""
+
+
+def mixture_preset(name: str, **overrides: object) -> MixtureSettings | None:
+    """Settings of a paper row (None for `sft`); `overrides` set the other fields.
+
+    `eto` is pure DPO on trajectory pairs: the trainer drops step pairs when their weight is 0.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown mixture preset {name!r}; known: {', '.join(PRESETS)}")
+    weights = PRESETS[name]
+    if weights is None:
+        return None
+    return MixtureSettings(weights=weights, **overrides)

@@ -1,0 +1,274 @@
+"""Stage 3 training: the IPR mixture of outcome DPO, step DPO and SFT, on TRL's DPOTrainer.
+
+Loss of a batch of B pairs (i = 1..B), each with a level (trajectory or step):
+
+    Δ_i = [log πθ(y_w,i|x_i) - log πθ(y_l,i|x_i)] - [log πref(y_w,i|x_i) - log πref(y_l,i|x_i)]
+    L   = (1/B) Σ_i w_level(i) · (-log σ(β Δ_i))  +  w_sft · NLL_chosen
+    NLL_chosen = -Σ_i Σ_{t ∈ A(y_w,i)} log πθ(t | ·)  /  Σ_i |A(y_w,i)|
+
+A sequence log-prob sums over assistant tokens only (observations inside a suffix side
+are context); NLL_chosen is the mean over all chosen assistant tokens of the batch. A
+batch may mix levels; over the data, the DPO part equals w_o·(N_o/N)·L_o-DPO +
+w_s·(N_s/N)·L_s-DPO. Pairs of a level with weight 0 are left out of the data,
+together with their SFT term when w_sft is 0 too, so an `eto` run trains on trajectory
+pairs alone; with w_sft > 0 (ipr-no-odpo) they stay for the SFT term, and B counts them.
+
+Reference = the SFT model. Its log-probs are precomputed once before training
+(`precompute_ref_log_probs`): the reference is fixed, so one no-grad pass over the pairs
+replaces one per epoch, and full fine-tuning holds no second model copy. With LoRA the
+precompute runs the loaded SFT model with the adapter disabled, i.e. the same reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers.data.data_collator import DataCollatorMixin
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import pad
+
+from ipr_core.errors import IprError
+from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
+from ipr_core.training.config import MixtureSettings, MixtureWeights
+from ipr_core.training.data import build_pair_examples, pairs_data_hash
+from ipr_core.training.runtime import (
+    TRAINER_DIR,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    loss_history,
+    measure,
+    save_trained,
+)
+from ipr_core.types import Pair
+
+
+def mixture_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    is_step_level: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float,
+    weights: MixtureWeights,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch loss of the module docstring; a zero weight removes its term entirely.
+
+    Log-prob tensors have one entry per pair; `is_step_level` is boolean per pair;
+    `chosen_nll` is the scalar token-mean NLL of the chosen sides.
+    """
+    delta = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    per_pair = -F.logsigmoid(beta * delta)
+    w = torch.where(is_step_level, weights.step_dpo, weights.trajectory_dpo).to(per_pair.dtype)
+    weighted = torch.where(w > 0, w * per_pair, torch.zeros_like(per_pair))
+    loss = weighted.mean()
+    if weights.sft > 0:
+        loss = loss + weights.sft * chosen_nll
+
+    metrics = {
+        "loss/sft": chosen_nll.item(),
+        "rewards/margins": (beta * delta).mean().item(),
+        "rewards/accuracies": (delta > 0).float().mean().item(),
+    }
+    for name, mask in (("o_dpo", ~is_step_level), ("s_dpo", is_step_level)):
+        if mask.any():
+            metrics[f"loss/{name}"] = per_pair[mask].mean().item()
+    return loss, metrics
+
+
+@dataclass
+class PairCollator(DataCollatorMixin):
+    """Pads pairs into one batch: chosen sequences first, then rejected (TRL's layout).
+
+    `completion_mask` is the assistant mask of each side, not all completion tokens, so
+    observations inside suffix sides are not scored.
+    """
+
+    pad_token_id: int
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences, masks = [], []
+        for side in ("chosen", "rejected"):
+            for ex in examples:
+                sequences.append(torch.tensor(ex["prompt_ids"] + ex[f"{side}_ids"]))
+                masks.append(torch.tensor([0] * len(ex["prompt_ids"]) + ex[f"{side}_mask"]))
+        batch = {
+            "input_ids": pad(sequences, padding_value=self.pad_token_id, padding_side="right"),
+            "attention_mask": pad(
+                [torch.ones_like(s) for s in sequences], padding_value=0, padding_side="right"
+            ),
+            "completion_mask": pad(masks, padding_value=0, padding_side="right"),
+            "is_step_level": torch.tensor([bool(ex["is_step_level"]) for ex in examples]),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([ex[key] for ex in examples])
+        return batch
+
+
+class MixtureTrainer(DPOTrainer):
+    """DPOTrainer with the IPR mixture loss and per-level weights.
+
+    Takes datasets from `training.data.build_pair_examples` (already tokenised with
+    assistant masks); TRL's own preparation would score every completion token.
+    """
+
+    def __init__(self, *args: Any, weights: MixtureWeights, **kwargs: Any):
+        self.mixture_weights = weights
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [
+                "prompt_ids",
+                "chosen_ids",
+                "rejected_ids",
+                "chosen_mask",
+                "rejected_mask",
+                "is_step_level",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+            ]
+
+    def compute_ref_log_probs(self, model, inputs):
+        inputs = {k: v for k, v in inputs.items() if k != "is_step_level"}
+        return super().compute_ref_log_probs(model, inputs)
+
+    def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy log-probs of chosen and rejected sides, and the chosen token-mean NLL."""
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        mask = completion_mask[:, 1:]
+        per_token = outputs.log_probs[:, -mask.size(1) :] * mask
+        chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)
+        chosen_tokens = mask.chunk(2)[0].sum().clamp(min=1)
+        chosen_nll = -chosen_logps.sum() / chosen_tokens
+        return chosen_logps, rejected_logps, chosen_nll
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        chosen_logps, rejected_logps, chosen_nll = self.sequence_logps(model, inputs)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                self.ref_model or self.model, inputs
+            )
+        loss, metrics = mixture_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen,
+            ref_rejected,
+            inputs["is_step_level"],
+            chosen_nll,
+            self.beta,
+            self.mixture_weights,
+        )
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if return_outputs:
+            raise NotImplementedError("MixtureTrainer computes no logits to return")
+        return loss
+
+
+def train_mixture(
+    sft_model_path: Path,
+    pairs: Sequence[Pair],
+    settings: MixtureSettings,
+    checkpoints_root: Path,
+    parent_path: Path | None = None,
+) -> TrainResult:
+    """Train the policy at `parent_path` (default: the SFT model) on `pairs`, reference = SFT.
+
+    Iteration 1 starts from the SFT model; later iterations pass the previous iteration's
+    model as `parent_path` while the reference stays `sft_model_path`.
+    """
+    pairs = [p for p in pairs if _level_weight(p, settings.weights) > 0 or settings.weights.sft > 0]
+    start = parent_path or sft_model_path
+    parent_id = model_id(start)
+    data_hash = pairs_data_hash(pairs) + model_id(sft_model_path)
+    ckpt_id = checkpoint_id(parent_id, data_hash, settings)
+
+    def train(work: Path) -> dict[str, float]:
+        if not pairs:
+            raise IprError("mixture training: no pairs with a non-zero weighted term")
+        tokenizer = load_tokenizer(start)
+        rows, stats = build_pair_examples(pairs, tokenizer, settings.max_length)
+        if not rows:
+            raise IprError(f"mixture: none of {stats.n_input} pairs fits {settings.max_length}")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        trainer = MixtureTrainer(
+            model=load_model(start),
+            ref_model=load_model(sft_model_path) if parent_path is not None else None,
+            args=mixture_config(settings, work),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
+            peft_config=lora_config(settings.lora),
+            weights=settings.weights,
+        )
+        trainer.ref_model = None  # its log-probs are precomputed: free the copy
+        with measure() as figures:
+            output = trainer.train()
+        save_trained(trainer, tokenizer, work)
+        losses = loss_history(trainer)
+        steps = output.global_step
+        return {
+            "train_loss": output.training_loss,
+            "first_step_loss": losses[0],
+            "last_step_loss": losses[-1],
+            "steps": steps,
+            "seconds": figures["seconds"],
+            "seconds_per_step": figures["seconds"] / max(steps, 1),
+            "peak_rss_mb": figures["peak_rss_mb"],
+            "n_pairs": len(rows),
+            "n_step_pairs": sum(bool(r["is_step_level"]) for r in rows),
+            "n_truncated": stats.n_truncated,
+            "n_dropped": stats.n_dropped,
+        }
+
+    return train_once(checkpoints_root, ckpt_id, parent_id, "mixture", settings, train)
+
+
+def mixture_config(settings: MixtureSettings, work: Path) -> DPOConfig:
+    return DPOConfig(
+        output_dir=str(work / TRAINER_DIR),
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        lr_scheduler_type="cosine",
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        beta=settings.beta,
+        precompute_ref_log_probs=True,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        bf16=False,
+        seed=settings.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+
+
+def _level_weight(pair: Pair, weights: MixtureWeights) -> float:
+    return weights.step_dpo if pair.level == "step" else weights.trajectory_dpo

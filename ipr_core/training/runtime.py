@@ -1,0 +1,82 @@
+"""What SFT and the mixture share: model loading, LoRA, saving, timing and memory."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
+
+from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
+from ipr_core.training.config import LoraSettings
+
+TRAINER_DIR = "trainer"
+"""The Trainer's scratch output folder inside the work folder; removed after saving."""
+
+
+def load_model(path: Path) -> PreTrainedModel:
+    """Training runs in float32: this project trains on CPU, where bf16 autocast is slow."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def load_tokenizer(path: Path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig | None:
+    if not settings.enabled:
+        return None
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def save_trained(trainer: Trainer, tokenizer, work: Path) -> None:
+    """Save the adapter (LoRA) and always a full merged model, so later stages load one folder."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(work / ADAPTER_DIR)
+        model = model.merge_and_unload()
+    model.save_pretrained(work / MODEL_DIR)
+    tokenizer.save_pretrained(work / MODEL_DIR)
+    shutil.rmtree(work / TRAINER_DIR, ignore_errors=True)
+
+
+@contextmanager
+def measure() -> Iterator[dict[str, float]]:
+    """Wall seconds and peak resident memory of the block (MiB).
+
+    Linux resets the peak (VmHWM) by writing 5 to /proc/self/clear_refs, so the figure
+    is this block's peak, not the process's; elsewhere it is the process's peak so far.
+    """
+    with suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    figures: dict[str, float] = {}
+    start = time.perf_counter()
+    yield figures
+    figures["seconds"] = time.perf_counter() - start
+    figures["peak_rss_mb"] = _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def loss_history(trainer: Trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -1,0 +1,93 @@
+"""Stage 1: supervised fine-tuning on expert trajectories with TRL's SFTTrainer.
+
+The loss is the NLL of assistant turns only. The dataset reaches SFTTrainer already
+tokenised with an `assistant_masks` column built by `training.data` (TRL turns it into
+labels): TRL's own `assistant_only_loss` needs `{% generation %}` markers in the chat
+template, which the ChatML templates of the tiny Llama and SmolLM2 lack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from ipr_core.errors import IprError
+from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
+from ipr_core.training.config import SFTSettings
+from ipr_core.training.data import build_sft_examples, sft_data_hash
+from ipr_core.training.runtime import (
+    TRAINER_DIR,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    loss_history,
+    measure,
+    save_trained,
+)
+from ipr_core.types import Trajectory
+
+
+def train_sft(
+    model_path: Path,
+    trajectories: Sequence[Trajectory],
+    action_hint: str,
+    settings: SFTSettings,
+    checkpoints_root: Path,
+) -> TrainResult:
+    """Fine-tune `model_path` on `trajectories`; the result lives in `checkpoints_root/<id>`.
+
+    Skips training when that checkpoint is already complete.
+    """
+    parent_id = model_id(model_path)
+    ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, action_hint), settings)
+
+    def train(work: Path) -> dict[str, float]:
+        tokenizer = load_tokenizer(model_path)
+        rows, stats = build_sft_examples(trajectories, action_hint, tokenizer, settings.max_length)
+        if not rows:
+            raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
+        args = SFTConfig(
+            output_dir=str(work / TRAINER_DIR),
+            num_train_epochs=settings.epochs,
+            learning_rate=settings.lr,
+            lr_scheduler_type="cosine",
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.grad_accum,
+            max_length=settings.max_length,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            bf16=False,
+            seed=settings.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=load_model(model_path),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(settings.lora),
+        )
+        with measure() as figures:
+            output = trainer.train()
+        save_trained(trainer, tokenizer, work)
+        losses = loss_history(trainer)
+        steps = output.global_step
+        return {
+            "train_loss": output.training_loss,
+            "first_step_loss": losses[0],
+            "last_step_loss": losses[-1],
+            "steps": steps,
+            "seconds": figures["seconds"],
+            "seconds_per_step": figures["seconds"] / max(steps, 1),
+            "peak_rss_mb": figures["peak_rss_mb"],
+            "n_examples": len(rows),
+            "n_truncated": stats.n_truncated,
+            "n_dropped": stats.n_dropped,
+        }
+
+    return train_once(checkpoints_root, ckpt_id, parent_id, "sft", settings, train)

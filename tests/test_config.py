@@ -1,0 +1,30 @@
+import pytest
+
+from ipr_core.config import load_config
+from ipr_core.errors import InputError
+
+
+def test_loads_preset_with_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("env: twx/coin\nmonte_carlo: {n_samples: 3}\nmining: {step_margin: 0.2}\n")
+    config = load_config(path)
+    assert config.monte_carlo.n_samples == 3
+    assert config.mining.step_margin == 0.2
+    assert config.scorer_spec == config.model
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("model: x\n", "env"),
+        ("env: twx/coin\nmonte_carlo: {n_samples: 0}\n", "monte_carlo.n_samples"),
+        ("env: twx/coin\nmining: {step_mode: sideways}\n", "mining.step_mode"),
+        ("env: twx/coin\nitterations: 2\n", "itterations"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert "bad.yaml" in str(info.value) and repr(field) in str(info.value)

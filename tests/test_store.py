@@ -1,0 +1,69 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ipr_core.cli import main
+from ipr_core.envs.base import EnvTask
+from ipr_core.react import format_turn
+from ipr_core.store import Store, expert_to_row
+from ipr_core.types import Step, Trajectory
+
+
+def expert(task_id: str) -> Trajectory:
+    task = EnvTask("twx/coin", task_id, "train", "Find the coin.", "A room.")
+    steps = (Step(format_turn("it is here", "take coin"), "take coin", "Taken."),)
+    return Trajectory(task, steps, 1.0)
+
+
+def test_writes_are_idempotent_on_natural_keys(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    rows = [expert_to_row(expert(f"train-{i}"), "gold") for i in range(3)]
+    store.write({"expert_trajectories": rows})
+    store.write({"expert_trajectories": rows})
+    assert store.count("expert_trajectories") == 3
+    loaded = store.expert_trajectories("twx/coin", "train")
+    assert [t.task.task_id for t in loaded] == ["train-0", "train-1", "train-2"]
+    assert loaded[0] == expert("train-0")
+
+
+def test_a_failed_transaction_writes_nothing(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    good = expert_to_row(expert("train-0"), "gold")
+    bad = {**expert_to_row(expert("train-1"), "gold"), "outcome_reward": None}  # NOT NULL
+    with pytest.raises(Exception, match="NOT NULL"):
+        store.write({"expert_trajectories": [good, bad]})
+    assert store.count("expert_trajectories") == 0
+
+
+def test_sql_reads_while_another_process_writes(tmp_path, capsys):
+    path = tmp_path / "s.duckdb"
+    store = Store(path)
+    store.write({"expert_trajectories": [expert_to_row(expert("train-0"), "gold")]})
+    writer = textwrap.dedent(
+        f"""
+        from ipr_core.store import Store, expert_to_row
+        from tests.test_store import expert
+        store = Store({str(path)!r})
+        for i in range(1, 150):
+            store.write({{"expert_trajectories": [expert_to_row(expert(f"train-{{i}}"), "gold")]}})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer])
+    counts = []
+    try:
+        while proc.poll() is None:
+            assert main(["sql", "SELECT count(*) AS n FROM expert_trajectories", "--store",
+                         str(path)]) == 0  # fmt: skip
+            counts.append(int(capsys.readouterr().out.split("│")[-2].strip()))
+    finally:
+        proc.wait()
+    assert proc.returncode == 0
+    assert counts and counts == sorted(counts)
+    assert store.count("expert_trajectories") == 150
+
+
+def test_sql_on_missing_store_is_a_clear_error(tmp_path, capsys):
+    assert main(["sql", "SELECT 1", "--store", str(tmp_path / "nope.duckdb")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+"""Training: the mixture loss, the TRL trainers on a tiny model, overflow and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ipr_core.envs.base import EnvTask
+from ipr_core.prompts import build_conversation, step_messages
+from ipr_core.store import Store
+from ipr_core.training.checkpoints import checkpoint_id, model_id, record_checkpoint
+from ipr_core.training.config import MixtureSettings, MixtureWeights, SFTSettings, mixture_preset
+from ipr_core.training.data import (
+    TokenizationMismatch,
+    build_pair_examples,
+    build_sft_examples,
+    sft_data_hash,
+)
+from ipr_core.training.mixture import (
+    MixtureTrainer,
+    PairCollator,
+    mixture_config,
+    mixture_loss,
+    train_mixture,
+)
+from ipr_core.training.sft import train_sft
+from ipr_core.types import Pair, Step, Trajectory
+
+HINT = "Actions: go <direction>, take <item>, stop."
+
+
+def _task(i: int) -> EnvTask:
+    return EnvTask("toy", f"t{i}", "train", f"Fetch the key from room {i}.", "You are in a hall.")
+
+
+def _expert(i: int) -> Trajectory:
+    steps = (
+        Step("Thought: the room is north.\nAction: go north", "go north", f"You are in room {i}."),
+        Step("Thought: I see the key.\nAction: take key", "take key", "You hold the key."),
+        Step("Thought: done.\nAction: stop", "stop", "Task complete."),
+    )
+    return Trajectory(task=_task(i), steps=steps, outcome_reward=1.0)
+
+
+BAD = (Step("Thought: maybe south.\nAction: go south", "go south", "A wall."),)
+
+
+def _pairs(n: int = 3) -> list[Pair]:
+    pairs = []
+    for i in range(n):
+        expert = _expert(i)
+        task = expert.task
+        pairs.append(
+            Pair("trajectory", task.task_id, 0, tuple(build_conversation(task, (), HINT)),
+                 tuple(step_messages(expert.steps, final_observation=False)),
+                 tuple(step_messages(BAD, final_observation=False)), "expert", 1.0, 0.0, 1.0, 0.0)
+        )  # fmt: skip
+        pairs.append(
+            Pair("step", task.task_id, 1, tuple(build_conversation(task, expert.steps[:1], HINT)),
+                 tuple(step_messages(expert.steps[1:], final_observation=False)),
+                 tuple(step_messages(BAD, final_observation=False)), "expert", 1.0, 0.0, 1.0, 0.0)
+        )  # fmt: skip
+    return pairs
+
+
+def _sequence_logps(model, prompt_ids, side_ids, side_mask) -> torch.Tensor:
+    """Sum of log-probs of the masked tokens of `side_ids` after `prompt_ids` (plain forward)."""
+    ids = torch.tensor([prompt_ids + side_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    token_logps = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor([0] * len(prompt_ids) + side_mask, dtype=torch.bool)[1:]
+    return token_logps[mask].sum()
+
+
+def _side_logps(model_path: Path, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen assistant token counts) per pair."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    chosen = torch.stack([
+        _sequence_logps(model, r["prompt_ids"], r["chosen_ids"], r["chosen_mask"]) for r in rows
+    ])  # fmt: skip
+    rejected = torch.stack([
+        _sequence_logps(model, r["prompt_ids"], r["rejected_ids"], r["rejected_mask"]) for r in rows
+    ])  # fmt: skip
+    counts = torch.tensor([sum(r["chosen_mask"]) for r in rows], dtype=torch.float32)
+    return chosen, rejected, counts
+
+
+# -- (a) the loss as a pure function -------------------------------------------------------
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_mixture_loss_matches_hand_computation() -> None:
+    pc, pr = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0])
+    rc, rr = torch.tensor([-11.0, -5.5]), torch.tensor([-11.0, -4.2])
+    is_step = torch.tensor([False, True])
+    nll = torch.tensor(2.5)
+    beta, weights = 0.5, MixtureWeights(trajectory_dpo=0.7, step_dpo=1.3, sft=0.4)
+    # Δ_traj = (−10+11) − (−12+11) = 2; Δ_step = (−5+5.5) − (−4+4.2) = 0.3; −log σ(x) = softplus(−x)
+    o_dpo, s_dpo = _softplus(-beta * 2.0), _softplus(-beta * 0.3)
+    expected = (0.7 * o_dpo + 1.3 * s_dpo) / 2 + 0.4 * 2.5
+    loss, metrics = mixture_loss(pc, pr, rc, rr, is_step, nll, beta, weights)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert metrics["loss/o_dpo"] == pytest.approx(o_dpo, abs=1e-5)
+    assert metrics["loss/s_dpo"] == pytest.approx(s_dpo, abs=1e-5)
+
+    # A zero weight removes its term, even when that term is not finite.
+    nan_step = torch.tensor([-11.0, float("nan")])
+    no_step = MixtureWeights(trajectory_dpo=0.7, step_dpo=0.0, sft=0.4)
+    loss, _ = mixture_loss(pc, pr, nan_step, rr, is_step, nll, beta, no_step)
+    assert loss.item() == pytest.approx(0.7 * o_dpo / 2 + 0.4 * 2.5, abs=1e-5)
+    no_sft = MixtureWeights(trajectory_dpo=0.7, step_dpo=1.3, sft=0.0)
+    loss, _ = mixture_loss(pc, pr, rc, rr, is_step, torch.tensor(float("nan")), beta, no_sft)
+    assert loss.item() == pytest.approx((0.7 * o_dpo + 1.3 * s_dpo) / 2, abs=1e-5)
+
+
+def test_presets_follow_the_paper_rows() -> None:
+    assert mixture_preset("sft") is None
+    eto = mixture_preset("eto")
+    assert eto is not None and eto.weights == MixtureWeights(step_dpo=0.0, sft=0.0)
+    assert mixture_preset("ipr-no-sft", lr=1e-5).weights.sft == 0.0  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="unknown mixture preset"):
+        mixture_preset("ppo")
+
+
+# -- (b) the trainer's loss on a real batch --------------------------------------------------
+def test_trainer_loss_equals_mixture_loss_of_plain_forward(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)
+    assert [r["is_step_level"] for r in rows] == [False, True]
+    settings = MixtureSettings(beta=0.3, weights=MixtureWeights(trajectory_dpo=0.5, sft=2.0))
+    trainer = MixtureTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+        args=mixture_config(settings, tmp_path),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
+        weights=settings.weights,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(trainer.model, batch).item()
+
+    chosen, rejected, counts = _side_logps(tiny_model_path, rows)
+    # Before any step the policy is the reference; the precomputed reference must agree too.
+    torch.testing.assert_close(batch["ref_chosen_logps"], chosen, atol=0, rtol=1e-6)
+    torch.testing.assert_close(batch["ref_rejected_logps"], rejected, atol=0, rtol=1e-6)
+    nll = -chosen.sum() / counts.sum()
+    expected, _ = mixture_loss(
+        chosen, rejected, chosen, rejected, torch.tensor([False, True]), nll, 0.3, settings.weights
+    )
+    assert trainer_loss == pytest.approx(expected.item(), abs=1e-5)
+
+
+# -- (c) SFT ---------------------------------------------------------------------------------
+def _expert_nll(model_path: Path, trajectories: list[Trajectory]) -> float:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows, _ = build_sft_examples(trajectories, HINT, tokenizer, max_length=1024)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    total = sum(
+        -_sequence_logps(model, [], r["input_ids"], r["assistant_masks"]).item() for r in rows
+    )
+    return total / sum(sum(r["assistant_masks"]) for r in rows)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_lowers_expert_action_nll(tiny_model_path: Path, tmp_path: Path, lora: bool) -> None:
+    experts = [_expert(i) for i in range(4)]
+    settings = SFTSettings(
+        epochs=4, lr=3e-3 if lora else 1e-3, batch_size=2, max_length=1024, lora={"enabled": lora}
+    )
+    result = train_sft(tiny_model_path, experts, HINT, settings, tmp_path)
+    assert result.metrics["steps"] == 8 and result.metrics["n_truncated"] == 0
+    assert result.metrics["peak_rss_mb"] > 0
+    assert (result.path.parent / "adapter").exists() == lora
+    assert _expert_nll(result.path, experts) < _expert_nll(tiny_model_path, experts) - 0.05
+
+
+# -- (d) the mixture -------------------------------------------------------------------------
+def test_mixture_raises_the_chosen_rejected_margin(tiny_model_path: Path, tmp_path: Path) -> None:
+    pairs = _pairs(3)
+    settings = MixtureSettings(epochs=3, lr=1e-3, batch_size=2, max_length=1024)
+    result = train_mixture(tiny_model_path, pairs, settings, tmp_path)
+    assert result.metrics["n_pairs"] == 6 and result.metrics["n_step_pairs"] == 3
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows, _ = build_pair_examples(pairs, tokenizer, max_length=1024)
+    before_c, before_r, _ = _side_logps(tiny_model_path, rows)
+    after_c, after_r, _ = _side_logps(result.path, rows)
+    gain = (after_c - after_r) - (before_c - before_r)
+    assert gain.mean().item() > 0.5
+    assert (gain > 0).all()
+
+    # Iteration 2 starts from iteration 1's model; the reference stays the SFT model.
+    quick = MixtureSettings(epochs=1, batch_size=2, max_length=1024)
+    second = train_mixture(tiny_model_path, pairs, quick, tmp_path, parent_path=result.path)
+    assert second.parent_id == result.checkpoint_id != second.checkpoint_id
+
+
+def test_eto_preset_trains_on_trajectory_pairs_only(tiny_model_path: Path, tmp_path: Path) -> None:
+    settings = mixture_preset("eto", epochs=1, batch_size=2, max_length=1024)
+    assert settings is not None
+    result = train_mixture(tiny_model_path, _pairs(2), settings, tmp_path)
+    assert result.metrics["n_pairs"] == 2 and result.metrics["n_step_pairs"] == 0
+
+
+# -- (e) context overflow and tokenisation checks -------------------------------------------
+def test_overflow_drops_oldest_turns_and_keeps_the_final_action(tiny_model_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    steps = tuple(
+        Step(f"Thought: step {k}.\nAction: go north", "go north", f"Room number {k}. " * 20)
+        for k in range(5)
+    ) + (Step("Thought: finished.\nAction: stop", "stop", "Done."),)
+    long = Trajectory(_task(0), steps, 1.0)
+    full_rows, _ = build_sft_examples([long], HINT, tokenizer, max_length=100_000)
+    full_length = len(full_rows[0]["input_ids"])
+
+    rows, stats = build_sft_examples([long, _expert(1)], HINT, tokenizer, full_length - 50)
+    assert (stats.n_truncated, stats.n_dropped, len(rows)) == (1, 0, 2)
+    text = tokenizer.decode(rows[0]["input_ids"])
+    scored = tokenizer.decode([t for t, m in zip(*rows[0].values(), strict=True) if m])
+    assert "Room number 0." not in text and "Room number 4." in text
+    assert "step 0." not in scored and scored.rstrip().endswith("Action: stop<|im_end|>")
+    assert text.startswith(tokenizer.decode(full_rows[0]["input_ids"][:60]))  # system + task kept
+    assert len(rows[0]["input_ids"]) <= full_length - 50
+
+    _, stats = build_sft_examples([long], HINT, tokenizer, max_length=60)
+    assert (stats.n_dropped, stats.dropped) == (1, ["sft:t0@0"])
+
+
+def test_template_that_rewrites_turns_raises_naming_the_example(tiny_model_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.chat_template = (
+        "{{ messages | length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(TokenizationMismatch, match="sft:t3@0"):
+        build_sft_examples([_expert(3)], HINT, tokenizer, max_length=100_000)
+
+
+# -- (f) checkpoints --------------------------------------------------------------------------
+def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: Path) -> None:
+    experts = [_expert(i) for i in range(2)]
+    settings = SFTSettings(epochs=1, batch_size=2, max_length=1024)
+    first = train_sft(tiny_model_path, experts, HINT, settings, tmp_path)
+    again = train_sft(tiny_model_path, experts, HINT, settings, tmp_path)
+    assert not first.skipped and again.skipped
+    assert again.checkpoint_id == first.checkpoint_id and again.metrics == first.metrics
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.checkpoint_id]
+    assert model_id(first.path) == first.checkpoint_id
+
+    parent = model_id(tiny_model_path)
+    assert checkpoint_id(parent, sft_data_hash(experts, HINT), settings) == first.checkpoint_id
+    other_data = checkpoint_id(parent, sft_data_hash(experts[:1], HINT), settings)
+    other_settings = checkpoint_id(parent, sft_data_hash(experts, HINT), SFTSettings(lr=1e-4))
+    assert len({first.checkpoint_id, other_data, other_settings}) == 3
+
+    store = Store(tmp_path / "store.duckdb")
+    record_checkpoint(store, first, run_id="r", iteration=0)
+    row = store.query("SELECT * FROM checkpoints").to_dict("records")[0]
+    assert (row["checkpoint_id"], row["kind"], row["path"]) == (
+        first.checkpoint_id,
+        "sft",
+        str(first.path),
+    )
