@@ -41,6 +41,8 @@ class RunConfig(_Strict):
     cache_dir: Path = Path(".ipr")
     train_split: str = "train"
     train_limit: int = Field(8, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Episode step bound; the env's own bound when unset or lower."""
     iterations: int = Field(1, gt=0)
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()

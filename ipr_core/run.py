@@ -52,12 +52,16 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
     gen = config.generation
     with ExitStack() as stack:
         policy_engine = stack.enter_context(
-            RolloutEngine(config.env, policy, gen.max_live_episodes, gen.max_new_tokens)
+            RolloutEngine(
+                config.env, policy, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
+            )
         )
         scorer_engine = policy_engine
         if scorer is not policy:
             scorer_engine = stack.enter_context(
-                RolloutEngine(config.env, scorer, gen.max_live_episodes, gen.max_new_tokens)
+                RolloutEngine(
+                    config.env, scorer, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
+                )
             )
         mc = config.monte_carlo
         for iteration in range(1, config.iterations + 1):

@@ -16,7 +16,7 @@ from ipr_core.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = "twx/cookingworld"
+ENV = "twx/twc"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,10 @@ def smoke_run(tmp_path_factory, tiny_model_path):
 
 def test_ingest_cli_writes_verified_expert_trajectories(tmp_path, capsys):
     store_path = tmp_path / "x.duckdb"
-    args = ["ingest", "--env", ENV, "--split", "train", "--limit", "3", "--store", str(store_path)]
+    env = "twx/cookingworld"
+    args = ["ingest", "--env", env, "--split", "train", "--limit", "3", "--store", str(store_path)]
     assert main(args) == 0
-    experts = Store(store_path).expert_trajectories(ENV, "train")
+    experts = Store(store_path).expert_trajectories(env, "train")
     assert len(experts) == 3
     assert all(t.outcome_reward == 1.0 and t.steps for t in experts)
     assert all(s.text.startswith("Thought: ") and "\nAction: " in s.text for s in experts[0].steps)
@@ -55,7 +56,7 @@ def test_pipeline_fills_every_table(smoke_run):
     assert store.count("step_rewards", "actor = 'expert'") == total_steps
     assert store.count("pairs", "level = 'trajectory'") >= 1
     assert store.count("pairs", "level = 'step'") >= 1
-    assert list(summary["iteration"]) == [1]
+    assert list(summary["iteration"]) == [0, 1]  # 0: the expert steps, scored once
     tokens = store.query("SELECT min(prefill_tokens) AS p, min(generated_tokens) AS g "
                          "FROM rollouts WHERE kind = 'explore'")  # fmt: skip
     assert tokens["p"][0] > 0 and tokens["g"][0] > 0

@@ -92,9 +92,8 @@ class TransformersBackend:
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams
     ) -> list[tuple[str, int, FinishReason]]:
-        inputs = self.tokenizer.pad(
-            {"input_ids": prompts}, padding=True, return_tensors="pt"
-        ).to(self.device)
+        padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+        inputs = padded.to(self.device)
         sampling = params.temperature > 0
         # top_k=0 and top_p=1.0 override transformers' top-k 50 default: plain temperature
         # sampling, as the parameters say.

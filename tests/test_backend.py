@@ -1,0 +1,202 @@
+"""Model provisioning and the transformers policy backend, on the tiny Llama and SmolLM2."""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+from ipr_core.backends import SamplingParams, make_backend
+from ipr_core.backends.transformers_backend import TransformersBackend
+from ipr_core.errors import InputError
+from ipr_core.models import SMOLLM2, TINY_LLAMA, build_tiny_llama, resolve_model
+from ipr_core.training.data import render
+
+SYSTEM = {"role": "system", "content": "You are an agent in a text game. Reply with an action."}
+
+
+def conversation(task: str, turns: int = 0) -> list[dict[str, str]]:
+    messages = [SYSTEM, {"role": "user", "content": task}]
+    for k in range(turns):
+        messages.append({"role": "assistant", "content": f"Thought: step {k}. Action: look"})
+        messages.append(
+            {"role": "user", "content": f"You are in the kitchen. You see a table {k}."}
+        )
+    return messages
+
+
+CONVERSATIONS = [
+    conversation("Find the apple."),
+    conversation("Put the red potato in the fridge.", turns=3),
+    conversation("Cook the yellow pepper.", turns=8),
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_path: Path) -> TransformersBackend:
+    """Micro-batches of 4 sequences, so n=2 over 3 conversations spans two of them."""
+    return TransformersBackend(tiny_model_path, max_batch_size=4)
+
+
+def test_tiny_llama_builds_deterministically(tiny_model_path: Path, tmp_path: Path):
+    again = resolve_model(TINY_LLAMA, tmp_path)
+    assert again == tmp_path / "models" / TINY_LLAMA
+    first, second = (
+        load_file(tiny_model_path / "model.safetensors"),
+        load_file(again / "model.safetensors"),
+    )
+    assert first.keys() == second.keys()
+    assert all(first[name].equal(second[name]) for name in first)
+    tokenizers = [(path / "tokenizer.json").read_text() for path in (tiny_model_path, again)]
+    assert tokenizers[0] == tokenizers[1]
+    stamp = (again / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_llama(again) == again  # a complete build is reused, not rebuilt
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [TINY_LLAMA]  # no temp left
+
+
+def test_tiny_llama_shape_and_tokenizer(tiny_model_path: Path):
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    assert config.hidden_size // config.num_attention_heads >= 32
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    assert 1000 <= len(tokenizer) <= 2000
+    text = "Thought: the apple is on the table.\nAction: take apple from table (ünïcode ok)"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_n_completions_per_conversation_in_order(backend: TransformersBackend):
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=1)
+    before = dict(backend.stats)
+    results = backend.generate(CONVERSATIONS, params)
+    assert [len(completions) for completions in results] == [2, 2, 2]
+    lengths = [backend.count_tokens(c) for c in CONVERSATIONS]
+    assert len(set(lengths)) == 3
+    assert [[c.prompt_tokens for c in completions] for completions in results] == [
+        [n, n] for n in lengths
+    ]
+    completions = [c for cs in results for c in cs]
+    assert backend.stats["prefill_tokens"] - before["prefill_tokens"] == 2 * sum(lengths)
+    assert backend.stats["generated_tokens"] - before["generated_tokens"] == sum(
+        c.generated_tokens for c in completions
+    )
+    assert backend.stats["generate_calls"] - before["generate_calls"] == 2
+
+
+def test_greedy_is_identical_across_samples_and_calls(backend: TransformersBackend):
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, n=3)
+    first = backend.generate(CONVERSATIONS, params)
+    second = backend.generate(CONVERSATIONS, params)
+    assert first == second
+    for completions in first:
+        assert len({c.text for c in completions}) == 1
+    assert len({completions[0].text for completions in first}) == 3  # the prompt matters
+
+
+def test_sampling_follows_the_seed(backend: TransformersBackend):
+    def texts(seed: int) -> list[str]:
+        params = SamplingParams(temperature=1.0, max_new_tokens=12, n=2, seed=seed)
+        return [c.text for cs in backend.generate(CONVERSATIONS, params) for c in cs]
+
+    assert texts(7) == texts(7)
+    assert texts(7) != texts(8)
+    assert len(set(texts(7))) > 1  # the n samples of one call differ too
+
+
+def test_stop_strings_cut_the_text(backend: TransformersBackend):
+    full = backend.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=32))[0][0]
+    words = re.findall(r"[A-Za-z]{3,}", full.text[len(full.text) // 3 :])
+    assert words, f"no word to stop on in {full.text!r}"
+    stop = words[0]
+    params = SamplingParams(max_new_tokens=32, stop=("never-generated", stop))
+    cut = backend.generate(CONVERSATIONS[:1], params)[0][0]
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.finish_reason == "stop"
+    assert 0 < cut.generated_tokens < full.generated_tokens
+    # generated_tokens ends on the stop string's last token.
+    for k, holds_stop in ((cut.generated_tokens, True), (cut.generated_tokens - 1, False)):
+        prefix = backend.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=k))[0][0]
+        assert (stop in prefix.text) == holds_stop
+
+
+def test_token_counts_are_consistent(backend: TransformersBackend):
+    params = SamplingParams(max_new_tokens=10)
+    for messages, (completion,) in zip(
+        CONVERSATIONS, backend.generate(CONVERSATIONS, params), strict=True
+    ):
+        assert completion.prompt_tokens == backend.count_tokens(messages)
+        # The same ids as the training code's rendering: no BOS added twice.
+        assert backend.encode(messages) == render(
+            backend.tokenizer, messages, add_generation_prompt=True
+        )
+        assert 0 < completion.generated_tokens <= params.max_new_tokens
+        if completion.finish_reason == "length":
+            assert completion.generated_tokens == params.max_new_tokens
+
+
+def test_a_prompt_that_does_not_fit_is_not_generated(tiny_model_path: Path):
+    backend = TransformersBackend(tiny_model_path, max_context=96)
+    assert backend.count_tokens(CONVERSATIONS[2]) + 8 > 96
+    short, long_ = backend.generate(
+        [CONVERSATIONS[0], CONVERSATIONS[2]], SamplingParams(max_new_tokens=8, n=2)
+    )
+    assert all(c.finish_reason != "context" and c.generated_tokens > 0 for c in short)
+    assert all(c.finish_reason == "context" for c in long_)
+    assert all(c.text == "" and c.generated_tokens == 0 for c in long_)
+
+
+def test_batched_greedy_equals_unbatched(backend: TransformersBackend):
+    """Left padding must not change the output: attention mask and position ids are right."""
+    params = SamplingParams(max_new_tokens=16)
+    batched = TransformersBackend(backend.model.name_or_path, max_batch_size=16)
+    together = batched.generate(CONVERSATIONS, params)
+    alone = [backend.generate([messages], params)[0] for messages in CONVERSATIONS]
+    assert together == alone
+
+
+def test_unknown_model_spec_and_backend_kind(tmp_path: Path):
+    with pytest.raises(InputError, match="no-such-model") as error:
+        resolve_model("no-such-model", tmp_path)
+    assert TINY_LLAMA in str(error.value) and SMOLLM2 in str(error.value)
+    with pytest.raises(InputError, match="vllm"):
+        make_backend(tmp_path, kind="vllm")
+
+
+def test_an_incomplete_cache_folder_is_not_mistaken_for_a_model(tmp_path: Path):
+    partial = tmp_path / "models" / TINY_LLAMA
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="no complete model"):
+        resolve_model(TINY_LLAMA, tmp_path)
+
+
+def test_smollm2_from_the_wheel(tmp_path: Path):
+    started = time.perf_counter()
+    path = resolve_model(SMOLLM2, tmp_path)
+    built = time.perf_counter() - started
+    assert "quantization_config" not in (path / "config.json").read_text()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    started = time.perf_counter()
+    assert resolve_model(SMOLLM2, tmp_path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert time.perf_counter() - started < 1.0
+
+    backend = make_backend(path)
+    assert backend.policy_id == SMOLLM2
+    assert backend.tokenizer.chat_template and backend.tokenizer.eos_token == "<|im_end|>"
+    started = time.perf_counter()
+    (reply,) = backend.generate(
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        SamplingParams(max_new_tokens=16),
+    )[0]
+    generated = time.perf_counter() - started
+    print(f"SmolLM2: dequantise+save {built:.1f}s, 16-token reply {generated:.1f}s")
+    assert "Paris" in reply.text
+    assert reply.finish_reason == "stop"
