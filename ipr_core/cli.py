@@ -15,6 +15,7 @@ DEFAULT_STORE = Path(".ipr/ipr.duckdb")
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -22,6 +23,25 @@ def main(argv: list[str] | None = None) -> int:
     except IprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def quiet_libraries() -> None:
+    """Progress bars and advice from the ML libraries drown the pipeline's own log."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,15 +158,10 @@ def stored_pair_record(row: dict) -> dict:
 
 
 def print_table(frame: pd.DataFrame, max_rows: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_lines=False)
-    for column in frame.columns:
-        table.add_column(str(column), overflow="fold")
-    for row in frame.head(max_rows).itertuples(index=False):
-        table.add_row(*("NULL" if pd.isna(v) else str(v) for v in row))
-    Console().print(table)
+    """Plain text, full width: readable in a terminal, a log or a CI transcript."""
+    with pd.option_context("display.width", 250, "display.max_columns", None,
+                           "display.max_colwidth", 80):  # fmt: skip
+        print(frame.head(max_rows).to_string(index=False, na_rep="NULL"))
     if len(frame) > max_rows:
         print(f"({len(frame)} rows, {max_rows} shown)")
 

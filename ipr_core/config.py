@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ipr_core.errors import InputError
 from ipr_core.mining import MiningConfig
+from ipr_core.training.config import PRESETS, MixtureSettings, SFTSettings
+
+Method = Literal["ipr", "eto", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft", "sft", "custom"]
 
 
 class _Strict(BaseModel):
@@ -33,14 +36,20 @@ class RunConfig(_Strict):
     run_id: str = "default"
     env: str
     model: str = "smollm2-135m-instruct"
-    """The explorer of iteration 1: a model spec (see ipr_core.models.resolve_model)."""
-    scorer: str | None = None
-    """The frozen MC scorer (the SFT model in the paper); defaults to `model`."""
+    """The base model: a model spec (see ipr_core.models.resolve_model)."""
+    method: Method = "ipr"
+    """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
+    sft: SFTSettings | None = SFTSettings()
+    """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
+    mixture: MixtureSettings = MixtureSettings()
     backend: Literal["transformers"] = "transformers"
     store: Path = Path(".ipr/ipr.duckdb")
     cache_dir: Path = Path(".ipr")
     train_split: str = "train"
     train_limit: int = Field(8, gt=0)
+    dev_split: str = "dev"
+    dev_limit: int = Field(8, gt=0)
+    evaluate_base: bool = True
     max_steps: int | None = Field(None, gt=0)
     """Episode step bound; the env's own bound when unset or lower."""
     iterations: int = Field(1, gt=0)
@@ -50,8 +59,16 @@ class RunConfig(_Strict):
     mining: MiningConfig = MiningConfig()
 
     @property
-    def scorer_spec(self) -> str:
-        return self.scorer or self.model
+    def mixture_settings(self) -> MixtureSettings | None:
+        """The mixture of `method` (None for `sft`: no training after stage 1)."""
+        if self.method == "custom":
+            return self.mixture
+        weights = PRESETS[self.method]
+        return None if weights is None else self.mixture.model_copy(update={"weights": weights})
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.cache_dir / "checkpoints"
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -1,8 +1,10 @@
-"""Run the IPR data pipeline for a config without an orchestrator.
+"""Run IPR end to end for a config, without an orchestrator.
 
-Ingest -> per iteration: expert step rewards (once per run and scorer) -> explore ->
-agent step rewards -> mine pairs. Training plugs in between iterations; until it
-does, every iteration explores with the configured model.
+ingest -> SFT -> evaluate (base, SFT) -> per iteration: expert step rewards (once per
+run and scorer) -> explore -> agent step rewards -> mine pairs -> mixture training ->
+evaluate. The scorer and the DPO reference are the SFT model throughout; each
+iteration's trained model explores the next. Every stage is idempotent: checkpoints
+are content-addressed and skipped when complete, store writes are upserts.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 
 import pandas as pd
 
 from ipr_core.backends import PolicyBackend, make_backend
 from ipr_core.config import RunConfig
+from ipr_core.envs import make_env
+from ipr_core.evaluate import Evaluation, evaluate
 from ipr_core.models import resolve_model
 from ipr_core.pipeline import (
     agent_step_rewards,
@@ -25,75 +30,151 @@ from ipr_core.pipeline import (
 )
 from ipr_core.rollout import RolloutEngine
 from ipr_core.store import Store
+from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
+from ipr_core.training.data import load_pairs
+from ipr_core.training.mixture import train_mixture
+from ipr_core.training.sft import train_sft
+from ipr_core.types import Trajectory
 
 Log = Callable[[str], None]
 
-
-def load_backend(spec: str, config: RunConfig) -> PolicyBackend:
-    path = resolve_model(spec, config.cache_dir)
-    return make_backend(path, kind=config.backend, max_batch_size=config.generation.max_batch_size)
+BASE_ITERATION = -1
+"""Evaluations of the base model are stored as iteration -1; the SFT model is iteration 0."""
 
 
-def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
-    """Run every iteration of `config`; returns the per-iteration summary table."""
-    store = Store(config.store)
-    store.write({"runs": [{"run_id": config.run_id, "config": config.model_dump_json()}]})
+def load_backend(path: Path, config: RunConfig) -> PolicyBackend:
+    """A backend whose policy id is the model's content id (stable across runs)."""
+    return make_backend(
+        path,
+        kind=config.backend,
+        policy_id=model_id(path),
+        max_batch_size=config.generation.max_batch_size,
+    )
+
+
+def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> RolloutEngine:
+    gen = config.generation
+    engine = RolloutEngine(
+        config.env, backend, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
+    )
+    return stack.enter_context(engine)
+
+
+def action_hint(env_id: str) -> str:
+    env = make_env(env_id)
+    try:
+        return env.action_hint
+    finally:
+        env.close()
+
+
+def ensure_experts(store: Store, config: RunConfig, log: Log) -> list[Trajectory]:
     experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
     if len(experts) < config.train_limit:
         report = ingest_gold(store, config.env, config.train_split, config.train_limit)
         log(f"ingested {report.written} expert trajectories ({len(report.rejected)} rejected)")
         experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
     log(f"{len(experts)} expert trajectories, {sum(len(e.steps) for e in experts)} steps")
+    return experts
 
-    policy = load_backend(config.model, config)
-    scorer = (
-        policy if config.scorer_spec == config.model else load_backend(config.scorer_spec, config)
-    )
-    gen = config.generation
+
+def evaluate_model(
+    store: Store, config: RunConfig, path: Path, iteration: int, log: Log
+) -> Evaluation:
     with ExitStack() as stack:
-        policy_engine = stack.enter_context(
-            RolloutEngine(
-                config.env, policy, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
-            )
+        engine = open_engine(stack, load_backend(path, config), config)
+        result = evaluate(
+            store, config.run_id, iteration, engine, config.dev_split, config.dev_limit, config.seed
         )
-        scorer_engine = policy_engine
-        if scorer is not policy:
-            scorer_engine = stack.enter_context(
-                RolloutEngine(
-                    config.env, scorer, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
-                )
-            )
-        mc = config.monte_carlo
-        for iteration in range(1, config.iterations + 1):
-            started = time.perf_counter()
-            seed = config.seed * 1000 + iteration
-            n_expert = expert_step_rewards(
-                store, config.run_id, scorer_engine, scorer.policy_id, experts,
-                mc.n_samples, mc.temperature, config.seed,
-            )  # fmt: skip
-            log(f"iteration {iteration}: scored {n_expert} expert steps")
-            explorations = explore_stage(
-                store, config.run_id, iteration, policy_engine, experts, seed
-            )
-            log(f"iteration {iteration}: {len(explorations)} explorations")
-            n_agent = agent_step_rewards(
-                store, config.run_id, iteration, scorer_engine, scorer.policy_id,
-                explorations, mc.n_samples, mc.temperature, seed,
-            )  # fmt: skip
-            log(f"iteration {iteration}: scored {n_agent} agent steps")
-            pairs = mine_stage(
-                store, config.run_id, iteration, scorer.policy_id, explorations,
-                config.mining, policy_engine.action_hint, config.env,
-            )  # fmt: skip
-            log(
-                f"iteration {iteration}: {len(pairs)} pairs in "
-                f"{time.perf_counter() - started:.1f} s"
-            )
-    return iteration_summary(store, config.run_id)
+    log(
+        f"iteration {iteration}: {config.dev_split} reward {result.avg_reward}, "
+        f"success {result.success_rate}, steps {result.avg_steps} ({result.policy_id})"
+    )
+    return result
 
 
-def iteration_summary(store: Store, run_id: str) -> pd.DataFrame:
-    """Per iteration: pairs by level, mean step rewards, rollout and token counts."""
+def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
+    """Run every stage of `config`; returns the per-iteration summary table."""
+    store = Store(config.store)
+    store.write({"runs": [{"run_id": config.run_id, "config": config.model_dump_json()}]})
+    experts = ensure_experts(store, config, log)
+    hint = action_hint(config.env)
+
+    base_path = resolve_model(config.model, config.cache_dir)
+    record_checkpoint(store, base_checkpoint(base_path), config.run_id)
+    sft_path = base_path
+    if config.sft is not None:
+        if config.evaluate_base:
+            evaluate_model(store, config, base_path, BASE_ITERATION, log)
+        sft = train_sft(base_path, experts, hint, config.sft, config.checkpoints_dir)
+        record_checkpoint(store, sft, config.run_id, iteration=0)
+        log(f"SFT checkpoint {sft.checkpoint_id} ({'reused' if sft.skipped else 'trained'})")
+        sft_path = sft.path
+    evaluate_model(store, config, sft_path, 0, log)
+
+    mixture = config.mixture_settings
+    if mixture is None:  # the `sft` row of the paper: no iterations
+        return iteration_summary(store, config.run_id, config.dev_split)
+    policy_path = sft_path
+    for iteration in range(1, config.iterations + 1):
+        started = time.perf_counter()
+        run_iteration(store, config, experts, hint, sft_path, policy_path, iteration, log)
+        pairs = load_pairs(store, config.run_id, iteration)
+        trained = train_mixture(
+            sft_path,
+            pairs,
+            mixture,
+            config.checkpoints_dir,
+            parent_path=policy_path if iteration > 1 else None,
+        )
+        record_checkpoint(store, trained, config.run_id, iteration)
+        policy_path = trained.path
+        evaluate_model(store, config, policy_path, iteration, log)
+        log(f"iteration {iteration} done in {time.perf_counter() - started:.0f} s")
+    return iteration_summary(store, config.run_id, config.dev_split)
+
+
+def run_iteration(
+    store: Store,
+    config: RunConfig,
+    experts: list[Trajectory],
+    hint: str,
+    scorer_path: Path,
+    policy_path: Path,
+    iteration: int,
+    log: Log,
+) -> None:
+    """The data half of an iteration: step rewards, exploration and pairs in the store."""
+    mc = config.monte_carlo
+    seed = config.seed * 1000 + iteration
+    with ExitStack() as stack:
+        scorer = load_backend(scorer_path, config)
+        scorer_engine = open_engine(stack, scorer, config)
+        policy_engine = scorer_engine
+        if policy_path != scorer_path:
+            policy_engine = open_engine(stack, load_backend(policy_path, config), config)
+        n_expert = expert_step_rewards(
+            store, config.run_id, scorer_engine, scorer.policy_id, experts,
+            mc.n_samples, mc.temperature, config.seed,
+        )  # fmt: skip
+        log(f"iteration {iteration}: scored {n_expert} expert steps")
+        explorations = explore_stage(store, config.run_id, iteration, policy_engine, experts, seed)
+        log(f"iteration {iteration}: {len(explorations)} explorations")
+        n_agent = agent_step_rewards(
+            store, config.run_id, iteration, scorer_engine, scorer.policy_id,
+            explorations, mc.n_samples, mc.temperature, seed,
+        )  # fmt: skip
+        log(f"iteration {iteration}: scored {n_agent} agent steps")
+        pairs = mine_stage(
+            store, config.run_id, iteration, scorer.policy_id, explorations,
+            config.mining, hint, config.env,
+        )  # fmt: skip
+        log(f"iteration {iteration}: {len(pairs)} pairs")
+
+
+def iteration_summary(store: Store, run_id: str, dev_split: str = "dev") -> pd.DataFrame:
+    """Per iteration (-1 base, 0 SFT and expert scoring, k >= 1 IPR): pairs by level, mean
+    step rewards, dev metrics, rollout and token counts."""
     return store.query(
         """
         WITH r AS (
@@ -101,9 +182,8 @@ def iteration_summary(store: Store, run_id: str) -> pd.DataFrame:
                    count(*) FILTER (WHERE status IN ('env_error', 'generation_error', 'truncated'))
                        AS failed_rollouts,
                    sum(prefill_tokens) AS prefill_tokens,
-                   sum(generated_tokens) AS generated_tokens,
-                   sum(env_steps) AS env_steps
-            FROM rollouts WHERE run_id = $run GROUP BY iteration),
+                   sum(generated_tokens) AS generated_tokens
+            FROM rollouts WHERE run_id = $run AND kind <> 'eval' GROUP BY iteration),
         s AS (
             SELECT iteration,
                    avg(mean_reward) FILTER (WHERE actor = 'expert') AS expert_step_reward,
@@ -113,14 +193,21 @@ def iteration_summary(store: Store, run_id: str) -> pd.DataFrame:
             SELECT iteration,
                    count(*) FILTER (WHERE level = 'trajectory') AS trajectory_pairs,
                    count(*) FILTER (WHERE level = 'step') AS step_pairs
-            FROM pairs WHERE run_id = $run GROUP BY iteration)
-        SELECT r.iteration, coalesce(p.trajectory_pairs, 0) AS trajectory_pairs,
+            FROM pairs WHERE run_id = $run GROUP BY iteration),
+        e AS (
+            SELECT iteration, avg_reward AS dev_reward, success_rate, avg_steps
+            FROM evaluations WHERE run_id = $run AND split = $dev)
+        SELECT iteration, coalesce(p.trajectory_pairs, 0) AS trajectory_pairs,
                coalesce(p.step_pairs, 0) AS step_pairs,
                round(s.expert_step_reward, 3) AS expert_step_reward,
                round(s.agent_step_reward, 3) AS agent_step_reward,
-               r.rollouts, r.failed_rollouts, r.prefill_tokens, r.generated_tokens, r.env_steps
-        FROM r LEFT JOIN s USING (iteration) LEFT JOIN p USING (iteration)
-        ORDER BY r.iteration
+               round(e.dev_reward, 3) AS dev_reward, round(e.success_rate, 3) AS success_rate,
+               round(e.avg_steps, 2) AS avg_steps,
+               coalesce(r.rollouts, 0) AS rollouts, coalesce(r.failed_rollouts, 0) AS failed,
+               r.prefill_tokens, r.generated_tokens
+        FROM e FULL JOIN r USING (iteration) FULL JOIN s USING (iteration)
+             FULL JOIN p USING (iteration)
+        ORDER BY iteration
         """,
-        {"run": run_id},
+        {"run": run_id, "dev": dev_split},
     )
