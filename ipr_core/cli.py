@@ -68,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="overrides the config's run id")
     run.set_defaults(handler=cmd_run)
 
+    train = commands.add_parser("train", help="train a model from the store")
+    methods = train.add_subparsers(required=True, metavar="METHOD")
+    sft = methods.add_parser("sft", help="SFT on the store's expert trajectories")
+    sft.add_argument("--config", type=Path, required=True, help="run config (model, env, sft)")
+    sft.add_argument("--store", type=Path, help="overrides the config's store")
+    sft.set_defaults(handler=cmd_train_sft)
+    mixture = methods.add_parser("mixture", help="o-DPO + s-DPO + SFT on an iteration's pairs")
+    mixture.add_argument("--config", type=Path, required=True)
+    mixture.add_argument("--store", type=Path, help="overrides the config's store")
+    mixture.add_argument("--iteration", type=int, required=True, help="whose pairs to train on")
+    mixture.add_argument("--sft-model", type=Path, required=True, help="reference model folder")
+    mixture.add_argument("--policy", type=Path, help="model to train (default: --sft-model)")
+    mixture.set_defaults(handler=cmd_train_mixture)
+
+    evaluate = commands.add_parser("evaluate", help="greedy episodes of a model on a split")
+    evaluate.add_argument("--config", type=Path, required=True)
+    evaluate.add_argument("--model", required=True, help="model spec or folder")
+    evaluate.add_argument("--store", type=Path, help="overrides the config's store")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--limit", type=int, default=20)
+    evaluate.add_argument("--iteration", type=int, default=0, help="label for the row")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
     export = commands.add_parser("export", help="write IPR/ETO JSON from the store")
     export.add_argument("what", choices=["sft", "pairs"])
     export.add_argument("--out", type=Path, required=True)
@@ -109,17 +132,75 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ipr_core.config import load_config
     from ipr_core.run import run_pipeline
 
-    overrides = {}
-    if args.store is not None:
-        overrides["store"] = str(args.store)
-    if args.run_id is not None:
-        overrides["run_id"] = args.run_id
-    config = load_config(args.config, overrides)
+    config = _config(args)
     summary = run_pipeline(config)
     print_table(summary, max_rows=len(summary))
+    return 0
+
+
+def _config(args: argparse.Namespace, **overrides: object):
+    from ipr_core.config import load_config
+
+    if getattr(args, "store", None) is not None:
+        overrides["store"] = str(args.store)
+    if getattr(args, "run_id", None) is not None:
+        overrides["run_id"] = args.run_id
+    return load_config(args.config, overrides)
+
+
+def cmd_train_sft(args: argparse.Namespace) -> int:
+    from ipr_core.models import resolve_model
+    from ipr_core.run import action_hint
+    from ipr_core.store import Store
+    from ipr_core.training.checkpoints import record_checkpoint
+    from ipr_core.training.sft import train_sft
+
+    config = _config(args)
+    if config.sft is None:
+        raise IprError(f"{args.config}: the config has no sft settings")
+    store = Store(config.store)
+    experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
+    if not experts:
+        raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
+    base = resolve_model(config.model, config.cache_dir)
+    result = train_sft(base, experts, action_hint(config.env), config.sft, config.checkpoints_dir)
+    record_checkpoint(store, result, config.run_id, iteration=0)
+    print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
+    return 0
+
+
+def cmd_train_mixture(args: argparse.Namespace) -> int:
+    from ipr_core.store import Store
+    from ipr_core.training.checkpoints import record_checkpoint
+    from ipr_core.training.data import load_pairs
+    from ipr_core.training.mixture import train_mixture
+
+    config = _config(args)
+    settings = config.mixture_settings
+    if settings is None:
+        raise IprError(f"{args.config}: method 'sft' trains no mixture")
+    store = Store(config.store)
+    pairs = load_pairs(store, config.run_id, args.iteration)
+    if not pairs:
+        raise IprError(f"{config.store}: run {config.run_id!r} has no pairs in {args.iteration}")
+    result = train_mixture(
+        args.sft_model, pairs, settings, config.checkpoints_dir, parent_path=args.policy
+    )
+    record_checkpoint(store, result, config.run_id, args.iteration)
+    print(f"mixture checkpoint {result.checkpoint_id}: {result.path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ipr_core.models import resolve_model
+    from ipr_core.run import evaluate_model
+    from ipr_core.store import Store
+
+    config = _config(args, dev_split=args.split, dev_limit=args.limit)
+    path = resolve_model(args.model, config.cache_dir)
+    evaluate_model(Store(config.store), config, path, args.iteration, log=print)
     return 0
 
 
