@@ -56,7 +56,8 @@ def test_pipeline_fills_every_table(smoke_run):
     assert store.count("step_rewards", "actor = 'expert'") == total_steps
     assert store.count("pairs", "level = 'trajectory'") >= 1
     assert store.count("pairs", "level = 'step'") >= 1
-    assert list(summary["iteration"]) == [0, 1]  # 0: the expert steps, scored once
+    # -1 base model, 0 SFT model (and the expert steps, scored once), 1 first IPR iteration
+    assert list(summary["iteration"]) == [-1, 0, 1]
     tokens = store.query("SELECT min(prefill_tokens) AS p, min(generated_tokens) AS g "
                          "FROM rollouts WHERE kind = 'explore'")  # fmt: skip
     assert tokens["p"][0] > 0 and tokens["g"][0] > 0
@@ -91,10 +92,35 @@ def test_mc_reward_is_the_mean_of_its_stored_rollouts(smoke_run):
     assert ((check["mean_reward"] - check["mean_of_rollouts"]).abs() < 1e-9).all()
 
 
+def test_evaluations_cover_base_sft_and_iteration_models(smoke_run):
+    _, store, _ = smoke_run
+    rows = store.query(
+        "SELECT e.iteration, c.kind FROM evaluations e JOIN checkpoints c "
+        "ON c.checkpoint_id = e.policy_id ORDER BY e.iteration"
+    )
+    assert list(rows.itertuples(index=False, name=None)) == [
+        (-1, "base"),
+        (0, "sft"),
+        (1, "mixture"),
+    ]
+    eval_rollouts = store.count("rollouts", "kind = 'eval'")
+    assert eval_rollouts == 3 * 2  # three models, dev_limit 2
+
+
+def test_scorer_is_the_sft_model_and_reference_stays_sft(smoke_run):
+    _, store, _ = smoke_run
+    sft_id = store.query("SELECT checkpoint_id FROM checkpoints WHERE kind = 'sft'").iloc[0, 0]
+    scorers = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"].tolist()
+    assert scorers == [sft_id]
+    mixture = store.query("SELECT parent_id FROM checkpoints WHERE kind = 'mixture'")
+    assert mixture.iloc[0, 0] == sft_id
+
+
 def test_expert_step_rewards_are_computed_once_per_run_and_scorer(smoke_run):
     config, store, _ = smoke_run
     before = store.count("rollouts", "kind = 'mc' AND actor = 'expert'")
-    backend = make_backend(config.cache_dir / "models" / "tiny-llama")
+    sft = store.query("SELECT checkpoint_id, path FROM checkpoints WHERE kind = 'sft'")
+    backend = make_backend(Path(sft["path"][0]), policy_id=sft["checkpoint_id"][0])
     experts = store.expert_trajectories(ENV, "train")
     with RolloutEngine(ENV, backend, max_new_tokens=8) as engine:
         computed = expert_step_rewards(
