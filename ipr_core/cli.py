@@ -15,6 +15,7 @@ DEFAULT_STORE = Path(".ipr/ipr.duckdb")
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file at once
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
