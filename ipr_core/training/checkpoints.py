@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from ipr_core.store import Store
 
-CheckpointKind = Literal["base", "sft", "mixture"]
+CheckpointKind = Literal["base", "sft", "mixture", "reward_model"]
 COMPLETE_MARKER = "COMPLETE"
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
