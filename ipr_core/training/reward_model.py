@@ -59,7 +59,6 @@ from ipr_core.training.runtime import (
 )
 
 REWARD_MODEL_KIND: CheckpointKind = "reward_model"
-"""`CheckpointKind` has no "reward_model"; a supervised fine-tune of the base is closest."""
 
 
 class RewardModelSettings(_Strict):
