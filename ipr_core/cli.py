@@ -63,11 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(handler=cmd_sql)
 
-    run = commands.add_parser("run", help="run the IPR pipeline of a config")
+    run = commands.add_parser("run", help="run the IPR pipeline of a config as the `ipr` flow")
     run.add_argument("--config", type=Path, required=True)
     run.add_argument("--store", type=Path, help="overrides the config's store")
     run.add_argument("--run-id", help="overrides the config's run id")
+    run.add_argument(
+        "--no-prefect", action="store_true", help="run the stages as plain functions, no flow"
+    )
     run.set_defaults(handler=cmd_run)
+
+    serve = commands.add_parser(
+        "serve", help="local Prefect server + worker + deployment ipr/iterate (Ctrl-C stops)"
+    )
+    serve.add_argument("--port", type=int, default=4200)
+    serve.add_argument("--pool", default="ipr-local", help="process work pool (created if missing)")
+    serve.add_argument(
+        "--config", type=Path, default=Path("configs/smoke.yaml"),
+        help="config whose values the printed run command passes",
+    )  # fmt: skip
+    serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for server")
+    serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser("train", help="train a model from the store")
     methods = train.add_subparsers(required=True, metavar="METHOD")
@@ -133,12 +148,36 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ipr_core.run import run_pipeline
-
     config = _config(args)
-    summary = run_pipeline(config)
+    if args.no_prefect:
+        from ipr_core.run import run_pipeline
+
+        summary = run_pipeline(config)
+    else:
+        from tasks.settings import configure_prefect_env
+
+        configure_prefect_env()  # before prefect is imported
+        from flows import ipr
+        from tasks import StageFailed
+
+        try:
+            summary = pd.DataFrame(ipr(config))  # ephemeral Prefect unless PREFECT_API_URL is set
+        except StageFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     print_table(summary, max_rows=len(summary))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tasks.settings import configure_prefect_env
+
+    configure_prefect_env()
+    from flows.serve import serve
+
+    return serve(
+        port=args.port, pool=args.pool, config_path=args.config, ready_timeout_s=args.timeout
+    )
 
 
 def _config(args: argparse.Namespace, **overrides: object):

@@ -174,7 +174,12 @@ def explore_stage(
         rollout_row(e.rollout, run_id, iteration, "explore", e.prefix_len, "agent", policy_id)
         for e in explorations
     ]
-    store.write({"rollouts": rows})
+    with store.transaction() as con:  # a rerun with another policy replaces, never mixes
+        con.execute(
+            "DELETE FROM rollouts WHERE run_id = ? AND iteration = ? AND kind = 'explore'",
+            [run_id, iteration],
+        )
+        upsert(con, "rollouts", rows)
     return explorations
 
 

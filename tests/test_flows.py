@@ -1,0 +1,228 @@
+"""The Prefect layer: the `ipr` flow on ephemeral Prefect, caching, resume after a kill,
+and `ipr serve` + `prefect deployment run ipr/iterate`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Prefect reads its settings at import: a private home for this module, set first.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="ipr-prefect-"))
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ.pop("PREFECT_API_URL", None)
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+import flows  # noqa: E402
+from ipr_core.config import load_config  # noqa: E402
+from ipr_core.store import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IPR = str(Path(sys.executable).parent / "ipr")
+TABLES = ["expert_trajectories", "rollouts", "step_rewards", "pairs", "evaluations", "checkpoints"]
+PAIR_COLUMNS = (
+    "iteration, level, task_id, prefix_len, mode, prompt, chosen, rejected, chosen_actor, "
+    "chosen_reward, rejected_reward, chosen_outcome, rejected_outcome"
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tiny_model_path) -> Path:
+    cache = tmp_path_factory.mktemp("ipr-cache")
+    (cache / "models").mkdir()
+    (cache / "models" / "tiny-llama").symlink_to(tiny_model_path)
+    return cache
+
+
+def smoke_config(store: Path, cache_dir: Path):
+    overrides = {"store": str(store), "cache_dir": str(cache_dir)}
+    return load_config(ROOT / "configs" / "smoke.yaml", overrides)
+
+
+def counts(store: Store) -> dict[str, int]:
+    return {table: store.count(table) for table in TABLES}
+
+
+def task_runs_since(started: float) -> list:
+    """Every task run of the flow runs (the `ipr` flow and its subflows) started after."""
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterStartTime,
+    )
+
+    after = datetime.fromtimestamp(started, UTC)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after))
+        )
+        ids = [run.id for run in runs]
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+
+@pytest.fixture(scope="module")
+def smoke_flow(tmp_path_factory, cache_dir):
+    """One uninterrupted `ipr` flow run of the smoke config (ephemeral Prefect)."""
+    config = smoke_config(tmp_path_factory.mktemp("flow") / "run.duckdb", cache_dir)
+    state = flows.ipr(config, return_state=True)
+    assert state.is_completed(), state
+    return config, Store(config.store), state.result()
+
+
+def test_flow_fills_every_table(smoke_flow):
+    config, store, rows = smoke_flow
+    assert [row["iteration"] for row in rows] == [-1, 0, 1]
+    assert store.count("rollouts", "kind = 'explore'") > 0
+    assert store.count("rollouts", "kind = 'mc'") > 0
+    assert store.count("step_rewards", "actor = 'expert'") > 0
+    assert store.count("step_rewards", "actor = 'agent'") > 0
+    assert store.count("pairs", "level = 'trajectory'") >= 1
+    assert store.count("pairs", "level = 'step'") >= 1
+    assert store.count("evaluations") == 3
+
+
+def test_rerun_is_cached_and_changes_no_row_count(smoke_flow):
+    config, store, rows = smoke_flow
+    before = counts(store)
+    started = time.time()
+    state = flows.ipr(config, return_state=True)
+    assert state.is_completed()
+    assert state.result() == rows
+    assert counts(store) == before
+    runs = task_runs_since(started - 1)
+    names = {run.name: run.state.name for run in runs}
+    assert "explore[1]" in names and "train-mixture[1]" in names
+    # `prepare` is deliberately uncached; `iteration-1` stands for the subflow in its parent
+    stages = {n: s for n, s in names.items() if not n.startswith(("prepare", "iteration"))}
+    not_cached = {n: s for n, s in stages.items() if s != "Cached"}
+    assert not not_cached, not_cached
+
+
+def test_a_cached_stage_whose_rows_are_gone_is_recomputed(smoke_flow):
+    config, store, _ = smoke_flow
+    before = counts(store)
+    with store.transaction() as con:  # as if the pairs were dropped by hand
+        con.execute("DELETE FROM pairs WHERE run_id = ?", [config.run_id])
+    flows.ipr(config)
+    assert counts(store) == before
+
+
+def pairs_of(store: Store) -> list[tuple]:
+    return list(
+        store.query(f"SELECT {PAIR_COLUMNS} FROM pairs ORDER BY ALL").itertuples(
+            index=False, name=None
+        )
+    )
+
+
+def test_killed_run_resumes_to_the_same_pairs(tmp_path, cache_dir, smoke_flow):
+    """SIGKILL mid-iteration (once iteration 1 is explored), restart with the same run id:
+    the resumed run reuses finished stages and its pairs equal an uninterrupted run's."""
+    _, reference, _ = smoke_flow
+    store_path = tmp_path / "killed.duckdb"
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data.update(store=str(store_path), cache_dir=str(cache_dir))
+    config_file = tmp_path / "smoke.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    cmd = [IPR, "run", "--config", str(config_file), "--run-id", "smoke"]
+    log = (tmp_path / "killed.log").open("w")
+    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+    store = Store(store_path, lock_timeout_s=30)
+    deadline = time.monotonic() + 600
+    try:
+        while store.count("rollouts", "kind = 'explore' AND iteration = 1") == 0:
+            assert first.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no exploration rollouts in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the CLI and its ephemeral Prefect server
+        first.wait()
+    assert store.count("pairs") == 0  # killed before mining
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    for stage in ("ingest", "sft", "expert-step-rewards"):
+        assert f"{stage}-" in output
+    assert "Finished in state Cached" in output  # finished stages were not redone
+
+    assert pairs_of(store) == pairs_of(reference)
+    for table in ("rollouts", "step_rewards", "evaluations"):
+        assert store.count(table) == reference.count(table), table
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no {text!r} from ipr serve:\n{''.join(lines)[-3000:]}")
+
+
+def test_serve_deployment_run_completes(tmp_path, smoke_flow):
+    """`ipr serve` + `prefect deployment run ipr/iterate --watch`: Completed, with the
+    iteration subflow and artifacts in the API. The results of `smoke_flow` are shared, so
+    the run is cached (the uncached path is what the tests above cover)."""
+    config, _, _ = smoke_flow
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(PREFECT_HOME / "storage"),
+    )
+    serve = subprocess.Popen(
+        [IPR, "serve", "--port", str(port), "--pool", "ipr-test"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_line(serve, "Ctrl-C stops", timeout_s=240)
+        params = json.dumps({"config": config.model_dump(mode="json")})
+        run = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "ipr/iterate", "--watch",
+             "--params", params],
+            env=dict(env, PREFECT_API_URL=api), cwd=ROOT, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Completed" in run.stdout
+        flow_runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+        names = {fr["name"]: fr["state_type"] for fr in flow_runs}
+        assert names.get("iteration-1") == "COMPLETED" and names.get("ipr-smoke") == "COMPLETED"
+        artifacts = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
+        assert {"smoke-iteration-1", "smoke-summary"} <= artifacts
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = serve.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            raise
+    assert serve.returncode == 0, rest[-2000:]
+    assert "stopping worker, then server" in rest
