@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     mixture.add_argument("--policy", type=Path, help="model to train (default: --sft-model)")
     mixture.set_defaults(handler=cmd_train_mixture)
 
+    reward = methods.add_parser("reward-model", help="regress MC step rewards (paper 5.5)")
+    reward.add_argument("--config", type=Path, required=True)
+    reward.add_argument("--store", type=Path, help="overrides the config's store")
+    reward.add_argument("--scorer-id", help="whose step rewards (default: the run's SFT model)")
+    reward.add_argument("--epochs", type=float, default=3.0)
+    reward.add_argument("--lora", action="store_true", help="train a LoRA adapter + head")
+    reward.set_defaults(handler=cmd_train_reward_model)
+
     evaluate = commands.add_parser("evaluate", help="greedy episodes of a model on a split")
     evaluate.add_argument("--config", type=Path, required=True)
     evaluate.add_argument("--model", required=True, help="model spec or folder")
@@ -230,6 +238,43 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
     )
     record_checkpoint(store, result, config.run_id, args.iteration)
     print(f"mixture checkpoint {result.checkpoint_id}: {result.path}")
+    return 0
+
+
+def cmd_train_reward_model(args: argparse.Namespace) -> int:
+    from ipr_core.models import resolve_model
+    from ipr_core.run import action_hint
+    from ipr_core.store import Store
+    from ipr_core.training.checkpoints import record_checkpoint
+    from ipr_core.training.config import LoraSettings
+    from ipr_core.training.reward_model import (
+        RewardModelSettings,
+        step_reward_examples,
+        train_reward_model,
+    )
+
+    config = _config(args)
+    store = Store(config.store)
+    scorer_id = args.scorer_id
+    if scorer_id is None:
+        found = store.query(
+            "SELECT DISTINCT scorer_id FROM step_rewards WHERE run_id = ?", [config.run_id]
+        )["scorer_id"].tolist()
+        if len(found) != 1:
+            raise IprError(f"run {config.run_id!r} has scorers {found}; pass --scorer-id")
+        scorer_id = found[0]
+    examples = step_reward_examples(store, config.run_id, scorer_id, action_hint(config.env))
+    if not examples:
+        raise IprError(f"{config.store}: no step rewards of run {config.run_id!r} to learn from")
+    settings = RewardModelSettings(epochs=args.epochs, lora=LoraSettings(enabled=args.lora))
+    base = resolve_model(config.model, config.cache_dir)
+    result = train_reward_model(base, examples, settings, config.checkpoints_dir)
+    record_checkpoint(store, result, config.run_id)
+    metrics = result.metrics
+    print(
+        f"reward model {result.checkpoint_id}: held-out MSE {metrics['heldout_mse']:.4f} "
+        f"(predicting the mean: {metrics['heldout_baseline_mse']:.4f}); {result.path}"
+    )
     return 0
 
 

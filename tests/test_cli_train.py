@@ -49,3 +49,36 @@ def test_sft_method_trains_no_mixture(tmp_path, tiny_model_path, capsys):
     args = ["train", "mixture", "--config", str(config), "--iteration", "1"]
     assert main([*args, "--sft-model", str(tiny_model_path)]) == 2
     assert "trains no mixture" in capsys.readouterr().err
+
+
+def test_train_reward_model_from_stored_step_rewards(tmp_path, tiny_model_path, capsys):
+    config = write_config(tmp_path, tiny_model_path)
+    store = Store(tmp_path / "s.duckdb")
+    ingest = ["ingest", "--env", "twx/twc", "--limit", "3", "--store", str(store.path)]
+    assert main(ingest) == 0
+    rows = [
+        {
+            "run_id": "smoke",
+            "scorer_id": "sft-x",
+            "iteration": 0,
+            "env_id": "twx/twc",
+            "task_id": expert.task.task_id,
+            "prefix_len": t,
+            "actor": "expert",
+            "action": step.action,
+            "step_text": step.text,
+            "mean_reward": 1.0 if t == len(expert.steps) - 1 else 0.0,
+            "n_samples": 2,
+            "n_ok": 2,
+            "n_failed": 0,
+            "terminal": t == len(expert.steps) - 1,
+        }  # fmt: skip
+        for expert in store.expert_trajectories("twx/twc")
+        for t, step in enumerate(expert.steps)
+    ]
+    store.write({"step_rewards": rows})
+    capsys.readouterr()
+    assert main(["train", "reward-model", "--config", str(config), "--epochs", "1"]) == 0
+    assert "held-out MSE" in capsys.readouterr().out
+    [kind] = store.query("SELECT kind FROM checkpoints")["kind"]
+    assert kind == "reward_model"
