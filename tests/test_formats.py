@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,10 @@ def test_cli_import_of_a_bad_file_exits_nonzero_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert "conversations[1].from" in err and "cook-2" in err
     assert not store.exists()
+
+
+def test_shipped_expert_file_loads():
+    path = Path(__file__).resolve().parents[1] / "data" / "twx-cookingworld-train.sft.json"
+    trajectories = load_sft_file(path, "twx/cookingworld", "train")
+    assert len(trajectories) == 20
+    assert all(t.steps and all(s.action for s in t.steps) for t in trajectories)
