@@ -10,7 +10,16 @@ def test_loads_preset_with_defaults(tmp_path):
     config = load_config(path)
     assert config.monte_carlo.n_samples == 3
     assert config.mining.step_margin == 0.2
-    assert config.scorer_spec == config.model
+    assert config.mixture_settings.weights.step_dpo == 1.0  # the `ipr` preset
+
+
+def test_method_sets_the_mixture_weights(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("env: twx/coin\nmethod: eto\nmixture: {beta: 0.3}\n")
+    settings = load_config(path).mixture_settings
+    assert (settings.weights.step_dpo, settings.weights.sft, settings.beta) == (0.0, 0.0, 0.3)
+    path.write_text("env: twx/coin\nmethod: sft\n")
+    assert load_config(path).mixture_settings is None
 
 
 @pytest.mark.parametrize(
