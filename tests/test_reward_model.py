@@ -106,7 +106,7 @@ def test_train_and_score(store, tiny_model_path, tmp_path):
     root = tmp_path / "checkpoints"
     result = train_reward_model(tiny_model_path, examples, settings, root)
     metrics = result.metrics
-    assert not result.skipped and result.kind == "sft"
+    assert not result.skipped and result.kind == "reward_model"
     assert metrics["n_heldout_tasks"] == 2 and metrics["n_heldout"] == 2 * len(PREFIXES) * 3
     assert metrics["last_step_loss"] < metrics["first_step_loss"]
     assert metrics["heldout_mse"] < metrics["heldout_baseline_mse"]

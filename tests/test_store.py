@@ -56,7 +56,7 @@ def test_sql_reads_while_another_process_writes(tmp_path, capsys):
         while proc.poll() is None:
             assert main(["sql", "SELECT count(*) AS n FROM expert_trajectories", "--store",
                          str(path)]) == 0  # fmt: skip
-            counts.append(int(capsys.readouterr().out.split("│")[-2].strip()))
+            counts.append(int(capsys.readouterr().out.split()[-1]))
     finally:
         proc.wait()
     assert proc.returncode == 0
