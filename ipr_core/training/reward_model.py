@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 from pydantic import Field
 from transformers import (
     AutoModelForSequenceClassification,
@@ -53,9 +52,10 @@ from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.runtime import (
     TRAINER_DIR,
     load_tokenizer,
-    loss_history,
+    lora_config,
     measure,
     save_trained,
+    training_metrics,
 )
 
 REWARD_MODEL_KIND: CheckpointKind = "reward_model"
@@ -204,19 +204,6 @@ def load_regression_model(path: Path) -> PreTrainedModel:
     )
 
 
-def seq_cls_lora_config(settings: LoraSettings) -> LoraConfig | None:
-    """LoRA on the backbone; SEQ_CLS makes PEFT train (and save) the new head in full."""
-    if not settings.enabled:
-        return None
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        task_type="SEQ_CLS",
-    )
-
-
 # -- training ----------------------------------------------------------------------------
 def train_reward_model(
     model_path: Path,
@@ -245,7 +232,7 @@ def train_reward_model(
         set_seed(settings.seed)  # the head's initialisation
         model = load_regression_model(model_path)
         _set_pad_token(tokenizer, model)
-        lora = seq_cls_lora_config(settings.lora)
+        lora = lora_config(settings.lora, task_type="SEQ_CLS")
         if lora is not None:
             from peft import get_peft_model
 
@@ -280,17 +267,9 @@ def train_reward_model(
             predictions = trainer.predict(Dataset.from_list(heldout_rows)).predictions
             metrics.update(_heldout_metrics(predictions, heldout_rows, train_rows))
         save_trained(trainer, tokenizer, work)
-        losses = loss_history(trainer)
-        steps = output.global_step
         return {
             **metrics,
-            "train_loss": output.training_loss,
-            "first_step_loss": losses[0],
-            "last_step_loss": losses[-1],
-            "steps": steps,
-            "seconds": figures["seconds"],
-            "seconds_per_step": figures["seconds"] / max(steps, 1),
-            "peak_rss_mb": figures["peak_rss_mb"],
+            **training_metrics(trainer, output, figures),
             "n_train": len(train_rows),
             "n_heldout": len(heldout_rows),
             "n_train_tasks": len({e.task_id for e in train_set}),

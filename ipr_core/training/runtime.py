@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
+from transformers.trainer_utils import TrainOutput
 
 from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
 from ipr_core.training.config import LoraSettings
@@ -29,7 +30,8 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def lora_config(settings: LoraSettings) -> LoraConfig | None:
+def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraConfig | None:
+    """PEFT's LoRA config; task type SEQ_CLS makes PEFT train (and save) a new head in full."""
     if not settings.enabled:
         return None
     return LoraConfig(
@@ -37,7 +39,7 @@ def lora_config(settings: LoraSettings) -> LoraConfig | None:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -80,3 +82,18 @@ def _peak_rss_mb() -> float:
 
 def loss_history(trainer: Trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def training_metrics(trainer: Trainer, output: TrainOutput, figures: dict[str, float]) -> dict:
+    """The figures every trainer reports: losses, steps, time and memory."""
+    losses = loss_history(trainer)
+    steps = output.global_step
+    return {
+        "train_loss": output.training_loss,
+        "first_step_loss": losses[0],
+        "last_step_loss": losses[-1],
+        "steps": steps,
+        "seconds": figures["seconds"],
+        "seconds_per_step": figures["seconds"] / max(steps, 1),
+        "peak_rss_mb": figures["peak_rss_mb"],
+    }

@@ -23,9 +23,9 @@ from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
     lora_config,
-    loss_history,
     measure,
     save_trained,
+    training_metrics,
 )
 from ipr_core.types import Trajectory
 
@@ -75,16 +75,8 @@ def train_sft(
         with measure() as figures:
             output = trainer.train()
         save_trained(trainer, tokenizer, work)
-        losses = loss_history(trainer)
-        steps = output.global_step
         return {
-            "train_loss": output.training_loss,
-            "first_step_loss": losses[0],
-            "last_step_loss": losses[-1],
-            "steps": steps,
-            "seconds": figures["seconds"],
-            "seconds_per_step": figures["seconds"] / max(steps, 1),
-            "peak_rss_mb": figures["peak_rss_mb"],
+            **training_metrics(trainer, output, figures),
             "n_examples": len(rows),
             "n_truncated": stats.n_truncated,
             "n_dropped": stats.n_dropped,
