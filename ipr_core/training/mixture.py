@@ -38,12 +38,12 @@ from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, 
 from ipr_core.training.config import MixtureSettings, MixtureWeights
 from ipr_core.training.data import build_pair_examples, pairs_data_hash
 from ipr_core.training.runtime import (
-    TRAINER_DIR,
     load_model,
     load_tokenizer,
     lora_config,
     measure,
     save_trained,
+    trainer_arguments,
     training_metrics,
 )
 from ipr_core.types import Pair
@@ -243,22 +243,12 @@ def train_mixture(
 
 def mixture_config(settings: MixtureSettings, work: Path) -> DPOConfig:
     return DPOConfig(
-        output_dir=str(work / TRAINER_DIR),
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.lr,
-        lr_scheduler_type="cosine",
-        per_device_train_batch_size=settings.batch_size,
+        **trainer_arguments(settings, work),
         gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length,
         beta=settings.beta,
         precompute_ref_log_probs=True,
         gradient_checkpointing=settings.gradient_checkpointing,
-        bf16=False,
-        seed=settings.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
     )
 
 

@@ -50,11 +50,11 @@ from ipr_core.training.checkpoints import (
 from ipr_core.training.config import LoraSettings, _Strict
 from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.runtime import (
-    TRAINER_DIR,
     load_tokenizer,
     lora_config,
     measure,
     save_trained,
+    trainer_arguments,
     training_metrics,
 )
 
@@ -238,19 +238,9 @@ def train_reward_model(
 
             model = get_peft_model(model, lora)
         args = TrainingArguments(
-            output_dir=str(work / TRAINER_DIR),
-            num_train_epochs=settings.epochs,
-            learning_rate=settings.lr,
-            lr_scheduler_type="cosine",
-            per_device_train_batch_size=settings.batch_size,
+            **trainer_arguments(settings, work),
             per_device_eval_batch_size=settings.batch_size,
-            bf16=False,
-            seed=settings.seed,
-            logging_steps=1,
-            save_strategy="no",
             eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
             dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = Trainer(

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -28,6 +29,24 @@ def load_model(path: Path) -> PreTrainedModel:
 
 def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
+
+
+def trainer_arguments(settings: Any, work: Path) -> dict[str, Any]:
+    """TrainingArguments shared by every trainer here: cosine schedule, fp32, no
+    intermediate saves or trackers, a log line per step."""
+    return {
+        "output_dir": str(work / TRAINER_DIR),
+        "num_train_epochs": settings.epochs,
+        "learning_rate": settings.lr,
+        "lr_scheduler_type": "cosine",
+        "per_device_train_batch_size": settings.batch_size,
+        "bf16": False,
+        "seed": settings.seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
 
 
 def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraConfig | None:

@@ -19,12 +19,12 @@ from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, 
 from ipr_core.training.config import SFTSettings
 from ipr_core.training.data import build_sft_examples, sft_data_hash
 from ipr_core.training.runtime import (
-    TRAINER_DIR,
     load_model,
     load_tokenizer,
     lora_config,
     measure,
     save_trained,
+    trainer_arguments,
     training_metrics,
 )
 from ipr_core.types import Trajectory
@@ -50,20 +50,10 @@ def train_sft(
         if not rows:
             raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
         args = SFTConfig(
-            output_dir=str(work / TRAINER_DIR),
-            num_train_epochs=settings.epochs,
-            learning_rate=settings.lr,
-            lr_scheduler_type="cosine",
-            per_device_train_batch_size=settings.batch_size,
+            **trainer_arguments(settings, work),
             gradient_accumulation_steps=settings.grad_accum,
             max_length=settings.max_length,
             gradient_checkpointing=settings.gradient_checkpointing,
-            bf16=False,
-            seed=settings.seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
         )
         trainer = SFTTrainer(
             model=load_model(model_path),
