@@ -12,16 +12,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.tasks import Task
+from tasks.settings import configure_prefect_env
 
-import tasks  # noqa: F401  (Prefect's environment, before prefect is imported)
-from ipr_core.config import RunConfig
-from ipr_core.models import resolve_model
-from ipr_core.run import BASE_ITERATION, iteration_summary
-from ipr_core.store import Store
-from tasks import stages
+configure_prefect_env()  # before the first `import prefect`
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.tasks import Task  # noqa: E402
+
+from ipr_core.config import RunConfig  # noqa: E402
+from ipr_core.models import resolve_model  # noqa: E402
+from ipr_core.run import BASE_ITERATION, iteration_summary  # noqa: E402
+from ipr_core.store import Store  # noqa: E402
+from tasks import stages  # noqa: E402
 
 
 def absolute(config: RunConfig) -> RunConfig:

@@ -14,10 +14,11 @@ from ipr_core.errors import IprError
 DEFAULT_STORE = Path(".ipr/ipr.duckdb")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; `parser` lets the orchestration layer add its own commands."""
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file at once
     quiet_libraries()
-    parser = build_parser()
+    parser = parser or build_parser()[0]
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -45,7 +46,8 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The library's commands, and the subparsers object to add more to."""
     parser = argparse.ArgumentParser(prog="ipr", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -62,27 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--store", type=Path, default=DEFAULT_STORE)
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(handler=cmd_sql)
-
-    run = commands.add_parser("run", help="run the IPR pipeline of a config as the `ipr` flow")
-    run.add_argument("--config", type=Path, required=True)
-    run.add_argument("--store", type=Path, help="overrides the config's store")
-    run.add_argument("--run-id", help="overrides the config's run id")
-    run.add_argument(
-        "--no-prefect", action="store_true", help="run the stages as plain functions, no flow"
-    )
-    run.set_defaults(handler=cmd_run)
-
-    serve = commands.add_parser(
-        "serve", help="local Prefect server + worker + deployment ipr/iterate (Ctrl-C stops)"
-    )
-    serve.add_argument("--port", type=int, default=4200)
-    serve.add_argument("--pool", default="ipr-local", help="process work pool (created if missing)")
-    serve.add_argument(
-        "--config", type=Path, default=Path("configs/smoke.yaml"),
-        help="config whose values the printed run command passes",
-    )  # fmt: skip
-    serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for server")
-    serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser("train", help="train a model from the store")
     methods = train.add_subparsers(required=True, metavar="METHOD")
@@ -124,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-id", default="default", help="pairs: the run")
     export.add_argument("--iteration", type=int, help="pairs: one iteration (default: all)")
     export.set_defaults(handler=cmd_export)
-    return parser
+    return parser, commands
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -155,40 +136,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if args.no_prefect:
-        from ipr_core.run import run_pipeline
-
-        summary = run_pipeline(config)
-    else:
-        from tasks.settings import configure_prefect_env
-
-        configure_prefect_env()  # before prefect is imported
-        from flows import ipr
-        from tasks import StageFailed
-
-        try:
-            summary = pd.DataFrame(ipr(config))  # ephemeral Prefect unless PREFECT_API_URL is set
-        except StageFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    print_table(summary, max_rows=len(summary))
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from tasks.settings import configure_prefect_env
-
-    configure_prefect_env()
-    from flows.serve import serve
-
-    return serve(
-        port=args.port, pool=args.pool, config_path=args.config, ready_timeout_s=args.timeout
-    )
-
-
-def _config(args: argparse.Namespace, **overrides: object):
+def config_from_args(args: argparse.Namespace, **overrides: object):
+    """The config of `--config`, with `--store` / `--run-id` overrides where given."""
     from ipr_core.config import load_config
 
     if getattr(args, "store", None) is not None:
@@ -205,7 +154,7 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.sft import train_sft
 
-    config = _config(args)
+    config = config_from_args(args)
     if config.sft is None:
         raise IprError(f"{args.config}: the config has no sft settings")
     store = Store(config.store)
@@ -225,7 +174,7 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
     from ipr_core.training.data import load_pairs
     from ipr_core.training.mixture import train_mixture
 
-    config = _config(args)
+    config = config_from_args(args)
     settings = config.mixture_settings
     if settings is None:
         raise IprError(f"{args.config}: method 'sft' trains no mixture")
@@ -253,7 +202,7 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
         train_reward_model,
     )
 
-    config = _config(args)
+    config = config_from_args(args)
     store = Store(config.store)
     scorer_id = args.scorer_id
     if scorer_id is None:
@@ -283,7 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ipr_core.run import evaluate_model
     from ipr_core.store import Store
 
-    config = _config(args, dev_split=args.split, dev_limit=args.limit)
+    config = config_from_args(args, dev_split=args.split, dev_limit=args.limit)
     path = resolve_model(args.model, config.cache_dir)
     evaluate_model(Store(config.store), config, path, args.iteration, log=print)
     return 0

@@ -20,7 +20,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-import flows  # noqa: E402
+from flows import ipr_flow  # noqa: E402
 from ipr_core.config import load_config  # noqa: E402
 from ipr_core.store import Store  # noqa: E402
 
@@ -74,7 +74,7 @@ def task_runs_since(started: float) -> list:
 def smoke_flow(tmp_path_factory, cache_dir):
     """One uninterrupted `ipr` flow run of the smoke config (ephemeral Prefect)."""
     config = smoke_config(tmp_path_factory.mktemp("flow") / "run.duckdb", cache_dir)
-    state = flows.ipr(config, return_state=True)
+    state = ipr_flow.ipr(config, return_state=True)
     assert state.is_completed(), state
     return config, Store(config.store), state.result()
 
@@ -95,7 +95,7 @@ def test_rerun_is_cached_and_changes_no_row_count(smoke_flow):
     config, store, rows = smoke_flow
     before = counts(store)
     started = time.time()
-    state = flows.ipr(config, return_state=True)
+    state = ipr_flow.ipr(config, return_state=True)
     assert state.is_completed()
     assert state.result() == rows
     assert counts(store) == before
@@ -113,7 +113,7 @@ def test_a_cached_stage_whose_rows_are_gone_is_recomputed(smoke_flow):
     before = counts(store)
     with store.transaction() as con:  # as if the pairs were dropped by hand
         con.execute("DELETE FROM pairs WHERE run_id = ?", [config.run_id])
-    flows.ipr(config)
+    ipr_flow.ipr(config)
     assert counts(store) == before
 
 
