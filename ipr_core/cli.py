@@ -105,6 +105,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     export.add_argument("--run-id", default="default", help="pairs: the run")
     export.add_argument("--iteration", type=int, help="pairs: one iteration (default: all)")
     export.set_defaults(handler=cmd_export)
+
+    experiment = commands.add_parser(
+        "experiment", help="run every method x seed of an experiment config (resumable)"
+    )
+    experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
+    experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
+    experiment.set_defaults(handler=cmd_experiment)
+
+    report = commands.add_parser("report", help="write an experiment's results as markdown")
+    report.add_argument("--experiment", required=True, help="the experiment id")
+    report.add_argument("--out", type=Path, required=True, help="e.g. docs/results.md")
+    report.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    report.set_defaults(handler=cmd_report)
     return parser, commands
 
 
@@ -261,6 +274,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         records = [stored_pair_record(row) for row in store.query(sql, params).to_dict("records")]
     args.out.write_text(json.dumps(records, indent=1), encoding="utf-8")
     print(f"wrote {len(records)} records to {args.out}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from ipr_core.experiment import load_experiment_config, run_experiment
+
+    config = load_experiment_config(args.config, store=args.store)
+    runs = run_experiment(config)
+    print_table(runs, max_rows=len(runs))
+    unfinished = runs[runs["status"] != "finished"]
+    return 1 if len(unfinished) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ipr_core.report import write_report
+    from ipr_core.store import Store
+
+    plot = write_report(Store(args.store), args.experiment, args.out)
+    print(f"wrote {args.out} and {plot}")
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ipr_core.errors import InputError
 from ipr_core.mining import MiningConfig
 from ipr_core.training.config import PRESETS, MixtureSettings, SFTSettings
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 Method = Literal["ipr", "eto", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft", "sft", "custom"]
 
@@ -25,6 +27,9 @@ class GenerationConfig(_Strict):
     """Sequences per forward pass of the transformers backend."""
     max_live_episodes: int = Field(32, gt=0)
     """Episodes in lock-step at once (one env instance each)."""
+    device: str = "cpu"
+    """Torch device of the rollout backend, e.g. 'cuda' on a GPU machine (training uses
+    whatever accelerator torch finds)."""
 
 
 class MonteCarloConfig(_Strict):
@@ -73,6 +78,13 @@ class RunConfig(_Strict):
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML preset; errors name the file and the offending field."""
+    data = read_yaml_mapping(path)
+    data.update(overrides or {})
+    return validate_config(RunConfig, data, path)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file; errors name the file."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
@@ -81,9 +93,13 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfi
         raise InputError(str(path), f"not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise InputError(str(path), "expected a mapping of settings")
-    data.update(overrides or {})
+    return data
+
+
+def validate_config(model: type[ConfigT], data: Any, path: Path) -> ConfigT:
+    """Validate `data` as `model`; the error names the file and the first bad field."""
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])

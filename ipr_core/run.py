@@ -49,6 +49,7 @@ def load_backend(path: Path, config: RunConfig) -> PolicyBackend:
         kind=config.backend,
         policy_id=model_id(path),
         max_batch_size=config.generation.max_batch_size,
+        device=config.generation.device,
     )
 
 

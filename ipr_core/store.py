@@ -119,6 +119,20 @@ SCHEMA: dict[str, str] = {
         avg_steps DOUBLE,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, iteration, split, policy_id)""",
+    "experiments": """
+        experiment_id VARCHAR PRIMARY KEY,
+        config VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
+    "experiment_runs": """
+        experiment_id VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,
+        seed INTEGER NOT NULL,
+        run_id VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,
+        best_iteration INTEGER,
+        test_policy_id VARCHAR,
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (experiment_id, method, seed)""",
 }
 
 Row = Mapping[str, Any]

@@ -201,7 +201,7 @@ def train_mixture(
     Iteration 1 starts from the SFT model; later iterations pass the previous iteration's
     model as `parent_path` while the reference stays `sft_model_path`.
     """
-    pairs = [p for p in pairs if _level_weight(p, settings.weights) > 0 or settings.weights.sft > 0]
+    pairs = trainable_pairs(pairs, settings.weights)
     start = parent_path or sft_model_path
     parent_id = model_id(start)
     data_hash = pairs_data_hash(pairs) + model_id(sft_model_path)
@@ -250,6 +250,12 @@ def mixture_config(settings: MixtureSettings, work: Path) -> DPOConfig:
         precompute_ref_log_probs=True,
         gradient_checkpointing=settings.gradient_checkpointing,
     )
+
+
+def trainable_pairs(pairs: Sequence[Pair], weights: MixtureWeights) -> list[Pair]:
+    """The pairs some term of the loss uses: a level with weight 0 drops out unless the
+    SFT term still scores its chosen side."""
+    return [p for p in pairs if _level_weight(p, weights) > 0 or weights.sft > 0]
 
 
 def _level_weight(pair: Pair, weights: MixtureWeights) -> float:

@@ -1,0 +1,413 @@
+"""`ipr report`: an experiment's results as markdown, generated from SQL over the store.
+
+Every table in the report is the result of the query printed under it, run as printed
+(the experiment id is written into the SQL text, not bound as a parameter), so a reader
+can paste any query into `ipr sql` and get the same numbers. The closing analysis is
+computed from those tables, never written by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ipr_core.experiment import METHODS, ensure_known
+from ipr_core.store import Store
+
+PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
+"""Rows in the order of the paper's table: SFT, ETO, IPR, then the ablations."""
+
+SETTINGS_SQL = """
+SELECT json_extract_string(e.config, '$.run.env') AS env,
+       json_extract_string(e.config, '$.run.model') AS model,
+       (SELECT string_agg(DISTINCT method, ', ') FROM experiment_runs
+        WHERE experiment_id = e.experiment_id) AS methods,
+       (SELECT string_agg(DISTINCT CAST(seed AS VARCHAR), ', ') FROM experiment_runs
+        WHERE experiment_id = e.experiment_id) AS seeds,
+       CAST(json_extract(e.config, '$.run.iterations') AS INTEGER) AS iterations,
+       CAST(json_extract(e.config, '$.run.train_limit') AS INTEGER) AS sft_tasks,
+       coalesce(CAST(json_extract(e.config, '$.explore_limit') AS INTEGER),
+                CAST(json_extract(e.config, '$.run.train_limit') AS INTEGER)) AS explored_tasks,
+       CAST(json_extract(e.config, '$.run.dev_limit') AS INTEGER) AS dev_tasks,
+       CAST(json_extract(e.config, '$.test_limit') AS INTEGER) AS test_tasks,
+       CAST(json_extract(e.config, '$.run.monte_carlo.n_samples') AS INTEGER) AS mc_samples,
+       (SELECT round(avg(outcome_reward), 3) FROM expert_trajectories
+        WHERE env_id = json_extract_string(e.config, '$.run.env')
+          AND split = json_extract_string(e.config, '$.run.train_split')) AS expert_reward
+FROM experiments e
+WHERE e.experiment_id = {exp}
+"""
+
+RUN_ROWS = """
+    SELECT x.method, x.seed, x.best_iteration,
+           d.avg_reward AS dev_reward, t.avg_reward AS test_reward,
+           t.success_rate AS test_success, t.avg_steps AS test_steps,
+           t.n_tasks AS test_tasks, t.n_failed AS test_failed
+    FROM experiment_runs x
+    JOIN experiments e USING (experiment_id)
+    JOIN evaluations d ON d.run_id = x.run_id AND d.iteration = x.best_iteration
+         AND d.policy_id = x.test_policy_id
+         AND d.split = json_extract_string(e.config, '$.run.dev_split')
+    JOIN evaluations t ON t.run_id = x.run_id AND t.iteration = x.best_iteration
+         AND t.policy_id = x.test_policy_id
+         AND t.split = json_extract_string(e.config, '$.test_split')
+    WHERE x.experiment_id = {exp} AND x.status = 'finished'"""
+
+RESULTS_SQL = f"""
+WITH chosen AS ({RUN_ROWS})
+SELECT method, count(*) AS seeds,
+       round(avg(test_reward), 3) AS reward_mean, round(stddev_samp(test_reward), 3) AS reward_std,
+       round(min(test_reward), 3) AS reward_min, round(max(test_reward), 3) AS reward_max,
+       round(avg(test_success), 3) AS success_mean,
+       round(stddev_samp(test_success), 3) AS success_std,
+       round(avg(test_steps), 2) AS steps_mean, round(stddev_samp(test_steps), 2) AS steps_std,
+       max(test_tasks) AS test_tasks, sum(test_failed) AS failed_episodes
+FROM chosen
+GROUP BY method
+ORDER BY list_position({PAPER_ORDER}, method)
+"""
+
+PER_SEED_SQL = f"""
+WITH chosen AS ({RUN_ROWS})
+SELECT method, seed, best_iteration, round(dev_reward, 3) AS dev_reward,
+       round(test_reward, 3) AS test_reward, round(test_success, 3) AS test_success,
+       round(test_steps, 2) AS test_steps
+FROM chosen
+ORDER BY list_position({PAPER_ORDER}, method), seed
+"""
+
+DEV_CURVE_SQL = f"""
+SELECT x.method, d.iteration, count(*) AS seeds,
+       round(avg(d.avg_reward), 3) AS dev_reward_mean,
+       round(min(d.avg_reward), 3) AS dev_reward_min,
+       round(max(d.avg_reward), 3) AS dev_reward_max
+FROM experiment_runs x
+JOIN experiments e USING (experiment_id)
+JOIN evaluations d ON d.run_id = x.run_id
+     AND d.split = json_extract_string(e.config, '$.run.dev_split')
+WHERE x.experiment_id = {{exp}} AND x.status = 'finished'
+GROUP BY x.method, d.iteration
+ORDER BY list_position({PAPER_ORDER}, x.method), d.iteration
+"""
+
+PAIRS_SQL = f"""
+WITH iterations AS (
+    SELECT x.method, x.run_id, d.iteration
+    FROM experiment_runs x
+    JOIN experiments e USING (experiment_id)
+    JOIN evaluations d ON d.run_id = x.run_id AND d.iteration >= 1
+         AND d.split = json_extract_string(e.config, '$.run.dev_split')
+    WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
+mined AS (
+    SELECT run_id, iteration,
+           count(*) FILTER (WHERE level = 'trajectory') AS trajectory_pairs,
+           count(*) FILTER (WHERE level = 'step') AS step_pairs
+    FROM pairs GROUP BY run_id, iteration),
+trained AS (
+    SELECT run_id, iteration, CAST(json_extract(metrics, '$.n_pairs') AS INTEGER) AS n_pairs
+    FROM checkpoints WHERE kind = 'mixture')
+SELECT i.method, i.iteration, count(*) AS seeds,
+       sum(coalesce(m.trajectory_pairs, 0)) AS trajectory_pairs,
+       sum(coalesce(m.step_pairs, 0)) AS step_pairs,
+       sum(coalesce(t.n_pairs, 0)) AS pairs_trained_on
+FROM iterations i
+LEFT JOIN mined m USING (run_id, iteration)
+LEFT JOIN trained t USING (run_id, iteration)
+GROUP BY i.method, i.iteration
+ORDER BY list_position({PAPER_ORDER}, i.method), i.iteration
+"""
+
+STEP_ACCURACY_SQL = f"""
+WITH member AS (
+    SELECT method, run_id FROM experiment_runs
+    WHERE experiment_id = {{exp}} AND status = 'finished'),
+gold AS (
+    SELECT s.run_id, s.scorer_id, s.task_id, s.prefix_len, s.mean_reward AS gold_reward
+    FROM step_rewards s
+    JOIN expert_trajectories g USING (env_id, task_id)
+    WHERE s.actor = 'expert' AND s.iteration = 0 AND g.source = 'gold'),
+compared AS (
+    SELECT m.method, a.iteration, g.gold_reward, a.mean_reward AS agent_reward
+    FROM member m
+    JOIN step_rewards a ON a.run_id = m.run_id AND a.actor = 'agent'
+    JOIN gold g ON g.run_id = a.run_id AND g.scorer_id = a.scorer_id
+         AND g.task_id = a.task_id AND g.prefix_len = a.prefix_len
+    WHERE a.mean_reward IS NOT NULL AND g.gold_reward IS NOT NULL),
+ranked AS (
+    SELECT method, iteration, count(*) AS compared_steps,
+           count(*) FILTER (WHERE gold_reward > agent_reward) AS gold_higher,
+           count(*) FILTER (WHERE gold_reward = agent_reward) AS tied,
+           count(*) FILTER (WHERE gold_reward < agent_reward) AS gold_lower
+    FROM compared GROUP BY method, iteration),
+step_pairs AS (
+    SELECT m.method, p.iteration, count(*) AS step_pairs,
+           count(*) FILTER (WHERE p.chosen_actor = 'expert') AS chosen_is_gold
+    FROM member m
+    JOIN pairs p ON p.run_id = m.run_id AND p.level = 'step'
+    JOIN expert_trajectories g ON g.env_id = p.env_id AND g.task_id = p.task_id
+         AND g.source = 'gold'
+    GROUP BY m.method, p.iteration)
+SELECT method, iteration, compared_steps, gold_higher, tied, gold_lower,
+       round(gold_higher / compared_steps, 3) AS step_reward_accuracy,
+       coalesce(step_pairs, 0) AS step_pairs, coalesce(chosen_is_gold, 0) AS chosen_is_gold,
+       round(chosen_is_gold / step_pairs, 3) AS pairs_chosen_gold_share
+FROM ranked LEFT JOIN step_pairs USING (method, iteration)
+ORDER BY list_position({PAPER_ORDER}, method), iteration
+"""
+
+
+STEP_ACCURACY_OVERALL_SQL = """
+WITH compared AS (
+    SELECT DISTINCT x.seed, a.iteration, a.task_id, a.prefix_len, a.action,
+           g.mean_reward AS gold_reward, a.mean_reward AS agent_reward
+    FROM experiment_runs x
+    JOIN step_rewards a ON a.run_id = x.run_id AND a.actor = 'agent'
+    JOIN step_rewards g ON g.run_id = a.run_id AND g.scorer_id = a.scorer_id
+         AND g.task_id = a.task_id AND g.prefix_len = a.prefix_len
+         AND g.actor = 'expert' AND g.iteration = 0
+    JOIN expert_trajectories t ON t.env_id = g.env_id AND t.task_id = g.task_id
+         AND t.source = 'gold'
+    WHERE x.experiment_id = {exp} AND x.status = 'finished'
+      AND a.mean_reward IS NOT NULL AND g.mean_reward IS NOT NULL)
+SELECT count(*) AS compared_steps,
+       count(*) FILTER (WHERE gold_reward > agent_reward) AS gold_higher,
+       count(*) FILTER (WHERE gold_reward = agent_reward) AS tied,
+       count(*) FILTER (WHERE gold_reward < agent_reward) AS gold_lower,
+       round(gold_higher / compared_steps, 3) AS step_reward_accuracy
+FROM compared
+"""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A query as run and shown, and its result."""
+
+    sql: str
+    frame: pd.DataFrame
+
+    def markdown(self) -> str:
+        return f"{markdown_table(self.frame)}\n\n```sql\n{self.sql.strip()}\n```"
+
+
+def sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def run_query(store: Store, template: str, experiment_id: str) -> Table:
+    sql = template.replace("{exp}", sql_literal(experiment_id))
+    return Table(sql=sql, frame=store.query(sql))
+
+
+def format_value(value: object) -> str:
+    """One cell: NULL for missing values, floats without trailing zeros."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no rows)"
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    for row in frame.astype(object).itertuples(index=False):
+        lines.append("| " + " | ".join(format_value(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(store: Store, experiment_id: str, out: Path) -> Path:
+    """Write the markdown report (and its dev-reward plot beside it); returns the plot path."""
+    ensure_known(store, experiment_id)
+    settings = run_query(store, SETTINGS_SQL, experiment_id)
+    results = run_query(store, RESULTS_SQL, experiment_id)
+    per_seed = run_query(store, PER_SEED_SQL, experiment_id)
+    curve = run_query(store, DEV_CURVE_SQL, experiment_id)
+    pairs = run_query(store, PAIRS_SQL, experiment_id)
+    accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
+    overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = out.with_name(f"{out.stem}-dev-reward.png")
+    plot_dev_curve(curve.frame, plot, experiment_id)
+    sections = [
+        f"# Results of experiment `{experiment_id}`",
+        f"Generated by `ipr report --experiment {experiment_id}` from the store "
+        f"`{store.path}`. Every table is the result of the SQL query printed under it, "
+        'exactly as it was run; paste one into `ipr sql "..." --store '
+        f"{store.path}` to check it.",
+        "## Settings",
+        settings.markdown(),
+        "## Test results per method",
+        "Each run picks its best iteration on the dev split (highest dev reward; IPR, ETO "
+        "and the ablations choose among their trained iterations, SFT is iteration 0); "
+        "that model is evaluated once on the test split. Mean, sample standard deviation "
+        "and min-max over seeds.",
+        results.markdown(),
+        "## Per seed",
+        per_seed.markdown(),
+        "## Dev reward by iteration",
+        "Iteration 0 is the shared SFT model (iteration -1 the base model, if evaluated); "
+        "error bars span min-max over seeds.",
+        f"![dev reward by iteration]({plot.name})",
+        curve.markdown(),
+        "## Pairs per iteration",
+        "Pairs mined per iteration, summed over seeds; `pairs_trained_on` counts those the "
+        "method's loss used (ETO drops step pairs, as its loss has no step term). Iteration "
+        "1's pairs are shared by every method of a seed.",
+        pairs.markdown(),
+        "## Step-reward accuracy against gold actions",
+        "Where the env gives gold actions: for every step at which the agent's action "
+        "differed from the gold action after the same gold history, does the Monte Carlo "
+        "step reward rank the gold action higher? Ties count as misses. Gold actions are "
+        "one good path, not the only one, so this is a lower bound on agreement. "
+        "`pairs_chosen_gold_share` is the share of mined step pairs whose chosen side is "
+        "the gold action.",
+        accuracy.markdown(),
+        "Over the whole experiment, each comparison counted once (the methods of a seed "
+        "share iteration 1's step rewards, so the rows above repeat them):",
+        overall.markdown(),
+        "## What the numbers show",
+        analysis(settings.frame, results.frame, per_seed.frame, overall.frame),
+    ]
+    out.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return plot
+
+
+def plot_dev_curve(curve: pd.DataFrame, path: Path, experiment_id: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, rows in curve.groupby("method", sort=False):
+        mean = rows["dev_reward_mean"].astype(float)
+        spread = [mean - rows["dev_reward_min"].astype(float),
+                  rows["dev_reward_max"].astype(float) - mean]  # fmt: skip
+        ax.errorbar(rows["iteration"], mean, yerr=spread, marker="o", capsize=3, label=method)
+    ax.set_xlabel("iteration (0 = SFT)")
+    ax.set_ylabel("dev average reward")
+    ax.set_ylim(-0.02, 1.02)  # rewards live in [0, 1]: a fixed scale keeps plots comparable
+    ax.set_title(f"Dev reward by iteration, experiment {experiment_id}")
+    ax.grid(alpha=0.3)
+    if not curve.empty:
+        ax.legend()
+        ax.set_xticks(sorted(curve["iteration"].unique()))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- analysis ------------------------------------------------------------------------------
+def analysis(
+    settings: pd.DataFrame,
+    results: pd.DataFrame,
+    per_seed: pd.DataFrame,
+    accuracy: pd.DataFrame,
+) -> str:
+    """Statements computed from the tables above: who beats whom, by how much, how often."""
+    if results.empty:
+        return "No finished run yet: nothing to compare."
+    means = {row.method: _num(row.reward_mean) for row in results.itertuples()}
+    lines = []
+    ranking = sorted((m for m in means if means[m] is not None), key=lambda m: -means[m])
+    lines.append(
+        "- Ranking by mean test reward: "
+        + ", ".join(f"{m} {_fmt(means[m])}" for m in ranking)
+        + "."
+    )
+    for better, worse in (("ipr", "eto"), ("eto", "sft"), ("ipr", "sft")):
+        lines.append("- " + compare(better, worse, results, per_seed))
+    if all(m in means and means[m] is not None for m in ("ipr", "eto", "sft")):
+        holds = means["ipr"] > means["eto"] > means["sft"]
+        lines.append(
+            "- The paper's ordering IPR > ETO > SFT on mean test reward holds here: "
+            + ("yes." if holds else "no.")
+        )
+    for ablation, what in (
+        ("ipr-no-odpo", "without o-DPO"),
+        ("ipr-no-sdpo", "without s-DPO"),
+        ("ipr-no-sft", "without the SFT term"),
+    ):
+        if ablation in means and "ipr" in means and None not in (means[ablation], means["ipr"]):
+            delta = means[ablation] - means["ipr"]
+            agrees = "agrees" if delta < 0 else "disagrees"
+            lines.append(
+                f"- IPR {what} ({ablation}): {_fmt(means[ablation])}, {_signed(delta)} against "
+                f"IPR; the paper has every ablation below IPR, so this {agrees} with it."
+            )
+    if "sft" in means and means["sft"] is not None:
+        sft_row = results[results["method"] == "sft"].iloc[0]
+        expert = _num(settings["expert_reward"].iloc[0]) if not settings.empty else None
+        lines.append(
+            f"- The SFT agent's test reward is {_fmt(means['sft'])} (success "
+            f"{_fmt(_num(sft_row.success_mean))}); the expert trajectories it learned from "
+            f"reach {_fmt(expert)}. One shared SFT checkpoint and greedy evaluation make the "
+            "SFT row the same for every seed."
+        )
+    n_tasks = _num(results["test_tasks"].max())
+    if n_tasks:
+        lines.append(
+            f"- Resolution: {int(n_tasks)} test tasks per run, so one task more or less "
+            f"solved moves a run's success rate by {_fmt(1 / n_tasks)}; with "
+            f"{int(results['seeds'].max())} seed(s), differences smaller than the seed spread "
+            "are not evidence."
+        )
+    compared = int(accuracy["compared_steps"].iloc[0]) if not accuracy.empty else 0
+    if compared:
+        row = accuracy.iloc[0]
+        lines.append(
+            f"- Step rewards: of {compared} steps where the agent left the gold path, the "
+            f"Monte Carlo estimate ranked the gold action higher in {int(row.gold_higher)} "
+            f"({_fmt(_num(row.step_reward_accuracy))}), tied in {int(row.tied)} and ranked "
+            f"it lower in {int(row.gold_lower)}."
+        )
+    else:
+        lines.append("- Step rewards: no step was compared against a gold action.")
+    return "\n".join(lines)
+
+
+def compare(better: str, worse: str, results: pd.DataFrame, per_seed: pd.DataFrame) -> str:
+    """'Does `better` beat `worse` on mean test reward', answered with the margin, the seed
+    ranges and the per-seed wins (seeds pair the runs: same seed, same iteration-1 data)."""
+    rows = {row.method: row for row in results.itertuples()}
+    if better not in rows or worse not in rows:
+        missing = [m for m in (better, worse) if m not in rows]
+        return f"{better.upper()} vs {worse.upper()}: not compared ({', '.join(missing)} not run)."
+    b, w = rows[better], rows[worse]
+    mean_b, mean_w = _num(b.reward_mean), _num(w.reward_mean)
+    if mean_b is None or mean_w is None:
+        return f"{better.upper()} vs {worse.upper()}: not compared (no test reward)."
+    delta = mean_b - mean_w
+    verdict = "yes" if delta > 0 else "no (equal)" if delta == 0 else "no"
+    overlap = _num(b.reward_min) <= _num(w.reward_max) and _num(w.reward_min) <= _num(b.reward_max)
+    seeds = per_seed.pivot_table(index="seed", columns="method", values="test_reward")
+    wins = ties = paired = 0
+    if better in seeds and worse in seeds:
+        both = seeds[[better, worse]].dropna()
+        paired = len(both)
+        wins = int((both[better] > both[worse]).sum())
+        ties = int((both[better] == both[worse]).sum())
+    return (
+        f"Does {better.upper()} beat {worse.upper()} on mean test reward? {verdict}: "
+        f"{_fmt(mean_b)} vs {_fmt(mean_w)} ({_signed(delta)}); higher on {wins} of {paired} "
+        f"seeds ({ties} tied); the seed ranges " + ("overlap." if overlap else "do not overlap.")
+    )
+
+
+def _num(value: object) -> float | None:
+    if value is None or value is pd.NA:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _fmt(value: float | None) -> str:
+    return "NULL" if value is None else f"{value:.3f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"

@@ -1,0 +1,195 @@
+"""A micro reproduction experiment on the tiny local Llama: SFT, ETO and IPR x 2 seeds x 1
+iteration, then `ipr report`, whose every table must be what its printed query returns."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ipr_core.cli import main
+from ipr_core.errors import InputError, IprError
+from ipr_core.experiment import load_experiment_config, run_experiment
+from ipr_core.report import analysis, markdown_table
+from ipr_core.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "experiment-smoke.yaml"
+TABLES = ["runs", "rollouts", "step_rewards", "pairs", "checkpoints", "evaluations"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, tiny_model_path):
+    """The smoke experiment, run twice: the second run must find everything finished."""
+    cache = tmp_path_factory.mktemp("ipr")
+    (cache / "models").mkdir()
+    (cache / "models" / "tiny-llama").symlink_to(tiny_model_path)
+    config = load_experiment_config(CONFIG, store=cache / "x.duckdb")
+    config = config.model_copy(update={"run": config.run.model_copy(update={"cache_dir": cache})})
+    first_log: list[str] = []
+    runs = run_experiment(config, log=first_log.append)
+    store = Store(config.run.store)
+    counts = {t: store.count(t) for t in TABLES}
+    second_log: list[str] = []
+    rerun = run_experiment(config, log=second_log.append)
+    return config, store, runs, rerun, counts, first_log, second_log
+
+
+def test_every_method_and_seed_finishes_with_a_test_evaluation(experiment):
+    config, store, runs, *_ = experiment
+    assert len(runs) == 6 and set(runs["status"]) == {"finished"}
+    assert set(zip(runs["method"], runs["seed"], strict=True)) == {
+        (m, s) for m in ("sft", "eto", "ipr") for s in (0, 1)
+    }
+    best = dict(zip(runs["method"] + runs["seed"].astype(str), runs["best_iteration"], strict=True))
+    assert best["sft0"] == best["sft1"] == 0  # the SFT row trains nothing after stage 1
+    assert {best[k] for k in ("eto0", "eto1", "ipr0", "ipr1")} == {1}
+    dev = store.query(
+        "SELECT run_id, list(iteration ORDER BY iteration) AS its FROM evaluations "
+        "WHERE split = 'dev' GROUP BY run_id"
+    )
+    by_run = {r.run_id: list(r.its) for r in dev.itertuples()}
+    assert by_run["smoke-ipr-s0"] == [0, 1] and by_run["smoke-sft-s1"] == [0]
+    test = store.query(
+        "SELECT x.method, x.seed, e.n_tasks FROM experiment_runs x JOIN evaluations e "
+        "ON e.run_id = x.run_id AND e.iteration = x.best_iteration AND e.split = 'test' "
+        "AND e.policy_id = x.test_policy_id"
+    )
+    assert len(test) == 6 and set(test["n_tasks"]) == {2}
+    assert not runs["test_reward"].isna().any()
+
+
+def test_one_sft_checkpoint_serves_every_run(experiment):
+    _, store, _, _, _, first_log, _ = experiment
+    assert store.count("checkpoints", "kind = 'sft'") == 1
+    assert sum("shared SFT checkpoint" in line for line in first_log) == 1
+    # every evaluation at iteration 0 is of that one checkpoint
+    policies = store.query(
+        "SELECT DISTINCT e.policy_id, c.kind FROM evaluations e "
+        "JOIN checkpoints c ON c.checkpoint_id = e.policy_id WHERE e.iteration = 0"
+    )
+    assert list(policies["kind"]) == ["sft"]
+    # its dev evaluation ran once; the other five runs copied its rows
+    copied = [line for line in first_log if "dev evaluation of" in line and "copied" in line]
+    assert len(copied) == 5
+
+
+def test_methods_of_a_seed_share_iteration_one_data_and_differ_in_training(experiment):
+    _, store, _, _, _, first_log, _ = experiment
+    shared = [line for line in first_log if "data shared with" in line]
+    assert [line.split("]")[0] for line in shared] == ["[smoke-ipr-s0", "[smoke-ipr-s1"]
+    assert "smoke-eto-s0" in shared[0] and "smoke-eto-s1" in shared[1]
+    pairs = store.query(
+        "SELECT run_id, count(*) AS n, md5(string_agg(concat_ws('|', level, task_id, "
+        "prefix_len, prompt, chosen, rejected), '#' ORDER BY level, task_id, prefix_len)) AS h "
+        "FROM pairs WHERE iteration = 1 GROUP BY run_id"
+    )
+    by_run = {r.run_id: (r.n, r.h) for r in pairs.itertuples()}
+    assert by_run["smoke-eto-s0"][0] > 0
+    assert by_run["smoke-eto-s0"] == by_run["smoke-ipr-s0"]
+    assert by_run["smoke-eto-s1"] == by_run["smoke-ipr-s1"]
+    assert store.count("pairs", "run_id LIKE 'smoke-sft-%'") == 0
+    mixtures = store.query(
+        "SELECT run_id, json_extract(config, '$.weights.step_dpo')::DOUBLE AS w_step, "
+        "json_extract(config, '$.seed')::INTEGER AS seed FROM checkpoints WHERE kind = 'mixture'"
+    )
+    assert len(mixtures) == 4  # eto and ipr, two seeds each: four distinct checkpoints
+    weights = dict(zip(mixtures["run_id"], mixtures["w_step"], strict=True))
+    assert weights["smoke-eto-s0"] == 0.0 and weights["smoke-ipr-s0"] == 1.0
+    seeds = dict(zip(mixtures["run_id"], mixtures["seed"], strict=True))
+    assert seeds["smoke-ipr-s1"] == 1
+
+
+def test_rerun_skips_finished_runs_and_writes_nothing(experiment):
+    _, store, runs, rerun, counts, _, second_log = experiment
+    assert {t: store.count(t) for t in TABLES} == counts
+    assert sum("finished before; skipped" in line for line in second_log) == 6
+    assert any("shared SFT checkpoint" in line and "(reused)" in line for line in second_log)
+    assert rerun.equals(runs)
+
+
+def test_changed_shared_settings_are_refused(experiment):
+    config, *_ = experiment
+    changed = config.model_copy(update={"test_limit": 3})
+    with pytest.raises(IprError, match="test_limit"):
+        run_experiment(changed, log=lambda _: None)
+
+
+def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsys):
+    config, store, runs, *_ = experiment
+    out = tmp_path / "docs" / "results.md"
+    args = ["report", "--experiment", "smoke", "--out", str(out), "--store", str(store.path)]
+    assert main(args) == 0
+    text = out.read_text()
+    assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
+    blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
+    assert len(blocks) == 7  # settings, results, per seed, dev curve, pairs, 2 x step accuracy
+    for table, sql in blocks:
+        assert markdown_table(store.query(sql)) == table.strip()
+    results_table = blocks[1][0]
+    rows = [line.split("|")[1].strip() for line in results_table.strip().splitlines()[2:]]
+    assert rows == ["sft", "eto", "ipr"]
+    # the results table's mean is the mean over seeds of the per-run test rewards
+    ipr = runs[runs["method"] == "ipr"]["test_reward"].mean()
+    ipr_row = next(line for line in results_table.splitlines() if line.startswith("| ipr |"))
+    assert float(ipr_row.split("|")[3]) == pytest.approx(ipr, abs=1e-3)
+    assert "Does IPR beat ETO on mean test reward? " in text
+
+
+def test_analysis_answers_from_the_numbers():
+    import pandas as pd
+
+    results = pd.DataFrame(
+        {
+            "method": ["sft", "eto", "ipr"],
+            "seeds": [2, 2, 2],
+            "reward_mean": [0.2, 0.4, 0.35],
+            "reward_min": [0.2, 0.3, 0.3],
+            "reward_max": [0.2, 0.5, 0.4],
+            "success_mean": [0.0, 0.25, 0.25],
+            "test_tasks": [4, 4, 4],
+        }
+    )
+    per_seed = pd.DataFrame(
+        {
+            "method": ["sft", "sft", "eto", "eto", "ipr", "ipr"],
+            "seed": [0, 1, 0, 1, 0, 1],
+            "test_reward": [0.2, 0.2, 0.3, 0.5, 0.3, 0.4],
+        }
+    )
+    settings = pd.DataFrame({"expert_reward": [1.0]})
+    accuracy = pd.DataFrame(
+        {"compared_steps": [10], "gold_higher": [7], "tied": [2], "gold_lower": [1],
+         "step_reward_accuracy": [0.7]}
+    )  # fmt: skip
+    text = analysis(settings, results, per_seed, accuracy)
+    assert "Does IPR beat ETO on mean test reward? no: 0.350 vs 0.400 (-0.050)" in text
+    assert "higher on 0 of 2 seeds (1 tied)" in text
+    assert "Does ETO beat SFT on mean test reward? yes: 0.400 vs 0.200 (+0.200)" in text
+    assert "IPR > ETO > SFT on mean test reward holds here: no." in text
+    assert "moves a run's success rate by 0.250" in text
+    assert "ranked the gold action higher in 7 (0.700), tied in 2 and ranked it lower in 1" in text
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda t: t.replace("methods: [sft, eto, ipr]", "methods: [sft, dpo]"), "methods.1"),
+        (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, 0]"), "seeds"),
+        (lambda t: t.replace("  env: twx/twc", "  env: twx/twc\n  seed: 3"), "run.seed"),
+        (lambda t: t.replace("test_limit: 2", "test_limit: 0"), "test_limit"),
+    ],
+)
+def test_bad_experiment_config_names_file_and_field(tmp_path, edit, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(edit(CONFIG.read_text()))
+    with pytest.raises(InputError) as info:
+        load_experiment_config(path)
+    assert "bad.yaml" in str(info.value)
+    assert field in str(info.value)
+
+
+def test_report_of_unknown_experiment_is_a_clear_error(experiment, tmp_path, capsys):
+    _, store, *_ = experiment
+    args = ["report", "--experiment", "nope", "--out", str(tmp_path / "r.md")]
+    assert main([*args, "--store", str(store.path)]) == 2
+    assert "nope" in capsys.readouterr().err
