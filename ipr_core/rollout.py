@@ -217,7 +217,7 @@ class RolloutEngine:
                 episode.parse_failures += 1
                 self._record(
                     episode,
-                    Step(text=text, action=None, observation=INVALID_TURN_OBSERVATION),
+                    Step(text=text, action=turn.action, observation=INVALID_TURN_OBSERVATION),
                     done=False,
                 )
                 continue
