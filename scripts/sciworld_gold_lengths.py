@@ -1,5 +1,6 @@
 """Measure ScienceWorld gold paths: per task, the steps each sampled gold path takes to finish
-the task and the reward it reaches (one JSON line per variation, then a summary per task).
+the task, its whole length and the reward it reaches (one JSON line per variation, then a
+summary per task). Samples `--per-split` evenly spaced variations of each split.
 
 Used to set `MAX_STEPS` in ipr_core/envs/science_world.py:
     python scripts/sciworld_gold_lengths.py --per-split 5 > gold_lengths.jsonl
@@ -25,7 +26,8 @@ def evenly_spaced(items: list[str], k: int) -> list[str]:
 def measure(task: str, per_split: int) -> dict[str, object]:
     env = ScienceWorldEnv(task)
     env.max_steps = 100_000  # measure the paths, not the limit
-    lengths: list[int] = []
+    to_done: list[int] = []
+    gold_lengths: list[int] = []
     try:
         for split in SPLITS:
             for task_id in evenly_spaced(env.task_ids(split), per_split):
@@ -53,16 +55,25 @@ def measure(task: str, per_split: int) -> dict[str, object]:
                     flush=True,
                 )
                 if reward == 1.0:
-                    lengths.append(steps)
+                    to_done.append(steps)
+                    gold_lengths.append(len(gold))
     finally:
         env.close()
-    longest = max(lengths, default=0)
+    longest = max(to_done, default=0)
+    longest_gold = max(gold_lengths, default=0)
     return {
         "task": task,
-        "solved": len(lengths),
-        "longest": longest,
-        "max_steps": 5 * math.ceil(1.5 * longest / 5),
+        "solved": len(to_done),
+        "longest_to_done": longest,
+        "longest_gold": longest_gold,
+        "max_steps": max_steps_for(longest, longest_gold),
     }
+
+
+def max_steps_for(longest_to_done: int, longest_gold: int) -> int:
+    """1.5x the longest path to completion, and room for a whole gold path (some go on after
+    the task is done), rounded up to a multiple of 5."""
+    return 5 * math.ceil(max(1.5 * longest_to_done, longest_gold) / 5)
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import pytest
 
 from ipr_core.envs import Env, EnvCrashed, StepResult, make_env
+from ipr_core.envs import science_world as sw
 from ipr_core.envs import textworld_express as twx
+from ipr_core.envs.jvm import SharedJvm
 from ipr_core.prompts import INVALID_TURN_OBSERVATION
 from ipr_core.rollout import RolloutEngine
 
@@ -48,13 +50,33 @@ def _kill_twx_jvm(env: Env) -> None:
 
 
 def _own_twx_jvm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(twx, "_JVM", twx._SharedJvm())
+    monkeypatch.setattr(twx, "_JVM", SharedJvm("twx", classpath=twx.JAR_PATH, cwd=twx.BASEPATH))
+
+
+def _kill_scienceworld_jvm(env: Env) -> None:
+    process = env._gateway.java_process  # type: ignore[attr-defined]
+    process.kill()
+    process.wait(timeout=10)
+
+
+def _own_scienceworld_jvms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sw, "_GROUPS", {k: sw._new_group(f"test {k}") for k in (False, True)})
 
 
 CASES = [
     EnvCase("twx/cookingworld", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/twc", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/coin", _kill_twx_jvm, "inventory", _own_twx_jvm),
+    # Two short tasks, one per shared JVM (electrical tasks have their own).
+    EnvCase(
+        "scienceworld/find-animal", _kill_scienceworld_jvm, "look around", _own_scienceworld_jvms
+    ),
+    EnvCase(
+        "scienceworld/power-component",
+        _kill_scienceworld_jvm,
+        "look around",
+        _own_scienceworld_jvms,
+    ),
 ]
 
 INVALID_ACTIONS = ["", "xyzzy", "take the moon", "x" * 20_000, "'; DROP TABLE x; --\n\\ \u2603"]

@@ -152,7 +152,7 @@ def test_electrical_tasks_run_in_their_own_shared_jvm(envs: dict[str, ScienceWor
     assert pids["scienceworld/power-component"] != pids["scienceworld/boil"]
 
 
-def test_a_dead_jvm_raises_env_crashed_and_the_env_works_again(
+def test_a_dead_jvm_raises_env_crashed_and_a_new_instance_gets_a_new_jvm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sw, "_GROUPS", {False: sw._new_group("test"), True: sw._new_group("t")})
@@ -163,9 +163,11 @@ def test_a_dead_jvm_raises_env_crashed_and_the_env_works_again(
     process.wait(timeout=10)
     with pytest.raises(EnvCrashed):
         env.step("look around")
+    with pytest.raises(EnvCrashed):
+        env.reset("train-0")
     fresh = ScienceWorldEnv("find-animal")
-    assert fresh.reset("train-0") == env.reset("train-0")  # the crashed one reconnects on reset
-    assert env.step("look around").observation
+    assert fresh.reset("train-0").initial_observation
+    assert fresh._gateway.java_process.pid != process.pid
     env.close()
     fresh.close()
     assert sw._GROUPS[False].jvm.gateway is None

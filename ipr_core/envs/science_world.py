@@ -179,7 +179,6 @@ class ScienceWorldEnv:
         self._gateway: JavaGateway | None = None
         self._server: Any = None
         self._gold_server: Any = None
-        self._closed = False
         self._current: EnvTask | None = None
         self._variation = -1
         self._last: StepResult | None = None
@@ -212,10 +211,6 @@ class ScienceWorldEnv:
             or int(variation) not in _SPLIT_VARIATIONS[self.task][split]
         ):
             raise ValueError(f"{self.env_id}: unknown task id {task_id!r}")
-        if self._closed:
-            raise EnvCrashed(f"{self.env_id}: used after close()")
-        if self._gateway is None or self._gateway.java_process.poll() is not None:
-            self._reconnect()  # the JVM died under an earlier episode: start this one afresh
         self._load(int(variation))
         observation = self._call("freeActionLook").strip()
         self._current = EnvTask(
@@ -259,7 +254,6 @@ class ScienceWorldEnv:
 
     def close(self) -> None:
         """Drop this instance's worlds; the shared JVM stops with its last instance."""
-        self._closed = True
         self._disconnect()
 
     # -- the JVM ----------------------------------------------------------------------------
@@ -280,10 +274,6 @@ class ScienceWorldEnv:
             self._server = self._gold_server = None
             self._group.jvm.release(self._gateway)
             self._gateway = None
-
-    def _reconnect(self) -> None:
-        self._disconnect()
-        self._connect()
 
     def _load(self, variation: int) -> None:
         error = self._call("load", self.task, variation, SIMPLIFICATIONS, False)
