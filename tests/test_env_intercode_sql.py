@@ -208,11 +208,16 @@ def test_long_statements_end_within_the_statement_timeout() -> None:
         # The agent cannot lift its own limit: it is set again before every statement.
         env.step("SET SESSION max_statement_time = 0;")
         assert "max_statement_time" in env.step("SELECT SLEEP(100);").observation
-        huge = env.step("SELECT * FROM student a, student b, student c;")  # 34^3 rows
-        assert huge.observation == f"{ERROR_PREFIX}the result has more than 10000 rows"
         assert env.step("SELECT count(*) FROM pets;").observation == "[(3,)]"
     finally:
         env.close()
+
+
+def test_results_beyond_the_row_limit_are_refused(env: InterCodeSqlEnv) -> None:
+    env.reset("train-1")
+    huge = env.step("SELECT * FROM student a, student b, student c;")  # 34^3 rows
+    assert huge.observation == f"{ERROR_PREFIX}the result has more than 10000 rows"
+    assert huge.reward == 0.0
 
 
 def test_malformed_sql_gets_an_error_observation(env: InterCodeSqlEnv) -> None:
@@ -234,9 +239,9 @@ def test_a_killed_server_is_an_env_crash_and_the_next_reset_restarts_it() -> Non
         pid = server.pid()
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(EnvCrashed, match="MariaDB"):
+        with pytest.raises(EnvCrashed, match="MariaDB answers again"):
             env.step("SELECT 1;")
-        env.reset("test-19")  # starts the server again
+        env.reset("test-19")  # the same instance goes on with the restarted server
         assert server.pid() not in (None, pid)
         gold = env.gold_actions()
         assert gold is not None

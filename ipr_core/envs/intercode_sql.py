@@ -21,8 +21,8 @@ Semantics, as in InterCode and IPR's use of it:
 Safety: the agent's SQL runs as a read-only account (SELECT only) with MariaDB's
 `max_statement_time` set before every statement, `sql_select_limit` bounding result
 size, and a client read timeout as a last resort, so no model output can change a
-database or hang an episode. A lost server raises `EnvCrashed`; the next reset starts it
-again.
+database or hang an episode. A server that stops (or restarts) under an episode raises
+`EnvCrashed` (the rollout is an env_error) and is started again, so the next reset works.
 
 Tasks: the 23 question/gold-SQL pairs of `intercode-bench` (`sql_queries.csv`), split by
 database so no database is shared between splits (as Spider splits its own data):
@@ -55,7 +55,7 @@ import numpy as np
 import pymysql
 
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
-from ipr_core.envs.sql_server import MariaDbServer, shared_server
+from ipr_core.envs.sql_server import shared_server
 from ipr_core.errors import InputError
 
 ENV_ID = "intercode-sql"
@@ -262,14 +262,9 @@ def configured_dumps() -> list[Path]:
 class InterCodeSqlEnv:
     """InterCode-SQL on the project's private MariaDB server."""
 
-    def __init__(
-        self,
-        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
-        max_steps: int = MAX_STEPS,
-        server: MariaDbServer | None = None,
-    ):
+    def __init__(self, statement_timeout_s: float = STATEMENT_TIMEOUT_S):
         self.env_id = ENV_ID
-        self.max_steps = max_steps
+        self.max_steps = MAX_STEPS
         self.action_hint = ACTION_HINT
         self.statement_timeout_s = statement_timeout_s
         shipped = shipped_tasks()
@@ -279,9 +274,11 @@ class InterCodeSqlEnv:
             tasks = load_task_file(Path(user_file)) if user_file else shipped[split]
             self._tasks[split] = {task.index: task for task in tasks}
         self._dumps = configured_dumps()
-        self._server = server or shared_server()
+        self._server = shared_server()
         self._start_server()
         self._conn: pymysql.Connection | None = None
+        self._server_pid: int | None = None
+        """The server process the session was opened on: a different one means a restart."""
         self._task: SqlTask | None = None
         self._gold_rows: Rows = []
         self._last_rows: Rows | None = None
@@ -373,7 +370,7 @@ class InterCodeSqlEnv:
             rows = self._query(self._conn, task.gold)
         except pymysql.err.MySQLError as exc:
             if _connection_lost(exc):
-                raise EnvCrashed(f"{self.env_id}: lost the server running gold SQL: {exc}") from exc
+                raise self._crash("lost the server running the gold SQL", exc) from exc
             raise InputError(
                 task.source, f"gold SQL fails: {_message(exc)}", str(task.index), "gold"
             ) from exc
@@ -395,35 +392,41 @@ class InterCodeSqlEnv:
     def _connect(self, task: SqlTask) -> pymysql.Connection:
         """A fresh read-only session in the task's database (fresh: no state carries over)."""
         read_timeout = self.statement_timeout_s + 10.0  # the server's own limit acts first
-        for attempt in range(2):
-            try:
-                return self._server.connect_agent(task.db, read_timeout)
-            except pymysql.err.OperationalError as exc:
-                if exc.args and exc.args[0] in (1044, 1049):  # no such (readable) database
-                    raise InputError(
-                        task.source,
-                        f"database {task.db!r} is not loaded (add its dump to {DUMPS_VAR})",
-                        str(task.index),
-                        "db",
-                    ) from exc
-                if attempt == 1:
-                    raise EnvCrashed(f"{self.env_id}: cannot connect to MariaDB: {exc}") from exc
-            # The server is gone (killed or crashed since the last episode): start it again.
-            try:
-                self._start_server()
-            except (pymysql.err.MySQLError, OSError) as exc:
-                raise EnvCrashed(f"{self.env_id}: cannot restart MariaDB: {exc}") from exc
-        raise AssertionError("unreachable")
+        try:
+            conn = self._server.connect_agent(task.db, read_timeout)
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] in (1044, 1049):  # no such (readable) database
+                raise InputError(
+                    task.source,
+                    f"database {task.db!r} is not loaded (add its dump to {DUMPS_VAR})",
+                    str(task.index),
+                    "db",
+                ) from exc
+            raise self._crash("cannot connect to MariaDB", exc) from exc
+        self._server_pid = self._server.pid()
+        return conn
 
     def _recover_session(self, exc: pymysql.err.MySQLError) -> None:
-        """The connection broke: a crash if the server is gone, else a fresh session."""
+        """The connection broke: a crash if the server stopped or was restarted meanwhile,
+        else (the agent killed its session, a read timed out) a fresh session."""
         assert self._conn is not None and self._task is not None
         thread_id = self._conn.thread_id()
         self._disconnect()
-        if not self._server.answers():
-            raise EnvCrashed(f"{self.env_id}: the MariaDB server stopped answering: {exc}") from exc
+        if not self._server.answers() or self._server.pid() != self._server_pid:
+            raise self._crash("the MariaDB server stopped", exc) from exc
         self._server.kill_connection(thread_id)  # its statement may still be running
         self._conn = self._connect(self._task)
+
+    def _crash(self, what: str, exc: BaseException) -> EnvCrashed:
+        """The server failed under this episode: the episode is an env failure, and the
+        server is started again so that the next reset works."""
+        self._disconnect()
+        try:
+            self._start_server()
+            after = "MariaDB answers again"
+        except (EnvCrashed, pymysql.err.MySQLError, OSError) as restart_exc:
+            after = f"starting MariaDB again failed too: {restart_exc}"
+        return EnvCrashed(f"{self.env_id}: {what} ({exc}); {after}")
 
     def _check_session(self) -> None:
         """After an error the session may be gone (e.g. the agent ran KILL CONNECTION_ID())."""
