@@ -33,7 +33,7 @@ DEFAULT_CACHE_TOKENS = 65_536
 """Prefix-cache capacity in tokens (SmolLM2-135M: 46 KB of float32 KV per token, 3 GB)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     tokens: torch.Tensor
     """The token ids whose keys and values `kv` holds, int64 [L]."""
@@ -98,7 +98,7 @@ def row_seed(seed: int, sample: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-@dataclass
+@dataclass(eq=False)
 class _Prompt:
     tokens: torch.Tensor
     kv: torch.Tensor | None = None
@@ -108,7 +108,7 @@ class _Prompt:
     """Prompt tokens prefilled (not found in the prefix cache)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     prompt: _Prompt
     generator: torch.Generator | None
