@@ -11,7 +11,10 @@ after which the environment works again.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from ipr_core.envs import Env, EnvCrashed, StepResult, make_env
 from ipr_core.envs import science_world as sw
 from ipr_core.envs import textworld_express as twx
 from ipr_core.envs.jvm import SharedJvm
+from ipr_core.envs.sql_server import shared_server
 from ipr_core.prompts import INVALID_TURN_OBSERVATION
 from ipr_core.rollout import RolloutEngine
 
@@ -63,6 +67,18 @@ def _own_scienceworld_jvms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sw, "_GROUPS", {k: sw._new_group(f"test {k}") for k in (False, True)})
 
 
+def _kill_mariadb(env: Env) -> None:
+    """SIGKILL the private MariaDB server (shared by the process's SQL envs; the env that
+    meets the dead server starts it again, so no isolation is needed)."""
+    server = shared_server()
+    pid = server.pid()
+    assert pid is not None, "the SQL env has no server running"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.answers(timeout=1.0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 CASES = [
     EnvCase("twx/cookingworld", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/twc", _kill_twx_jvm, "look around", _own_twx_jvm),
@@ -77,6 +93,7 @@ CASES = [
         "look around",
         _own_scienceworld_jvms,
     ),
+    EnvCase("intercode-sql", _kill_mariadb, "SHOW TABLES;"),
 ]
 
 INVALID_ACTIONS = ["", "xyzzy", "take the moon", "x" * 20_000, "'; DROP TABLE x; --\n\\ \u2603"]
