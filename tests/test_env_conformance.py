@@ -83,15 +83,9 @@ CASES = [
     EnvCase("twx/cookingworld", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/twc", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/coin", _kill_twx_jvm, "inventory", _own_twx_jvm),
-    # Two short tasks, one per shared JVM (electrical tasks have their own).
+    # One short task: every test starts its own JVMs (~20 s each on 2 cores).
     EnvCase(
         "scienceworld/find-animal", _kill_scienceworld_jvm, "look around", _own_scienceworld_jvms
-    ),
-    EnvCase(
-        "scienceworld/power-component",
-        _kill_scienceworld_jvm,
-        "look around",
-        _own_scienceworld_jvms,
     ),
     EnvCase("intercode-sql", _kill_mariadb, "SHOW TABLES;"),
 ]
