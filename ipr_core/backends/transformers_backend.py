@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
+from ipr_core.backends.chat import context_overflow, encode_prompt, fits_context
 
 DEFAULT_MAX_CONTEXT = 4096
 """Cap on the default context: KV caches for longer prompts do not pay off on CPU."""
@@ -48,11 +49,7 @@ class TransformersBackend:
         """Running totals; generate_calls counts model.generate micro-batches."""
 
     def encode(self, conversation: list[Message]) -> list[int]:
-        """Prompt ids with the generation prompt; the template already holds any BOS it wants."""
-        text = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, conversation)
 
     def count_tokens(self, conversation: list[Message]) -> int:
         return len(self.encode(conversation))
@@ -72,7 +69,7 @@ class TransformersBackend:
         rows = [
             i
             for i, ids in enumerate(prompts)
-            if len(ids) + params.max_new_tokens <= self.max_context
+            if fits_context(len(ids), params.max_new_tokens, self.max_context)
             for _ in range(params.n)
         ]
         rows.sort(key=lambda i: len(prompts[i]))
@@ -86,7 +83,7 @@ class TransformersBackend:
                 self.stats["generated_tokens"] += generated
         for completions in results:
             if not completions:  # the prompt did not fit: nothing was prefilled or generated
-                completions.extend([Completion("", 0, 0, "context")] * params.n)
+                completions.extend(context_overflow(params.n))
         return results
 
     def _generate_batch(
