@@ -65,7 +65,12 @@ def backend_options(path: Path, config: RunConfig) -> dict[str, Any]:
 def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> RolloutEngine:
     gen = config.generation
     engine = RolloutEngine(
-        config.env, backend, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
+        config.env,
+        backend,
+        gen.max_live_episodes,
+        gen.max_new_tokens,
+        config.max_steps,
+        config.step_timeout_s,
     )
     return stack.enter_context(engine)
 

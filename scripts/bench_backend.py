@@ -1,9 +1,11 @@
 """Tokens per second of a policy backend on IPR-shaped requests.
 
-Two workloads over real TextWorldExpress-style conversations (system prompt, task, turns):
-`greedy`, one completion for each of B conversations (exploration, evaluation), and
-`mc`, n samples at temperature 1 for each of B/n conversations (Monte Carlo scoring,
-where a backend with prefix caching prefills each prompt once).
+Two workloads over TextWorldExpress-style conversations (system prompt, task, turns), as
+the rollout engine sends them: `greedy`, one completion for each of B distinct
+conversations (exploration, evaluation), and `mc`, B/n distinct conversations each sent n
+times with its own seed, at temperature 1 (Monte Carlo scoring: a backend with prefix
+caching prefills each prompt once). Prompt tokens are counted as computed (prefix-cache
+hits are free) and as cached, from the backend's stats.
 
     python scripts/bench_backend.py --backend transformers --model .ipr/models/smollm2-135m-instruct
     python scripts/bench_backend.py --backend vllm --model PATH [--gpu-memory-utilization 0.3]
@@ -17,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from ipr_core.backends import Completion, Message, SamplingParams, make_backend
+from ipr_core.backends import Message, SamplingParams, make_backend
 from ipr_core.config import OpenAISettings, VLLMSettings
 from ipr_core.prompts import OBSERVATION_PREFIX, STOP_STRINGS, system_message
 
@@ -42,20 +44,23 @@ def conversation(index: int, turns: int) -> list[Message]:
     return messages
 
 
-def measure(backend, conversations: list[list[Message]], params: SamplingParams) -> dict:
+def measure(
+    backend, conversations: list[list[Message]], params: SamplingParams, seeds: list[int] | None
+) -> dict:
+    before = dict(backend.stats)
     started = time.perf_counter()
-    results = backend.generate(conversations, params)
+    backend.generate(conversations, params, seeds)
     seconds = time.perf_counter() - started
-    done: list[Completion] = [c for cs in results for c in cs]
-    prompt = sum(cs[0].prompt_tokens for cs in results)  # each distinct prompt once
-    generated = sum(c.generated_tokens for c in done)
+    delta = {key: backend.stats[key] - before.get(key, 0) for key in backend.stats}
+    computed, generated = delta["prefill_tokens"], delta["generated_tokens"]
     return {
         "seconds": round(seconds, 2),
-        "completions": len(done),
-        "distinct_prompt_tokens": prompt,
+        "completions": len(conversations),
+        "prompt_tokens_computed": computed,
+        "prompt_tokens_cached": delta["cached_tokens"],
         "generated_tokens": generated,
         "generated_per_s": round(generated / seconds, 1),
-        "prompt_and_generated_per_s": round((prompt + generated) / seconds, 1),
+        "computed_and_generated_per_s": round((computed + generated) / seconds, 1),
     }
 
 
@@ -93,18 +98,19 @@ def main() -> None:
     }
 
     greedy = SamplingParams(max_new_tokens=args.max_new_tokens, stop=STOP_STRINGS)
-    sampled = SamplingParams(
-        temperature=1.0, n=args.n, max_new_tokens=args.max_new_tokens, stop=STOP_STRINGS
-    )
-    distinct = [conversation(i, args.turns) for i in range(args.batch)]
-    backend.generate(distinct[:2], greedy)  # warm-up: first-call set-up is not throughput
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, stop=STOP_STRINGS)
+    backend.generate([conversation(i, args.turns) for i in range(2)], greedy)  # warm-up
     for repeat in range(args.repeats):
         # Fresh episodes per repeat so no repeat is served from an earlier one's cache.
         offset = (repeat + 1) * 1000
         batch = [conversation(offset + i, args.turns) for i in range(args.batch)]
-        report[f"greedy_{repeat}"] = measure(backend, batch, greedy)
-        mc = [conversation(offset + 500 + i, args.turns) for i in range(args.batch // args.n)]
-        report[f"mc_{repeat}"] = measure(backend, mc, sampled)
+        report[f"greedy_{repeat}"] = measure(backend, batch, greedy, None)
+        mc = [
+            conversation(offset + 500 + i, args.turns)
+            for i in range(args.batch // args.n)
+            for _ in range(args.n)
+        ]
+        report[f"mc_{repeat}"] = measure(backend, mc, sampled, list(range(len(mc))))
     report["stats"] = dict(backend.stats)
     print(json.dumps(report, indent=1))
 

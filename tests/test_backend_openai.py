@@ -45,9 +45,7 @@ def test_request_body_is_the_one_the_server_accepted(tiny_model_path, name):
     record = recorded(name)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     prompt = render_prompt(tokenizer, record["conversation"])
-    body = completion_request(
-        record["request"]["model"], prompt, params_of(record), record["index"]
-    )
+    body = completion_request(record["request"]["model"], prompt, params_of(record), record["seed"])
     assert record["status"] == 200
     assert body == record["request"]
     assert body["prompt"].endswith("<|im_start|>assistant\n")  # our template, generation cue
@@ -77,37 +75,42 @@ def test_sampled_response_with_stop_strings():
         sum(c.generated_tokens for c in completions)
         == record["response"]["usage"]["completion_tokens"]
     )
-    assert all(c.prompt_tokens == record["response"]["usage"]["prompt_tokens"] for c in completions)
+    # The prompt is counted once, less what the server's prefix cache served.
+    usage = record["response"]["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0 and usage["prompt_tokens"] == record["prompt_tokens"]
+    assert [c.prompt_tokens for c in completions] == [record["prompt_tokens"] - cached, 0, 0]
 
 
 def test_greedy_response_is_repeated_to_n():
     record = recorded("greedy")
-    (single,) = parse_completion(record["response"], params_of(record), 34, "srv")
-    assert single == Completion(record["response"]["choices"][0]["text"], 34, 12, "length")
-    repeated = parse_completion(
-        record["response"], SamplingParams(max_new_tokens=12, n=3), 34, "srv"
-    )
-    assert repeated == [single] * 3
+    prompt_tokens = record["prompt_tokens"]
+    (single,) = parse_completion(record["response"], params_of(record), prompt_tokens, "srv")
+    text = record["response"]["choices"][0]["text"]
+    assert single == Completion(text, prompt_tokens, 12, "length")  # nothing cached yet
+    three = SamplingParams(max_new_tokens=12, n=3)
+    repeated = parse_completion(record["response"], three, prompt_tokens, "srv")
+    assert repeated == [single] + [Completion(text, 0, 12, "length")] * 2
 
 
 def test_inconsistent_or_malformed_responses_raise():
     record = recorded("lora_sampled")
-    params = params_of(record)
+    params, tokens = params_of(record), record["prompt_tokens"]
     with pytest.raises(BackendError, match="is the server running this model"):
-        parse_completion(record["response"], params, record["prompt_tokens"] + 1, "srv")
+        parse_completion(record["response"], params, tokens + 1, "srv")
     with pytest.raises(BackendError, match="expected 3 choices, got 2"):
-        parse_completion(record["response"], SamplingParams(1.0, 8, n=3), 34, "srv")
+        parse_completion(record["response"], SamplingParams(1.0, 8, n=3), tokens, "srv")
     without_usage = {k: v for k, v in record["response"].items() if k != "usage"}
     with pytest.raises(BackendError, match="srv: malformed completion response"):
-        parse_completion(without_usage, params, 34, "srv")
+        parse_completion(without_usage, params, tokens, "srv")
     aborted = json.loads(json.dumps(record["response"]))
     aborted["choices"][1]["finish_reason"] = "abort"
     with pytest.raises(BackendError, match="finish reason 'abort'"):
-        parse_completion(aborted, params, 34, "srv")
+        parse_completion(aborted, params, tokens, "srv")
     miscounted = json.loads(json.dumps(record["response"]))
     miscounted["usage"]["completion_tokens"] += 1
     with pytest.raises(BackendError, match="usage.completion_tokens"):
-        parse_completion(miscounted, params, 34, "srv")
+        parse_completion(miscounted, params, tokens, "srv")
 
 
 def test_error_status_carries_the_servers_message():

@@ -64,16 +64,17 @@ def test_requests_carry_the_transformers_backends_prompt_ids(tiny_backend):
     assert (first["top_p"], first["top_k"], first["min_p"], first["repetition_penalty"]) == (
         1.0, 0, 0.0, 1.0,
     )  # fmt: skip
-    # Identical conversations still get their own seed: their samples must differ.
+    # Without seeds, each position gets its own: identical conversations sample differently.
     seeds = [r.sampling["seed"] for r in requests]
     assert len(set(seeds)) == 3 and all(0 <= s < 2**63 for s in seeds)
     assert plan_requests(prompts, params, 4096) == requests  # deterministic
-    assert (
-        plan_requests(prompts, SamplingParams(temperature=1.0, n=5, seed=4), 4096)[0].sampling[
-            "seed"
-        ]
-        != seeds[0]
-    )
+    # With seeds, a request's seed is its conversation's, whatever else is in the batch.
+    seeded = plan_requests(prompts, params, 4096, seeds=[7, 7, 8])
+    assert seeded[0].sampling["seed"] == seeded[1].sampling["seed"] != seeded[2].sampling["seed"]
+    alone = plan_requests(prompts[2:], params, 4096, seeds=[8])
+    assert alone[0].sampling == seeded[2].sampling
+    with pytest.raises(ValueError, match="2 seeds for 3 conversations"):
+        plan_requests(prompts, params, 4096, seeds=[1, 2])
 
 
 def test_greedy_requests_one_sample(tiny_backend):

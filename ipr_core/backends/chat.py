@@ -8,6 +8,8 @@ conversation (and the same ids the training code scores; see `training.data.rend
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
@@ -42,14 +44,25 @@ def context_overflow(n: int) -> list[Completion]:
     return [Completion("", 0, 0, "context")] * n
 
 
-def request_seed(seed: int, index: int) -> int:
-    """A distinct 56-bit seed per request of a call.
+def conversation_seeds(
+    params: SamplingParams, count: int, seeds: Sequence[int] | None
+) -> list[int]:
+    """One seed per conversation: the caller's, or else params.seed + its position."""
+    if seeds is None:
+        return [params.seed + i for i in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} conversations")
+    return list(seeds)
 
-    vLLM seeds the k-th of a request's n samples with seed + k, so seeds of neighbouring
-    requests must not be consecutive (they would repeat each other's samples); hashing
+
+def request_seed(seed: int) -> int:
+    """The 56-bit seed vLLM gets for a conversation seeded `seed`.
+
+    vLLM seeds the k-th of a request's n samples with seed + k, so neighbouring
+    conversation seeds (params.seed + i) would repeat each other's samples; hashing
     spreads them. 56 bits stays inside the signed 64-bit range servers validate.
     """
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    digest = hashlib.sha256(str(seed).encode()).digest()
     return int.from_bytes(digest[:7], "big")
 
 
@@ -67,8 +80,8 @@ def samples_to_generate(params: SamplingParams) -> int:
     return 1 if params.temperature == 0 else params.n
 
 
-def vllm_sampling(params: SamplingParams, index: int) -> dict[str, Any]:
-    """vLLM's sampling fields for request `index` of a call: keywords of the offline
+def vllm_sampling(params: SamplingParams, seed: int) -> dict[str, Any]:
+    """vLLM's sampling fields for a conversation seeded `seed`: keywords of the offline
     `vllm.SamplingParams` and fields of a /v1/completions body alike.
 
     Plain temperature sampling, as in the transformers backend: top-k, top-p, min-p and
@@ -84,7 +97,7 @@ def vllm_sampling(params: SamplingParams, index: int) -> dict[str, Any]:
         "repetition_penalty": 1.0,
         "max_tokens": params.max_new_tokens,
         "stop": list(params.stop),
-        "seed": request_seed(params.seed, index),
+        "seed": request_seed(seed),
         "skip_special_tokens": True,
     }
 
@@ -96,3 +109,9 @@ def repeat_to_n(completions: list[Completion], params: SamplingParams) -> list[C
     if len(completions) == 1 and params.temperature == 0:
         return completions * params.n
     raise BackendError(f"expected {params.n} completions, got {len(completions)}")
+
+
+def count_prompt_once(completions: list[Completion], computed: int) -> list[Completion]:
+    """The interface's accounting: the n samples of a prompt share its prefill, so its
+    computed tokens (prompt less cache hits) go on the first completion, 0 on the others."""
+    return [replace(c, prompt_tokens=computed if k == 0 else 0) for k, c in enumerate(completions)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,14 @@ from ipr_core.backends.base import Completion, Message, SamplingParams
 from ipr_core.backends.chat import (
     BackendError,
     context_overflow,
+    conversation_seeds,
+    count_prompt_once,
     encode_rendered,
     finish_reason,
     fits_context,
     render_prompt,
     repeat_to_n,
+    samples_to_generate,
     vllm_sampling,
 )
 from ipr_core.config import OpenAISettings
@@ -42,13 +45,13 @@ FIELD = "openai.model"
 
 
 def completion_request(
-    model: str, prompt: str, params: SamplingParams, index: int
+    model: str, prompt: str, params: SamplingParams, seed: int
 ) -> dict[str, Any]:
-    """The /v1/completions body for conversation `index` of a generate call."""
+    """The /v1/completions body for a conversation seeded `seed`."""
     return {
         "model": model,
         "prompt": prompt,
-        **vllm_sampling(params, index),
+        **vllm_sampling(params, seed),
         # vLLM extensions: our template already holds any BOS, and per-sample token ids
         # give each sample's generated-token count (usage only has the sum over n).
         "add_special_tokens": False,
@@ -62,11 +65,14 @@ def parse_completion(
     """The n completions of one response; a malformed or inconsistent one raises BackendError.
 
     The server's prompt count must equal ours: a different count means it tokenised the
-    prompt differently (another model or tokenizer behind that name).
+    prompt differently (another model or tokenizer behind that name). The prompt is
+    counted once, less the tokens the server's prefix cache served when it reports them
+    (`vllm serve --enable-prompt-tokens-details`).
     """
     try:
         usage, choices = body["usage"], sorted(body["choices"], key=lambda c: c["index"])
         served_prompt_tokens = int(usage["prompt_tokens"])
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         total_generated = int(usage["completion_tokens"])
         texts = [str(choice["text"]) for choice in choices]
         reasons = [choice.get("finish_reason") for choice in choices]
@@ -93,10 +99,10 @@ def parse_completion(
     else:
         raise BackendError(f"{source}: no per-choice token_ids to count {len(choices)} samples")
     completions = [
-        Completion(text, prompt_tokens, count, finish_reason(reason, source))
+        Completion(text, 0, count, finish_reason(reason, source))
         for text, count, reason in zip(texts, generated, reasons, strict=True)
     ]
-    return repeat_to_n(completions, params)
+    return count_prompt_once(repeat_to_n(completions, params), prompt_tokens - cached)
 
 
 def check_status(call: str, status: int, text: str) -> None:
@@ -196,33 +202,38 @@ class OpenAIBackend:
                 self._get("models"), model_path, None, self.source
             )
         self.max_context = context or _model_context(model_path)
-        self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "requests": 0}
+        self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
 
     def close(self) -> None:
         self.client.close()
 
     def generate(
-        self, conversations: list[list[Message]], params: SamplingParams
+        self,
+        conversations: list[list[Message]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Return `params.n` completions for each conversation, in order."""
+        seeds = conversation_seeds(params, len(conversations), seeds)
         jobs = []
         results = [context_overflow(params.n) for _ in conversations]
         for index, conversation in enumerate(conversations):
             prompt = render_prompt(self.tokenizer, conversation)
             prompt_tokens = len(encode_rendered(self.tokenizer, prompt))
             if fits_context(prompt_tokens, params.max_new_tokens, self.max_context):
-                jobs.append(
-                    (index, completion_request(self.model, prompt, params, index), prompt_tokens)
-                )
+                body = completion_request(self.model, prompt, params, seeds[index])
+                jobs.append((index, body, prompt_tokens))
         with ThreadPoolExecutor(self.settings.max_concurrency) as pool:
             bodies = list(pool.map(lambda job: self._post("completions", job[1]), jobs))
         for (index, _, prompt_tokens), body in zip(jobs, bodies, strict=True):
             completions = parse_completion(body, params, prompt_tokens, self.source)
             results[index] = completions
-            self.stats["requests"] += 1
-            generated_once = completions if params.temperature > 0 else completions[:1]
-            self.stats["prefill_tokens"] += prompt_tokens * len(generated_once)
-            self.stats["generated_tokens"] += sum(c.generated_tokens for c in generated_once)
+            computed = completions[0].prompt_tokens
+            self.stats["prefill_tokens"] += computed
+            self.stats["cached_tokens"] += prompt_tokens - computed
+            self.stats["generated_tokens"] += sum(
+                c.generated_tokens for c in completions[: samples_to_generate(params)]
+            )
         return results
 
     def _get(self, path: str) -> Any:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import gc
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from transformers import AutoTokenizer
 from ipr_core.backends.base import Completion, Message, SamplingParams
 from ipr_core.backends.chat import (
     context_overflow,
+    conversation_seeds,
+    count_prompt_once,
     encode_prompt,
     finish_reason,
     fits_context,
@@ -110,11 +114,16 @@ def engine_args(base_model: Path, settings: VLLMSettings, enable_lora: bool) -> 
 
 
 def plan_requests(
-    prompts: list[list[int]], params: SamplingParams, max_context: int
+    prompts: list[list[int]],
+    params: SamplingParams,
+    max_context: int,
+    seeds: Sequence[int] | None = None,
 ) -> list[VLLMRequest]:
-    """One request per prompt that fits the context (the others are answered "context")."""
+    """One request per prompt that fits the context (the others are answered "context"),
+    seeded by its conversation's seed (see `PolicyBackend.generate`)."""
+    seeds = conversation_seeds(params, len(prompts), seeds)
     return [
-        VLLMRequest(index, ids, vllm_sampling(params, index))
+        VLLMRequest(index, ids, vllm_sampling(params, seeds[index]))
         for index, ids in enumerate(prompts)
         if fits_context(len(ids), params.max_new_tokens, max_context)
     ]
@@ -153,6 +162,13 @@ class _EnginePool:
         engine = EngineHandle(llm, llm.llm_engine.model_config.max_model_len)
         self._engines[key] = engine
         return engine
+
+    def discard(self, args: dict[str, Any]) -> None:
+        """Shut down the engine for `args` (if loaded), so the next `get` starts a fresh one."""
+        engine = self._engines.pop(json.dumps(args, sort_keys=True), None)
+        if engine is not None:
+            with suppress(Exception):  # a dead engine may fail to stop cleanly
+                _shutdown(engine.llm)
 
     def close_all(self) -> None:
         while self._engines:
@@ -202,22 +218,20 @@ class VLLMBackend:
         # The policy's own tokenizer renders prompts, exactly as the transformers backend does.
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.max_context = self._engine().max_context
-        self.stats = {
-            "prefill_tokens": 0,
-            "cached_prompt_tokens": 0,
-            "generated_tokens": 0,
-            "generate_calls": 0,
-        }
-        """Running totals. prefill_tokens counts each completion's prompt, as the other
-        backends do; cached_prompt_tokens sums vLLM's num_cached_tokens per request (prompt
-        tokens its prefix cache served; on CPU it caches whole blocks of 128 tokens)."""
+        self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        """Running totals of prompt tokens computed and served by vLLM's prefix cache (its
+        num_cached_tokens per request; on CPU it caches whole blocks of 128 tokens), and
+        of tokens generated."""
 
     def _engine(self) -> EngineHandle:
         """Looked up per call: the pool may have shut it down for another model meanwhile."""
         return ENGINES.get(self.engine_args, self.settings.max_engines)
 
     def generate(
-        self, conversations: list[list[Message]], params: SamplingParams
+        self,
+        conversations: list[list[Message]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Return `params.n` completions for each conversation, in order: one vLLM call."""
         from vllm.inputs import TokensPrompt
@@ -225,33 +239,41 @@ class VLLMBackend:
 
         engine = self._engine()
         prompts = [encode_prompt(self.tokenizer, conversation) for conversation in conversations]
-        requests = plan_requests(prompts, params, engine.max_context)
+        requests = plan_requests(prompts, params, engine.max_context, seeds)
         lora = None
         if self.plan.adapter is not None:
             lora = LoRARequest(**asdict(engine.lora_target(self.policy_id, self.plan.adapter)))
         outputs = []
         if requests:
-            outputs = engine.llm.generate(
-                [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests],
-                [_vllm().SamplingParams(**r.sampling) for r in requests],
-                use_tqdm=False,
-                lora_request=lora,
-            )
-            self.stats["generate_calls"] += 1
+            try:
+                outputs = engine.llm.generate(
+                    [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests],
+                    [_vllm().SamplingParams(**r.sampling) for r in requests],
+                    use_tqdm=False,
+                    lora_request=lora,
+                )
+            except Exception:
+                # After a failure the engine may be dead (EngineDeadError); the rollout engine
+                # records this call's episodes as failed, and the next call gets a fresh one.
+                ENGINES.discard(self.engine_args)
+                raise
         results = [context_overflow(params.n) for _ in conversations]
         for request, output in zip(requests, outputs, strict=True):
-            prompt_tokens = len(output.prompt_token_ids)
+            cached = output.num_cached_tokens or 0
+            computed = len(output.prompt_token_ids) - cached
             completions = [
                 Completion(
                     text=sample.text,
-                    prompt_tokens=prompt_tokens,
+                    prompt_tokens=0,
                     generated_tokens=len(sample.token_ids),
                     finish_reason=finish_reason(sample.finish_reason, f"vLLM ({self.policy_id})"),
                 )
                 for sample in output.outputs
             ]
-            results[request.conversation] = repeat_to_n(completions, params)
-            self.stats["prefill_tokens"] += prompt_tokens * len(completions)
-            self.stats["cached_prompt_tokens"] += output.num_cached_tokens or 0
+            results[request.conversation] = count_prompt_once(
+                repeat_to_n(completions, params), computed
+            )
+            self.stats["prefill_tokens"] += computed
+            self.stats["cached_tokens"] += cached
             self.stats["generated_tokens"] += sum(c.generated_tokens for c in completions)
         return results
