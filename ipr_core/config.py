@@ -44,6 +44,9 @@ class VLLMSettings(_Strict):
     a policy whose adapter does not sit on the scorer's model need two."""
     max_model_len: int | None = Field(None, gt=0)
     """Context length; the model's own when unset."""
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    """Tokens per engine step (vLLM's default when unset); prompts beyond it are prefilled
+    in chunks."""
     dtype: str = "auto"
     enforce_eager: bool = False
     """Skip CUDA graph capture: faster start, slower decoding."""

@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per workload")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     args = parser.parse_args()
 
@@ -84,6 +85,7 @@ def main() -> None:
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_engines=1,
             max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens,
         )
         options = {"settings": settings}
     elif args.backend == "openai":

@@ -102,6 +102,7 @@ def engine_args(base_model: Path, settings: VLLMSettings, enable_lora: bool) -> 
         "tensor_parallel_size": settings.tensor_parallel_size,
         "gpu_memory_utilization": settings.gpu_memory_utilization / settings.max_engines,
         "max_model_len": settings.max_model_len,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
         "dtype": settings.dtype,
         "enforce_eager": settings.enforce_eager,
         "seed": 0,
