@@ -112,6 +112,19 @@ def test_the_prefix_cache_prefills_only_new_turns_and_changes_nothing(tiny_model
     assert cached.stats["cached_tokens"] > 0
 
 
+def test_a_full_prefix_cache_evicts_and_outputs_stay_the_same(tiny_model_path: Path):
+    small = TransformersBackend(tiny_model_path, cache_tokens=400)
+    uncached = TransformersBackend(tiny_model_path, cache_tokens=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, n=3)
+    for round_ in range(3):
+        seeds = [round_ * 10 + k for k in range(len(CONVERSATIONS))]
+        assert [[c.text for c in cs] for cs in small.generate(CONVERSATIONS, params, seeds)] == [
+            [c.text for c in cs] for cs in uncached.generate(CONVERSATIONS, params, seeds)
+        ]
+        assert 0 < small.prefix_cache.tokens <= 400
+    assert small.stats["cached_tokens"] > 0
+
+
 def test_a_seeded_sample_does_not_depend_on_its_batch(backend: TransformersBackend):
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
     together = backend.generate(CONVERSATIONS, params, seeds=[5, 6, 7])

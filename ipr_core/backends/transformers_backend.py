@@ -39,12 +39,15 @@ DEFAULT_CACHE_TOKENS = 65_536
 """Prefix-cache capacity in tokens (SmolLM2-135M: 46 KB of float32 KV per token, 3 GB)."""
 
 
-@dataclass
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Keys and values of a sequence, per layer, each [kv_heads, length, head_dim]."""
+
+
+@dataclass(eq=False)
 class _Entry:
     tokens: torch.Tensor
     """The token ids whose keys and values `kv` holds, int64 [L]."""
-    kv: torch.Tensor
-    """Keys and values of every layer: [layers, 2, kv_heads, L, head_dim]."""
+    kv: KV
     last_used: int = 0
 
 
@@ -75,7 +78,7 @@ class PrefixCache:
             best.last_used = self._clock
         return best, best_len
 
-    def insert(self, tokens: torch.Tensor, kv: torch.Tensor) -> None:
+    def insert(self, tokens: torch.Tensor, kv: KV) -> None:
         if self.capacity_tokens < len(tokens):
             return
         self.entries = [
@@ -104,17 +107,17 @@ def row_seed(seed: int, sample: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-@dataclass
+@dataclass(eq=False)
 class _Prompt:
     tokens: torch.Tensor
-    kv: torch.Tensor | None = None
+    kv: KV | None = None
     """Keys and values of all prompt tokens, after prefill."""
     first_logits: torch.Tensor | None = None
     computed: int = 0
     """Prompt tokens prefilled (not found in the prefix cache)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     prompt: _Prompt
     generator: torch.Generator | None
@@ -223,8 +226,8 @@ class TransformersBackend:
         reuse = min(reuse, len(prompt.tokens) - 1)  # the last token's logits are needed
         cache = DynamicCache()
         if entry is not None and reuse > 0:
-            for layer, kv in enumerate(entry.kv[:, :, :, :reuse]):
-                cache.update(kv[0][None], kv[1][None], layer)
+            for layer, (keys, values) in enumerate(entry.kv):
+                cache.update(keys[None, :, :reuse], values[None, :, :reuse], layer)
         new = prompt.tokens[reuse:]
         out = self.model(
             input_ids=new[None].to(self.device),
@@ -233,9 +236,7 @@ class TransformersBackend:
             logits_to_keep=1,
         )
         prompt.first_logits = out.logits[0, -1].float()
-        prompt.kv = torch.stack(
-            [torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers]
-        )
+        prompt.kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
         prompt.computed = len(new)
         self.prefix_cache.insert(prompt.tokens, prompt.kv)  # later prompts of this call share it
         self.stats["prefill_tokens"] += len(new)
@@ -295,17 +296,21 @@ class TransformersBackend:
     ) -> tuple[StaticCache, torch.Tensor]:
         """A cache holding every row's prompt KV, right-aligned; its attention mask."""
         width = max(lengths)
-        kv = rows[0].prompt.kv
-        assert kv is not None
-        layers, _, heads, _, dim = kv.shape
-        padded = kv.new_zeros((layers, 2, len(rows), heads, width, dim))
+        template = rows[0].prompt.kv
+        assert template is not None
+        heads, dim = template[0][0].shape[0], template[0][0].shape[-1]
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        empty = template[0][0].new_empty((len(rows), heads, 0, dim))
+        for layer in cache.layers:
+            layer.lazy_initialization(empty, empty)
+            layer.cumulative_length.fill_(width)
         mask = torch.zeros((len(rows), total), dtype=torch.long)
         for r, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            padded[:, :, r, :, width - length :] = row.prompt.kv
+            assert row.prompt.kv is not None
+            for layer, (keys, values) in zip(cache.layers, row.prompt.kv, strict=True):
+                layer.keys[r, :, width - length : width] = keys
+                layer.values[r, :, width - length : width] = values
             mask[r, width - length : width] = 1
-        cache = StaticCache(config=self.model.config, max_cache_len=total)
-        for layer in range(layers):
-            cache.update(padded[layer, 0], padded[layer, 1], layer)
         return cache, mask
 
     def _remember(self, row: _Row, cache: StaticCache, j: int, start: int) -> None:
@@ -314,12 +319,10 @@ class TransformersBackend:
         fed = len(row.generated) - 1
         end = start + len(row.prompt.tokens) + fed
         tokens = torch.cat([row.prompt.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
-        kv = torch.stack(
-            [
-                torch.stack((layer.keys[j, :, start:end], layer.values[j, :, start:end]))
-                for layer in cache.layers
-            ]
-        )
+        kv = [
+            (layer.keys[j, :, start:end].clone(), layer.values[j, :, start:end].clone())
+            for layer in cache.layers
+        ]
         self.prefix_cache.insert(tokens, kv)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> list[int]:
