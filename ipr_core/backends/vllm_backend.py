@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer
 
 from ipr_core.backends.base import Completion, Message, SamplingParams
@@ -193,10 +194,7 @@ def _vllm() -> Any:
 def _shutdown(llm: Any) -> None:
     """Stop the engine's core process and free its GPU memory for the next engine."""
     llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    import torch
-
+    gc.collect()  # drop the engine's tensors now, not at some later collection
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
