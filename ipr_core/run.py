@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from ipr_core.backends import PolicyBackend, make_backend
+from ipr_core.backends import PolicyBackend, make_backend, release_engines
 from ipr_core.config import RunConfig
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
@@ -47,11 +48,20 @@ BASE_ITERATION = -1
 def load_backend(path: Path, config: RunConfig) -> PolicyBackend:
     """A backend whose policy id is the model's content id (stable across runs)."""
     return make_backend(
-        path,
-        kind=config.backend,
-        policy_id=model_id(path),
-        max_batch_size=config.generation.max_batch_size,
+        path, kind=config.backend, policy_id=model_id(path), **backend_options(path, config)
     )
+
+
+def backend_options(path: Path, config: RunConfig) -> dict[str, Any]:
+    """The settings of the configured backend kind."""
+    if config.backend == "vllm":
+        return {"settings": config.vllm, "enable_lora": config.lora_rank is not None}
+    if config.backend == "openai":
+        assert config.openai is not None  # the config validates it
+        base = resolve_model(config.model, config.cache_dir)
+        served = config.openai.model if path.resolve() == base.resolve() else None
+        return {"settings": config.openai, "served_model": served}
+    return {"max_batch_size": config.generation.max_batch_size}
 
 
 def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> RolloutEngine:
@@ -113,6 +123,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
     if config.sft is not None:
         if config.evaluate_base:
             evaluate_model(store, config, base_path, BASE_ITERATION, log)
+        release_engines()
         sft = train_sft(base_path, experts, hint, config.sft, config.checkpoints_dir)
         record_checkpoint(store, sft, config.run_id, iteration=0)
         log(f"SFT checkpoint {sft.checkpoint_id} ({'reused' if sft.skipped else 'trained'})")
@@ -127,6 +138,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
         started = time.perf_counter()
         run_iteration(store, config, experts, hint, sft_path, policy_path, iteration, log)
         pairs = load_pairs(store, config.run_id, iteration)
+        release_engines()
         trained = train_mixture(
             sft_path,
             pairs,

@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 
 from ipr_core import pipeline, run
+from ipr_core.backends import release_engines
 from ipr_core.config import RunConfig
 from ipr_core.models import resolve_model
 from ipr_core.store import Store
@@ -122,6 +123,7 @@ def _sft_key(config: RunConfig, base_path: str) -> str:
 @stage("sft")
 def sft(config: RunConfig, base_path: str) -> dict[str, Any]:
     assert config.sft is not None
+    release_engines()
     result = _train_sft(
         Path(base_path), _experts(config), run.action_hint(config.env), config.sft,
         config.checkpoints_dir,
@@ -286,6 +288,7 @@ def train_mixture(
     settings = config.mixture_settings
     assert settings is not None
     store = Store(config.store)
+    release_engines()
     result = _train_mixture(
         Path(sft_path), load_pairs(store, config.run_id, iteration), settings,
         config.checkpoints_dir, parent_path=None if policy_path is None else Path(policy_path),

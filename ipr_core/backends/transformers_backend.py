@@ -26,6 +26,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
+from ipr_core.backends.chat import (
+    context_overflow,
+    conversation_seeds,
+    encode_prompt,
+    fits_context,
+)
 
 DEFAULT_MAX_CONTEXT = 4096
 """Cap on the default context: KV caches for longer prompts do not pay off on CPU."""
@@ -165,11 +171,7 @@ class TransformersBackend:
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
 
     def encode(self, conversation: list[Message]) -> list[int]:
-        """Prompt ids with the generation prompt; the template already holds any BOS it wants."""
-        text = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, conversation)
 
     def count_tokens(self, conversation: list[Message]) -> int:
         return len(self.encode(conversation))
@@ -188,18 +190,14 @@ class TransformersBackend:
         A completion's `prompt_tokens` counts the prompt tokens prefilled for it: cache hits
         are free, and a prompt shared by n samples is counted once, on the first.
         """
-        seeds = (
-            list(seeds)
-            if seeds is not None
-            else [params.seed + i for i in range(len(conversations))]
-        )
+        seeds = conversation_seeds(params, len(conversations), seeds)
         prompts: dict[tuple[int, ...], _Prompt] = {}
         rows: list[tuple[int, _Row]] = []
         results: list[list[Completion]] = [[] for _ in conversations]
         for i, conversation in enumerate(conversations):
             ids = self.encode(conversation)
-            if len(ids) + params.max_new_tokens > self.max_context:
-                results[i] = [Completion("", 0, 0, "context")] * params.n
+            if not fits_context(len(ids), params.max_new_tokens, self.max_context):
+                results[i] = context_overflow(params.n)
                 continue
             prompt = prompts.setdefault(tuple(ids), _Prompt(torch.tensor(ids)))
             for k in range(params.n):
