@@ -1,4 +1,5 @@
-"""Environment registry: env ids are `family/variant`, e.g. `twx/cookingworld`.
+"""Environment registry: env ids are `family/variant`, e.g. `twx/cookingworld`, or a bare
+`family` for a family with one environment (its only variant is "").
 
 Families register a factory taking the variant; adapter modules are imported only when an env
 of their family is made, so importing the registry stays cheap (no JVM, no py4j).
@@ -7,6 +8,7 @@ of their family is made, so importing the registry stays cheap (no JVM, no py4j)
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from ipr_core.envs.base import Env, EnvCrashed, EnvTask, StepResult
 from ipr_core.errors import UnknownEnvError
@@ -32,19 +34,31 @@ def _make_twx(variant: str) -> Env:
     return TextWorldExpressEnv(variant)
 
 
+def _make_alfworld(variant: str) -> Env:
+    from ipr_core.envs.alfworld import AlfWorldEnv
+    from ipr_core.envs.alfworld_games import USER_ALFWORLD_DATA
+
+    return AlfWorldEnv(data_dir=Path(USER_ALFWORLD_DATA) if USER_ALFWORLD_DATA else None)
+
+
 _FAMILIES: dict[str, tuple[Callable[[str], Env], tuple[str, ...]]] = {
     "twx": (_make_twx, _TWX_GAMES),
+    "alfworld": (_make_alfworld, ("",)),
 }
 
 
+def _env_id(family: str, variant: str) -> str:
+    return f"{family}/{variant}" if variant else family
+
+
 def known_env_ids() -> list[str]:
-    return [f"{family}/{v}" for family, (_, variants) in _FAMILIES.items() for v in variants]
+    return [_env_id(f, v) for f, (_, variants) in _FAMILIES.items() for v in variants]
 
 
 def make_env(env_id: str) -> Env:
     """A fresh adapter instance for `env_id`; the caller closes it."""
     family, _, variant = env_id.partition("/")
-    if family not in _FAMILIES or variant not in _FAMILIES[family][1]:
+    if env_id not in known_env_ids():
         raise UnknownEnvError(
             f"unknown env id {env_id!r}; known env ids: {', '.join(known_env_ids())}"
         )
