@@ -31,7 +31,8 @@ def test_unknown_env_id_names_it_and_lists_known_ids() -> None:
 
 
 def test_registry_lists_every_twx_game() -> None:
-    assert set(known_env_ids()) == {f"twx/{game}" for game in VARIANTS}
+    twx_ids = {env_id for env_id in known_env_ids() if env_id.startswith("twx/")}
+    assert twx_ids == {f"twx/{game}" for game in VARIANTS}
 
 
 @pytest.mark.parametrize("env_id", MAIN_ENV_IDS)

@@ -25,7 +25,6 @@ a reset ~0.2 s; the observations are byte-identical (tested against the unpatche
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -52,7 +51,6 @@ from ipr_core.envs.alfworld_games import (
     ExpertSolver,
     GameRef,
     generated_games,
-    release_downward,
     standard_games,
 )
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
@@ -104,7 +102,7 @@ class AlfWorldEnv:
         if task_id not in self._by_id:
             raise ValueError(f"{self.env_id}: unknown task id {task_id!r}")
         split, game = self._by_id[task_id]
-        state = self._call(lambda: self._reset_engine(game))
+        state = self._call(lambda: self._reset_engine(game), f"resetting to {game.game_file}")
         instruction, observation = split_intro(state.feedback)
         self._task = EnvTask(self.env_id, task_id, split, instruction, observation)
         self._steps = 0
@@ -116,7 +114,9 @@ class AlfWorldEnv:
             raise RuntimeError(f"{self.env_id}: step() before reset()")
         if self._last.done:
             return self._last
-        state, _, _ = self._call(lambda: self._live_engine().step(normalise_action(action)))
+        command = normalise_action(action)
+        where = f"step {self._steps + 1} of {self._task and self._task.task_id}"
+        state, _, _ = self._call(lambda: self._live_engine().step(command), where)
         self._steps += 1
         won = bool(state["won"])
         self._last = StepResult(
@@ -137,11 +137,14 @@ class AlfWorldEnv:
         return self._gold[task_id]
 
     def close(self) -> None:
-        """Drop the engine and unload its library; a later reset builds a new engine."""
-        engine, self._engine, self._loaded = self._engine, None, None
-        if engine is not None:
-            with contextlib.suppress(Exception):  # a broken engine is dropped all the same
-                release_downward(engine.unwrapped)
+        """Drop the engine; a later reset builds a new one.
+
+        Each engine loads a private copy of fast-downward's library (TextWorld's way of
+        keeping planner states apart); it is not unloaded: after `fast_downward.close_lib`
+        (dlclose) a later load in the same process crashed (segfault in dlopen). A loaded
+        copy costs ~3.4 MB of resident memory.
+        """
+        self._engine, self._loaded = None, None
 
     def _reset_engine(self, game: GameRef) -> Any:
         if self._engine is None:
@@ -157,7 +160,7 @@ class AlfWorldEnv:
             raise EnvCrashed(f"{self.env_id}: the engine is gone (closed or crashed); reset first")
         return self._engine
 
-    def _call(self, engine_call: Callable[[], Any]) -> Any:
+    def _call(self, engine_call: Callable[[], Any], where: str) -> Any:
         """Run the engine; any failure there is the environment's, and the engine is rebuilt."""
         try:
             return engine_call()
@@ -165,7 +168,7 @@ class AlfWorldEnv:
             raise
         except Exception as e:
             self.close()
-            raise EnvCrashed(f"{self.env_id}: the ALFWorld engine failed: {e!r}") from e
+            raise EnvCrashed(f"{self.env_id}: the ALFWorld engine failed {where}: {e!r}") from e
 
 
 def _new_engine() -> Any:
@@ -195,11 +198,16 @@ def walkthrough(game_file: Path, max_steps: int) -> list[str] | None:
     stored = json.loads(game_file.read_text()).get("walkthrough")
     if stored:
         return [str(a) for a in stored]
-    solver = ExpertSolver(max_steps)
-    try:
-        return solver.solve(game_file)
-    finally:
-        solver.close()
+    with _SOLVER_LOCK:  # the expert draws from the global `random`, which `solve` seeds
+        return _expert_solver(max_steps).solve(game_file)
+
+
+_SOLVER_LOCK = threading.Lock()
+
+
+@cache
+def _expert_solver(max_steps: int) -> ExpertSolver:
+    return ExpertSolver(max_steps)
 
 
 @cache

@@ -171,6 +171,8 @@ def _generate_into(root: Path, max_steps: int) -> None:
         for split in SPLIT_FOLDERS
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if root.is_dir() and not (root / "manifest.json").is_file():
+        shutil.rmtree(root)  # an incomplete folder: games without their manifest
     try:
         work.rename(root)
     except OSError:  # another process finished first: keep its games
@@ -530,7 +532,8 @@ class ExpertSolver:
         raise _NotSolved
 
     def close(self) -> None:
-        release_downward(self._pddl)
+        """Drop the engine. Its copy of fast-downward's library stays loaded (see alfworld.py)."""
+        self._env = self._pddl = None
 
 
 class _NotSolved(Exception):
@@ -555,13 +558,3 @@ class _MoveTrackingExpert(AlfredExpert):
 
 
 _PLACE_COMMAND = re.compile(r"^move (.+) to (.+)$")
-
-
-def release_downward(pddl_env: PddlEnv) -> None:
-    """Unload the private copy of fast-downward's library each PddlEnv loads (33 MB)."""
-    import fast_downward
-
-    lib = getattr(pddl_env, "downward_lib", None)
-    if lib is not None:
-        pddl_env.downward_lib = None
-        fast_downward.close_lib(lib)
