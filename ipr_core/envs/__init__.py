@@ -1,5 +1,6 @@
-"""Environment registry: env ids are `family/variant`, e.g. `twx/cookingworld`, or a bare
-`family` for a family with one environment (its only variant is "").
+"""Environment registry: env ids are `family/variant`, e.g. `twx/cookingworld`, or just
+`family` for a family with a single environment (its one variant is ""), e.g. `intercode-sql`
+or `alfworld`.
 
 Families register a factory taking the variant; adapter modules are imported only when an env
 of their family is made, so importing the registry stays cheap (no JVM, no py4j).
@@ -34,6 +35,12 @@ def _make_twx(variant: str) -> Env:
     return TextWorldExpressEnv(variant)
 
 
+def _make_intercode_sql(variant: str) -> Env:
+    from ipr_core.envs.intercode_sql import InterCodeSqlEnv
+
+    return InterCodeSqlEnv()
+
+
 def _make_alfworld(variant: str) -> Env:
     from ipr_core.envs.alfworld import AlfWorldEnv
     from ipr_core.envs.alfworld_games import USER_ALFWORLD_DATA
@@ -43,16 +50,17 @@ def _make_alfworld(variant: str) -> Env:
 
 _FAMILIES: dict[str, tuple[Callable[[str], Env], tuple[str, ...]]] = {
     "twx": (_make_twx, _TWX_GAMES),
+    "intercode-sql": (_make_intercode_sql, ("",)),
     "alfworld": (_make_alfworld, ("",)),
 }
 
 
-def _env_id(family: str, variant: str) -> str:
-    return f"{family}/{variant}" if variant else family
-
-
 def known_env_ids() -> list[str]:
-    return [_env_id(f, v) for f, (_, variants) in _FAMILIES.items() for v in variants]
+    return [
+        f"{family}/{v}" if v else family
+        for family, (_, variants) in _FAMILIES.items()
+        for v in variants
+    ]
 
 
 def make_env(env_id: str) -> Env:
