@@ -22,7 +22,7 @@ import pytest
 from ipr_core.envs import alfworld_games as games
 from ipr_core.envs import make_env
 from ipr_core.envs.alfworld import NOTHING_HAPPENS, AlfWorldEnv, action_hint
-from ipr_core.errors import UnknownEnvError
+from ipr_core.errors import InputError, UnknownEnvError
 from ipr_core.expert import build_expert_trajectory
 
 SPLITS = ("train", "dev", "test")
@@ -162,7 +162,10 @@ def test_engine_caches_leave_the_game_text_unchanged(env: AlfWorldEnv) -> None:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "ALFWORLD_DATA": str(Path(".ipr", "alfworld", "data").resolve())},
+        env={
+            **os.environ,
+            "ALFWORLD_DATA": str(Path(".ipr", "alfworld", "alfworld_data").resolve()),
+        },
     )
     theirs = json.loads(stock.stdout.splitlines()[-1])
     assert theirs[0].split("\n\n")[1] == ours[0]
@@ -238,3 +241,41 @@ def test_standard_release_games_are_found_filtered_and_solved(
 def test_alfworld_data_without_the_release_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
         AlfWorldEnv(data_dir=tmp_path)
+    (tmp_path / "json_2.1.1" / "valid_seen").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no playable game"):
+        AlfWorldEnv(data_dir=tmp_path)
+
+
+def test_a_malformed_release_file_is_named(env: AlfWorldEnv, tmp_path: Path) -> None:
+    _standard_release(env, tmp_path)
+    traj = tmp_path / "json_2.1.1" / env.task_ids("dev")[0] / "traj_data.json"
+    traj.write_text(json.dumps({"pddl_params": {}}))
+    with pytest.raises(InputError, match=re.escape(f"{traj}, field 'task_type': missing")):
+        AlfWorldEnv(data_dir=tmp_path)
+    traj.write_text("{not json")
+    with pytest.raises(InputError, match=re.escape(f"{traj}: not a readable JSON file")):
+        AlfWorldEnv(data_dir=tmp_path)
+
+
+def test_the_expert_with_fixed_tracking_solves_what_the_stock_expert_cannot(
+    env: AlfWorldEnv,
+) -> None:
+    """alfworld 0.4.2's expert loses track of a placed object ("move", not "put")."""
+    [task_id] = [t for t in env.task_ids("train") if "pick_two_obj_and_place" in t]
+    game_file = env._by_id[task_id][1].game_file
+    stock = games.AlfredExpert(
+        games.AlfredDemangler(
+            games.PddlEnv(games.textworld.EnvInfos(won=True, admissible_commands=True)),
+            shuffle=False,
+        ),
+        expert_type="handcoded",
+    )
+    stock.load(str(game_file))
+    state, won = stock.reset(), False
+    for _ in range(env.max_steps):
+        state, _, won = stock.step(state["extra.expert_plan"][0])
+        if won:
+            break
+    assert not won
+    solved = games.ExpertSolver(env.max_steps).solve(game_file)
+    assert solved and len(solved) <= env.max_steps

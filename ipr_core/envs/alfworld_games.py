@@ -44,22 +44,31 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# alfworld's package import creates $ALFWORLD_DATA (default ~/.cache/alfworld) and exports it:
-# remember what the user set before anything imports it, and keep its default out of $HOME.
-USER_ALFWORLD_DATA = os.environ.get("ALFWORLD_DATA")
-os.environ.setdefault("ALFWORLD_DATA", str(Path(".ipr", "alfworld", "alfworld_data").resolve()))
+import numpy as np
+import textworld
+from textworld.envs import PddlEnv
 
-import alfworld.gen.constants as alfred  # noqa: E402
-import alfworld.gen.goal_library as goal_library  # noqa: E402
-import numpy as np  # noqa: E402
-import textworld  # noqa: E402
-from alfworld.agents.environment.alfred_tw_env import (  # noqa: E402
-    AlfredDemangler,
-    AlfredExpert,
-    AlfredExpertType,
-)
-from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH  # noqa: E402
-from textworld.envs import PddlEnv  # noqa: E402
+from ipr_core.errors import InputError
+
+# Importing alfworld creates the folder $ALFWORLD_DATA names (default ~/.cache/alfworld) and
+# exports the variable: keep what the user set, let the import use a folder of ours, and
+# leave the environment as it was (child processes must not see a folder they did not set).
+USER_ALFWORLD_DATA = os.environ.get("ALFWORLD_DATA")
+os.environ["ALFWORLD_DATA"] = str(Path(".ipr", "alfworld", "alfworld_data").resolve())
+try:
+    import alfworld.gen.constants as alfred
+    import alfworld.gen.goal_library as goal_library
+    from alfworld.agents.environment.alfred_tw_env import (
+        AlfredDemangler,
+        AlfredExpert,
+        AlfredExpertType,
+    )
+    from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
+finally:
+    if USER_ALFWORLD_DATA is None:
+        del os.environ["ALFWORLD_DATA"]
+    else:
+        os.environ["ALFWORLD_DATA"] = USER_ALFWORLD_DATA
 
 GENERATOR_VERSION = 1
 """Bump when generated games change, so cached ones are regenerated."""
@@ -127,7 +136,12 @@ def standard_games(data_dir: Path) -> dict[str, list[GameRef]]:
             f"ALFWORLD_DATA={data_dir} has no json_2.1.1 folder (the standard ALFWorld game "
             "files); unset ALFWORLD_DATA to use the games generated under .ipr/alfworld"
         )
-    return {split: _games_under(root, folder) for split, folder in SPLIT_FOLDERS.items()}
+    found = {split: _games_under(root, folder) for split, folder in SPLIT_FOLDERS.items()}
+    if not any(found.values()):
+        raise FileNotFoundError(
+            f"{root} holds no playable game (folders {', '.join(SPLIT_FOLDERS.values())})"
+        )
+    return found
 
 
 @cache
@@ -140,12 +154,23 @@ def _games_under(root: Path, folder: str) -> list[GameRef]:
             continue
         if not game_file.is_file():
             continue
-        if json.loads(traj_file.read_text())["task_type"] not in TASK_TYPES:
+        if _json_field(traj_file, "task_type") not in TASK_TYPES:
             continue
-        if not json.loads(game_file.read_text()).get("solvable"):
+        if not _json_field(game_file, "solvable", required=False):
             continue
         games.append(GameRef(game_dir.relative_to(root).as_posix(), game_file))
     return games
+
+
+def _json_field(path: Path, field: str, required: bool = True) -> Any:
+    """One field of a JSON object file; a malformed file is an error naming it and the field."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(str(path), f"not a readable JSON file: {e}") from e
+    if not isinstance(data, dict) or (required and field not in data):
+        raise InputError(str(path), "missing", field=field)
+    return data.get(field)
 
 
 def generated_games(cache_dir: Path, max_steps: int) -> dict[str, list[GameRef]]:
