@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fast_downward
@@ -279,3 +280,19 @@ def test_the_expert_with_fixed_tracking_solves_what_the_stock_expert_cannot(
     assert not won
     solved = games.ExpertSolver(env.max_steps).solve(game_file)
     assert solved and len(solved) <= env.max_steps
+
+
+def test_envs_in_threads_play_as_they_do_alone(env: AlfWorldEnv) -> None:
+    """The rollout engine steps its envs in a thread pool; TextWorld's parsers are shared."""
+    task_ids = env.task_ids("dev") + env.task_ids("test")
+
+    def play(task_id: str) -> list[str]:
+        own = AlfWorldEnv()
+        task = own.reset(task_id)
+        gold = own.gold_actions() or []
+        return [task.initial_observation] + [own.step(a).observation for a in ["xyzzy", *gold]]
+
+    alone = [play(task_id) for task_id in task_ids]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(play, task_ids))
+    assert together == alone

@@ -40,6 +40,7 @@ from typing import Any
 
 import fast_downward
 import textworld
+import textworld.envs.pddl.logic as pddl_logic
 import textworld.envs.pddl.textgen as textgen
 import textworld.logic
 from textworld.envs import PddlEnv
@@ -242,6 +243,7 @@ def action_hint(grammar: str, domain: str) -> str:
 
 # -- engine caches ---------------------------------------------------------------------------
 _CACHE_LOCK = threading.Lock()
+_PARSE_LOCK = threading.RLock()
 _installed: dict[str, Any] = {}
 
 
@@ -252,13 +254,18 @@ def install_engine_caches(sas_dir: Path) -> None:
     grammar's parse returns (it sets each symbol's context), so each call gets a deep copy;
     the fact queries and SAS tasks are only read. `pddl2sas` also overwrites `sys.argv`
     (its translator reads options from there): the wrapper puts it back.
+
+    TextWorld's TatSu parsers are module-level singletons that break when two threads parse
+    at once (the rollout engine steps envs in a thread pool): every parse takes one lock.
     """
     with _CACHE_LOCK:
         if "sas_dir" in _installed:
             _installed["sas_dir"] = sas_dir
             return
         _installed["sas_dir"] = sas_dir
-        parse_symbols = textgen._parse_and_convert
+        textworld.logic._parse_and_convert = _one_at_a_time(textworld.logic._parse_and_convert)
+        pddl_logic._parse_and_convert = _one_at_a_time(pddl_logic._parse_and_convert)
+        parse_symbols = _one_at_a_time(textgen._parse_and_convert)
         parsed: dict[tuple[str, str], Any] = {}
 
         def cached_parse(text: str, rule_name: str, trace: bool = False) -> Any:
@@ -278,6 +285,14 @@ def install_engine_caches(sas_dir: Path) -> None:
         textgen._parse_and_convert = cached_parse
         textworld.logic.Rule.parse_conjunctive_query = classmethod(cached_query)
         fast_downward.pddl2sas = _cached_pddl2sas(fast_downward.pddl2sas)
+
+
+def _one_at_a_time(parse: Callable[..., Any]) -> Callable[..., Any]:
+    def locked_parse(*args: Any, **kwargs: Any) -> Any:
+        with _PARSE_LOCK:
+            return parse(*args, **kwargs)
+
+    return locked_parse
 
 
 def _cached_pddl2sas(translate: Callable[..., Any]) -> Callable[..., Any]:
