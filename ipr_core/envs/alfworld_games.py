@@ -70,7 +70,7 @@ finally:
     else:
         os.environ["ALFWORLD_DATA"] = USER_ALFWORLD_DATA
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when generated games change, so cached ones are regenerated."""
 
 SPLIT_FOLDERS = {"train": "train", "dev": "valid_seen", "test": "valid_unseen"}
@@ -320,7 +320,9 @@ def _scene_receptacles(scene: int, rng: random.Random) -> dict[str, tuple[str, s
     recorded = {kind for kind, _ in receptacles.values()}
     for kind in sorted(_receptacle_types(scene) - recorded):
         x, z = points[rng.randrange(len(points))]
-        receptacles[_instance_id(kind, rng)] = (kind, _location(x, z, 90 * rng.randrange(4), 30))
+        fixture = kind.removesuffix("Basin")  # ALFRED names a basin Sink|x|y|z|SinkBasin
+        rid = _instance_id(fixture, rng) + (f"|{kind}" if fixture != kind else "")
+        receptacles[rid] = (kind, _location(x, z, 90 * rng.randrange(4), 30))
     return receptacles
 
 
