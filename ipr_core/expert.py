@@ -39,6 +39,10 @@ _THOUGHTS: dict[str, str] = {
 def expert_thought(instruction: str, action: str, step_index: int) -> str:
     verb, _, obj = action.partition(" ")
     template = _THOUGHTS.get(verb.lower(), "To make progress on the task, I will {action}.")
+    item, to, target = obj.partition(" to ")
+    if verb.lower() == "move" and to:  # ALFWorld's "move X to Y" puts X down; TWX's walks
+        template = _THOUGHTS["put"]
+        obj = f"{item} in/on the {target}"
     thought = template.format(obj=obj or "it", action=action)
     if step_index == 0:
         goal = instruction.strip().split("\n")[0].rstrip(".")

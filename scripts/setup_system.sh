@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the project needs: a Java runtime for the TextWorldExpress and ScienceWorld
-# engines, MariaDB for InterCode-SQL.
+# engines, MariaDB for InterCode-SQL, and a C/C++ toolchain with CMake to build ALFWorld's
+# fast-downward planner and jericho from source.
 set -euo pipefail
 if ! command -v java >/dev/null 2>&1; then
   echo "Installing a Java runtime (TextWorldExpress runs on the JVM)"
@@ -19,4 +20,8 @@ if ! { command -v mariadbd || test -x /usr/sbin/mariadbd; } >/dev/null 2>&1 \
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
     --no-install-recommends mariadb-server mariadb-client
   if [ -n "$added_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then
+  echo "Installing a C/C++ toolchain and CMake (fast-downward-textworld and jericho build from source)"
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential cmake
 fi

@@ -79,6 +79,21 @@ def _kill_mariadb(env: Env) -> None:
         time.sleep(0.05)
 
 
+class _UnloadedLibrary:
+    """Stands in for a fast-downward library that is gone: every call fails."""
+
+    def __getattr__(self, name: str) -> None:
+        raise OSError(f"fast-downward library unloaded (calling {name})")
+
+
+def _break_alfworld_engine(env: Env) -> None:
+    """ALFWorld's engine runs in-process: make its planner library fail from now on."""
+    pddl_env = env._engine.unwrapped  # type: ignore[attr-defined]
+    pddl_env.downward_lib = _UnloadedLibrary()
+    if getattr(pddl_env, "_pddl_state", None) is not None:
+        pddl_env._pddl_state.downward_lib = pddl_env.downward_lib
+
+
 CASES = [
     EnvCase("twx/cookingworld", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/twc", _kill_twx_jvm, "look around", _own_twx_jvm),
@@ -88,6 +103,7 @@ CASES = [
         "scienceworld/find-animal", _kill_scienceworld_jvm, "look around", _own_scienceworld_jvms
     ),
     EnvCase("intercode-sql", _kill_mariadb, "SHOW TABLES;"),
+    EnvCase("alfworld", _break_alfworld_engine, "look"),
 ]
 
 INVALID_ACTIONS = ["", "xyzzy", "take the moon", "x" * 20_000, "'; DROP TABLE x; --\n\\ \u2603"]

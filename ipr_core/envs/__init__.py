@@ -1,5 +1,6 @@
 """Environment registry: env ids are `family/variant`, e.g. `twx/cookingworld`, or just
-`family` for a family with a single environment (its one variant is ""), e.g. `intercode-sql`.
+`family` for a family with a single environment (its one variant is ""), e.g. `intercode-sql`
+or `alfworld`.
 
 Families register a factory taking the variant; adapter modules are imported only when an env
 of their family is made, so importing the registry stays cheap (no JVM, no py4j).
@@ -8,6 +9,7 @@ of their family is made, so importing the registry stays cheap (no JVM, no py4j)
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from ipr_core.envs.base import Env, EnvCrashed, EnvTask, StepResult
 from ipr_core.errors import UnknownEnvError
@@ -86,11 +88,19 @@ def _make_intercode_sql(variant: str) -> Env:
     return InterCodeSqlEnv()
 
 
+def _make_alfworld(variant: str) -> Env:
+    from ipr_core.envs.alfworld import AlfWorldEnv
+    from ipr_core.envs.alfworld_games import USER_ALFWORLD_DATA
+
+    return AlfWorldEnv(data_dir=Path(USER_ALFWORLD_DATA) if USER_ALFWORLD_DATA else None)
+
+
 _FAMILIES: dict[str, tuple[Callable[[str], Env], tuple[str, ...]]] = {
     "twx": (_make_twx, _TWX_GAMES),
     "scienceworld": (_make_scienceworld, _SCIENCEWORLD_TASKS),
     "webshop": (_make_webshop, ("",)),
     "intercode-sql": (_make_intercode_sql, ("",)),
+    "alfworld": (_make_alfworld, ("",)),
 }
 
 
