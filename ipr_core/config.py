@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ipr_core.errors import InputError
 from ipr_core.mining import MiningConfig
@@ -27,14 +27,60 @@ class GenerationConfig(_Strict):
     """Sequences per forward pass of the transformers backend."""
     max_live_episodes: int = Field(32, gt=0)
     """Episodes in lock-step at once (one env instance each)."""
-    device: str = "cpu"
-    """Torch device of the rollout backend, e.g. 'cuda' on a GPU machine (training uses
-    whatever accelerator torch finds)."""
 
 
 class MonteCarloConfig(_Strict):
     n_samples: int = Field(5, gt=0)
     temperature: float = Field(1.0, ge=0)
+
+
+class VLLMSettings(_Strict):
+    """The vLLM offline engine (`backend: vllm`, GPU): automatic prefix caching, `n` sampling,
+    and LoRA checkpoints served as adapters on their base model's engine (never merged)."""
+
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """The GPU memory share of all engines of this process together (split among max_engines)."""
+    max_engines: int = Field(2, gt=0)
+    """Engines kept loaded at once (least recently used one is shut down): the scorer and
+    a policy whose adapter does not sit on the scorer's model need two."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Context length; the model's own when unset."""
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    """Tokens per engine step (vLLM's default when unset); prompts beyond it are prefilled
+    in chunks."""
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    """Skip CUDA graph capture: faster start, slower decoding."""
+    serve_lora_adapters: bool = True
+    """Serve a LoRA-trained checkpoint as its adapter on the base it was trained from."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    """The ranks vLLM accepts; at least the largest LoRA rank the training stages use."""
+    max_loras: int = Field(4, gt=0)
+    """Adapters resident on the GPU at once."""
+
+
+class OpenAISettings(_Strict):
+    """An OpenAI-compatible server (`backend: openai`), e.g. a running `vllm serve`."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    """The API root, e.g. http://127.0.0.1:8000/v1."""
+    model: str | None = None
+    """The served name of the base model; unset: the served model whose root is the model
+    folder (as `vllm serve PATH` reports it in /v1/models)."""
+    load_lora_adapters: bool = False
+    """Load a LoRA-trained checkpoint's adapter into the server (needs `vllm serve
+    --enable-lora` with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and the same file system)."""
+    timeout_s: float = Field(600.0, gt=0)
+    max_concurrency: int = Field(32, gt=0)
+    """Requests in flight at once (one per conversation; the server batches them)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding a bearer token, if the server wants one."""
+
+
+def largest_lora_rank(*stages: SFTSettings | MixtureSettings | None) -> int | None:
+    ranks = [stage.lora.r for stage in stages if stage is not None and stage.lora.enabled]
+    return max(ranks, default=None)
 
 
 class RunConfig(_Strict):
@@ -47,7 +93,7 @@ class RunConfig(_Strict):
     sft: SFTSettings | None = SFTSettings()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
     mixture: MixtureSettings = MixtureSettings()
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
     store: Path = Path(".ipr/ipr.duckdb")
     cache_dir: Path = Path(".ipr")
     train_split: str = "train"
@@ -57,11 +103,42 @@ class RunConfig(_Strict):
     evaluate_base: bool = True
     max_steps: int | None = Field(None, gt=0)
     """Episode step bound; the env's own bound when unset or lower."""
+    step_timeout_s: float = Field(60.0, gt=0)
+    """An env step running longer fails its rollout (env_error) instead of hanging the run."""
     iterations: int = Field(1, gt=0)
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()
     monte_carlo: MonteCarloConfig = MonteCarloConfig()
+    step_reward_model: Path | None = None
+    """A step reward model folder (`ipr train reward-model`) whose predictions replace the
+    Monte Carlo step rewards (paper 5.5); unset: MC with the SFT model as scorer."""
     mining: MiningConfig = MiningConfig()
+    vllm: VLLMSettings = Field(VLLMSettings(), validate_default=True)
+    openai: OpenAISettings | None = Field(None, validate_default=True)
+
+    @field_validator("vllm")
+    @classmethod
+    def _lora_rank_fits_vllm(cls, value: VLLMSettings, info: ValidationInfo) -> VLLMSettings:
+        if info.data.get("backend") != "vllm":
+            return value
+        rank = largest_lora_rank(info.data.get("sft"), info.data.get("mixture"))
+        if rank is not None and rank > value.max_lora_rank:
+            raise ValueError(f"max_lora_rank {value.max_lora_rank} is below the LoRA rank {rank}")
+        return value
+
+    @field_validator("openai")
+    @classmethod
+    def _openai_needs_a_server(
+        cls, value: OpenAISettings | None, info: ValidationInfo
+    ) -> OpenAISettings | None:
+        if value is None and info.data.get("backend") == "openai":
+            raise ValueError("backend 'openai' needs this section with at least base_url")
+        return value
+
+    @property
+    def lora_rank(self) -> int | None:
+        """The largest LoRA rank any training stage uses (None: every stage trains in full)."""
+        return largest_lora_rank(self.sft, self.mixture)
 
     @property
     def mixture_settings(self) -> MixtureSettings | None:

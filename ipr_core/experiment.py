@@ -27,6 +27,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ipr_core.backends import release_engines
 from ipr_core.config import RunConfig, read_yaml_mapping, validate_config
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError, IprError
@@ -169,6 +170,7 @@ def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
     record_checkpoint(store, base_checkpoint(base_path))
     sft_path = base_path
     if run.sft is not None:
+        release_engines()  # a GPU inference engine would hold the memory training needs
         sft = train_sft(base_path, experts, hint, run.sft, run.checkpoints_dir)
         record_checkpoint(store, sft, iteration=0)
         log(f"shared SFT checkpoint {sft.checkpoint_id} ({'reused' if sft.skipped else 'trained'})")
@@ -276,6 +278,7 @@ def run_iteration_once(
         log(f"iteration {iteration}: no pair for the {run.method} loss; the model stays as it was")
         new_path = policy_path
     else:
+        release_engines()
         trained = train_mixture(
             shared.sft_path,
             pairs,

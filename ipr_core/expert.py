@@ -31,12 +31,18 @@ _THOUGHTS: dict[str, str] = {
     "look": "I should look around to see what is here.",
     "inventory": "Let me check what I am carrying.",
     "drop": "I do not need the {obj} any more, so I will drop it.",
+    "select": "I will query the database for the rows that answer the question.",
+    "submit": "The last result answers the question, so I will submit it.",
 }
 
 
 def expert_thought(instruction: str, action: str, step_index: int) -> str:
     verb, _, obj = action.partition(" ")
     template = _THOUGHTS.get(verb.lower(), "To make progress on the task, I will {action}.")
+    item, to, target = obj.partition(" to ")
+    if verb.lower() == "move" and to:  # ALFWorld's "move X to Y" puts X down; TWX's walks
+        template = _THOUGHTS["put"]
+        obj = f"{item} in/on the {target}"
     thought = template.format(obj=obj or "it", action=action)
     if step_index == 0:
         goal = instruction.strip().split("\n")[0].rstrip(".")

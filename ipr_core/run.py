@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from ipr_core.backends import PolicyBackend, make_backend
+from ipr_core.backends import PolicyBackend, make_backend, release_engines
 from ipr_core.config import RunConfig
 from ipr_core.envs import make_env
+from ipr_core.errors import InputError
 from ipr_core.evaluate import Evaluation, evaluate
 from ipr_core.models import resolve_model
 from ipr_core.pipeline import (
@@ -33,6 +35,7 @@ from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
 from ipr_core.training.data import load_pairs
 from ipr_core.training.mixture import train_mixture
+from ipr_core.training.reward_model import RewardModelScorer
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Trajectory
 
@@ -45,18 +48,31 @@ BASE_ITERATION = -1
 def load_backend(path: Path, config: RunConfig) -> PolicyBackend:
     """A backend whose policy id is the model's content id (stable across runs)."""
     return make_backend(
-        path,
-        kind=config.backend,
-        policy_id=model_id(path),
-        max_batch_size=config.generation.max_batch_size,
-        device=config.generation.device,
+        path, kind=config.backend, policy_id=model_id(path), **backend_options(path, config)
     )
+
+
+def backend_options(path: Path, config: RunConfig) -> dict[str, Any]:
+    """The settings of the configured backend kind."""
+    if config.backend == "vllm":
+        return {"settings": config.vllm, "enable_lora": config.lora_rank is not None}
+    if config.backend == "openai":
+        assert config.openai is not None  # the config validates it
+        base = resolve_model(config.model, config.cache_dir)
+        served = config.openai.model if path.resolve() == base.resolve() else None
+        return {"settings": config.openai, "served_model": served}
+    return {"max_batch_size": config.generation.max_batch_size}
 
 
 def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> RolloutEngine:
     gen = config.generation
     engine = RolloutEngine(
-        config.env, backend, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
+        config.env,
+        backend,
+        gen.max_live_episodes,
+        gen.max_new_tokens,
+        config.max_steps,
+        config.step_timeout_s,
     )
     return stack.enter_context(engine)
 
@@ -107,6 +123,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
     if config.sft is not None:
         if config.evaluate_base:
             evaluate_model(store, config, base_path, BASE_ITERATION, log)
+        release_engines()
         sft = train_sft(base_path, experts, hint, config.sft, config.checkpoints_dir)
         record_checkpoint(store, sft, config.run_id, iteration=0)
         log(f"SFT checkpoint {sft.checkpoint_id} ({'reused' if sft.skipped else 'trained'})")
@@ -121,6 +138,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
         started = time.perf_counter()
         run_iteration(store, config, experts, hint, sft_path, policy_path, iteration, log)
         pairs = load_pairs(store, config.run_id, iteration)
+        release_engines()
         trained = train_mixture(
             sft_path,
             pairs,
@@ -154,23 +172,34 @@ def run_iteration(
         policy_engine = scorer_engine
         if policy_path != scorer_path:
             policy_engine = open_engine(stack, load_backend(policy_path, config), config)
+        scorer_id, reward_model = step_scorer(config, scorer.policy_id)
         n_expert = expert_step_rewards(
-            store, config.run_id, scorer_engine, scorer.policy_id, experts,
-            mc.n_samples, mc.temperature, config.seed,
+            store, config.run_id, scorer_engine, scorer_id, experts,
+            mc.n_samples, mc.temperature, config.seed, reward_model,
         )  # fmt: skip
         log(f"iteration {iteration}: scored {n_expert} expert steps")
         explorations = explore_stage(store, config.run_id, iteration, policy_engine, experts, seed)
         log(f"iteration {iteration}: {len(explorations)} explorations")
         n_agent = agent_step_rewards(
-            store, config.run_id, iteration, scorer_engine, scorer.policy_id,
-            explorations, mc.n_samples, mc.temperature, seed,
+            store, config.run_id, iteration, scorer_engine, scorer_id,
+            explorations, mc.n_samples, mc.temperature, seed, reward_model,
         )  # fmt: skip
         log(f"iteration {iteration}: scored {n_agent} agent steps")
         pairs = mine_stage(
-            store, config.run_id, iteration, scorer.policy_id, explorations,
+            store, config.run_id, iteration, scorer_id, explorations,
             config.mining, hint, config.env,
         )  # fmt: skip
         log(f"iteration {iteration}: {len(pairs)} pairs")
+
+
+def step_scorer(config: RunConfig, mc_scorer_id: str) -> tuple[str, RewardModelScorer | None]:
+    """Who scores steps: the config's step reward model, else MC with the SFT model."""
+    if config.step_reward_model is None:
+        return mc_scorer_id, None
+    path = Path(config.step_reward_model)
+    if not path.is_dir():
+        raise InputError(str(path), "no reward model folder here", field="step_reward_model")
+    return model_id(path), RewardModelScorer(path)
 
 
 def iteration_summary(store: Store, run_id: str, dev_split: str = "dev") -> pd.DataFrame:

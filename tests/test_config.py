@@ -37,3 +37,40 @@ def test_bad_config_names_file_and_field(tmp_path, text, field):
     with pytest.raises(InputError) as info:
         load_config(path)
     assert "bad.yaml" in str(info.value) and repr(field) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("backend: sglang\n", "backend"),
+        ("backend: openai\n", "openai"),
+        ("backend: openai\nopenai: {base_url: localhost:8000}\n", "openai.base_url"),
+        ("backend: vllm\nvllm: {max_lora_rank: 48}\n", "vllm.max_lora_rank"),
+        ("backend: vllm\nvllm: {gpu_memory_utilization: 1.5}\n", "vllm.gpu_memory_utilization"),
+        ("backend: vllm\nvllm: {max_lora_rank: 8}\nsft: {lora: {enabled: true, r: 16}}\n", "vllm"),
+    ],
+)
+def test_bad_backend_settings_name_the_field(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text("env: twx/coin\n" + text)
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert repr(field) in str(info.value)
+
+
+def test_backend_settings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "env: twx/coin\nbackend: openai\nopenai: {base_url: 'http://127.0.0.1:8000/v1'}\n"
+    )
+    config = load_config(path)
+    assert config.openai.base_url == "http://127.0.0.1:8000/v1" and config.openai.model is None
+    path.write_text(
+        "env: twx/coin\nbackend: vllm\nvllm: {tensor_parallel_size: 2}\n"
+        "mixture: {lora: {enabled: true, r: 32}}\n"
+    )
+    config = load_config(path)
+    assert config.vllm.tensor_parallel_size == 2 and config.lora_rank == 32
+    # The LoRA rank is checked only where vLLM serves the adapters.
+    path.write_text("env: twx/coin\nvllm: {max_lora_rank: 8}\nsft: {lora: {enabled: true}}\n")
+    assert load_config(path).lora_rank == 16

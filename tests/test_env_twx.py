@@ -8,7 +8,8 @@ import pytest
 
 from ipr_core.envs import Env, EnvCrashed, known_env_ids, make_env
 from ipr_core.envs import textworld_express as twx
-from ipr_core.envs.textworld_express import VARIANTS, _SharedJvm
+from ipr_core.envs.jvm import SharedJvm
+from ipr_core.envs.textworld_express import VARIANTS
 from ipr_core.errors import UnknownEnvError
 
 MAIN_ENV_IDS = ["twx/cookingworld", "twx/coin", "twx/twc"]
@@ -31,7 +32,7 @@ def test_unknown_env_id_names_it_and_lists_known_ids() -> None:
 
 
 def test_registry_lists_every_twx_game() -> None:
-    assert set(known_env_ids()) == {f"twx/{game}" for game in VARIANTS}
+    assert {e for e in known_env_ids() if e.startswith("twx/")} == {f"twx/{g}" for g in VARIANTS}
 
 
 @pytest.mark.parametrize("env_id", MAIN_ENV_IDS)
@@ -110,7 +111,7 @@ def test_instances_share_one_jvm(envs: dict[str, Env]) -> None:
 
 
 def test_jvm_stops_when_its_last_user_releases_it() -> None:
-    jvm = _SharedJvm()
+    jvm = SharedJvm("TextWorldExpress", classpath=twx.JAR_PATH, cwd=twx.BASEPATH)
     gateway = jvm.acquire()
     assert jvm.acquire() is gateway
     jvm.release(gateway)
@@ -123,7 +124,7 @@ def test_jvm_stops_when_its_last_user_releases_it() -> None:
 def test_a_dead_jvm_raises_env_crashed_and_a_new_instance_gets_a_new_jvm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(twx, "_JVM", _SharedJvm())
+    monkeypatch.setattr(twx, "_JVM", SharedJvm("twx", classpath=twx.JAR_PATH, cwd=twx.BASEPATH))
     env = make_env("twx/coin")
     env.reset("train-0")
     process = twx._JVM.gateway.java_process

@@ -1,10 +1,8 @@
 """TextWorldExpress (TWX) adapter: the `twx/<game>` environments.
 
-TWX simulates its text games in a Scala JVM reached through py4j. The pip package's own
-`TextWorldExpressEnv` starts one JVM per instance; the rollout engine keeps a pool of ~32
-instances, so this adapter instead starts one JVM per process and gives every instance its
-own `PythonInterface` object in it (each holds its own game; the interface has no shared
-state). The JVM stops when the last instance is closed.
+TWX simulates its text games in a Scala JVM reached through py4j. Every instance gets its own
+`PythonInterface` object in one JVM per process (`ipr_core.envs.jvm`); each holds its own game
+and the interface has no shared state. The JVM stops when the last instance is closed.
 
 Scoring: TWX reports `score` as progress normalised by the game's maximum score, 1.0 exactly
 when the task succeeds. cookingworld, coin, twc and mapreader only add credit (e.g. TWC gives
@@ -24,16 +22,15 @@ mean." and cost a step; they never raise.
 from __future__ import annotations
 
 import json
-import subprocess
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
+from py4j.java_gateway import JavaGateway
 from py4j.protocol import Py4JError
 from textworld_express.constants import BASEPATH, JAR_PATH
 
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
+from ipr_core.envs.jvm import SharedJvm
 
 SPLITS = ("train", "dev", "test")
 MAX_ACTION_CHARS = 300
@@ -155,58 +152,7 @@ VARIANTS: dict[str, TwxVariant] = {
 }
 
 
-@dataclass
-class _SharedJvm:
-    """One TWX JVM for every adapter instance of the process, started on first use."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    gateway: JavaGateway | None = None
-    users: int = 0
-
-    def acquire(self) -> JavaGateway:
-        with self.lock:
-            if self.gateway is None or self.gateway.java_process.poll() is not None:
-                self.gateway, self.users = _launch_gateway(), 0
-            self.users += 1
-            return self.gateway
-
-    def release(self, gateway: JavaGateway) -> None:
-        with self.lock:
-            if gateway is not self.gateway:
-                return  # a JVM that died and was replaced: nothing left to stop
-            self.users -= 1
-            if self.users == 0:
-                _stop_gateway(self.gateway)
-                self.gateway = None
-
-
-def _launch_gateway() -> JavaGateway:
-    try:
-        # die_on_exit: the JVM exits when this process does, even on a hard kill.
-        port, proc = launch_gateway(
-            classpath=JAR_PATH, die_on_exit=True, cwd=BASEPATH, return_proc=True
-        )
-    except (OSError, ValueError, Py4JError) as e:
-        raise EnvCrashed(f"could not start the TextWorldExpress JVM: {e}") from e
-    return JavaGateway(
-        gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc
-    )
-
-
-def _stop_gateway(gateway: JavaGateway) -> None:
-    gateway.shutdown()
-    proc = gateway.java_process
-    if proc.poll() is None:
-        # With --die-on-broken-pipe the py4j server exits on a line on its stdin.
-        try:
-            proc.stdin.write(b"\n")
-            proc.stdin.flush()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-
-
-_JVM = _SharedJvm()
+_JVM = SharedJvm("TextWorldExpress", classpath=JAR_PATH, cwd=BASEPATH)
 
 
 def _params_str(params: dict[str, int]) -> str:

@@ -1,0 +1,75 @@
+"""One py4j JVM per process, shared by every adapter instance of an engine that runs on the JVM.
+
+TextWorldExpress and ScienceWorld are Scala simulators reached through py4j. Their pip
+packages start one JVM per env instance (75 MB to 2 GB each); the rollout engine keeps a pool
+of ~32 instances, so the adapters instead start one JVM per process and give every instance
+its own interface object in it. The JVM stops when the last instance releases it, and a JVM
+that died is replaced on the next `acquire`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Sequence
+
+from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
+from py4j.protocol import Py4JError
+
+from ipr_core.envs.base import EnvCrashed
+
+
+class SharedJvm:
+    """A JVM started on first use with `classpath`, stopped when its last user releases it."""
+
+    def __init__(self, name: str, classpath: str, cwd: str, java_opts: Sequence[str] = ()):
+        self.name = name
+        self._classpath, self._cwd, self._java_opts = classpath, cwd, list(java_opts)
+        self._lock = threading.Lock()
+        self.gateway: JavaGateway | None = None
+        self._users = 0
+
+    def acquire(self) -> JavaGateway:
+        with self._lock:
+            if self.gateway is None or self.gateway.java_process.poll() is not None:
+                self.gateway, self._users = self._launch(), 0
+            self._users += 1
+            return self.gateway
+
+    def release(self, gateway: JavaGateway) -> None:
+        with self._lock:
+            if gateway is not self.gateway:
+                return  # a JVM that died and was replaced: nothing left to stop
+            self._users -= 1
+            if self._users == 0:
+                _stop(self.gateway)
+                self.gateway = None
+
+    def _launch(self) -> JavaGateway:
+        try:
+            # die_on_exit: the JVM exits when this process does, even on a hard kill.
+            port, proc = launch_gateway(
+                classpath=self._classpath,
+                javaopts=self._java_opts,
+                die_on_exit=True,
+                cwd=self._cwd,
+                return_proc=True,
+            )
+        except (OSError, ValueError, Py4JError) as e:
+            raise EnvCrashed(f"could not start the {self.name} JVM: {e}") from e
+        return JavaGateway(
+            gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc
+        )
+
+
+def _stop(gateway: JavaGateway) -> None:
+    gateway.shutdown()
+    proc = gateway.java_process
+    if proc.poll() is None:
+        # With --die-on-broken-pipe the py4j server exits on a line on its stdin.
+        try:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
