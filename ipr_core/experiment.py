@@ -149,8 +149,8 @@ def register(store: Store, config: ExperimentConfig) -> None:
             "SELECT config FROM experiments WHERE experiment_id = ?", [config.experiment_id]
         )
         if len(found):
-            before = json.loads(found["config"].iloc[0])
-            now = json.loads(config.shared_settings())
+            before = flatten(json.loads(found["config"].iloc[0]))
+            now = flatten(json.loads(config.shared_settings()))
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
                 raise IprError(
@@ -159,6 +159,17 @@ def register(store: Store, config: ExperimentConfig) -> None:
                 )
     row = {"experiment_id": config.experiment_id, "config": config.shared_settings()}
     store.write({"experiments": [row]})
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {'run.dev_limit': 4, ...}, to name what changed."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:

@@ -110,8 +110,11 @@ def test_rerun_skips_finished_runs_and_writes_nothing(experiment):
 def test_changed_shared_settings_are_refused(experiment):
     config, *_ = experiment
     changed = config.model_copy(update={"test_limit": 3})
-    with pytest.raises(IprError, match="test_limit"):
+    with pytest.raises(IprError, match=r"\(test_limit\)"):
         run_experiment(changed, log=lambda _: None)
+    run = config.run.model_copy(update={"dev_limit": 1})
+    with pytest.raises(IprError, match=r"\(run\.dev_limit\)"):
+        run_experiment(config.model_copy(update={"run": run}), log=lambda _: None)
 
 
 def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsys):

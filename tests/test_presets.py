@@ -7,6 +7,7 @@ import pytest
 
 from ipr_core.bench import load_bench_config
 from ipr_core.config import load_config
+from ipr_core.experiment import load_experiment_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 PAPER = {  # env: (tau, max turns, paper's training set size)
@@ -16,7 +17,13 @@ PAPER = {  # env: (tau, max turns, paper's training set size)
 }
 
 
+def experiment_run(path: Path):
+    """An experiment config's shared run settings."""
+    return load_experiment_config(path).run
+
+
 LOADERS = {"bench.yaml": load_bench_config}
+LOADERS |= dict.fromkeys(["experiment-smoke.yaml", "repro.yaml", "repro-gpu.yaml"], experiment_run)
 """Files that are not run configs, with their own loaders; the rest are run configs."""
 
 
