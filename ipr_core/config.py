@@ -32,6 +32,22 @@ class MonteCarloConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
 
 
+class ScaleOutConfig(_Strict):
+    """Monte Carlo step rewards computed in shards on a Dask cluster (the Prefect flow only)."""
+
+    shards: int = Field(2, gt=0)
+    """Slices of the step queries; each is one task that writes Parquet files."""
+    task_runner: Literal["dask"] = "dask"
+    workers: int = Field(2, gt=0)
+    """Worker processes of the local cluster started for each sharded stage."""
+    threads_per_worker: int = Field(1, gt=0)
+    address: str | None = None
+    """A running Dask scheduler (`tcp://host:8786`) to use instead of a local cluster."""
+    shard_dir: Path | None = None
+    """Where shards are written (default `<cache_dir>/shards`); storage shared with the
+    workers when they run on other machines, like the checkpoints folder."""
+
+
 class RunConfig(_Strict):
     run_id: str = "default"
     env: str
@@ -57,6 +73,8 @@ class RunConfig(_Strict):
     generation: GenerationConfig = GenerationConfig()
     monte_carlo: MonteCarloConfig = MonteCarloConfig()
     mining: MiningConfig = MiningConfig()
+    scale_out: ScaleOutConfig | None = None
+    """None: each step reward stage runs in the flow's process."""
 
     @property
     def mixture_settings(self) -> MixtureSettings | None:

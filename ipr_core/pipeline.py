@@ -17,7 +17,7 @@ from ipr_core.expert import Rejected, gold_trajectories
 from ipr_core.explore import Exploration, explore
 from ipr_core.mining import MiningConfig, StepKey, mine_pairs
 from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
-from ipr_core.step_rewards import StepReward, estimate_step_rewards, expert_queries
+from ipr_core.step_rewards import StepQuery, StepReward, estimate_step_rewards, expert_queries
 from ipr_core.store import Store, expert_to_row, steps_from_json, steps_to_json, upsert
 from ipr_core.types import Pair, Trajectory
 
@@ -68,13 +68,7 @@ def expert_step_rewards(
     seed: int,
 ) -> int:
     """Score every expert step once per (run, scorer); returns how many were computed now."""
-    done = _step_reward_keys(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
-    queries = [
-        query
-        for expert in experts
-        for query in expert_queries(expert)
-        if (query.task_id, query.prefix_len) not in done
-    ]
+    queries = pending_expert_queries(store, run_id, scorer_id, experts)
     if queries:
         rewards, rollouts = estimate_step_rewards(engine, queries, n_samples, temperature, seed)
         _write_step_rewards(store, run_id, EXPERT_ITERATION, engine, scorer_id, rewards, rollouts)
@@ -93,10 +87,28 @@ def agent_step_rewards(
     seed: int,
 ) -> int:
     """Score the agent's first own action of every exploration that differs from the expert's."""
-    queries = [q for e in explorations if (q := e.agent_step_query()) is not None]
+    queries = agent_queries(explorations)
     rewards, rollouts = estimate_step_rewards(engine, queries, n_samples, temperature, seed)
     _write_step_rewards(store, run_id, iteration, engine, scorer_id, rewards, rollouts)
     return len(queries)
+
+
+def pending_expert_queries(
+    store: Store, run_id: str, scorer_id: str, experts: Sequence[Trajectory]
+) -> list[StepQuery]:
+    """The expert steps this (run, scorer) has not scored yet."""
+    done = _step_reward_keys(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
+    return [
+        query
+        for expert in experts
+        for query in expert_queries(expert)
+        if (query.task_id, query.prefix_len) not in done
+    ]
+
+
+def agent_queries(explorations: Sequence[Exploration]) -> list[StepQuery]:
+    """The agent's first own action of every exploration that differs from the expert's."""
+    return [q for e in explorations if (q := e.agent_step_query()) is not None]
 
 
 def _write_step_rewards(
@@ -108,7 +120,23 @@ def _write_step_rewards(
     rewards: Sequence[StepReward],
     rollouts: Sequence[Sequence[RolloutResult]],
 ) -> None:
-    reward_rows, rollout_rows = [], []
+    reward_rows, rollout_rows = step_reward_rows(
+        run_id, iteration, engine.env_id, scorer_id, rewards, rollouts
+    )
+    store.write({"rollouts": rollout_rows, "step_rewards": reward_rows})
+
+
+def step_reward_rows(
+    run_id: str,
+    iteration: int,
+    env_id: str,
+    scorer_id: str,
+    rewards: Sequence[StepReward],
+    rollouts: Sequence[Sequence[RolloutResult]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `step_rewards` rows and the `rollouts` rows (kind 'mc') behind them."""
+    reward_rows: list[dict[str, Any]] = []
+    rollout_rows: list[dict[str, Any]] = []
     for reward, results in zip(rewards, rollouts, strict=True):
         query = reward.query
         reward_rows.append(
@@ -116,7 +144,7 @@ def _write_step_rewards(
                 "run_id": run_id,
                 "scorer_id": scorer_id,
                 "iteration": iteration,
-                "env_id": engine.env_id,
+                "env_id": env_id,
                 "task_id": query.task_id,
                 "prefix_len": query.prefix_len,
                 "actor": query.actor,
@@ -133,7 +161,7 @@ def _write_step_rewards(
             rollout_row(r, run_id, iteration, "mc", query.prefix_len, query.actor, scorer_id)
             for r in results
         ]
-    store.write({"rollouts": rollout_rows, "step_rewards": reward_rows})
+    return reward_rows, rollout_rows
 
 
 def _step_reward_keys(
