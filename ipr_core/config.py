@@ -68,6 +68,8 @@ class RunConfig(_Strict):
     evaluate_base: bool = True
     max_steps: int | None = Field(None, gt=0)
     """Episode step bound; the env's own bound when unset or lower."""
+    step_timeout_s: float = Field(60.0, gt=0)
+    """An env step running longer fails its rollout (env_error) instead of hanging the run."""
     iterations: int = Field(1, gt=0)
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()

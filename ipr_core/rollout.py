@@ -5,18 +5,24 @@ live episode, then steps each episode's environment. An episode may start from a
 replayed prefix of assistant turns (an expert prefix, or a prefix plus the action
 whose step reward is being estimated). Finished episodes free their slot at once, so
 up to `max_live` episodes are always in flight.
+
+Environment steps of one round run concurrently in a thread pool (slow environments,
+such as a SQL server or a JVM, overlap), and each is bounded by `step_timeout_s`: a hung
+step ends its episode as `env_error`, and the engine carries on with a fresh env instance.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from ipr_core.backends.base import Completion, Message, PolicyBackend, SamplingParams
-from ipr_core.envs import Env, EnvTask, make_env
+from ipr_core.envs import Env, EnvTask, StepResult, make_env
 from ipr_core.prompts import INVALID_TURN_OBSERVATION, STOP_STRINGS, build_conversation
 from ipr_core.react import parse_react
 from ipr_core.types import RolloutStatus, Step, Trajectory, is_failed
@@ -81,6 +87,7 @@ class RolloutEngine:
         max_live: int = 32,
         max_new_tokens: int = 96,
         max_steps: int | None = None,
+        step_timeout_s: float = 60.0,
     ):
         self.env_id = env_id
         self.backend = backend
@@ -90,11 +97,14 @@ class RolloutEngine:
         self.action_hint = self._idle_envs[0].action_hint
         env_max_steps = self._idle_envs[0].max_steps
         self.max_steps = min(env_max_steps, max_steps) if max_steps else env_max_steps
+        self.step_timeout_s = step_timeout_s
+        self._stepper = ThreadPoolExecutor(max_workers=max_live, thread_name_prefix="env-step")
 
     def close(self) -> None:
         for env in self._idle_envs:
             env.close()
         self._idle_envs.clear()
+        self._stepper.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> RolloutEngine:
         return self
@@ -152,8 +162,7 @@ class RolloutEngine:
                 for _, episode in live:
                     episode.status, episode.error = "generation_error", repr(exc)
             else:
-                for (_, episode), completion in zip(live, completions, strict=True):
-                    self._advance(episode, completion)
+                self._advance_all([ep for _, ep in live], completions)
             still_live = []
             for index, episode in live:
                 if episode.status is None:
@@ -178,42 +187,80 @@ class RolloutEngine:
             if episode.status is not None:
                 return
 
-    def _advance(self, episode: _Episode, completion: Completion) -> None:
-        episode.prefill_tokens += completion.prompt_tokens
-        episode.generated_tokens += completion.generated_tokens
-        if completion.finish_reason == "context":
-            episode.status = "truncated"
-            episode.error = "the conversation no longer fits the model's context"
-            return
-        self._act(episode, completion.text.strip())
+    def _advance_all(self, episodes: list[_Episode], completions: list[Completion]) -> None:
+        turns = []
+        for episode, completion in zip(episodes, completions, strict=True):
+            episode.prefill_tokens += completion.prompt_tokens
+            episode.generated_tokens += completion.generated_tokens
+            if completion.finish_reason == "context":
+                episode.status = "truncated"
+                episode.error = "the conversation no longer fits the model's context"
+            else:
+                turns.append((episode, completion.text.strip()))
+        self._act_all(turns)
 
     def _act(self, episode: _Episode, text: str) -> None:
-        """Execute one assistant turn; an unparsable turn gets a corrective observation."""
-        assert episode.env is not None
-        parsed = parse_react(text)
-        if parsed.ok:
+        self._act_all([(episode, text)])
+
+    def _act_all(self, turns: list[tuple[_Episode, str]]) -> None:
+        """Execute one assistant turn per episode; an unparsable turn gets a corrective
+        observation. The env steps run concurrently, each within `step_timeout_s`."""
+        parsed = [(episode, text, parse_react(text)) for episode, text in turns]
+        steps: dict[int, Future[StepResult]] = {}
+        for episode, _, turn in parsed:
+            if turn.ok:
+                assert episode.env is not None
+                steps[id(episode)] = self._stepper.submit(episode.env.step, turn.action)
+        deadline = time.monotonic() + self.step_timeout_s
+        for episode, text, turn in parsed:
+            if not turn.ok:
+                episode.parse_failures += 1
+                self._record(
+                    episode,
+                    Step(text=text, action=turn.action, observation=INVALID_TURN_OBSERVATION),
+                    done=False,
+                )
+                continue
+            step_no = len(episode.steps) + 1
+            future = steps[id(episode)]
             try:
-                result = episode.env.step(parsed.action)
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self._abandon(
+                    episode,
+                    future,
+                    f"step {step_no} did not finish within {self.step_timeout_s:g} s",
+                )
+                continue
             except Exception as exc:
-                self._crash(episode, f"step {len(episode.steps) + 1} failed: {exc!r}")
-                return
+                self._crash(episode, f"step {step_no} failed: {exc!r}")
+                continue
             episode.env_steps += 1
             episode.reward = result.reward
-            observation, done = result.observation, result.done
-        else:
-            episode.parse_failures += 1
-            observation, done = INVALID_TURN_OBSERVATION, False
-        episode.steps.append(Step(text=text, action=parsed.action, observation=observation))
+            self._record(
+                episode,
+                Step(text=text, action=turn.action, observation=result.observation),
+                result.done,
+            )
+
+    def _record(self, episode: _Episode, step: Step, done: bool) -> None:
+        episode.steps.append(step)
         if done:
             episode.status = "ok"
         elif len(episode.steps) >= self.max_steps:
             episode.status = "max_steps"
 
+    def _abandon(self, episode: _Episode, running: Future[StepResult], error: str) -> None:
+        """A hung step: the episode fails now; its env is closed once the step returns."""
+        episode.status, episode.error = "env_error", error
+        env, episode.env = episode.env, None
+        if env is not None:
+            running.add_done_callback(lambda _: _close_quietly(env))
+
     def _crash(self, episode: _Episode, error: str) -> None:
         episode.status, episode.error = "env_error", error
         if episode.env is not None:
-            with contextlib.suppress(Exception):  # the instance is discarded either way
-                episode.env.close()
+            _close_quietly(episode.env)
             episode.env = None
 
     def _finish(self, episode: _Episode) -> RolloutResult:
@@ -267,3 +314,8 @@ class RolloutEngine:
                 return [served[key][0] for key in keys]
             return [served[key].pop() for key in keys]
         return [out[0] for out in self.backend.generate(conversations, params)]
+
+
+def _close_quietly(env: Env) -> None:
+    with contextlib.suppress(Exception):  # a failed instance is discarded either way
+        env.close()

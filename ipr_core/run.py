@@ -55,7 +55,12 @@ def load_backend(path: Path, config: RunConfig) -> PolicyBackend:
 def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> RolloutEngine:
     gen = config.generation
     engine = RolloutEngine(
-        config.env, backend, gen.max_live_episodes, gen.max_new_tokens, config.max_steps
+        config.env,
+        backend,
+        gen.max_live_episodes,
+        gen.max_new_tokens,
+        config.max_steps,
+        config.step_timeout_s,
     )
     return stack.enter_context(engine)
 

@@ -27,6 +27,8 @@ DEFAULTS = {
 def configure_prefect_env() -> None:
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # Prefect creates only the last folder of its home; a fresh clone has no .ipr/ yet.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     if "prefect" in sys.modules and os.environ["PREFECT_HOME"] != _imported_home():
         warnings.warn(
             "prefect was imported before tasks.settings.configure_prefect_env(); "
