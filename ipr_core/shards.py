@@ -45,7 +45,15 @@ from ipr_core.types import Actor, Trajectory
 
 TABLES = ("rollouts", "step_rewards")
 FINGERPRINT_KEY = b"ipr.shard_fingerprint"
-JOB_CONFIG_FIELDS = {"run_id", "env", "backend", "max_steps", "generation", "monte_carlo"}
+JOB_CONFIG_FIELDS = {
+    "run_id",
+    "env",
+    "backend",
+    "max_steps",
+    "step_timeout_s",
+    "generation",
+    "monte_carlo",
+}
 """The config fields a shard's rows depend on (with the scorer, seed and queries)."""
 
 
@@ -95,7 +103,7 @@ def shard_directory(config: RunConfig, actor: Actor, iteration: int) -> Path:
     """`<shard_dir>/<run>/<actor>-<iteration>`: one folder per stage of a run."""
     scale = config.scale_out
     root = scale.shard_dir if scale is not None and scale.shard_dir else config.cache_dir / "shards"
-    return root / config.run_id / f"{actor}-{iteration}"
+    return root.resolve() / config.run_id / f"{actor}-{iteration}"
 
 
 def plan_step_reward_shards(

@@ -24,18 +24,22 @@ from ipr_core.config import (  # noqa: E402
     load_config,
 )
 from ipr_core.errors import InputError  # noqa: E402
-from ipr_core.pipeline import expert_step_rewards, ingest_gold, pending_expert_queries  # noqa: E402
+from ipr_core.pipeline import (  # noqa: E402
+    agent_step_rewards,
+    expert_step_rewards,
+    explore_stage,
+    ingest_gold,
+    pending_expert_queries,
+)
 from ipr_core.run import load_backend, open_engine  # noqa: E402
 from ipr_core.store import Store  # noqa: E402
 
 ENV = "twx/arithmetic"  # 5 gold steps per task: 2 tasks give 10 expert steps to score
-ROW_ORDER = "ORDER BY task_id, prefix_len, actor"
 
 
 def table(store: Store, name: str, with_created_at: bool = False) -> list[dict]:
     columns = "*" if with_created_at else "* EXCLUDE (created_at)"
-    order = ROW_ORDER + (", sample_idx" if name == "rollouts" else "")
-    return store.query(f"SELECT {columns} FROM {name} {order}").to_dict("records")
+    return store.query(f"SELECT {columns} FROM {name} ORDER BY ALL").to_dict("records")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def runs(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("scale-out")
     single = RunConfig(
         run_id="shards", env=ENV, model="tiny-llama", store=root / "single.duckdb",
-        cache_dir=root, train_limit=2, max_steps=7, seed=3,
+        cache_dir=root, train_limit=2, max_steps=6, seed=3,
         generation=GenerationConfig(max_new_tokens=16, max_batch_size=32, max_live_episodes=32),
         monte_carlo=MonteCarloConfig(n_samples=2, temperature=1.0),
     )  # fmt: skip
@@ -146,6 +150,32 @@ def test_plan_cuts_the_queries_into_ordered_slices(runs):
         assert [len(job.queries) for job in jobs] == sizes
         assert [q for job in jobs for q in job.queries] == queries
         assert {job.count for job in jobs} == {len(sizes)}
+
+
+def test_agent_shard_rows_equal_the_in_process_stage(runs, tmp_path):
+    """The agent stage's plan: the iteration's explorations, rows under that iteration.
+    One shard, computed in this process, so the batches are the in-process stage's."""
+    config, seed = runs["config"], 42
+    explored = fresh_store(runs, tmp_path)
+    experts = explored.expert_trajectories(ENV, "train", 1)  # 5 explorations: enough here
+    with ExitStack() as stack:
+        scorer = load_backend(runs["scorer"], config)
+        engine = open_engine(stack, scorer, config)
+        explorations = explore_stage(explored, config.run_id, 1, engine, experts, seed=7)
+        shutil.copy(explored.path, tmp_path / "sharded.duckdb")
+        n = agent_step_rewards(
+            explored, config.run_id, 1, engine, scorer.policy_id, explorations, 2, 1.0, seed
+        )
+    sharded = Store(tmp_path / "sharded.duckdb")
+    config = config.model_copy(update={"cache_dir": tmp_path})  # shards under tmp_path
+    (job,) = shards.plan_step_reward_shards(
+        sharded, config, experts, runs["scorer"], "agent", 1, seed, 1
+    )
+    assert len(job.queries) == n > 0 and job.iteration == 1
+    assert shards.compute_shard(job) and not shards.compute_shard(job)  # done: not redone
+    assert shards.ingest_shards(sharded, [job])["step_rewards"] == n
+    for name in shards.TABLES:
+        assert table(sharded, name) == table(explored, name)
 
 
 def test_bad_scale_out_config_names_the_field(tmp_path):
