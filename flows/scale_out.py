@@ -20,7 +20,6 @@ from prefect import flow, get_client  # noqa: E402
 
 from ipr_core import shards  # noqa: E402
 from ipr_core.config import RunConfig, ScaleOutConfig  # noqa: E402
-from ipr_core.training.checkpoints import model_id  # noqa: E402
 from ipr_core.types import Actor  # noqa: E402
 from tasks import shards as shard_tasks  # noqa: E402
 
@@ -79,7 +78,7 @@ def mc_step_rewards(
     changed = shard_tasks.ingest(config, jobs, actor)
     return {
         "queries": sum(len(job.queries) for job in jobs),
-        "scorer_id": model_id(Path(scorer_path)),
+        "scorer_id": shards.step_scorer_id(config, Path(scorer_path)),
         "shards": len(jobs),
         "computed": len(pending),
         "changed": changed,

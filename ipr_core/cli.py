@@ -105,6 +105,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     export.add_argument("--run-id", default="default", help="pairs: the run")
     export.add_argument("--iteration", type=int, help="pairs: one iteration (default: all)")
     export.set_defaults(handler=cmd_export)
+
+    bench = commands.add_parser("bench", help="benchmarks that print figures")
+    benches = bench.add_subparsers(required=True, metavar="BENCH")
+    rollouts = benches.add_parser("rollouts", help="MC step rewards: engine vs reference vs limit")
+    rollouts.add_argument("--config", type=Path, default=Path("configs/bench.yaml"))
+    rollouts.add_argument("--out", type=Path, required=True, help="JSON report")
+    rollouts.set_defaults(handler=cmd_bench_rollouts)
     return parser, commands
 
 
@@ -126,6 +133,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"skipped {rejected.task_id}: {rejected.reason}")
     print(f"wrote {report.written} expert trajectories of {args.env}/{args.split} to {args.store}")
     return 0 if report.written == args.limit else 1
+
+
+def cmd_bench_rollouts(args: argparse.Namespace) -> int:
+    from ipr_core.bench import format_table, load_bench_config, run_bench
+
+    report = run_bench(load_bench_config(args.config))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_table(report))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

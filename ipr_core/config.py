@@ -74,6 +74,9 @@ class RunConfig(_Strict):
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()
     monte_carlo: MonteCarloConfig = MonteCarloConfig()
+    step_reward_model: Path | None = None
+    """A step reward model folder (`ipr train reward-model`) whose predictions replace the
+    Monte Carlo step rewards (paper 5.5); unset: MC with the SFT model as scorer."""
     mining: MiningConfig = MiningConfig()
     scale_out: ScaleOutConfig | None = None
     """None: each step reward stage runs in the flow's process."""

@@ -31,6 +31,8 @@ _THOUGHTS: dict[str, str] = {
     "look": "I should look around to see what is here.",
     "inventory": "Let me check what I am carrying.",
     "drop": "I do not need the {obj} any more, so I will drop it.",
+    "select": "I will query the database for the rows that answer the question.",
+    "submit": "The last result answers the question, so I will submit it.",
 }
 
 

@@ -17,7 +17,14 @@ from ipr_core.expert import Rejected, gold_trajectories
 from ipr_core.explore import Exploration, explore
 from ipr_core.mining import MiningConfig, StepKey, mine_pairs
 from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
-from ipr_core.step_rewards import StepQuery, StepReward, estimate_step_rewards, expert_queries
+from ipr_core.step_rewards import (
+    StepQuery,
+    StepReward,
+    StepScorer,
+    estimate_step_rewards,
+    expert_queries,
+    predict_step_rewards,
+)
 from ipr_core.store import Store, expert_to_row, steps_from_json, steps_to_json, upsert
 from ipr_core.types import Pair, Trajectory
 
@@ -66,11 +73,14 @@ def expert_step_rewards(
     n_samples: int,
     temperature: float,
     seed: int,
+    reward_model: StepScorer | None = None,
 ) -> int:
-    """Score every expert step once per (run, scorer); returns how many were computed now."""
+    """Score every expert step once per (run, scorer); returns how many were computed now.
+
+    With `reward_model`, its predictions replace the Monte Carlo estimate."""
     queries = pending_expert_queries(store, run_id, scorer_id, experts)
     if queries:
-        rewards, rollouts = estimate_step_rewards(engine, queries, n_samples, temperature, seed)
+        rewards, rollouts = score_steps(engine, queries, n_samples, temperature, seed, reward_model)
         _write_step_rewards(store, run_id, EXPERT_ITERATION, engine, scorer_id, rewards, rollouts)
     return len(queries)
 
@@ -85,10 +95,11 @@ def agent_step_rewards(
     n_samples: int,
     temperature: float,
     seed: int,
+    reward_model: StepScorer | None = None,
 ) -> int:
     """Score the agent's first own action of every exploration that differs from the expert's."""
     queries = agent_queries(explorations)
-    rewards, rollouts = estimate_step_rewards(engine, queries, n_samples, temperature, seed)
+    rewards, rollouts = score_steps(engine, queries, n_samples, temperature, seed, reward_model)
     _write_step_rewards(store, run_id, iteration, engine, scorer_id, rewards, rollouts)
     return len(queries)
 
@@ -109,6 +120,20 @@ def pending_expert_queries(
 def agent_queries(explorations: Sequence[Exploration]) -> list[StepQuery]:
     """The agent's first own action of every exploration that differs from the expert's."""
     return [q for e in explorations if (q := e.agent_step_query()) is not None]
+
+
+def score_steps(
+    engine: RolloutEngine,
+    queries: Sequence[StepQuery],
+    n_samples: int,
+    temperature: float,
+    seed: int,
+    reward_model: StepScorer | None,
+) -> tuple[list[StepReward], list[list[RolloutResult]]]:
+    """MC estimates, or the step reward model's predictions when there is one."""
+    if reward_model is not None:
+        return predict_step_rewards(engine, reward_model, queries)
+    return estimate_step_rewards(engine, queries, n_samples, temperature, seed)
 
 
 def _write_step_rewards(

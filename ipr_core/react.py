@@ -43,6 +43,23 @@ def format_turn(thought: str, action: str) -> str:
     return f"Thought: {thought}\nAction: {action}"
 
 
+_WRAPPERS = ("**", "`", '"', "'", "*")
+
+
 def _clean_action(raw: str) -> str:
-    decoration = " \t*`\"'"
-    return raw.strip(decoration).rstrip(".!").strip(decoration)
+    """Drop the markdown or quotes a model wraps an action in, and a trailing full stop;
+    only matching pairs, so an action that ends in a quote (SQL) keeps it."""
+    action = raw.strip()
+    if not action.rstrip(".!").endswith(
+        "*"
+    ):  # "**Action:** take apple" leaves the closing "**" in front
+        action = action.lstrip("*").strip()
+    unwrapped = True
+    while unwrapped:
+        unwrapped = False
+        for mark in _WRAPPERS:
+            if len(action) > 2 * len(mark) and action.startswith(mark) and action.endswith(mark):
+                action, unwrapped = action[len(mark) : -len(mark)].strip(), True
+        if action.endswith((".", "!")) and not action.endswith(("..", "'.", '".')):
+            action, unwrapped = action.rstrip(".!").strip(), True
+    return action

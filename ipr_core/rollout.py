@@ -14,12 +14,13 @@ step ends its episode as `env_error`, and the engine carries on with a fresh env
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ipr_core.backends.base import Completion, Message, PolicyBackend, SamplingParams
 from ipr_core.envs import Env, EnvTask, StepResult, make_env
@@ -137,7 +138,9 @@ class RolloutEngine:
         results: list[RolloutResult | None] = [None] * len(specs)
         pending = deque(enumerate(specs))
         live: list[tuple[int, _Episode]] = []
-        round_idx = 0
+        params = SamplingParams(
+            temperature=temperature, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS
+        )
         while pending or live:
             while pending and len(live) < self.max_live:
                 index, spec = pending.popleft()
@@ -149,15 +152,8 @@ class RolloutEngine:
                     results[index] = self._finish(episode)
             if not live:
                 continue
-            params = SamplingParams(
-                temperature=temperature,
-                max_new_tokens=self.max_new_tokens,
-                stop=STOP_STRINGS,
-                seed=seed * 1_000_003 + round_idx,
-            )
-            conversations = [self.conversation(ep.task, ep.steps) for _, ep in live]
             try:
-                completions = self._generate(conversations, params)
+                completions = self._generate([ep for _, ep in live], params, seed)
             except Exception as exc:  # the backend failed: every live episode failed with it
                 for _, episode in live:
                     episode.status, episode.error = "generation_error", repr(exc)
@@ -170,7 +166,6 @@ class RolloutEngine:
                 else:
                     results[index] = self._finish(episode)
             live = still_live
-            round_idx += 1
         return [result for result in results if result is not None]
 
     # -- episode mechanics ---------------------------------------------------------------
@@ -290,32 +285,31 @@ class RolloutEngine:
         return self._idle_envs.pop() if self._idle_envs else make_env(self.env_id)
 
     def _generate(
-        self, conversations: list[list[Message]], params: SamplingParams
+        self, episodes: list[_Episode], params: SamplingParams, seed: int
     ) -> list[Completion]:
-        """One backend call for the round, sharing work between identical conversations.
+        """One backend call for the round.
 
-        Greedy: identical conversations get the same completion, generated once.
-        Sampling: when every distinct conversation appears c times (the N Monte Carlo
-        samples of one prefix), ask for n=c completions of each, so a backend with
-        prefix caching prefills each prefix once.
+        Sampling: every episode's turn gets its own seed, from the run seed, its spec and
+        the turn number, so a rollout is the same whatever batch it runs in (and however a
+        run is sharded). Greedy: identical conversations get one completion, generated once.
         """
+        conversations = [self.conversation(ep.task, ep.steps) for ep in episodes]
+        if params.temperature > 0:
+            seeds = [turn_seed(seed, ep.spec, len(ep.steps)) for ep in episodes]
+            return [out[0] for out in self.backend.generate(conversations, params, seeds)]
         keys = [json.dumps(conversation) for conversation in conversations]
-        unique: dict[str, int] = {}
-        for key in keys:
-            unique[key] = unique.get(key, 0) + 1
-        counts = set(unique.values())
-        if params.temperature == 0 or (len(counts) == 1 and counts != {1}):
-            n = 1 if params.temperature == 0 else counts.pop()
-            order = list(unique)
-            batch = [conversations[keys.index(key)] for key in order]
-            outputs = self.backend.generate(batch, replace(params, n=n))
-            served = {key: list(out) for key, out in zip(order, outputs, strict=True)}
-            if params.temperature == 0:
-                return [served[key][0] for key in keys]
-            return [served[key].pop() for key in keys]
-        return [out[0] for out in self.backend.generate(conversations, params)]
+        unique = {key: conversation for key, conversation in zip(keys, conversations, strict=True)}
+        outputs = self.backend.generate(list(unique.values()), params)
+        served = {key: out[0] for key, out in zip(unique, outputs, strict=True)}
+        return [served[key] for key in keys]
 
 
 def _close_quietly(env: Env) -> None:
     with contextlib.suppress(Exception):  # a failed instance is discarded either way
         env.close()
+
+
+def turn_seed(seed: int, spec: RolloutSpec, turn: int) -> int:
+    """The sampling seed of one turn of one rollout."""
+    key = json.dumps([seed, spec.task_id, spec.prefix, spec.sample_idx, turn])
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1

@@ -19,6 +19,7 @@ import pandas as pd
 from ipr_core.backends import PolicyBackend, make_backend
 from ipr_core.config import RunConfig
 from ipr_core.envs import make_env
+from ipr_core.errors import InputError
 from ipr_core.evaluate import Evaluation, evaluate
 from ipr_core.models import resolve_model
 from ipr_core.pipeline import (
@@ -33,6 +34,7 @@ from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
 from ipr_core.training.data import load_pairs
 from ipr_core.training.mixture import train_mixture
+from ipr_core.training.reward_model import RewardModelScorer
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Trajectory
 
@@ -158,23 +160,34 @@ def run_iteration(
         policy_engine = scorer_engine
         if policy_path != scorer_path:
             policy_engine = open_engine(stack, load_backend(policy_path, config), config)
+        scorer_id, reward_model = step_scorer(config, scorer.policy_id)
         n_expert = expert_step_rewards(
-            store, config.run_id, scorer_engine, scorer.policy_id, experts,
-            mc.n_samples, mc.temperature, config.seed,
+            store, config.run_id, scorer_engine, scorer_id, experts,
+            mc.n_samples, mc.temperature, config.seed, reward_model,
         )  # fmt: skip
         log(f"iteration {iteration}: scored {n_expert} expert steps")
         explorations = explore_stage(store, config.run_id, iteration, policy_engine, experts, seed)
         log(f"iteration {iteration}: {len(explorations)} explorations")
         n_agent = agent_step_rewards(
-            store, config.run_id, iteration, scorer_engine, scorer.policy_id,
-            explorations, mc.n_samples, mc.temperature, seed,
+            store, config.run_id, iteration, scorer_engine, scorer_id,
+            explorations, mc.n_samples, mc.temperature, seed, reward_model,
         )  # fmt: skip
         log(f"iteration {iteration}: scored {n_agent} agent steps")
         pairs = mine_stage(
-            store, config.run_id, iteration, scorer.policy_id, explorations,
+            store, config.run_id, iteration, scorer_id, explorations,
             config.mining, hint, config.env,
         )  # fmt: skip
         log(f"iteration {iteration}: {len(pairs)} pairs")
+
+
+def step_scorer(config: RunConfig, mc_scorer_id: str) -> tuple[str, RewardModelScorer | None]:
+    """Who scores steps: the config's step reward model, else MC with the SFT model."""
+    if config.step_reward_model is None:
+        return mc_scorer_id, None
+    path = Path(config.step_reward_model)
+    if not path.is_dir():
+        raise InputError(str(path), "no reward model folder here", field="step_reward_model")
+    return model_id(path), RewardModelScorer(path)
 
 
 def iteration_summary(store: Store, run_id: str, dev_split: str = "dev") -> pd.DataFrame:

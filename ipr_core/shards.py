@@ -35,10 +35,11 @@ from ipr_core.pipeline import (
     agent_queries,
     load_explorations,
     pending_expert_queries,
+    score_steps,
     step_reward_rows,
 )
-from ipr_core.run import load_backend, open_engine
-from ipr_core.step_rewards import StepQuery, estimate_step_rewards
+from ipr_core.run import load_backend, open_engine, step_scorer
+from ipr_core.step_rewards import StepQuery
 from ipr_core.store import SCHEMA, Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.types import Actor, Trajectory
@@ -121,7 +122,7 @@ def plan_step_reward_shards(
     Expert steps are scored once per (run, scorer), so only those not in the store yet are
     planned; agent steps are those of the iteration's stored explorations.
     """
-    scorer_id = model_id(scorer_path)
+    scorer_id = step_scorer_id(config, scorer_path)
     if actor == "expert":
         queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
         row_iteration = EXPERT_ITERATION
@@ -147,6 +148,14 @@ def plan_step_reward_shards(
     ]
 
 
+def step_scorer_id(config: RunConfig, scorer_path: Path) -> str:
+    """The scorer the rows are stored under: the step reward model when the config names
+    one (as `ipr_core.run.step_scorer` decides), else the MC scorer; read, not loaded."""
+    if config.step_reward_model is not None:
+        return model_id(Path(config.step_reward_model))
+    return model_id(scorer_path)
+
+
 # -- the worker side -----------------------------------------------------------------------
 def shard_complete(job: ShardJob) -> bool:
     """Whether every file of the shard exists and was written by this very job."""
@@ -166,15 +175,16 @@ def compute_shard(job: ShardJob) -> bool:
         return False
     config, mc = job.config, job.config.monte_carlo
     with ExitStack() as stack:
-        scorer = load_backend(Path(job.scorer_path), config)
-        if scorer.policy_id != job.scorer_id:
+        backend = load_backend(Path(job.scorer_path), config)
+        scorer_id, reward_model = step_scorer(config, backend.policy_id)
+        if scorer_id != job.scorer_id:
             raise ShardError(
-                f"{job.name}: the scorer at {job.scorer_path} is model {scorer.policy_id}, "
-                f"the plan was made for {job.scorer_id} (is the folder shared with the workers?)"
+                f"{job.name}: this worker's scorer is model {scorer_id}, the plan was made "
+                f"for {job.scorer_id} (are the model folders shared with the workers?)"
             )
-        engine = open_engine(stack, scorer, config)
-        rewards, rollouts = estimate_step_rewards(
-            engine, job.queries, mc.n_samples, mc.temperature, job.seed
+        engine = open_engine(stack, backend, config)
+        rewards, rollouts = score_steps(
+            engine, job.queries, mc.n_samples, mc.temperature, job.seed, reward_model
         )
     reward_rows, rollout_rows = step_reward_rows(
         job.run_id, job.iteration, config.env, job.scorer_id, rewards, rollouts

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from ipr_core.backends.base import Message
 from ipr_core.react import parse_react
 from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
 from ipr_core.types import Actor, Trajectory, is_failed
@@ -71,6 +73,40 @@ def estimate_step_rewards(
         for query, results, is_terminal in zip(queries, rollouts, terminal, strict=True)
     ]
     return rewards, rollouts
+
+
+class StepScorer(Protocol):
+    """A learned step reward: the predicted value of a conversation's last assistant turn."""
+
+    def score(self, conversations: Sequence[Sequence[Message]]) -> list[float]: ...
+
+
+def predict_step_rewards(
+    engine: RolloutEngine, scorer: StepScorer, queries: Sequence[StepQuery]
+) -> tuple[list[StepReward], list[list[RolloutResult]]]:
+    """Step rewards from a trained step reward model (paper 5.5) instead of MC rollouts.
+
+    Each step is still replayed: a step that ends the episode gets its outcome, as with MC,
+    and a replay that fails has no step reward. Only the replays are returned as rollouts.
+    """
+    rewards: list[StepReward | None] = [None] * len(queries)
+    rollouts: list[list[RolloutResult]] = [[] for _ in queries]
+    to_score: list[tuple[int, list[Message]]] = []
+    for i, query in enumerate(queries):
+        replayed, ended = engine.replay(query.task_id, (*query.history, query.step_text))
+        if ended:
+            rollouts[i].append(replayed)
+            rewards[i] = summarize(query, [replayed], terminal=True)
+            continue
+        trajectory = replayed.trajectory
+        history = engine.conversation(trajectory.task, trajectory.steps[: query.prefix_len])
+        to_score.append((i, [*history, {"role": "assistant", "content": query.step_text}]))
+    predictions = scorer.score([messages for _, messages in to_score]) if to_score else []
+    for (i, _), predicted in zip(to_score, predictions, strict=True):
+        query = queries[i]
+        action = parse_react(query.step_text).action
+        rewards[i] = StepReward(query, action, predicted, 0, 0, 0, terminal=False)
+    return [reward for reward in rewards if reward is not None], rollouts
 
 
 def summarize(query: StepQuery, results: Sequence[RolloutResult], terminal: bool) -> StepReward:

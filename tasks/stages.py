@@ -151,7 +151,14 @@ def _expert_rewards_key(config: RunConfig, scorer_path: str) -> str:
     return keys.digest(
         "expert_step_rewards", keys.model_key(scorer_path), keys.experts_hash(config),
         keys.config_fields(config, *SHARED, *ROLLOUT, "monte_carlo", "seed"),
+        _reward_model_key(config),
     )  # fmt: skip
+
+
+def _reward_model_key(config: RunConfig) -> str | None:
+    return (
+        None if config.step_reward_model is None else keys.model_key(str(config.step_reward_model))
+    )
 
 
 @task(name="expert-step-rewards", cache_policy=_key(_expert_rewards_key))
@@ -162,9 +169,10 @@ def expert_step_rewards(config: RunConfig, scorer_path: str) -> dict[str, Any]:
     with ExitStack() as stack:
         scorer = run.load_backend(Path(scorer_path), config)
         engine = run.open_engine(stack, scorer, config)
+        scorer_id, reward_model = run.step_scorer(config, scorer.policy_id)
         computed = pipeline.expert_step_rewards(
-            store, config.run_id, engine, scorer.policy_id, experts,
-            mc.n_samples, mc.temperature, config.seed,
+            store, config.run_id, engine, scorer_id, experts,
+            mc.n_samples, mc.temperature, config.seed, reward_model,
         )  # fmt: skip
     _log(f"scored {computed} expert steps ({sum(len(e.steps) for e in experts)} in all)")
     return {"computed": computed, "scored": sum(len(e.steps) for e in experts)}
@@ -202,6 +210,7 @@ def _agent_rewards_key(config: RunConfig, scorer_path: str, iteration: int) -> s
         "agent_step_rewards", keys.model_key(scorer_path), keys.experts_hash(config),
         keys.explorations_hash(config, iteration), iteration,
         keys.config_fields(config, *SHARED, *ROLLOUT, "monte_carlo", "seed"),
+        _reward_model_key(config),
     )  # fmt: skip
 
 
@@ -217,12 +226,13 @@ def agent_step_rewards(config: RunConfig, scorer_path: str, iteration: int) -> d
     with ExitStack() as stack:
         scorer = run.load_backend(Path(scorer_path), config)
         engine = run.open_engine(stack, scorer, config)
+        scorer_id, reward_model = run.step_scorer(config, scorer.policy_id)
         queries = pipeline.agent_step_rewards(
-            store, config.run_id, iteration, engine, scorer.policy_id, explorations,
-            mc.n_samples, mc.temperature, iteration_seed(config, iteration),
+            store, config.run_id, iteration, engine, scorer_id, explorations,
+            mc.n_samples, mc.temperature, iteration_seed(config, iteration), reward_model,
         )  # fmt: skip
     _log(f"iteration {iteration}: scored {queries} agent steps")
-    return {"queries": queries, "scorer_id": scorer.policy_id}
+    return {"queries": queries, "scorer_id": scorer_id}
 
 
 # -- pairs ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_unknown_env_id_names_it_and_lists_known_ids() -> None:
 
 
 def test_registry_lists_every_twx_game() -> None:
-    assert set(known_env_ids()) == {f"twx/{game}" for game in VARIANTS}
+    assert {e for e in known_env_ids() if e.startswith("twx/")} == {f"twx/{g}" for g in VARIANTS}
 
 
 @pytest.mark.parametrize("env_id", MAIN_ENV_IDS)

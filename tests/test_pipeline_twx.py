@@ -9,11 +9,19 @@ from ipr_core.backends import make_backend
 from ipr_core.backends.base import SamplingParams
 from ipr_core.cli import main
 from ipr_core.config import load_config
+from ipr_core.errors import InputError
 from ipr_core.pipeline import expert_step_rewards, ingest_gold
+from ipr_core.prompts import build_conversation
 from ipr_core.rollout import RolloutEngine, RolloutSpec
-from ipr_core.run import run_pipeline
+from ipr_core.run import action_hint, run_pipeline, step_scorer
 from ipr_core.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.store import Store
+from ipr_core.training.checkpoints import model_id
+from ipr_core.training.reward_model import (
+    RewardModelSettings,
+    step_reward_examples,
+    train_reward_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = "twx/twc"
@@ -202,3 +210,49 @@ def test_replay_reaches_the_expert_outcome(tmp_path, tiny_model_path):
     assert result.trajectory.steps == expert.steps
     assert not partial_ended and partial.trajectory.steps == expert.steps[:1]
     assert replace(result.spec, prefix=()) == RolloutSpec(expert.task.task_id)
+
+
+def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tmp_path):
+    """Paper 5.5: a reward model trained on the run's MC step rewards scores new steps."""
+    config, store, _ = smoke_run
+    [mc_scorer] = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"]
+    examples = step_reward_examples(store, config.run_id, mc_scorer, action_hint(ENV))
+    settings = RewardModelSettings(epochs=1, batch_size=8, max_length=512, heldout_fraction=0.0)
+    trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
+    rm_config = config.model_copy(update={"step_reward_model": trained.path})
+    scorer_id, reward_model = step_scorer(rm_config, mc_scorer)
+    assert scorer_id == model_id(trained.path) != mc_scorer
+
+    fresh = Store(tmp_path / "rm.duckdb")
+    ingest_gold(fresh, ENV, "train", 2)
+    experts = fresh.expert_trajectories(ENV, "train")
+    with RolloutEngine(ENV, make_backend(tiny_model_path), max_new_tokens=8) as engine:
+        computed = expert_step_rewards(
+            fresh, "rm-run", engine, scorer_id, experts, 4, 1.0, 0, reward_model
+        )
+    rows = fresh.query(
+        "SELECT task_id, prefix_len, step_text, mean_reward, n_samples, terminal "
+        "FROM step_rewards WHERE scorer_id = ? ORDER BY task_id, prefix_len",
+        [scorer_id],
+    )
+    assert computed == len(rows) == sum(len(e.steps) for e in experts)
+    by_task = {e.task.task_id: e for e in experts}
+    for row in rows.itertuples():
+        expert = by_task[row.task_id]
+        if row.terminal:  # the last step's reward is the outcome, as with MC
+            assert row.mean_reward == expert.outcome_reward and row.n_samples == 1
+            continue
+        messages = build_conversation(expert.task, expert.steps[: row.prefix_len], action_hint(ENV))
+        predicted = reward_model.score(
+            [[*messages, {"role": "assistant", "content": row.step_text}]]
+        )
+        assert row.n_samples == 0 and row.mean_reward == pytest.approx(predicted[0], abs=1e-5)
+    # nothing was sampled: the only scorer rollouts are the replays of the terminal steps
+    assert fresh.count("rollouts", "kind = 'mc'") == int(rows["terminal"].sum())
+
+
+def test_a_missing_step_reward_model_names_the_field(smoke_run, tmp_path):
+    config, _, _ = smoke_run
+    missing = config.model_copy(update={"step_reward_model": tmp_path / "nowhere"})
+    with pytest.raises(InputError, match="step_reward_model"):
+        step_scorer(missing, "sft")

@@ -1,3 +1,5 @@
+import pytest
+
 from ipr_core.react import format_turn, parse_react
 
 
@@ -32,3 +34,16 @@ def test_empty_action_is_a_failure():
 def test_format_round_trips():
     turn = parse_react(format_turn("I need it.", "take red apple"))
     assert (turn.thought, turn.action) == ("I need it.", "take red apple")
+
+
+@pytest.mark.parametrize(
+    ("raw", "action"),
+    [
+        ("SELECT name FROM pets WHERE kind = 'cat'", "SELECT name FROM pets WHERE kind = 'cat'"),
+        ('`SELECT "a"`', 'SELECT "a"'),
+        ("**take apple**.", "take apple"),
+        ("'open fridge'", "open fridge"),
+    ],
+)
+def test_only_matching_wrappers_are_removed(raw: str, action: str) -> None:
+    assert parse_react(f"Thought: t\nAction: {raw}").action == action

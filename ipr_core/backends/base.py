@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -25,7 +26,8 @@ class SamplingParams:
 class Completion:
     text: str
     prompt_tokens: int
-    """Tokens prefilled for this completion (the prompt, counted once per completion)."""
+    """Prompt tokens computed for this completion: prefix-cache hits are free, and a prompt
+    shared by several completions is counted once."""
     generated_tokens: int
     finish_reason: FinishReason
 
@@ -37,7 +39,14 @@ class PolicyBackend(Protocol):
     stats: dict[str, int] = field(default_factory=dict)
 
     def generate(
-        self, conversations: list[list[Message]], params: SamplingParams
+        self,
+        conversations: list[list[Message]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """Return `params.n` completions for each conversation, in order."""
+        """Return `params.n` completions for each conversation, in order.
+
+        `seeds`, one per conversation, make a sampled completion depend on its own
+        conversation, seed and sample index only, not on the rest of the batch.
+        """
         ...

@@ -1,20 +1,134 @@
-"""A policy backend on plain transformers `generate`: runs anywhere, including CPU-only machines."""
+"""A policy backend on plain transformers that reuses KV caches across calls.
+
+Rollouts send the whole conversation every turn. Re-encoding it each time makes prefill
+the dominant cost of IPR (it grows with the square of the episode length, times N Monte
+Carlo samples). Like vLLM's automatic prefix caching, this backend keeps the KV cache of
+recent sequences (prompt + generated tokens) in a `PrefixCache`, and prefills only what
+follows the longest cached prefix of a new prompt: the next turn of an episode prefills
+just its new observation, the N samples of one prompt share one prefill, and all
+episodes share the system prompt. Prompts are always the chat template's tokens, so the
+model sees exactly what a re-encoding backend would.
+
+Decoding is batched over all rows of a call (micro-batches of rows with similar prompt
+lengths) in a preallocated `StaticCache`, with each row left-padded; every row samples
+from its own seeded generator, so a rollout's tokens do not depend on what else shares
+its batch.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
 
 DEFAULT_MAX_CONTEXT = 4096
 """Cap on the default context: KV caches for longer prompts do not pay off on CPU."""
+DEFAULT_CACHE_TOKENS = 65_536
+"""Prefix-cache capacity in tokens (SmolLM2-135M: 46 KB of float32 KV per token, 3 GB)."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    tokens: torch.Tensor
+    """The token ids whose keys and values `kv` holds, int64 [L]."""
+    kv: torch.Tensor
+    """Keys and values of every layer: [layers, 2, kv_heads, L, head_dim]."""
+    last_used: int = 0
+
+
+class PrefixCache:
+    """KV caches of recent sequences, found by longest common token prefix; LRU eviction.
+
+    An entry whose tokens are a prefix of a newer entry's is dropped: the newer one serves
+    every lookup it would.
+    """
+
+    def __init__(self, capacity_tokens: int):
+        self.capacity_tokens = capacity_tokens
+        self.entries: list[_Entry] = []
+        self._clock = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(entry.tokens) for entry in self.entries)
+
+    def longest_prefix(self, tokens: torch.Tensor) -> tuple[_Entry | None, int]:
+        best, best_len = None, 0
+        for entry in self.entries:
+            length = _common_prefix(entry.tokens, tokens)
+            if length > best_len:
+                best, best_len = entry, length
+        if best is not None:
+            self._clock += 1
+            best.last_used = self._clock
+        return best, best_len
+
+    def insert(self, tokens: torch.Tensor, kv: torch.Tensor) -> None:
+        if self.capacity_tokens < len(tokens):
+            return
+        self.entries = [
+            entry
+            for entry in self.entries
+            if not (
+                len(entry.tokens) <= len(tokens)
+                and _common_prefix(entry.tokens, tokens) == len(entry.tokens)
+            )
+        ]
+        self._clock += 1
+        self.entries.append(_Entry(tokens, kv, self._clock))
+        while self.tokens > self.capacity_tokens:
+            self.entries.remove(min(self.entries, key=lambda entry: entry.last_used))
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    mismatch = (a[:n] != b[:n]).nonzero()
+    return int(mismatch[0]) if len(mismatch) else n
+
+
+def row_seed(seed: int, sample: int) -> int:
+    """The generator seed of sample `sample` of a conversation given `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(eq=False)
+class _Prompt:
+    tokens: torch.Tensor
+    kv: torch.Tensor | None = None
+    """Keys and values of all prompt tokens, after prefill."""
+    first_logits: torch.Tensor | None = None
+    computed: int = 0
+    """Prompt tokens prefilled (not found in the prefix cache)."""
+
+
+@dataclass(eq=False)
+class _Row:
+    prompt: _Prompt
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+    text: str = ""
+
+
+@dataclass
+class WorkLog:
+    """Shapes of the forward passes run, for the benchmark's bare-model limit."""
+
+    prefills: list[tuple[int, int]] = field(default_factory=list)
+    """(new tokens, cached tokens before them) per prefill pass (batch 1, no padding)."""
+    decodes: list[tuple[int, int]] = field(default_factory=list)
+    """(rows, mean context length) per decode step."""
 
 
 class TransformersBackend:
-    """Left-padded, micro-batched generation with stop strings, seeds and token accounting."""
+    """Batched generation with a prefix cache, stop strings, per-row seeds and token counts."""
 
     def __init__(
         self,
@@ -23,15 +137,13 @@ class TransformersBackend:
         max_batch_size: int = 16,
         max_context: int | None = None,
         device: str = "cpu",
+        cache_tokens: int = DEFAULT_CACHE_TOKENS,
     ):
         model_path = Path(model_path)
         self.policy_id = policy_id or model_path.name
         self.max_batch_size = max_batch_size
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         # float32 on CPU: bf16 matmuls there are slower, not faster.
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -44,8 +156,10 @@ class TransformersBackend:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
         self.eos_token_ids = sorted({*eos, self.tokenizer.eos_token_id})
-        self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "generate_calls": 0}
-        """Running totals; generate_calls counts model.generate micro-batches."""
+        self.prefix_cache = PrefixCache(cache_tokens)
+        self.work_log: WorkLog | None = None
+        """Set to a WorkLog to record forward-pass shapes."""
+        self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
 
     def encode(self, conversation: list[Message]) -> list[int]:
         """Prompt ids with the generation prompt; the template already holds any BOS it wants."""
@@ -59,82 +173,178 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def generate(
-        self, conversations: list[list[Message]], params: SamplingParams
+        self,
+        conversations: list[list[Message]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Return `params.n` completions for each conversation, in order.
 
-        Each conversation is repeated n times (what num_return_sequences does internally),
-        so a micro-batch never exceeds max_batch_size sequences even when n does. Rows are
-        sorted by prompt length so that a micro-batch wastes little on padding.
+        `seeds` (one per conversation) make each completion depend only on its
+        conversation, seed and sample index; without them, seeds follow the batch order.
+        A completion's `prompt_tokens` counts the prompt tokens prefilled for it: cache hits
+        are free, and a prompt shared by n samples is counted once, on the first.
         """
-        prompts = [self.encode(conversation) for conversation in conversations]
+        seeds = (
+            list(seeds)
+            if seeds is not None
+            else [params.seed + i for i in range(len(conversations))]
+        )
+        prompts: dict[tuple[int, ...], _Prompt] = {}
+        rows: list[tuple[int, _Row]] = []
         results: list[list[Completion]] = [[] for _ in conversations]
-        rows = [
-            i
-            for i, ids in enumerate(prompts)
-            if len(ids) + params.max_new_tokens <= self.max_context
-            for _ in range(params.n)
-        ]
-        rows.sort(key=lambda i: len(prompts[i]))
-        for batch_index, start in enumerate(range(0, len(rows), self.max_batch_size)):
-            batch = rows[start : start + self.max_batch_size]
-            torch.manual_seed(params.seed + batch_index)
-            outputs = self._generate_batch([prompts[i] for i in batch], params)
-            for i, (text, generated, reason) in zip(batch, outputs, strict=True):
-                results[i].append(Completion(text, len(prompts[i]), generated, reason))
-                self.stats["prefill_tokens"] += len(prompts[i])
-                self.stats["generated_tokens"] += generated
-        for completions in results:
-            if not completions:  # the prompt did not fit: nothing was prefilled or generated
-                completions.extend([Completion("", 0, 0, "context")] * params.n)
+        for i, conversation in enumerate(conversations):
+            ids = self.encode(conversation)
+            if len(ids) + params.max_new_tokens > self.max_context:
+                results[i] = [Completion("", 0, 0, "context")] * params.n
+                continue
+            prompt = prompts.setdefault(tuple(ids), _Prompt(torch.tensor(ids)))
+            for k in range(params.n):
+                generator = None
+                if params.temperature > 0:
+                    generator = torch.Generator().manual_seed(row_seed(seeds[i], k))
+                rows.append((i, _Row(prompt, generator)))
+        for prompt in prompts.values():
+            self._prefill(prompt)
+        ordered = sorted(rows, key=lambda item: len(item[1].prompt.tokens))
+        for start in range(0, len(ordered), self.max_batch_size):
+            self._decode([row for _, row in ordered[start : start + self.max_batch_size]], params)
+        counted: set[int] = set()
+        for i, row in rows:
+            first = id(row.prompt) not in counted
+            counted.add(id(row.prompt))
+            prefilled = row.prompt.computed if first else 0
+            results[i].append(Completion(row.text, prefilled, len(row.generated), row.finish))
+            self.stats["generated_tokens"] += len(row.generated)
         return results
 
-    def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams
-    ) -> list[tuple[str, int, FinishReason]]:
-        padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
-        inputs = padded.to(self.device)
-        sampling = params.temperature > 0
-        # top_k=0 and top_p=1.0 override transformers' top-k 50 default: plain temperature
-        # sampling, as the parameters say.
-        options = {"temperature": params.temperature, "top_k": 0, "top_p": 1.0} if sampling else {}
-        output = self.model.generate(
-            **inputs,
-            do_sample=sampling,
-            max_new_tokens=params.max_new_tokens,
-            stop_strings=list(params.stop) or None,
-            tokenizer=self.tokenizer,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **options,
+    # -- prefill -------------------------------------------------------------------------
+    def _prefill(self, prompt: _Prompt) -> None:
+        """KV of the whole prompt: the cached prefix plus a forward pass over the rest."""
+        entry, reuse = self.prefix_cache.longest_prefix(prompt.tokens)
+        reuse = min(reuse, len(prompt.tokens) - 1)  # the last token's logits are needed
+        cache = DynamicCache()
+        if entry is not None and reuse > 0:
+            for layer, kv in enumerate(entry.kv[:, :, :, :reuse]):
+                cache.update(kv[0][None], kv[1][None], layer)
+        new = prompt.tokens[reuse:]
+        out = self.model(
+            input_ids=new[None].to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
-        self.stats["generate_calls"] += 1
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        return [self._finish(tokens, params.stop) for tokens in new_tokens]
+        prompt.first_logits = out.logits[0, -1].float()
+        prompt.kv = torch.stack(
+            [torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers]
+        )
+        prompt.computed = len(new)
+        self.prefix_cache.insert(prompt.tokens, prompt.kv)  # later prompts of this call share it
+        self.stats["prefill_tokens"] += len(new)
+        self.stats["cached_tokens"] += reuse
+        if self.work_log is not None:
+            self.work_log.prefills.append((len(new), reuse))
 
-    def _finish(self, tokens: list[int], stop: tuple[str, ...]) -> tuple[str, int, FinishReason]:
-        """Text cut at EOS or the first stop string, and the tokens generated up to that point."""
-        eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
-        body = tokens if eos_at is None else tokens[:eos_at]
-        text = self._decode(body)
-        cuts = [text.find(s) for s in stop if s in text]
+    # -- decode --------------------------------------------------------------------------
+    def _decode(self, rows: list[_Row], params: SamplingParams) -> None:
+        """Generate every row to EOS, a stop string or max_new_tokens, in one static cache.
+
+        Rows are left-padded to the longest prompt; once a quarter of them are finished,
+        the finished ones leave the batch.
+        """
+        lengths = [len(row.prompt.tokens) for row in rows]
+        width = max(lengths)
+        cache, mask = self._static_cache(rows, lengths, width + params.max_new_tokens)
+        positions = torch.tensor(lengths)
+        batch = list(range(len(rows)))
+        """batch[j] is the index in `rows` of the cache's j-th row."""
+        for r, row in enumerate(rows):
+            assert row.prompt.first_logits is not None
+            self._append(row, self._sample(row.prompt.first_logits[None], [row], params)[0], params)
+            if row.finish is not None:
+                self._remember(row, cache, r, width - lengths[r])
+        for step in range(params.max_new_tokens - 1):
+            live = [j for j, r in enumerate(batch) if rows[r].finish is None]
+            if not live:
+                break
+            if len(live) <= 0.75 * len(batch):
+                keep = torch.tensor(live)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+                mask, positions = mask[keep], positions[keep]
+                batch, live = [batch[j] for j in live], list(range(len(live)))
+            mask[:, width + step] = 1
+            out = self.model(
+                input_ids=torch.tensor([[rows[r].generated[-1]] for r in batch]).to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions[:, None].to(self.device),
+                past_key_values=cache,
+                cache_position=torch.tensor([width + step], device=self.device),
+                use_cache=True,
+            )
+            positions = positions + 1
+            if self.work_log is not None:
+                self.work_log.decodes.append((len(batch), int(positions.float().mean())))
+            live_rows = [rows[batch[j]] for j in live]
+            tokens = self._sample(out.logits[live, -1].float(), live_rows, params)
+            for j, row, token in zip(live, live_rows, tokens, strict=True):
+                self._append(row, token, params)
+                if row.finish is not None:
+                    self._remember(row, cache, j, width - lengths[batch[j]])
+
+    def _static_cache(
+        self, rows: list[_Row], lengths: list[int], total: int
+    ) -> tuple[StaticCache, torch.Tensor]:
+        """A cache holding every row's prompt KV, right-aligned; its attention mask."""
+        width = max(lengths)
+        kv = rows[0].prompt.kv
+        assert kv is not None
+        layers, _, heads, _, dim = kv.shape
+        padded = kv.new_zeros((layers, 2, len(rows), heads, width, dim))
+        mask = torch.zeros((len(rows), total), dtype=torch.long)
+        for r, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+            padded[:, :, r, :, width - length :] = row.prompt.kv
+            mask[r, width - length : width] = 1
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        for layer in range(layers):
+            cache.update(padded[layer, 0], padded[layer, 1], layer)
+        return cache, mask
+
+    def _remember(self, row: _Row, cache: StaticCache, j: int, start: int) -> None:
+        """Put a finished row's sequence in the prefix cache: its prompt and every generated
+        token fed back to the model (all but the last)."""
+        fed = len(row.generated) - 1
+        end = start + len(row.prompt.tokens) + fed
+        tokens = torch.cat([row.prompt.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
+        kv = torch.stack(
+            [
+                torch.stack((layer.keys[j, :, start:end], layer.values[j, :, start:end]))
+                for layer in cache.layers
+            ]
+        )
+        self.prefix_cache.insert(tokens, kv)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> list[int]:
+        if params.temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        return [
+            int(torch.multinomial(p, 1, generator=row.generator))
+            for p, row in zip(probs, rows, strict=True)
+        ]
+
+    def _append(self, row: _Row, token: int, params: SamplingParams) -> None:
+        """Add a sampled token; decide whether the row is finished and what its text is."""
+        row.generated.append(token)
+        if token in self.eos_token_ids:
+            row.finish, row.text = "stop", self._decode_text(row.generated[:-1])
+            return
+        text = self._decode_text(row.generated)
+        cuts = [text.find(s) for s in params.stop if s in text]
         if cuts:
-            return text[: min(cuts)], self._tokens_to_stop(body, stop), "stop"
-        if eos_at is not None:
-            return text, eos_at + 1, "stop"
-        return text, len(body), "length"
+            row.finish, row.text = "stop", text[: min(cuts)]
+        elif len(row.generated) >= params.max_new_tokens:
+            row.finish, row.text = "length", text
 
-    def _tokens_to_stop(self, tokens: list[int], stop: tuple[str, ...]) -> int:
-        """Fewest leading tokens whose text holds a stop string (monotone, so bisect)."""
-        low, high = 1, len(tokens)
-        while low < high:
-            mid = (low + high) // 2
-            text = self._decode(tokens[:mid])
-            if any(s in text for s in stop):
-                high = mid
-            else:
-                low = mid + 1
-        return high
-
-    def _decode(self, tokens: list[int]) -> str:
+    def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
