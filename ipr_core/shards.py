@@ -54,6 +54,8 @@ JOB_CONFIG_FIELDS = {
     "step_timeout_s",
     "generation",
     "monte_carlo",
+    "vllm",
+    "openai",
 }
 """The config fields a shard's rows depend on (with the scorer, seed and queries)."""
 
