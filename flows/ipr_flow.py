@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.tasks import Task  # noqa: E402
 
+from flows import scale_out  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.models import resolve_model  # noqa: E402
 from ipr_core.run import BASE_ITERATION, iteration_summary  # noqa: E402
@@ -72,9 +73,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def iteration(config: RunConfig, sft_path: str, policy_path: str, iteration: int) -> dict[str, Any]:
     """One IPR iteration; returns the trained checkpoint (`path`, `checkpoint_id`)."""
     config = absolute(config)
-    run_stage(stages.expert_step_rewards, config, sft_path)
+    if config.scale_out is None:
+        run_stage(stages.expert_step_rewards, config, sft_path)
+    else:  # shards on a Dask task runner, one ingest
+        scale_out.mc_step_rewards(config, sft_path, "expert", iteration)
     explored = run_stage(stages.explore, config, policy_path, iteration=iteration)
-    scored = run_stage(stages.agent_step_rewards, config, sft_path, iteration=iteration)
+    if config.scale_out is None:
+        scored = run_stage(stages.agent_step_rewards, config, sft_path, iteration=iteration)
+    else:
+        scored = scale_out.mc_step_rewards(config, sft_path, "agent", iteration)
     pairs = run_stage(stages.mine_pairs, config, scored["scorer_id"], iteration=iteration)
     trained = run_stage(
         stages.train_mixture, config, sft_path,

@@ -83,6 +83,22 @@ def largest_lora_rank(*stages: SFTSettings | MixtureSettings | None) -> int | No
     return max(ranks, default=None)
 
 
+class ScaleOutConfig(_Strict):
+    """Monte Carlo step rewards computed in shards on a Dask cluster (the Prefect flow only)."""
+
+    shards: int = Field(2, gt=0)
+    """Slices of the step queries; each is one task that writes Parquet files."""
+    task_runner: Literal["dask"] = "dask"
+    workers: int = Field(2, gt=0)
+    """Worker processes of the local cluster started for each sharded stage."""
+    threads_per_worker: int = Field(1, gt=0)
+    address: str | None = None
+    """A running Dask scheduler (`tcp://host:8786`) to use instead of a local cluster."""
+    shard_dir: Path | None = None
+    """Where shards are written (default `<cache_dir>/shards`); storage shared with the
+    workers when they run on other machines, like the checkpoints folder."""
+
+
 class RunConfig(_Strict):
     run_id: str = "default"
     env: str
@@ -139,6 +155,9 @@ class RunConfig(_Strict):
     def lora_rank(self) -> int | None:
         """The largest LoRA rank any training stage uses (None: every stage trains in full)."""
         return largest_lora_rank(self.sft, self.mixture)
+
+    scale_out: ScaleOutConfig | None = None
+    """None: each step reward stage runs in the flow's process."""
 
     @property
     def mixture_settings(self) -> MixtureSettings | None:

@@ -78,15 +78,9 @@ def expert_step_rewards(
     """Score every expert step once per (run, scorer); returns how many were computed now.
 
     With `reward_model`, its predictions replace the Monte Carlo estimate."""
-    done = _step_reward_keys(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
-    queries = [
-        query
-        for expert in experts
-        for query in expert_queries(expert)
-        if (query.task_id, query.prefix_len) not in done
-    ]
+    queries = pending_expert_queries(store, run_id, scorer_id, experts)
     if queries:
-        rewards, rollouts = _score(engine, queries, n_samples, temperature, seed, reward_model)
+        rewards, rollouts = score_steps(engine, queries, n_samples, temperature, seed, reward_model)
         _write_step_rewards(store, run_id, EXPERT_ITERATION, engine, scorer_id, rewards, rollouts)
     return len(queries)
 
@@ -104,13 +98,31 @@ def agent_step_rewards(
     reward_model: StepScorer | None = None,
 ) -> int:
     """Score the agent's first own action of every exploration that differs from the expert's."""
-    queries = [q for e in explorations if (q := e.agent_step_query()) is not None]
-    rewards, rollouts = _score(engine, queries, n_samples, temperature, seed, reward_model)
+    queries = agent_queries(explorations)
+    rewards, rollouts = score_steps(engine, queries, n_samples, temperature, seed, reward_model)
     _write_step_rewards(store, run_id, iteration, engine, scorer_id, rewards, rollouts)
     return len(queries)
 
 
-def _score(
+def pending_expert_queries(
+    store: Store, run_id: str, scorer_id: str, experts: Sequence[Trajectory]
+) -> list[StepQuery]:
+    """The expert steps this (run, scorer) has not scored yet."""
+    done = _step_reward_keys(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
+    return [
+        query
+        for expert in experts
+        for query in expert_queries(expert)
+        if (query.task_id, query.prefix_len) not in done
+    ]
+
+
+def agent_queries(explorations: Sequence[Exploration]) -> list[StepQuery]:
+    """The agent's first own action of every exploration that differs from the expert's."""
+    return [q for e in explorations if (q := e.agent_step_query()) is not None]
+
+
+def score_steps(
     engine: RolloutEngine,
     queries: Sequence[StepQuery],
     n_samples: int,
@@ -118,6 +130,7 @@ def _score(
     seed: int,
     reward_model: StepScorer | None,
 ) -> tuple[list[StepReward], list[list[RolloutResult]]]:
+    """MC estimates, or the step reward model's predictions when there is one."""
     if reward_model is not None:
         return predict_step_rewards(engine, reward_model, queries)
     return estimate_step_rewards(engine, queries, n_samples, temperature, seed)
@@ -132,7 +145,23 @@ def _write_step_rewards(
     rewards: Sequence[StepReward],
     rollouts: Sequence[Sequence[RolloutResult]],
 ) -> None:
-    reward_rows, rollout_rows = [], []
+    reward_rows, rollout_rows = step_reward_rows(
+        run_id, iteration, engine.env_id, scorer_id, rewards, rollouts
+    )
+    store.write({"rollouts": rollout_rows, "step_rewards": reward_rows})
+
+
+def step_reward_rows(
+    run_id: str,
+    iteration: int,
+    env_id: str,
+    scorer_id: str,
+    rewards: Sequence[StepReward],
+    rollouts: Sequence[Sequence[RolloutResult]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `step_rewards` rows and the `rollouts` rows (kind 'mc') behind them."""
+    reward_rows: list[dict[str, Any]] = []
+    rollout_rows: list[dict[str, Any]] = []
     for reward, results in zip(rewards, rollouts, strict=True):
         query = reward.query
         reward_rows.append(
@@ -140,7 +169,7 @@ def _write_step_rewards(
                 "run_id": run_id,
                 "scorer_id": scorer_id,
                 "iteration": iteration,
-                "env_id": engine.env_id,
+                "env_id": env_id,
                 "task_id": query.task_id,
                 "prefix_len": query.prefix_len,
                 "actor": query.actor,
@@ -157,7 +186,7 @@ def _write_step_rewards(
             rollout_row(r, run_id, iteration, "mc", query.prefix_len, query.actor, scorer_id)
             for r in results
         ]
-    store.write({"rollouts": rollout_rows, "step_rewards": reward_rows})
+    return reward_rows, rollout_rows
 
 
 def _step_reward_keys(

@@ -113,15 +113,21 @@ def test_the_prefix_cache_prefills_only_new_turns_and_changes_nothing(tiny_model
 
 
 def test_a_full_prefix_cache_evicts_and_outputs_stay_the_same(tiny_model_path: Path):
-    small = TransformersBackend(tiny_model_path, cache_tokens=400)
+    capacity = 5000  # tokens: more than one round (9 rows x ~340 tokens), less than four
+    small = TransformersBackend(tiny_model_path, cache_tokens=capacity)
     uncached = TransformersBackend(tiny_model_path, cache_tokens=0)
+    config = small.model.config
+    bytes_per_token = (
+        config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    )
     params = SamplingParams(temperature=1.0, max_new_tokens=16, n=3)
-    for round_ in range(3):
+    for round_ in range(4):
         seeds = [round_ * 10 + k for k in range(len(CONVERSATIONS))]
         assert [[c.text for c in cs] for cs in small.generate(CONVERSATIONS, params, seeds)] == [
             [c.text for c in cs] for cs in uncached.generate(CONVERSATIONS, params, seeds)
         ]
-        assert 0 < small.prefix_cache.tokens <= 400
+        assert small.prefix_cache.tokens > 0
+        assert small.prefix_cache.retained_bytes() <= capacity * bytes_per_token
     assert small.stats["cached_tokens"] > 0
 
 

@@ -217,7 +217,7 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     config, store, _ = smoke_run
     [mc_scorer] = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"]
     examples = step_reward_examples(store, config.run_id, mc_scorer, action_hint(ENV))
-    settings = RewardModelSettings(epochs=1, batch_size=8, max_length=512, heldout_fraction=0.0)
+    settings = RewardModelSettings(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
     trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
     rm_config = config.model_copy(update={"step_reward_model": trained.path})
     scorer_id, reward_model = step_scorer(rm_config, mc_scorer)

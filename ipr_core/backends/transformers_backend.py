@@ -55,7 +55,8 @@ class PrefixCache:
     """KV caches of recent sequences, found by longest common token prefix; LRU eviction.
 
     An entry whose tokens are a prefix of a newer entry's is dropped: the newer one serves
-    every lookup it would.
+    every lookup it would. Entries are views into the tensors the model wrote (no copies),
+    so the bound is on the memory they keep alive: `capacity_tokens` tokens' worth.
     """
 
     def __init__(self, capacity_tokens: int):
@@ -66,6 +67,16 @@ class PrefixCache:
     @property
     def tokens(self) -> int:
         return sum(len(entry.tokens) for entry in self.entries)
+
+    def retained_bytes(self) -> int:
+        """Bytes of the tensors the entries' views keep alive (each counted once)."""
+        storages = {
+            tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+            for entry in self.entries
+            for pair in entry.kv
+            for tensor in pair
+        }
+        return sum(storages.values())
 
     def longest_prefix(self, tokens: torch.Tensor) -> tuple[_Entry | None, int]:
         best, best_len = None, 0
@@ -91,8 +102,13 @@ class PrefixCache:
         ]
         self._clock += 1
         self.entries.append(_Entry(tokens, kv, self._clock))
-        while self.tokens > self.capacity_tokens:
+        capacity_bytes = self.capacity_tokens * _bytes_per_token(kv)
+        while self.retained_bytes() > capacity_bytes:
             self.entries.remove(min(self.entries, key=lambda entry: entry.last_used))
+
+
+def _bytes_per_token(kv: KV) -> int:
+    return sum(k[:, 0].nbytes + v[:, 0].nbytes for k, v in kv)
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -227,7 +243,9 @@ class TransformersBackend:
         cache = DynamicCache()
         if entry is not None and reuse > 0:
             for layer, (keys, values) in enumerate(entry.kv):
-                cache.update(keys[None, :, :reuse], values[None, :, :reuse], layer)
+                cache.update(keys[None, :, :0], values[None, :, :0], layer)  # creates the layer
+                cache.layers[layer].keys = keys[None, :, :reuse]  # a view: no copy
+                cache.layers[layer].values = values[None, :, :reuse]
         new = prompt.tokens[reuse:]
         out = self.model(
             input_ids=new[None].to(self.device),
@@ -320,8 +338,7 @@ class TransformersBackend:
         end = start + len(row.prompt.tokens) + fed
         tokens = torch.cat([row.prompt.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
         kv = [
-            (layer.keys[j, :, start:end].clone(), layer.values[j, :, start:end].clone())
-            for layer in cache.layers
+            (layer.keys[j, :, start:end], layer.values[j, :, start:end]) for layer in cache.layers
         ]
         self.prefix_cache.insert(tokens, kv)
 

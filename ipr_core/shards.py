@@ -1,0 +1,301 @@
+"""Monte Carlo step rewards in shards: many workers compute, ONE process writes the store.
+
+DuckDB lets a single process write the store file, and the step reward stages are where
+IPR spends its rollouts. So for scale-out the stage's queries are cut into shards; a
+worker (a Dask process, possibly on another machine) loads the scorer itself, runs the
+rollouts of its shard and writes the shard's `step_rewards` and `rollouts` rows as
+Parquet files. Workers never open the store. One caller then ingests every shard of the
+stage in a single transaction.
+
+Every shard file carries the fingerprint of the job that wrote it (Parquet key-value
+metadata): a finished shard is not recomputed when a stage is resumed, and a stale file
+left by another job is never ingested. Ingesting the same shards again changes no row.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ipr_core.config import RunConfig
+from ipr_core.errors import IprError
+from ipr_core.pipeline import (
+    EXPERT_ITERATION,
+    agent_queries,
+    load_explorations,
+    pending_expert_queries,
+    score_steps,
+    step_reward_rows,
+)
+from ipr_core.run import load_backend, open_engine, step_scorer
+from ipr_core.step_rewards import StepQuery
+from ipr_core.store import SCHEMA, Store
+from ipr_core.training.checkpoints import model_id
+from ipr_core.types import Actor, Trajectory
+
+TABLES = ("rollouts", "step_rewards")
+FINGERPRINT_KEY = b"ipr.shard_fingerprint"
+JOB_CONFIG_FIELDS = {
+    "run_id",
+    "env",
+    "backend",
+    "max_steps",
+    "step_timeout_s",
+    "generation",
+    "monte_carlo",
+    "vllm",
+    "openai",
+}
+"""The config fields a shard's rows depend on (with the scorer, seed and queries)."""
+
+
+class ShardError(IprError):
+    """A shard file is missing, unreadable, stale or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work: everything a worker needs; it never opens the store."""
+
+    config: RunConfig
+    scorer_path: str
+    scorer_id: str
+    iteration: int
+    """The iteration the rows are stored under (0 for expert steps)."""
+    seed: int
+    queries: tuple[StepQuery, ...]
+    index: int
+    count: int
+    directory: str
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:03d}-of-{self.count:03d}"
+
+    def file(self, table: str) -> Path:
+        return Path(self.directory) / f"{self.name}.{table}.parquet"
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        payload = [
+            self.config.model_dump(mode="json", include=JOB_CONFIG_FIELDS),
+            self.scorer_id,
+            self.iteration,
+            self.seed,
+            [asdict(query) for query in self.queries],
+        ]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def shard_directory(config: RunConfig, actor: Actor, iteration: int) -> Path:
+    """`<shard_dir>/<run>/<actor>-<iteration>`: one folder per stage of a run."""
+    scale = config.scale_out
+    root = scale.shard_dir if scale is not None and scale.shard_dir else config.cache_dir / "shards"
+    return root.resolve() / config.run_id / f"{actor}-{iteration}"
+
+
+def plan_step_reward_shards(
+    store: Store,
+    config: RunConfig,
+    experts: Sequence[Trajectory],
+    scorer_path: Path,
+    actor: Actor,
+    iteration: int,
+    seed: int,
+    n_shards: int,
+) -> list[ShardJob]:
+    """The shards of a step reward stage: the same queries and seed as the in-process stage.
+
+    Expert steps are scored once per (run, scorer), so only those not in the store yet are
+    planned; agent steps are those of the iteration's stored explorations.
+    """
+    scorer_id = step_scorer_id(config, scorer_path)
+    if actor == "expert":
+        queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
+        row_iteration = EXPERT_ITERATION
+    else:
+        queries = agent_queries(load_explorations(store, config.run_id, iteration, experts))
+        row_iteration = iteration
+    count = min(n_shards, len(queries))
+    bounds = [round(i * len(queries) / count) for i in range(count + 1)] if count else []
+    directory = str(shard_directory(config, actor, row_iteration))
+    return [
+        ShardJob(
+            config=config,
+            scorer_path=str(scorer_path),
+            scorer_id=scorer_id,
+            iteration=row_iteration,
+            seed=seed,
+            queries=tuple(queries[bounds[i] : bounds[i + 1]]),
+            index=i,
+            count=count,
+            directory=directory,
+        )
+        for i in range(count)
+    ]
+
+
+def step_scorer_id(config: RunConfig, scorer_path: Path) -> str:
+    """The scorer the rows are stored under: the step reward model when the config names
+    one (as `ipr_core.run.step_scorer` decides), else the MC scorer; read, not loaded."""
+    if config.step_reward_model is not None:
+        return model_id(Path(config.step_reward_model))
+    return model_id(scorer_path)
+
+
+# -- the worker side -----------------------------------------------------------------------
+def shard_complete(job: ShardJob) -> bool:
+    """Whether every file of the shard exists and was written by this very job."""
+    for table in TABLES:
+        try:
+            metadata = pq.read_schema(job.file(table)).metadata or {}
+        except (OSError, pa.ArrowException):
+            return False
+        if metadata.get(FINGERPRINT_KEY, b"").decode() != job.fingerprint:
+            return False
+    return True
+
+
+def compute_shard(job: ShardJob) -> bool:
+    """Run a shard's rollouts and write its files; False when they were already written."""
+    if shard_complete(job):
+        return False
+    config, mc = job.config, job.config.monte_carlo
+    with ExitStack() as stack:
+        backend = load_backend(Path(job.scorer_path), config)
+        scorer_id, reward_model = step_scorer(config, backend.policy_id)
+        if scorer_id != job.scorer_id:
+            raise ShardError(
+                f"{job.name}: this worker's scorer is model {scorer_id}, the plan was made "
+                f"for {job.scorer_id} (are the model folders shared with the workers?)"
+            )
+        engine = open_engine(stack, backend, config)
+        rewards, rollouts = score_steps(
+            engine, job.queries, mc.n_samples, mc.temperature, job.seed, reward_model
+        )
+    reward_rows, rollout_rows = step_reward_rows(
+        job.run_id, job.iteration, config.env, job.scorer_id, rewards, rollouts
+    )
+    _write_parquet(job, "rollouts", pa.Table.from_pylist(rollout_rows))
+    _write_parquet(job, "step_rewards", pa.Table.from_pylist(reward_rows))
+    return True
+
+
+def _write_parquet(job: ShardJob, table: str, data: pa.Table) -> None:
+    """Write under a temporary name, then rename: a shard file is always whole."""
+    metadata = {**(data.schema.metadata or {}), FINGERPRINT_KEY: job.fingerprint.encode()}
+    target = job.file(table)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    pq.write_table(data.replace_schema_metadata(metadata), partial)
+    os.replace(partial, target)
+
+
+# -- the one writer ------------------------------------------------------------------------
+def ingest_shards(store: Store, jobs: Sequence[ShardJob]) -> dict[str, int]:
+    """Check every shard file of a stage, then write them all in one transaction.
+
+    Returns the rows each table gained or changed: 0 when the same shards were ingested
+    before (unchanged rows are left as they are, `created_at` included).
+    """
+    shards = [{table: read_shard_file(job, table) for table in TABLES} for job in jobs]
+    for job, data in zip(jobs, shards, strict=True):
+        _check_rows(job, data["step_rewards"], data["rollouts"])
+    changed = dict.fromkeys(TABLES, 0)
+    if not jobs:
+        return changed
+    with store.transaction() as con:
+        for job, data in zip(jobs, shards, strict=True):
+            for table in TABLES:
+                changed[table] += _merge(con, table, data[table], job)
+    return changed
+
+
+def read_shard_file(job: ShardJob, table: str) -> pa.Table:
+    """A shard's file for `table`, checked to be whole, from this job, with the table's columns."""
+    path = job.file(table)
+    if not path.exists():
+        raise ShardError(f"shard file {path} is missing ({job.name} did not finish)")
+    try:
+        data = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"shard file {path} is not readable Parquet: {exc}") from exc
+    found = (data.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
+    if found != job.fingerprint:
+        raise ShardError(
+            f"shard file {path} was written for another job (fingerprint {found or 'none'}, "
+            f"expected {job.fingerprint}); delete it to recompute the shard"
+        )
+    required, optional = _columns(table)
+    missing = sorted(set(required) - set(data.column_names))
+    unknown = sorted(set(data.column_names) - set(required) - set(optional))
+    if missing or unknown:
+        raise ShardError(
+            f"shard file {path}: missing columns {missing or 'none'}, "
+            f"unknown columns {unknown or 'none'}"
+        )
+    return data
+
+
+def _check_rows(job: ShardJob, rewards: pa.Table, rollouts: pa.Table) -> None:
+    """One step reward per query of the job, and every rollout behind them."""
+    expected = sorted((q.task_id, q.prefix_len, q.actor) for q in job.queries)
+    keys = rewards.select(["task_id", "prefix_len", "actor"]).to_pylist()
+    found = sorted((k["task_id"], k["prefix_len"], k["actor"]) for k in keys)
+    if found != expected:
+        raise ShardError(
+            f"shard file {job.file('step_rewards')}: holds {len(found)} step rewards that "
+            f"do not match the shard's {len(expected)} queries"
+        )
+    n_samples = sum(rewards.column("n_samples").to_pylist())
+    if rollouts.num_rows != n_samples:
+        raise ShardError(
+            f"shard file {job.file('rollouts')}: {rollouts.num_rows} rollouts, "
+            f"but its step rewards count {n_samples} samples"
+        )
+
+
+def _merge(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, job: ShardJob) -> int:
+    """Upsert the rows that are new or differ from the stored ones; returns how many."""
+    columns = ", ".join(data.column_names)
+    con.register("_shard", data)
+    try:
+        changed = con.execute(
+            f"INSERT OR REPLACE INTO {table} ({columns}) SELECT {columns} FROM _shard "
+            f"EXCEPT SELECT {columns} FROM {table} WHERE run_id = ? AND iteration = ?",
+            [job.run_id, job.iteration],
+        ).fetchone()
+    finally:
+        con.unregister("_shard")
+    return int(changed[0]) if changed else 0
+
+
+@functools.cache
+def _columns(table: Literal["rollouts", "step_rewards"]) -> tuple[list[str], list[str]]:
+    """The store table's columns: (required in a shard, filled by the store's defaults)."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"CREATE TABLE t ({SCHEMA[table]})")
+        described = con.execute("DESCRIBE t").df()
+    finally:
+        con.close()
+    has_default = described["default"].notna()
+    return (
+        described.loc[~has_default, "column_name"].tolist(),
+        described.loc[has_default, "column_name"].tolist(),
+    )
