@@ -8,9 +8,12 @@ resumes at the first stage whose result is missing.
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from tasks.settings import configure_prefect_env
 
@@ -23,6 +26,7 @@ from prefect.tasks import Task  # noqa: E402
 from flows import scale_out  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.models import resolve_model  # noqa: E402
+from ipr_core.plots import iteration_plot_png  # noqa: E402
 from ipr_core.run import BASE_ITERATION, iteration_summary  # noqa: E402
 from ipr_core.store import Store  # noqa: E402
 from tasks import stages  # noqa: E402
@@ -53,10 +57,15 @@ def artifact_key(*parts: object) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
 
 
-def summary_records(config: RunConfig) -> list[dict[str, Any]]:
-    frame = iteration_summary(Store(config.store), config.run_id, config.dev_split)
-    frame = frame.astype(object).where(frame.notna(), None)
-    return frame.to_dict("records")
+def summary_records(summary: pd.DataFrame) -> list[dict[str, Any]]:
+    return summary.astype(object).where(summary.notna(), None).to_dict("records")
+
+
+def plot_markdown(summary: pd.DataFrame, run_id: str) -> str:
+    """The run's dev curve as an inline PNG: the Prefect UI renders data URIs in markdown
+    artifacts, so the plot needs no file server."""
+    png = base64.b64encode(iteration_plot_png(summary, run_id)).decode("ascii")
+    return f"![dev reward and average steps by iteration](data:image/png;base64,{png})"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -88,7 +97,8 @@ def iteration(config: RunConfig, sft_path: str, policy_path: str, iteration: int
         policy_path if iteration > 1 else None, iteration=iteration,
     )  # fmt: skip
     metrics = run_stage(stages.evaluate, config, trained["path"], iteration=iteration)
-    row = [r for r in summary_records(config) if r["iteration"] == iteration]
+    summary = iteration_summary(Store(config.store), config.run_id, config.dev_split)
+    row = [r for r in summary_records(summary) if r["iteration"] == iteration]
     create_markdown_artifact(
         key=artifact_key(config.run_id, "iteration", iteration),
         description=f"IPR iteration {iteration} of run {config.run_id}",
@@ -103,6 +113,8 @@ def iteration(config: RunConfig, sft_path: str, policy_path: str, iteration: int
                 f"success {metrics['success_rate']}, steps {metrics['avg_steps']}",
                 "## Summary row",
                 markdown_table(row),
+                "## Dev reward and average steps by iteration",
+                plot_markdown(summary, config.run_id),
             ]
         ),
     )
@@ -125,7 +137,8 @@ def ipr(config: RunConfig) -> list[dict[str, Any]]:
         policy_path = sft_path
         for k in range(1, config.iterations + 1):
             policy_path = iteration(config, sft_path, policy_path, k)["path"]
-    rows = summary_records(config)
+    summary = iteration_summary(Store(config.store), config.run_id, config.dev_split)
+    rows = summary_records(summary)
     create_table_artifact(
         key=artifact_key(config.run_id, "summary"),
         table=rows,

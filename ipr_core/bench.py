@@ -87,13 +87,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
 
     engine_backend = TransformersBackend(model_path, max_batch_size=config.max_batch_size)
     reference_backend = TransformersBackend(model_path, max_batch_size=1, cache_tokens=0)
-    engine_backend.work_log = WorkLog()
+    work = engine_backend.work_log = WorkLog()  # a's forward passes, replayed by c
 
     a, a_greedy = _estimate(config, engine_backend, config.max_live_episodes, queries)
     log(f"a. engine: {a.wall_s:.1f} s")
     b, b_greedy = _estimate(config, reference_backend, 1, queries)
     log(f"b. reference: {b.wall_s:.1f} s")
-    c = bare_model_limit(engine_backend, engine_backend.work_log)
+    c = bare_model_limit(engine_backend, work)
     log(f"c. limit: {c.wall_s:.1f} s")
 
     agree = [x.outcome_reward == y.outcome_reward for x, y in zip(a_greedy, b_greedy, strict=True)]

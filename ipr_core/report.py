@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ipr_core.experiment import METHODS, ensure_known
+from ipr_core.plots import plot_dev_curve
 from ipr_core.store import Store
 
 PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
@@ -274,31 +275,6 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     ]
     out.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return plot
-
-
-def plot_dev_curve(curve: pd.DataFrame, path: Path, experiment_id: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, rows in curve.groupby("method", sort=False):
-        mean = rows["dev_reward_mean"].astype(float)
-        spread = [mean - rows["dev_reward_min"].astype(float),
-                  rows["dev_reward_max"].astype(float) - mean]  # fmt: skip
-        ax.errorbar(rows["iteration"], mean, yerr=spread, marker="o", capsize=3, label=method)
-    ax.set_xlabel("iteration (0 = SFT)")
-    ax.set_ylabel("dev average reward")
-    ax.set_ylim(-0.02, 1.02)  # rewards live in [0, 1]: a fixed scale keeps plots comparable
-    ax.set_title(f"Dev reward by iteration, experiment {experiment_id}")
-    ax.grid(alpha=0.3)
-    if not curve.empty:
-        ax.legend()
-        ax.set_xticks(sorted(curve["iteration"].unique()))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- analysis ------------------------------------------------------------------------------

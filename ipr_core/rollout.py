@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ipr_core.backends.base import Completion, Message, PolicyBackend, SamplingParams
 from ipr_core.envs import Env, EnvTask, StepResult, make_env
+from ipr_core.progress import ProgressFn
 from ipr_core.prompts import INVALID_TURN_OBSERVATION, STOP_STRINGS, build_conversation
 from ipr_core.react import parse_react
 from ipr_core.types import RolloutStatus, Step, Trajectory, is_failed
@@ -89,6 +90,7 @@ class RolloutEngine:
         max_new_tokens: int = 96,
         max_steps: int | None = None,
         step_timeout_s: float = 60.0,
+        progress: ProgressFn | None = None,
     ):
         self.env_id = env_id
         self.backend = backend
@@ -99,6 +101,7 @@ class RolloutEngine:
         env_max_steps = self._idle_envs[0].max_steps
         self.max_steps = min(env_max_steps, max_steps) if max_steps else env_max_steps
         self.step_timeout_s = step_timeout_s
+        self.progress = progress
         self._stepper = ThreadPoolExecutor(max_workers=max_live, thread_name_prefix="env-step")
 
     def close(self) -> None:
@@ -138,6 +141,16 @@ class RolloutEngine:
         results: list[RolloutResult | None] = [None] * len(specs)
         pending = deque(enumerate(specs))
         live: list[tuple[int, _Episode]] = []
+
+        finished = 0
+
+        def finish(index: int, episode: _Episode) -> None:
+            nonlocal finished
+            results[index] = self._finish(episode)
+            finished += 1
+            if self.progress is not None:
+                self.progress(finished, len(specs))
+
         params = SamplingParams(
             temperature=temperature, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS
         )
@@ -149,7 +162,7 @@ class RolloutEngine:
                 if episode.status is None:
                     live.append((index, episode))
                 else:
-                    results[index] = self._finish(episode)
+                    finish(index, episode)
             if not live:
                 continue
             try:
@@ -164,7 +177,7 @@ class RolloutEngine:
                 if episode.status is None:
                     still_live.append((index, episode))
                 else:
-                    results[index] = self._finish(episode)
+                    finish(index, episode)
             live = still_live
         return [result for result in results if result is not None]
 

@@ -30,6 +30,7 @@ from ipr_core.pipeline import (
     ingest_gold,
     mine_stage,
 )
+from ipr_core.progress import ProgressBar, ProgressFn
 from ipr_core.rollout import RolloutEngine
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
@@ -64,7 +65,9 @@ def backend_options(path: Path, config: RunConfig) -> dict[str, Any]:
     return {"max_batch_size": config.generation.max_batch_size}
 
 
-def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> RolloutEngine:
+def open_engine(
+    stack: ExitStack, backend: PolicyBackend, config: RunConfig, progress: ProgressFn | None = None
+) -> RolloutEngine:
     gen = config.generation
     engine = RolloutEngine(
         config.env,
@@ -73,6 +76,7 @@ def open_engine(stack: ExitStack, backend: PolicyBackend, config: RunConfig) -> 
         gen.max_new_tokens,
         config.max_steps,
         config.step_timeout_s,
+        progress,
     )
     return stack.enter_context(engine)
 
@@ -96,10 +100,19 @@ def ensure_experts(store: Store, config: RunConfig, log: Log) -> list[Trajectory
 
 
 def evaluate_model(
-    store: Store, config: RunConfig, path: Path, iteration: int, log: Log
+    store: Store,
+    config: RunConfig,
+    path: Path,
+    iteration: int,
+    log: Log,
+    progress_bar: Callable[[str], ProgressFn] | None = None,
 ) -> Evaluation:
+    """Greedy episodes on the dev split; `progress_bar(label)` makes the progress display
+    (default: a terminal bar plus lines through `log`)."""
+    label = f"evaluate[{iteration}]"
+    progress = progress_bar(label) if progress_bar else ProgressBar(label, log)
     with ExitStack() as stack:
-        engine = open_engine(stack, load_backend(path, config), config)
+        engine = open_engine(stack, load_backend(path, config), config, progress)
         result = evaluate(
             store, config.run_id, iteration, engine, config.dev_split, config.dev_limit, config.seed
         )
@@ -168,10 +181,12 @@ def run_iteration(
     seed = config.seed * 1000 + iteration
     with ExitStack() as stack:
         scorer = load_backend(scorer_path, config)
-        scorer_engine = open_engine(stack, scorer, config)
+        progress = ProgressBar(f"iteration {iteration}", log)
+        scorer_engine = open_engine(stack, scorer, config, progress)
         policy_engine = scorer_engine
         if policy_path != scorer_path:
-            policy_engine = open_engine(stack, load_backend(policy_path, config), config)
+            policy = load_backend(policy_path, config)
+            policy_engine = open_engine(stack, policy, config, progress)
         scorer_id, reward_model = step_scorer(config, scorer.policy_id)
         n_expert = expert_step_rewards(
             store, config.run_id, scorer_engine, scorer_id, experts,

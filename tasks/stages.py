@@ -35,6 +35,7 @@ from ipr_core.training.data import load_pairs
 from ipr_core.training.mixture import train_mixture as _train_mixture
 from ipr_core.training.sft import train_sft as _train_sft
 from tasks import keys
+from tasks.progress import StageProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 SHARED = keys.STORE_SHARED
@@ -144,7 +145,9 @@ def _evaluate_key(config: RunConfig, model_path: str, iteration: int) -> str:
 @task(name="evaluate", cache_policy=_key(_evaluate_key), task_run_name="evaluate[{iteration}]")
 @stage("evaluate")
 def evaluate(config: RunConfig, model_path: str, iteration: int) -> dict[str, Any]:
-    result = run.evaluate_model(Store(config.store), config, Path(model_path), iteration, _log)
+    result = run.evaluate_model(
+        Store(config.store), config, Path(model_path), iteration, _log, StageProgress
+    )
     return asdict(result)
 
 
@@ -170,7 +173,7 @@ def expert_step_rewards(config: RunConfig, scorer_path: str) -> dict[str, Any]:
     experts = _experts(config)
     with ExitStack() as stack:
         scorer = run.load_backend(Path(scorer_path), config)
-        engine = run.open_engine(stack, scorer, config)
+        engine = run.open_engine(stack, scorer, config, StageProgress("expert step rewards"))
         scorer_id, reward_model = run.step_scorer(config, scorer.policy_id)
         computed = pipeline.expert_step_rewards(
             store, config.run_id, engine, scorer_id, experts,
@@ -197,7 +200,8 @@ def _explore_key(config: RunConfig, policy_path: str, iteration: int) -> str:
 @stage("explore")
 def explore(config: RunConfig, policy_path: str, iteration: int) -> dict[str, Any]:
     with ExitStack() as stack:
-        engine = run.open_engine(stack, run.load_backend(Path(policy_path), config), config)
+        policy = run.load_backend(Path(policy_path), config)
+        engine = run.open_engine(stack, policy, config, StageProgress(f"explore[{iteration}]"))
         explorations = pipeline.explore_stage(
             Store(config.store), config.run_id, iteration, engine, _experts(config),
             iteration_seed(config, iteration),
@@ -227,7 +231,8 @@ def agent_step_rewards(config: RunConfig, scorer_path: str, iteration: int) -> d
     explorations = pipeline.load_explorations(store, config.run_id, iteration, _experts(config))
     with ExitStack() as stack:
         scorer = run.load_backend(Path(scorer_path), config)
-        engine = run.open_engine(stack, scorer, config)
+        progress = StageProgress(f"agent step rewards[{iteration}]")
+        engine = run.open_engine(stack, scorer, config, progress)
         scorer_id, reward_model = run.step_scorer(config, scorer.policy_id)
         queries = pipeline.agent_step_rewards(
             store, config.run_id, iteration, engine, scorer_id, explorations,

@@ -2,9 +2,12 @@
 
 import re
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
@@ -138,6 +141,21 @@ def test_a_seeded_sample_does_not_depend_on_its_batch(backend: TransformersBacke
     assert together[2][0].text == alone[0][0].text
     reseeded = backend.generate(CONVERSATIONS[2:], params, seeds=[8])
     assert reseeded[0][0].text != alone[0][0].text
+
+
+def test_sampling_draws_from_the_tempered_distribution(backend: TransformersBackend):
+    """Inverse-CDF sampling: token frequencies match softmax(logits / T); tokens of
+    probability zero are never drawn."""
+    logits = torch.full((4000, 50), float("-inf"))
+    logits[:, [3, 17, 42]] = torch.tensor([0.7, 0.2, 0.1]).log()
+    rows = [SimpleNamespace(generator=torch.Generator().manual_seed(k)) for k in range(4000)]
+    tokens = backend._sample(logits, rows, SamplingParams(temperature=1.0))
+    counts = Counter(tokens)
+    assert set(counts) <= {3, 17, 42}
+    for token, p in [(3, 0.7), (17, 0.2), (42, 0.1)]:
+        assert abs(counts[token] / 4000 - p) < 0.03, (token, counts)
+    hot = backend._sample(logits[:2000], rows[:2000], SamplingParams(temperature=4.0))
+    assert abs(Counter(hot)[42] / 2000 - 0.262) < 0.03  # 0.1**0.25 / sum(p**0.25)
 
 
 def test_greedy_is_identical_across_samples_and_calls(backend: TransformersBackend):

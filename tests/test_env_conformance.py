@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+import webshop_fixture
 
 from ipr_core.envs import Env, EnvCrashed, StepResult, make_env
 from ipr_core.envs import science_world as sw
@@ -42,6 +43,10 @@ class EnvCase:
     """Give the test its own engine process/server where adapters share one, so a crash
     stays inside the test."""
     tasks_per_split: int = 2
+    locate: Callable[[pytest.FixtureRequest, pytest.MonkeyPatch], None] = lambda *_: None
+    """Point `make_env` at the engine where it is configured from outside (WebShop's URL)."""
+    gold: Callable[[Env, str], list[str] | None] = lambda env, _task_id: env.gold_actions()
+    """The gold actions of a task the env was just reset to (WebShop has none of its own)."""
 
     def __str__(self) -> str:
         return self.env_id
@@ -94,6 +99,24 @@ def _break_alfworld_engine(env: Env) -> None:
         pddl_env._pddl_state.downward_lib = pddl_env.downward_lib
 
 
+WEBSHOP_GOALS = 1502
+"""WebShop's splits are goal ranges (test 0-499, dev 500-1499, train 1500-): two train goals."""
+
+
+def _locate_fixture_shop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = request.getfixturevalue("fixture_shop_url")
+    monkeypatch.setenv("WEBSHOP_URL", url)
+    monkeypatch.setenv("WEBSHOP_NUM_GOALS", str(WEBSHOP_GOALS))
+
+
+def _crash_fixture_shop(env: Env) -> None:
+    webshop_fixture.RUNNING[env._shop.base_url.rstrip("/")].crash_once()  # type: ignore[attr-defined]
+
+
+def _fixture_gold(_env: Env, task_id: str) -> list[str]:
+    return webshop_fixture.gold_actions(int(task_id.rpartition("-")[2]))
+
+
 CASES = [
     EnvCase("twx/cookingworld", _kill_twx_jvm, "look around", _own_twx_jvm),
     EnvCase("twx/twc", _kill_twx_jvm, "look around", _own_twx_jvm),
@@ -104,6 +127,15 @@ CASES = [
     ),
     EnvCase("intercode-sql", _kill_mariadb, "SHOW TABLES;"),
     EnvCase("alfworld", _break_alfworld_engine, "look"),
+    # FIXTURE: WebShop's product data cannot be had here; a loopback stand-in shop serves
+    # WebShop-shaped pages (tests/webshop_fixture.py), so this checks the adapter, not WebShop.
+    EnvCase(
+        "webshop",
+        _crash_fixture_shop,
+        "search[mug]",
+        locate=_locate_fixture_shop,
+        gold=_fixture_gold,
+    ),  # fmt: skip
 ]
 
 INVALID_ACTIONS = ["", "xyzzy", "take the moon", "x" * 20_000, "'; DROP TABLE x; --\n\\ \u2603"]
@@ -115,16 +147,28 @@ def case(request: pytest.FixtureRequest) -> EnvCase:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def fixture_shop_url() -> Iterator[str]:
+    with webshop_fixture.serve_fixture_shop(num_goals=WEBSHOP_GOALS) as (url, _):
+        yield url
+
+
 @pytest.fixture
-def env(case: EnvCase) -> Iterator[Env]:
+def env(
+    case: EnvCase, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Env]:
+    case.locate(request, monkeypatch)
     made = make_env(case.env_id)
     yield made
     made.close()
 
 
 @pytest.fixture
-def engine(case: EnvCase, monkeypatch: pytest.MonkeyPatch) -> Iterator[RolloutEngine]:
+def engine(
+    case: EnvCase, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RolloutEngine]:
     """An engine without a policy: `replay` executes given assistant turns."""
+    case.locate(request, monkeypatch)
     case.isolate(monkeypatch)
     with RolloutEngine(case.env_id, backend=None, step_timeout_s=2.0) as made:  # type: ignore[arg-type]
         yield made
@@ -159,7 +203,7 @@ def test_gold_actions_replay_to_full_reward(case: EnvCase, env: Env) -> None:
     for split in SPLITS:
         for task_id in env.task_ids(split)[: case.tasks_per_split]:
             env.reset(task_id)
-            gold = env.gold_actions()
+            gold = case.gold(env, task_id)
             assert gold, f"{task_id}: no gold actions"
             assert len(gold) <= env.max_steps, task_id
             for action in gold:
@@ -212,7 +256,7 @@ def test_a_crash_is_a_failed_rollout_and_the_env_works_again(
     task_id = engine.task_ids("train")[0]
     env = make_env(case.env_id)
     env.reset(task_id)
-    gold = [_turn(action) for action in env.gold_actions() or []]
+    gold = [_turn(action) for action in case.gold(env, task_id) or []]
     env.close()
 
     case.crash(engine._idle_envs[0])

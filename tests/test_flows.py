@@ -1,8 +1,10 @@
 """The Prefect layer: the `ipr` flow on ephemeral Prefect, caching, resume after a kill,
 and `ipr serve` + `prefect deployment run ipr/iterate`."""
 
+import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,6 +91,29 @@ def test_flow_fills_every_table(smoke_flow):
     assert store.count("pairs", "level = 'trajectory'") >= 1
     assert store.count("pairs", "level = 'step'") >= 1
     assert store.count("evaluations") == 3
+
+
+def test_the_run_publishes_tables_a_plot_and_progress(smoke_flow):
+    """The iteration artifact carries the summary row and an inline PNG of the dev curve;
+    every rollout stage filled a progress artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_latest_artifacts()
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+        )
+    by_key = {a.key: a for a in latest}
+    markdown = by_key["smoke-iteration-1"].data
+    assert "| iteration | trajectory_pairs | step_pairs |" in markdown
+    encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown).group(1)
+    assert base64.b64decode(encoded).startswith(b"\x89PNG")
+    assert by_key["smoke-summary"].type == "table"
+    labels = {a.description.split(":")[0] for a in progress}
+    assert {"expert step rewards", "explore[1]", "agent step rewards[1]"} <= labels
+    assert {"evaluate[-1]", "evaluate[0]", "evaluate[1]"} <= labels
+    assert all(a.data == 100.0 for a in progress)
 
 
 def test_rerun_is_cached_and_changes_no_row_count(smoke_flow):

@@ -188,11 +188,15 @@ def test_generation_error_marks_live_episodes_failed(tiny_model_path):
 
 def test_engine_runs_more_episodes_than_live_slots_in_order(tiny_model_path):
     backend = make_backend(tiny_model_path)
-    with RolloutEngine(ENV, backend, max_live=2, max_new_tokens=8) as engine:
+    progress: list[tuple[int, int]] = []
+    with RolloutEngine(
+        ENV, backend, max_live=2, max_new_tokens=8, progress=lambda *p: progress.append(p)
+    ) as engine:
         task_ids = engine.task_ids("dev")[:5]
         specs = [RolloutSpec(t) for t in task_ids]
         results = engine.run(specs, temperature=0.0)
         again = engine.run(list(reversed(specs)), temperature=0.0)
+    assert progress == [(k, 5) for k in range(1, 6)] * 2  # one report per finished episode
     assert [r.spec.task_id for r in results] == task_ids
     # greedy decoding: the same task gives the same episode whatever the batch around it
     assert [r.trajectory for r in results] == [r.trajectory for r in reversed(again)]

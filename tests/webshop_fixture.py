@@ -10,6 +10,7 @@ WebShop's scoring.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -160,15 +161,29 @@ def _done_page(goal: dict[str, Any], asin: str, options_json: str) -> str:
     )
 
 
-def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """The fixture shop: WebShop's routes, the fixture's pages."""
+def gold_actions(goal_index: int) -> list[str]:
+    """A path to the fixture's full score for goal `goal_index` (goals repeat GOALS)."""
+    goal = GOALS[goal_index % len(GOALS)]
+    title = PRODUCTS[goal["asin"]]["title"]
+    keywords = " ".join(re.findall(r"[a-z]+", title.lower())[:3])
+    options = [f"click[{value}]" for value in goal["options"].values()]
+    return [f"search[{keywords}]", f"click[{goal['asin']}]", *options, "click[Buy Now]"]
+
+
+def app(
+    environ: dict[str, Any], start_response: Callable[..., Any], num_goals: int = len(GOALS)
+) -> Iterable[bytes]:
+    """The fixture shop: WebShop's routes, the fixture's pages; goal i is GOALS[i % 2]."""
     parts = environ["PATH_INFO"].strip("/").split("/")  # wsgiref has decoded %XX already
     route, session = parts[0], parts[1] if len(parts) > 1 else parts[0]
     try:
-        goal = GOALS[int(session.split("_")[-1])]
-    except (ValueError, IndexError):
+        index = int(session.split("_")[-1])
+    except ValueError:
+        index = num_goals
+    if index >= num_goals:
         start_response("500 INTERNAL SERVER ERROR", [("Content-Type", "text/plain")])
         return [b"no such goal"]
+    goal = GOALS[index % len(GOALS)]
     if len(parts) == 1 and environ["REQUEST_METHOD"] == "POST":
         size = int(environ.get("CONTENT_LENGTH") or 0)
         form = urllib.parse.parse_qs(environ["wsgi.input"].read(size).decode())
@@ -193,20 +208,50 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     return [html.encode()]
 
 
+class FixtureServer(WSGIServer):
+    """The fixture's server; `crash_once()` makes it drop the next request unanswered, as a
+    WebShop app does when it dies and its supervisor starts it again."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.crash_pending = threading.Event()
+
+    def crash_once(self) -> None:
+        self.crash_pending.set()
+
+
 class _QuietHandler(WSGIRequestHandler):
+    server: FixtureServer
+
+    def handle(self) -> None:
+        if self.server.crash_pending.is_set():
+            self.server.crash_pending.clear()
+            return  # the connection closes with no response
+        super().handle()
+
     def log_message(self, format: str, *args: Any) -> None:
         """No access log in the test output."""
 
 
+RUNNING: dict[str, FixtureServer] = {}
+"""Servers by base URL, for tests that hold only an env."""
+
+
 @contextmanager
-def serve_fixture_shop() -> Iterator[tuple[str, WSGIServer]]:
-    """The fixture shop on a free loopback port: (base URL, server)."""
-    server = make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
+def serve_fixture_shop(num_goals: int = len(GOALS)) -> Iterator[tuple[str, FixtureServer]]:
+    """The fixture shop with `num_goals` goals on a free loopback port: (base URL, server)."""
+    server = make_server(
+        "127.0.0.1", 0, functools.partial(app, num_goals=num_goals),
+        server_class=FixtureServer, handler_class=_QuietHandler,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{server.server_port}"
+    RUNNING[url] = server
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", server
+        yield url, server
     finally:
+        del RUNNING[url]
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)

@@ -343,13 +343,15 @@ class TransformersBackend:
         self.prefix_cache.insert(tokens, kv)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> list[int]:
+        """Greedy, or inverse-CDF sampling of the whole batch at once, each row drawing its
+        uniform from its own generator (so a row's token does not depend on its batch)."""
         if params.temperature == 0:
             return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        return [
-            int(torch.multinomial(p, 1, generator=row.generator))
-            for p, row in zip(probs, rows, strict=True)
-        ]
+        cdf = torch.softmax(logits / params.temperature, dim=-1).cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+        targets = (draws * cdf[:, -1])[:, None]  # cdf[:, -1] is 1 up to rounding
+        tokens = torch.searchsorted(cdf, targets, right=True)[:, 0]
+        return tokens.clamp(max=cdf.shape[-1] - 1).tolist()
 
     def _append(self, row: _Row, token: int, params: SamplingParams) -> None:
         """Add a sampled token; decide whether the row is finished and what its text is."""

@@ -41,7 +41,7 @@ from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
     lora_config,
-    measure,
+    run_training,
     save_trained,
     trainer_arguments,
     training_metrics,
@@ -227,8 +227,7 @@ def train_mixture(
             weights=settings.weights,
         )
         trainer.ref_model = None  # its log-probs are precomputed: free the copy
-        with measure() as figures:
-            output = trainer.train()
+        output, figures = run_training(trainer)
         save_trained(trainer, tokenizer, work)
         return {
             **training_metrics(trainer, output, figures),

@@ -52,7 +52,7 @@ from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.runtime import (
     load_tokenizer,
     lora_config,
-    measure,
+    run_training,
     save_trained,
     trainer_arguments,
     training_metrics,
@@ -250,8 +250,7 @@ def train_reward_model(
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
         )
-        with measure() as figures:
-            output = trainer.train()
+        output, figures = run_training(trainer)
         metrics: dict[str, float] = {}
         if heldout_rows:
             predictions = trainer.predict(Dataset.from_list(heldout_rows)).predictions

@@ -5,14 +5,15 @@ from __future__ import annotations
 import resource
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import TrainOutput
 
 from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
@@ -33,7 +34,7 @@ def load_tokenizer(path: Path):
 
 def trainer_arguments(settings: Any, work: Path) -> dict[str, Any]:
     """TrainingArguments shared by every trainer here: cosine schedule, fp32, no
-    intermediate saves or trackers, a log line per step."""
+    intermediate saves or trackers, a log line per step (`run_training` adds the bar)."""
     return {
         "output_dir": str(work / TRAINER_DIR),
         "num_train_epochs": settings.epochs,
@@ -73,20 +74,31 @@ def save_trained(trainer: Trainer, tokenizer, work: Path) -> None:
     shutil.rmtree(work / TRAINER_DIR, ignore_errors=True)
 
 
-@contextmanager
-def measure() -> Iterator[dict[str, float]]:
-    """Wall seconds and peak resident memory of the block (MiB).
+class StepBar(ProgressCallback):
+    """A terminal bar over optimizer steps whose log lines are printed above the bar with
+    `print`, where Prefect's log capture (`log_prints`) sees them."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            with tqdm.external_write_mode():
+                print({k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
+
+
+def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
+    """Train with a step bar; also returns the wall seconds and the peak resident memory
+    of training (MiB).
 
     Linux resets the peak (VmHWM) by writing 5 to /proc/self/clear_refs, so the figure
-    is this block's peak, not the process's; elsewhere it is the process's peak so far.
+    is training's peak, not the process's; elsewhere it is the process's peak so far.
     """
+    trainer.remove_callback(PrinterCallback)  # `disable_tqdm` chose it; StepBar prints instead
+    trainer.add_callback(StepBar())
     with suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    figures: dict[str, float] = {}
     start = time.perf_counter()
-    yield figures
-    figures["seconds"] = time.perf_counter() - start
-    figures["peak_rss_mb"] = _peak_rss_mb()
+    output = trainer.train()
+    figures = {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+    return output, figures
 
 
 def _peak_rss_mb() -> float:

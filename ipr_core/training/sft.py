@@ -22,7 +22,7 @@ from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
     lora_config,
-    measure,
+    run_training,
     save_trained,
     trainer_arguments,
     training_metrics,
@@ -62,8 +62,7 @@ def train_sft(
             processing_class=tokenizer,
             peft_config=lora_config(settings.lora),
         )
-        with measure() as figures:
-            output = trainer.train()
+        output, figures = run_training(trainer)
         save_trained(trainer, tokenizer, work)
         return {
             **training_metrics(trainer, output, figures),

@@ -1,0 +1,44 @@
+"""`ipr bench rollouts` end to end on the tiny model: the three measurements and the ratios."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+
+def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path):
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "env": "twx/cookingworld",
+                "model": str(tiny_model_path),
+                "tasks": 1,
+                "queries_per_task": 2,
+                "n_samples": 2,
+                "max_steps": 3,
+                "max_new_tokens": 6,
+            }
+        )
+    )
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "ipr_core.cli", "bench", "rollouts", "--config", config,
+         "--out", out],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    engine, reference, limit = report["engine"], report["reference"], report["limit"]
+    assert report["queries"] == 2
+    assert engine["rollouts"] == reference["rollouts"] == 4  # 2 queries x N=2
+    # the reference re-encodes every turn: it prefills more than the engine
+    assert reference["prefill_tokens"] > engine["prefill_tokens"] > 0
+    assert report["prefill_tokens_ratio"] == reference["prefill_tokens"] / engine["prefill_tokens"]
+    # the limit replays exactly the engine's prefill passes
+    assert limit["prefill_tokens"] == engine["prefill_tokens"]
+    assert report["fraction_of_limit"] == limit["wall_s"] / engine["wall_s"]
+    assert 0.0 <= report["greedy_outcome_agreement"] <= 1.0
+    assert report["greedy_rollouts"] == 2
+    assert "prefill_tokens_ratio" in done.stdout  # the printed table
