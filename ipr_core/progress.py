@@ -23,13 +23,16 @@ class ProgressBar:
         self.unit = unit
         self._log = log
         self._bar: tqdm | None = None
+        self._total = 0
+        self._done = 0
         self._logged_tenths = -1
 
     def __call__(self, done: int, total: int) -> None:
-        if self._bar is None or self._bar.total != total or done < self._bar.n:
+        if self._bar is None or total != self._total or done < self._done:
             self._start(total)
         assert self._bar is not None
-        self._bar.update(done - self._bar.n)
+        self._bar.update(done - self._done)
+        self._done = done
         tenths = 10 * done // max(total, 1)
         if tenths > self._logged_tenths:
             self._logged_tenths = tenths
@@ -44,5 +47,7 @@ class ProgressBar:
     def _start(self, total: int) -> None:
         if self._bar is not None:
             self._bar.close()
-        self._bar = tqdm(total=total, desc=self.label, unit=" " + self.unit, leave=False)
-        self._logged_tenths = -1
+        self._bar = tqdm(  # disable=None: no bar when stderr is not a terminal (log files)
+            total=total, desc=self.label, unit=" " + self.unit, leave=False, disable=None
+        )
+        self._total, self._done, self._logged_tenths = total, 0, -1

@@ -27,6 +27,7 @@ from ipr_core.models import resolve_model
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import (
     COMPLETE_MARKER,
+    TrainResult,
     base_checkpoint,
     model_id,
     record_checkpoint,
@@ -120,7 +121,9 @@ def _sft_key(config: RunConfig, base_path: str) -> str:
     )  # fmt: skip
 
 
-@task(name="sft", cache_policy=_key(_sft_key))
+# Training tasks do not turn prints into logs: `datasets` (through dill) reads `dis` output
+# by capturing stdout, which Prefect's print patching would send to the log instead.
+@task(name="sft", cache_policy=_key(_sft_key), log_prints=False)
 @stage("sft")
 def sft(config: RunConfig, base_path: str) -> dict[str, Any]:
     assert config.sft is not None
@@ -130,8 +133,18 @@ def sft(config: RunConfig, base_path: str) -> dict[str, Any]:
         config.checkpoints_dir,
     )  # fmt: skip
     record_checkpoint(Store(config.store), result, config.run_id, iteration=0)
-    _log(f"SFT checkpoint {result.checkpoint_id} ({'reused' if result.skipped else 'trained'})")
+    _log(f"SFT checkpoint {result.checkpoint_id} ({_training_line(result)})")
     return {"path": str(result.path), "checkpoint_id": result.checkpoint_id}
+
+
+def _training_line(result: TrainResult) -> str:
+    if result.skipped:
+        return "reused"
+    m = result.metrics
+    return (
+        f"trained: {m['steps']} steps, loss {m['first_step_loss']:.3f} -> "
+        f"{m['last_step_loss']:.3f}, {m['seconds_per_step']:.1f} s/step"
+    )
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -284,6 +297,7 @@ def _mixture_key(config: RunConfig, sft_path: str, policy_path: str | None, iter
     name="train-mixture",
     cache_policy=_key(_mixture_key),
     task_run_name="train-mixture[{iteration}]",
+    log_prints=False,
 )
 @stage("mixture training")
 def train_mixture(
@@ -299,7 +313,7 @@ def train_mixture(
         config.checkpoints_dir, parent_path=None if policy_path is None else Path(policy_path),
     )  # fmt: skip
     record_checkpoint(store, result, config.run_id, iteration)
-    _log(f"mixture checkpoint {result.checkpoint_id} ({'reused' if result.skipped else 'trained'})")
+    _log(f"mixture checkpoint {result.checkpoint_id} ({_training_line(result)})")
     return {"path": str(result.path), "checkpoint_id": result.checkpoint_id}
 
 

@@ -6,7 +6,8 @@ directly and through the rollout engine (replaying assistant turns, no model nee
 they check what the pipeline relies on: deterministic resets, gold actions that reach full
 reward, observations (never exceptions) for bad actions, episodes that end at max steps
 with their outcome, rewards in [0, 1], and crashes or hangs recorded as failed rollouts
-after which the environment works again.
+after which the environment works again. WebShop runs against the labelled FIXTURE shop of
+tests/webshop_fixture.py (its product data cannot be had here), with the fixture's gold paths.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ def test_a_new_total_starts_over():
             fractions.append(fraction)
 
     bar = Recording("scoring", lines.append, unit="episodes")
-    bar(1, 1)
-    bar(1, 2)
-    bar(2, 2)
-    assert lines == ["scoring: 1/1 episodes", "scoring: 1/2 episodes", "scoring: 2/2 episodes"]
-    assert fractions == [1.0, 0.5, 1.0]
+    for done, total in [(1, 1), (1, 2), (2, 2), (1, 2), (2, 2)]:  # three batches
+        bar(done, total)
+    halves = ["scoring: 1/2 episodes", "scoring: 2/2 episodes"]
+    assert lines == ["scoring: 1/1 episodes", *halves, *halves]
+    assert fractions == [1.0, 0.5, 1.0, 0.5, 1.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -75,8 +76,7 @@ def save_trained(trainer: Trainer, tokenizer, work: Path) -> None:
 
 
 class StepBar(ProgressCallback):
-    """A terminal bar over optimizer steps whose log lines are printed above the bar with
-    `print`, where Prefect's log capture (`log_prints`) sees them."""
+    """A terminal bar over optimizer steps, the Trainer's log lines printed above it."""
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and logs:
@@ -91,8 +91,9 @@ def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
     Linux resets the peak (VmHWM) by writing 5 to /proc/self/clear_refs, so the figure
     is training's peak, not the process's; elsewhere it is the process's peak so far.
     """
-    trainer.remove_callback(PrinterCallback)  # `disable_tqdm` chose it; StepBar prints instead
-    trainer.add_callback(StepBar())
+    if sys.stderr.isatty():  # a bar in log files is noise: there PrinterCallback stays
+        trainer.remove_callback(PrinterCallback)  # StepBar prints its lines instead
+        trainer.add_callback(StepBar())
     with suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
