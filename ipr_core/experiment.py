@@ -184,7 +184,7 @@ def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
         release_engines()  # a GPU inference engine would hold the memory training needs
         sft = train_sft(base_path, experts, hint, run.sft, run.checkpoints_dir)
         record_checkpoint(store, sft, iteration=0)
-        log(f"shared SFT checkpoint {sft.checkpoint_id} ({'reused' if sft.skipped else 'trained'})")
+        log(f"shared SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
     env = make_env(run.env)
     try:
@@ -299,7 +299,7 @@ def run_iteration_once(
         )
         record_checkpoint(store, trained, run.run_id, iteration)
         log(f"iteration {iteration}: checkpoint {trained.checkpoint_id} "
-            f"({'reused' if trained.skipped else 'trained'}, {len(pairs)} pairs)")  # fmt: skip
+            f"({trained.summary()}; {len(pairs)} pairs mined)")  # fmt: skip
         new_path = trained.path
     evaluate_once(store, config, shared, run, new_path, iteration, "dev", log)
     return new_path

@@ -139,7 +139,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
         release_engines()
         sft = train_sft(base_path, experts, hint, config.sft, config.checkpoints_dir)
         record_checkpoint(store, sft, config.run_id, iteration=0)
-        log(f"SFT checkpoint {sft.checkpoint_id} ({'reused' if sft.skipped else 'trained'})")
+        log(f"SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
     evaluate_model(store, config, sft_path, 0, log)
 
@@ -160,6 +160,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
             parent_path=policy_path if iteration > 1 else None,
         )
         record_checkpoint(store, trained, config.run_id, iteration)
+        log(f"iteration {iteration}: mixture {trained.checkpoint_id} ({trained.summary()})")
         policy_path = trained.path
         evaluate_model(store, config, policy_path, iteration, log)
         log(f"iteration {iteration} done in {time.perf_counter() - started:.0f} s")

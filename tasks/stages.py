@@ -27,7 +27,6 @@ from ipr_core.models import resolve_model
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import (
     COMPLETE_MARKER,
-    TrainResult,
     base_checkpoint,
     model_id,
     record_checkpoint,
@@ -133,18 +132,8 @@ def sft(config: RunConfig, base_path: str) -> dict[str, Any]:
         config.checkpoints_dir,
     )  # fmt: skip
     record_checkpoint(Store(config.store), result, config.run_id, iteration=0)
-    _log(f"SFT checkpoint {result.checkpoint_id} ({_training_line(result)})")
+    _log(f"SFT checkpoint {result.checkpoint_id} ({result.summary()})")
     return {"path": str(result.path), "checkpoint_id": result.checkpoint_id}
-
-
-def _training_line(result: TrainResult) -> str:
-    if result.skipped:
-        return "reused"
-    m = result.metrics
-    return (
-        f"trained: {m['steps']} steps, loss {m['first_step_loss']:.3f} -> "
-        f"{m['last_step_loss']:.3f}, {m['seconds_per_step']:.1f} s/step"
-    )
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -313,7 +302,7 @@ def train_mixture(
         config.checkpoints_dir, parent_path=None if policy_path is None else Path(policy_path),
     )  # fmt: skip
     record_checkpoint(store, result, config.run_id, iteration)
-    _log(f"mixture checkpoint {result.checkpoint_id} ({_training_line(result)})")
+    _log(f"mixture checkpoint {result.checkpoint_id} ({result.summary()})")
     return {"path": str(result.path), "checkpoint_id": result.checkpoint_id}
 
 

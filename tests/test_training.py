@@ -272,3 +272,19 @@ def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: P
         "sft",
         str(first.path),
     )
+
+
+def test_the_training_summary_says_what_did_not_fit(tmp_path: Path):
+    from ipr_core.training.checkpoints import TrainResult
+
+    metrics = {"steps": 9, "first_step_loss": 1.3, "last_step_loss": 0.26,
+               "seconds_per_step": 16.0, "n_examples": 3, "n_truncated": 2,
+               "n_dropped": 0}  # fmt: skip
+    result = TrainResult("c5f6", "ee5e", "sft", tmp_path, {}, metrics)
+    assert result.summary() == (
+        "trained: 9 steps, loss 1.300 -> 0.260, 16.0 s/step; "
+        "of 3 examples 2 lost their oldest turns and 0 were dropped to fit max_length"
+    )
+    fitting = TrainResult("c5f6", "ee5e", "sft", tmp_path, {}, metrics | {"n_truncated": 0})
+    assert fitting.summary().endswith("16.0 s/step")
+    assert TrainResult("c5f6", "ee5e", "sft", tmp_path, {}, {}, skipped=True).summary() == "reused"

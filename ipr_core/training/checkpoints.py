@@ -42,6 +42,23 @@ class TrainResult:
     skipped: bool = False
     """True when the checkpoint already existed and nothing was trained."""
 
+    def summary(self) -> str:
+        """One line for the logs: reused, or steps, losses, speed and what did not fit."""
+        if self.skipped:
+            return "reused"
+        m = self.metrics
+        line = (
+            f"trained: {m['steps']} steps, loss {m['first_step_loss']:.3f} -> "
+            f"{m['last_step_loss']:.3f}, {m['seconds_per_step']:.1f} s/step"
+        )
+        examples = m.get("n_examples", m.get("n_pairs"))
+        if m.get("n_truncated") or m.get("n_dropped"):
+            line += (
+                f"; of {examples} examples {m.get('n_truncated', 0)} lost their oldest turns "
+                f"and {m.get('n_dropped', 0)} were dropped to fit max_length"
+            )
+        return line
+
     def to_json(self) -> str:
         data = asdict(self)
         data["path"] = str(self.path)
