@@ -57,6 +57,10 @@ def artifact_key(*parts: object) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
 
 
+def run_summary(config: RunConfig) -> pd.DataFrame:
+    return iteration_summary(Store(config.store), config.run_id, config.dev_split)
+
+
 def summary_records(summary: pd.DataFrame) -> list[dict[str, Any]]:
     return summary.astype(object).where(summary.notna(), None).to_dict("records")
 
@@ -97,7 +101,7 @@ def iteration(config: RunConfig, sft_path: str, policy_path: str, iteration: int
         policy_path if iteration > 1 else None, iteration=iteration,
     )  # fmt: skip
     metrics = run_stage(stages.evaluate, config, trained["path"], iteration=iteration)
-    summary = iteration_summary(Store(config.store), config.run_id, config.dev_split)
+    summary = run_summary(config)
     row = [r for r in summary_records(summary) if r["iteration"] == iteration]
     create_markdown_artifact(
         key=artifact_key(config.run_id, "iteration", iteration),
@@ -137,8 +141,7 @@ def ipr(config: RunConfig) -> list[dict[str, Any]]:
         policy_path = sft_path
         for k in range(1, config.iterations + 1):
             policy_path = iteration(config, sft_path, policy_path, k)["path"]
-    summary = iteration_summary(Store(config.store), config.run_id, config.dev_split)
-    rows = summary_records(summary)
+    rows = summary_records(run_summary(config))
     create_table_artifact(
         key=artifact_key(config.run_id, "summary"),
         table=rows,
