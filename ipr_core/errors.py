@@ -22,3 +22,7 @@ class InputError(IprError):
 
 class UnknownEnvError(IprError):
     """An env id that no adapter is registered for."""
+
+
+class EnvParamError(UnknownEnvError):
+    """An env id whose game parameters are unknown, malformed or out of range."""

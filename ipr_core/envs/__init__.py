@@ -1,110 +1,275 @@
 """Environment registry: env ids are `family/variant`, e.g. `twx/cookingworld`, or just
 `family` for a family with a single environment (its one variant is ""), e.g. `intercode-sql`
-or `alfworld`.
+or `alfworld`, optionally followed by game parameters: `twx/twc?locations=1&items=2`.
 
-Families register a factory taking the variant; adapter modules are imported only when an env
+Parameter syntax is a URL query string (`?name=value&name=value`) because it reads as "this
+env, with these settings", `?`, `&` and `=` occur in no family or variant name, and values
+are small integers, so nothing needs escaping (a shell needs the id quoted). Each parameter
+has a short name mapped to the engine's own (`items` is TWX's `numItemsToPutAway`), a
+default and an inclusive range. `parse_env_id` is the one place ids are read: its `EnvSpec`
+prints the canonical id, with parameters in declared order and those at their default left
+out, so `twx/twc?items=2&locations=2` is `twx/twc` and every spelling of one setting is one
+store key.
+
+Families register a factory taking the spec; adapter modules are imported only when an env
 of their family is made, so importing the registry stays cheap (no JVM, no py4j).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import import_module
+from itertools import product
 from pathlib import Path
 
 from ipr_core.envs.base import Env, EnvCrashed, EnvTask, StepResult
-from ipr_core.errors import UnknownEnvError
+from ipr_core.errors import EnvParamError, UnknownEnvError
 
-__all__ = ["Env", "EnvCrashed", "EnvTask", "StepResult", "known_env_ids", "make_env"]
+__all__ = [
+    "Env",
+    "EnvCrashed",
+    "EnvSpec",
+    "EnvTask",
+    "Param",
+    "StepResult",
+    "VariantInfo",
+    "canonical_env_id",
+    "env_spec",
+    "known_env_ids",
+    "make_env",
+    "parse_env_id",
+    "variant_info",
+]
 
-# The TWX game names, kept here so listing env ids does not import the adapter.
-_TWX_GAMES = (
-    "cookingworld",
-    "coin",
-    "twc",
-    "mapreader",
-    "arithmetic",
-    "sorting",
-    "simonsays",
-    "peckingorder",
-)
+
+@dataclass(frozen=True)
+class Param:
+    """One game parameter of an env id: `name` is what users write, `engine_name` the engine's."""
+
+    name: str
+    engine_name: str
+    default: int
+    low: int
+    high: int
+    help: str
 
 
-def _make_twx(variant: str) -> Env:
+@dataclass(frozen=True)
+class VariantInfo:
+    """What the registry knows about one env without starting its engine."""
+
+    max_steps: Callable[[Mapping[str, int]], int]
+    """The episode step bound of a setting (every parameter by name)."""
+    params: tuple[Param, ...] = ()
+    split_sizes: tuple[int, int, int] | None = None
+    """Tasks in train / dev / test where the engine fixes them; None: they depend on data."""
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A parsed env id: family, variant and the value of every parameter, defaults included."""
+
+    family: str
+    variant: str
+    values: tuple[tuple[str, int], ...] = field(default=())
+    """(name, value) per declared parameter, in declared order."""
+
+    @property
+    def base_id(self) -> str:
+        return f"{self.family}/{self.variant}" if self.variant else self.family
+
+    @property
+    def env_id(self) -> str:
+        """The canonical id: declared order, parameters at their default left out."""
+        info = variant_info(self.base_id)
+        defaults = {p.name: p.default for p in info.params}
+        query = "&".join(f"{k}={v}" for k, v in self.values if v != defaults[k])
+        return f"{self.base_id}?{query}" if query else self.base_id
+
+    @property
+    def params(self) -> dict[str, int]:
+        return dict(self.values)
+
+    def engine_params(self) -> dict[str, int]:
+        """Every parameter under the engine's name, as the adapter passes them on."""
+        names = {p.name: p.engine_name for p in variant_info(self.base_id).params}
+        return {names[k]: v for k, v in self.values}
+
+    @property
+    def max_steps(self) -> int:
+        return variant_info(self.base_id).max_steps(self.params)
+
+
+def _adapter_bound(module: str, task: str | None = None) -> Callable[[Mapping[str, int]], int]:
+    """The bound an adapter without parameters keeps as its `MAX_STEPS` (a dict per task, or
+    one int), read on demand so the registry does not import the adapter."""
+
+    def bound(params: Mapping[str, int]) -> int:
+        steps = import_module(f"ipr_core.envs.{module}").MAX_STEPS
+        return steps if task is None else steps[task]
+
+    return bound
+
+
+def _ceil5(steps: float) -> int:
+    return 5 * math.ceil(steps / 5)
+
+
+def _flag(name: str, engine_name: str, default: int, help: str) -> Param:
+    return Param(name, engine_name, default, 0, 1, help)
+
+
+_DOORS = _flag("doors", "includeDoors", 0, "1 puts doors to open between rooms")
+_INVENTORY = _flag("inventory_limit", "limitInventorySize", 0, "1 limits what the agent can carry")
+_TWX_SPLITS = (1000, 1000, 1000)
+"""TWX's seed sets, the same for every game and setting."""
+
+# Defaults are this project's settings (short episodes for a small model: few rooms, no doors,
+# no inventory limit); ranges are what the engine's `load` accepts (checked by a test). Step
+# bounds equal the bound tuned over all 3000 seeds at the default, and grow with the game so
+# they stay >= 1.3x the longest gold path measured at the ends of the ranges (150 seeds each,
+# doors and inventory limit on): twc 3 rooms 4 items 37, coin 11 rooms 34, cookingworld
+# 11 rooms 5 ingredients 111. TWX's gold agents walk at random, hence the room terms.
+_TWX: dict[str, VariantInfo] = {
+    # Gold path length 10-24, median 17 at the default.
+    "cookingworld": VariantInfo(
+        params=(
+            Param("locations", "numLocations", 3, 1, 11, "rooms"),
+            Param("ingredients", "numIngredients", 2, 1, 5, "ingredients in the recipe"),
+            Param("distractors", "numDistractorItems", 3, 0, 10, "ingredients not in it"),
+            _DOORS,
+            _INVENTORY,
+        ),
+        max_steps=lambda p: _ceil5(15 + 2.5 * p["locations"] * p["ingredients"]),
+        split_sizes=_TWX_SPLITS,
+    ),
+    # Gold path length 2-27, median 5 at the default: the TWX gold agent walks at random until
+    # it sees the coin, and is not seeded (TWX bug), so the same task gets a different gold
+    # path each reset. With 3 rooms a random walk over valid actions succeeded 87% of the time.
+    "coin": VariantInfo(
+        params=(
+            Param("locations", "numLocations", 5, 1, 11, "rooms"),
+            Param("distractors", "numDistractorItems", 3, 0, 10, "items that are not the coin"),
+            _DOORS,
+            _INVENTORY,
+        ),
+        max_steps=lambda p: 5 + 6 * p["locations"],
+        split_sizes=_TWX_SPLITS,
+    ),
+    # Gold path length 6-10 at the default; 3-4 with 1 room and 1 item, 5-7 with 1 room and 2.
+    "twc": VariantInfo(
+        params=(
+            Param("locations", "numLocations", 2, 1, 3, "rooms"),
+            Param("items", "numItemsToPutAway", 2, 1, 4, "items to put away"),
+            _DOORS,
+            _INVENTORY,
+        ),
+        max_steps=lambda p: max(10, 5 * p["items"] + {1: 0, 2: 10, 3: 30}[p["locations"]]),
+        split_sizes=_TWX_SPLITS,
+    ),
+    # The engine accepts up to 50 rooms but crashes generating such games: no parameters yet.
+    # Gold path length 7-9.
+    "mapreader": VariantInfo(max_steps=lambda p: 20, split_sizes=_TWX_SPLITS),
+    # Gold path length 5.
+    "arithmetic": VariantInfo(max_steps=lambda p: 15, split_sizes=_TWX_SPLITS),
+    # Gold path length 6-10.
+    "sorting": VariantInfo(max_steps=lambda p: 20, split_sizes=_TWX_SPLITS),
+    # Gold path length 5.
+    "simonsays": VariantInfo(max_steps=lambda p: 15, split_sizes=_TWX_SPLITS),
+    # Gold path length 9.
+    "peckingorder": VariantInfo(max_steps=lambda p: 20, split_sizes=_TWX_SPLITS),
+}
+
+
+def _make_twx(spec: EnvSpec) -> Env:
     from ipr_core.envs.textworld_express import TextWorldExpressEnv
 
-    return TextWorldExpressEnv(variant)
+    return TextWorldExpressEnv(spec.variant, spec.params)
 
 
-# The ScienceWorld task names (the package's tasks.json; a test checks them against the engine).
-_SCIENCEWORLD_TASKS = (
-    "boil",
-    "melt",
-    "freeze",
-    "change-the-state-of-matter-of",
-    "use-thermometer",
-    "measure-melting-point-known-substance",
-    "measure-melting-point-unknown-substance",
-    "power-component",
-    "power-component-renewable-vs-nonrenewable-energy",
-    "test-conductivity",
-    "test-conductivity-of-unknown-substances",
-    "find-living-thing",
-    "find-non-living-thing",
-    "find-plant",
-    "find-animal",
-    "grow-plant",
-    "grow-fruit",
-    "chemistry-mix",
-    "chemistry-mix-paint-secondary-color",
-    "chemistry-mix-paint-tertiary-color",
-    "lifespan-longest-lived",
-    "lifespan-shortest-lived",
-    "lifespan-longest-lived-then-shortest-lived",
-    "identify-life-stages-1",
-    "identify-life-stages-2",
-    "inclined-plane-determine-angle",
-    "inclined-plane-friction-named-surfaces",
-    "inclined-plane-friction-unnamed-surfaces",
-    "mendelian-genetics-known-plant",
-    "mendelian-genetics-unknown-plant",
-)
+# The ScienceWorld tasks (the package's tasks.json; a test checks them against the engine) and
+# their variations in train / dev / test.
+_SCIENCEWORLD_SPLITS: dict[str, tuple[int, int, int]] = {
+    "boil": (14, 7, 9),
+    "melt": (14, 7, 9),
+    "freeze": (14, 7, 9),
+    "change-the-state-of-matter-of": (14, 7, 9),
+    "use-thermometer": (270, 135, 135),
+    "measure-melting-point-known-substance": (218, 109, 109),
+    "measure-melting-point-unknown-substance": (150, 75, 75),
+    "power-component": (10, 5, 5),
+    "power-component-renewable-vs-nonrenewable-energy": (10, 5, 5),
+    "test-conductivity": (450, 225, 225),
+    "test-conductivity-of-unknown-substances": (300, 150, 150),
+    "find-living-thing": (150, 75, 75),
+    "find-non-living-thing": (150, 75, 75),
+    "find-plant": (150, 75, 75),
+    "find-animal": (150, 75, 75),
+    "grow-plant": (62, 31, 33),
+    "grow-fruit": (62, 31, 33),
+    "chemistry-mix": (16, 8, 8),
+    "chemistry-mix-paint-secondary-color": (18, 9, 9),
+    "chemistry-mix-paint-tertiary-color": (18, 9, 9),
+    "lifespan-longest-lived": (62, 31, 32),
+    "lifespan-shortest-lived": (62, 31, 32),
+    "lifespan-longest-lived-then-shortest-lived": (62, 31, 32),
+    "identify-life-stages-1": (6, 3, 5),
+    "identify-life-stages-2": (4, 2, 4),
+    "inclined-plane-determine-angle": (84, 42, 42),
+    "inclined-plane-friction-named-surfaces": (692, 346, 348),
+    "inclined-plane-friction-unnamed-surfaces": (80, 40, 42),
+    "mendelian-genetics-known-plant": (60, 30, 30),
+    "mendelian-genetics-unknown-plant": (240, 120, 120),
+}
 
 
-def _make_scienceworld(variant: str) -> Env:
+def _make_scienceworld(spec: EnvSpec) -> Env:
     from ipr_core.envs.science_world import ScienceWorldEnv
 
-    return ScienceWorldEnv(variant)
+    return ScienceWorldEnv(spec.variant)
 
 
-def _make_webshop(variant: str) -> Env:
+def _make_webshop(spec: EnvSpec) -> Env:
     from ipr_core.envs.webshop import make_webshop_env
 
     return make_webshop_env()
 
 
-def _make_intercode_sql(variant: str) -> Env:
+def _make_intercode_sql(spec: EnvSpec) -> Env:
     from ipr_core.envs.intercode_sql import InterCodeSqlEnv
 
     return InterCodeSqlEnv()
 
 
-def _make_alfworld(variant: str) -> Env:
+def _make_alfworld(spec: EnvSpec) -> Env:
     from ipr_core.envs.alfworld import AlfWorldEnv
     from ipr_core.envs.alfworld_games import USER_ALFWORLD_DATA
 
     return AlfWorldEnv(data_dir=Path(USER_ALFWORLD_DATA) if USER_ALFWORLD_DATA else None)
 
 
-_FAMILIES: dict[str, tuple[Callable[[str], Env], tuple[str, ...]]] = {
-    "twx": (_make_twx, _TWX_GAMES),
-    "scienceworld": (_make_scienceworld, _SCIENCEWORLD_TASKS),
-    "webshop": (_make_webshop, ("",)),
-    "intercode-sql": (_make_intercode_sql, ("",)),
-    "alfworld": (_make_alfworld, ("",)),
+_FAMILIES: dict[str, tuple[Callable[[EnvSpec], Env], dict[str, VariantInfo]]] = {
+    "twx": (_make_twx, _TWX),
+    "scienceworld": (
+        _make_scienceworld,
+        {
+            task: VariantInfo(max_steps=_adapter_bound("science_world", task), split_sizes=sizes)
+            for task, sizes in _SCIENCEWORLD_SPLITS.items()
+        },
+    ),
+    "webshop": (_make_webshop, {"": VariantInfo(max_steps=_adapter_bound("webshop"))}),
+    "intercode-sql": (
+        _make_intercode_sql,
+        {"": VariantInfo(max_steps=_adapter_bound("intercode_sql"))},
+    ),
+    "alfworld": (_make_alfworld, {"": VariantInfo(max_steps=_adapter_bound("alfworld"))}),
 }
 
 
 def known_env_ids() -> list[str]:
+    """Every env id without parameters, in registry order."""
     return [
         f"{family}/{v}" if v else family
         for family, (_, variants) in _FAMILIES.items()
@@ -112,12 +277,97 @@ def known_env_ids() -> list[str]:
     ]
 
 
+def variant_info(base_id: str) -> VariantInfo:
+    """The registry entry of an env id without parameters."""
+    family, _, variant = base_id.partition("/")
+    if base_id not in known_env_ids():
+        raise UnknownEnvError(
+            f"unknown env id {base_id!r}; known env ids: {', '.join(known_env_ids())}"
+        )
+    return _FAMILIES[family][1][variant]
+
+
+def parse_env_id(env_id: str) -> EnvSpec:
+    """Read an env id; an unknown id, parameter or value raises UnknownEnvError (or its
+    subclass EnvParamError) naming it and what is allowed."""
+    base_id, has_query, query = env_id.partition("?")
+    info = variant_info(base_id)
+    given: dict[str, str] = {}
+    for item in query.split("&") if has_query else []:
+        name, has_value, value = item.partition("=")
+        if not has_value or name in given:
+            raise EnvParamError(
+                f"{env_id!r}: expected parameters as name=value, each once, joined by '&'"
+            )
+        given[name] = value
+    return _spec(env_id, base_id, info, given)
+
+
+def _spec(env_id: str, base_id: str, info: VariantInfo, given: Mapping[str, str]) -> EnvSpec:
+    declared = {p.name: p for p in info.params}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        allowed = ", ".join(declared) if declared else "none"
+        raise EnvParamError(
+            f"{env_id!r}: unknown parameter {unknown[0]!r} of {base_id}; its parameters: {allowed}"
+        )
+    values = []
+    for p in info.params:
+        text = given.get(p.name, str(p.default))
+        value = int(text) if text.lstrip("-").isdigit() else None
+        if value is None or not p.low <= value <= p.high:
+            problem = "is out of range" if value is not None else "is not an integer"
+            raise EnvParamError(
+                f"{env_id!r}: {p.name}={text} {problem}; {p.name} ({p.help}) "
+                f"is an integer from {p.low} to {p.high}, default {p.default}"
+            )
+        values.append((p.name, value))
+    family, _, variant = base_id.partition("/")
+    return EnvSpec(family, variant, tuple(values))
+
+
+def env_spec(base_id: str, params: Mapping[str, int] | None = None) -> EnvSpec:
+    """The spec of `base_id` with `params` (by short name), validated as `parse_env_id` does."""
+    given = {k: str(v) for k, v in (params or {}).items()}
+    query = "&".join(f"{k}={v}" for k, v in given.items())
+    shown = f"{base_id}?{query}" if query else base_id
+    return _spec(shown, base_id, variant_info(base_id), given)
+
+
+def canonical_env_id(env_id: str) -> str:
+    """The one spelling of `env_id` that is stored and compared."""
+    return parse_env_id(env_id).env_id
+
+
 def make_env(env_id: str) -> Env:
     """A fresh adapter instance for `env_id`; the caller closes it."""
-    family, _, variant = env_id.partition("/")
-    if env_id not in known_env_ids():
-        raise UnknownEnvError(
-            f"unknown env id {env_id!r}; known env ids: {', '.join(known_env_ids())}"
-        )
-    factory, _ = _FAMILIES[family]
-    return factory(variant)
+    spec = parse_env_id(env_id)
+    factory, _ = _FAMILIES[spec.family]
+    return factory(spec)
+
+
+def describe_envs() -> str:
+    """`ipr envs`: every env id with its step bound and split sizes, then its parameters."""
+    width = max(map(len, known_env_ids())) + 2
+    lines = [f"{'env id':<{width}}{'max steps':<13}train/dev/test"]
+    for base_id in known_env_ids():
+        info = variant_info(base_id)
+        spec = parse_env_id(base_id)
+        bounds = [
+            info.max_steps(dict(zip([p.name for p in info.params], values, strict=True)))
+            for values in product(*(range(p.low, p.high + 1) for p in info.params))
+        ]
+        steps = str(spec.max_steps)
+        if min(bounds) != max(bounds):
+            steps += f" ({min(bounds)}-{max(bounds)})"
+        sizes = "/".join(map(str, info.split_sizes)) if info.split_sizes else "from the data"
+        lines.append(f"{base_id:<{width}}{steps:<13}{sizes}")
+        lines += [
+            f"    {p.name}={p.low}..{p.high} (default {p.default}; {p.engine_name}): {p.help}"
+            for p in info.params
+        ]
+    lines.append(
+        "Parameters go after '?', joined by '&', e.g. 'twx/twc?locations=1&items=2'; "
+        "max steps is the bound at the defaults (over the parameter ranges in brackets)."
+    )
+    return "\n".join(lines)

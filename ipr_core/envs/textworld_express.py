@@ -12,8 +12,9 @@ arithmetic, sorting, simonsays and peckingorder report -1 on failure. The reward
 that score clamped to [0, 1], and 1.0 on success.
 
 Gold paths (generated on every reset) reach reward 1.0 for all 3000 train/dev/test seeds of
-every variant, but may hold actions after the task is done (twc appends a move); replaying
-them past `done` is harmless.
+every variant at its default setting (and for every seed sampled at the ends of the parameter
+ranges, see `ipr_core.envs`), but may hold actions after the task is done (twc appends a
+move); replaying them past `done` is harmless.
 
 Invalid actions are answered by TWX itself with "Unknown action: I'm not sure what you
 mean." and cost a step; they never raise.
@@ -22,13 +23,15 @@ mean." and cost a step; they never raise.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from py4j.java_gateway import JavaGateway
 from py4j.protocol import Py4JError
 from textworld_express.constants import BASEPATH, JAR_PATH
 
+from ipr_core.envs import env_spec
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
 from ipr_core.envs.jvm import SharedJvm
 
@@ -44,108 +47,66 @@ _COMMON_HINT = (
 
 @dataclass(frozen=True)
 class TwxVariant:
-    """How one TWX game is set up for this project."""
+    """How one TWX game is set up for this project, beyond its env id's parameters."""
 
     game: str
-    params: dict[str, int]
-    max_steps: int
     action_hint: str
+    fixed_params: dict[str, int] = field(default_factory=dict)
+    """Engine settings the env id does not expose."""
 
 
-# Parameters keep episodes short enough for a small model: few rooms, no doors, no inventory
-# limit. max_steps leaves margin over the longest gold path found over all 3000 seeds of
-# train/dev/test (in brackets); every seed's gold path reaches reward 1.0 with these params.
+# The parameters an env id can set, their defaults (this project's), ranges and step bounds are
+# in the registry (`ipr_core.envs`), which needs them without importing this module.
 VARIANTS: dict[str, TwxVariant] = {
-    # Gold path length 10-24, median 17.
     "cookingworld": TwxVariant(
         game="cookingworld",
-        params={
-            "numLocations": 3,
-            "numIngredients": 2,
-            "numDistractorItems": 3,
-            "includeDoors": 0,
-            "limitInventorySize": 0,
-        },
-        max_steps=30,
         action_hint=_COMMON_HINT
         + ", 'examine X', 'open X', 'close X', 'take X', 'put X in Y', 'read cookbook', "
         "'slice X', 'dice X', 'chop X' (with the knife in your inventory), "
         "'cook X in stove' (fried) or 'cook X in oven' (roasted), 'prepare meal', 'eat meal'.",
     ),
-    # Gold path length 2-27, median 5: the TWX gold agent walks at random until it sees the
-    # coin, and is not seeded (TWX bug), so the same task gets a different gold path each reset.
-    # With 3 rooms a random walk over valid actions already succeeded 87% of the time.
     "coin": TwxVariant(
         game="coin",
-        params={
-            "numLocations": 5,
-            "numDistractorItems": 3,
-            "includeDoors": 0,
-            "limitInventorySize": 0,
-        },
-        max_steps=35,
         action_hint=_COMMON_HINT + ", 'take X'. Take the coin once you see it.",
     ),
-    # Gold path length 6-10.
     "twc": TwxVariant(
         game="twc",
-        params={
-            "numLocations": 2,
-            "numItemsToPutAway": 2,
-            "includeDoors": 0,
-            "limitInventorySize": 0,
-        },
-        max_steps=20,
         action_hint=_COMMON_HINT + ", 'examine X', 'open X', 'close X', 'take X', 'put X in Y' "
         "(Y a container or surface, e.g. 'put clean blue socks in chest of drawers').",
     ),
-    # Gold path length 7-9.
     "mapreader": TwxVariant(
         game="mapreader",
-        params={
+        fixed_params={
             "numLocations": 6,
             "maxDistanceApart": 2,
             "maxDistractorItemsPerLocation": 0,
             "includeDoors": 0,
             "limitInventorySize": 0,
         },
-        max_steps=20,
         action_hint=_COMMON_HINT
         + ", 'task' (repeats the task), 'read map', 'take X', 'put X in Y'.",
     ),
-    # Gold path length 5.
     "arithmetic": TwxVariant(
         game="arithmetic",
-        params={},
-        max_steps=15,
         action_hint=_COMMON_HINT
         + ", 'take X', 'read math problem', 'put X in box', where X is named with its "
         "quantity, e.g. 'take 2 bananas'.",
     ),
-    # Gold path length 6-10.
     "sorting": TwxVariant(
         game="sorting",
-        params={},
-        max_steps=20,
         action_hint=_COMMON_HINT
         + ", 'take X', 'put X in box', where X is named with its quantity, "
         "e.g. 'take 25g of oak'.",
     ),
-    # Gold path length 5.
     "simonsays": TwxVariant(
         game="simonsays",
-        params={},
-        max_steps=15,
         action_hint=(
             "Each turn, type exactly the command Simon says, e.g. 'smell pineapple', "
             "'examine apple', 'touch peach', 'jump up and down', 'sit down'."
         ),
     ),
-    # Gold path length 9.
     "peckingorder": TwxVariant(
         game="peckingorder",
-        params={},
-        max_steps=20,
         action_hint=_COMMON_HINT + ", 'read instructions book', 'take X', 'put X in Y'. "
         "Read the instructions book again after each step it asks for.",
     ),
@@ -169,14 +130,16 @@ def _by_lower_case(valid_actions: list[str]) -> dict[str, str]:
 
 
 class TextWorldExpressEnv:
-    """One TWX game (`variant` is the game name) as an `Env`; `params` override the defaults."""
+    """One TWX game (`variant` is the game name) as an `Env`; `params` (the env id's short
+    names, e.g. {"items": 1}) override the registry's defaults."""
 
-    def __init__(self, variant: str, params: dict[str, int] | None = None):
+    def __init__(self, variant: str, params: Mapping[str, int] | None = None):
         if variant not in VARIANTS:
             raise ValueError(f"unknown TextWorldExpress game {variant!r}; known: {list(VARIANTS)}")
         spec = VARIANTS[variant]
-        self.env_id = f"twx/{variant}"
-        self.max_steps = spec.max_steps
+        env = env_spec(f"twx/{variant}", params)
+        self.env_id = env.env_id
+        self.max_steps = env.max_steps
         self.action_hint = spec.action_hint
         self._gateway: JavaGateway | None = _JVM.acquire()
         self._server: Any = None
@@ -186,7 +149,8 @@ class TextWorldExpressEnv:
         self._valid_actions: dict[str, str] = {}
         try:
             self._server = self._gateway.jvm.textworldexpress.runtime.PythonInterface()
-            error = self._server.load(spec.game, _params_str({**spec.params, **(params or {})}))
+            engine_params = {**spec.fixed_params, **env.engine_params()}
+            error = self._server.load(spec.game, _params_str(engine_params))
             seeds = {
                 "train": self._server.getSeedsTrain(),
                 "dev": self._server.getSeedsDev(),
