@@ -51,8 +51,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     parser = argparse.ArgumentParser(prog="ipr", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
+    envs = commands.add_parser("envs", help="list env ids, their parameters and step bounds")
+    envs.set_defaults(handler=cmd_envs)
+
     ingest = commands.add_parser("ingest", help="store expert trajectories")
-    ingest.add_argument("--env", required=True, help="env id, e.g. twx/cookingworld")
+    ingest.add_argument(
+        "--env", required=True, help="env id, e.g. twx/cookingworld or 'twx/twc?items=1'"
+    )
     ingest.add_argument("--split", default="train")
     ingest.add_argument("--limit", type=int, default=10, help="trajectories to keep")
     ingest.add_argument("--source", type=Path, help="an IPR/ETO SFT JSON file to import")
@@ -128,23 +133,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     return parser, commands
 
 
+def cmd_envs(args: argparse.Namespace) -> int:
+    from ipr_core.envs import describe_envs
+
+    print(describe_envs())
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from ipr_core.envs import make_env
+    from ipr_core.envs import canonical_env_id, make_env
     from ipr_core.formats import load_sft_file
     from ipr_core.pipeline import ingest_file, ingest_gold
     from ipr_core.store import Store
 
+    env_id = canonical_env_id(args.env)  # a bad env id fails before the store is opened
     store = Store(args.store)
     if args.source is not None:
-        make_env(args.env).close()  # an unknown env id fails before anything is read
-        trajectories = load_sft_file(args.source, args.env, args.split)
+        make_env(env_id).close()  # nor is anything read for an env that cannot start
+        trajectories = load_sft_file(args.source, env_id, args.split)
         written = ingest_file(store, trajectories, source=str(args.source))
         print(f"imported {written} expert trajectories from {args.source} into {args.store}")
         return 0
-    report = ingest_gold(store, args.env, args.split, args.limit)
+    report = ingest_gold(store, env_id, args.split, args.limit)
     for rejected in report.rejected:
         print(f"skipped {rejected.task_id}: {rejected.reason}")
-    print(f"wrote {report.written} expert trajectories of {args.env}/{args.split} to {args.store}")
+    print(f"wrote {report.written} expert trajectories of {env_id} {args.split} to {args.store}")
     return 0 if report.written == args.limit else 1
 
 
@@ -274,15 +287,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     store = Store(args.store)
     if args.what == "sft":
-        from ipr_core.envs import make_env
+        from ipr_core.envs import canonical_env_id, make_env
         from ipr_core.formats import export_sft
 
         if args.env is None:
             raise IprError("export sft needs --env")
-        env = make_env(args.env)
+        env_id = canonical_env_id(args.env)
+        env = make_env(env_id)
         hint = env.action_hint
         env.close()
-        records = export_sft(store.expert_trajectories(args.env, args.split), hint)
+        records = export_sft(store.expert_trajectories(env_id, args.split), hint)
     else:
         sql = "SELECT * FROM pairs WHERE run_id = ?"
         params: list[object] = [args.run_id]

@@ -8,7 +8,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from ipr_core.errors import InputError
+from ipr_core.envs import canonical_env_id
+from ipr_core.errors import InputError, UnknownEnvError
 from ipr_core.mining import MiningConfig
 from ipr_core.training.config import PRESETS, MixtureSettings, SFTSettings
 
@@ -102,6 +103,7 @@ class ScaleOutConfig(_Strict):
 class RunConfig(_Strict):
     run_id: str = "default"
     env: str
+    """An env id, e.g. `twx/twc?locations=1&items=2`; kept in its canonical spelling."""
     model: str = "smollm2-135m-instruct"
     """The base model: a model spec (see ipr_core.models.resolve_model)."""
     method: Method = "ipr"
@@ -131,6 +133,14 @@ class RunConfig(_Strict):
     mining: MiningConfig = MiningConfig()
     vllm: VLLMSettings = Field(VLLMSettings(), validate_default=True)
     openai: OpenAISettings | None = Field(None, validate_default=True)
+
+    @field_validator("env")
+    @classmethod
+    def _canonical_env_id(cls, value: str) -> str:
+        try:
+            return canonical_env_id(value)
+        except UnknownEnvError as exc:
+            raise ValueError(str(exc)) from exc
 
     @field_validator("vllm")
     @classmethod
