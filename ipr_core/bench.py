@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import DynamicCache, StaticCache
 
 from ipr_core.backends.transformers_backend import TransformersBackend, WorkLog
+from ipr_core.config import EnvId
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
@@ -39,7 +40,7 @@ from ipr_core.types import Trajectory
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    env: str = "twx/twc"
+    env: EnvId = "twx/twc"
     model: str = "smollm2-135m-instruct"
     cache_dir: Path = Path(".ipr")
     split: str = "train"

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from ipr_core.envs import canonical_env_id
 from ipr_core.errors import InputError, UnknownEnvError
@@ -16,6 +24,19 @@ from ipr_core.training.config import PRESETS, MixtureSettings, SFTSettings
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 Method = Literal["ipr", "eto", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft", "sft", "custom"]
+
+
+def _canonical_env_id(value: str) -> str:
+    """As a validation error, so the config's error names the file and the field."""
+    try:
+        return canonical_env_id(value)
+    except UnknownEnvError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+EnvId = Annotated[str, AfterValidator(_canonical_env_id)]
+"""An env id, e.g. `twx/twc?locations=1&items=2`, kept in its canonical spelling (one key in
+the store for every spelling of one setting)."""
 
 
 class _Strict(BaseModel):
@@ -102,8 +123,7 @@ class ScaleOutConfig(_Strict):
 
 class RunConfig(_Strict):
     run_id: str = "default"
-    env: str
-    """An env id, e.g. `twx/twc?locations=1&items=2`; kept in its canonical spelling."""
+    env: EnvId
     model: str = "smollm2-135m-instruct"
     """The base model: a model spec (see ipr_core.models.resolve_model)."""
     method: Method = "ipr"
@@ -133,14 +153,6 @@ class RunConfig(_Strict):
     mining: MiningConfig = MiningConfig()
     vllm: VLLMSettings = Field(VLLMSettings(), validate_default=True)
     openai: OpenAISettings | None = Field(None, validate_default=True)
-
-    @field_validator("env")
-    @classmethod
-    def _canonical_env_id(cls, value: str) -> str:
-        try:
-            return canonical_env_id(value)
-        except UnknownEnvError as exc:
-            raise ValueError(str(exc)) from exc
 
     @field_validator("vllm")
     @classmethod

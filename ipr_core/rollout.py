@@ -92,11 +92,11 @@ class RolloutEngine:
         step_timeout_s: float = 60.0,
         progress: ProgressFn | None = None,
     ):
-        self.env_id = env_id
         self.backend = backend
         self.max_live = max_live
         self.max_new_tokens = max_new_tokens
         self._idle_envs: list[Env] = [make_env(env_id)]
+        self.env_id = self._idle_envs[0].env_id  # canonical, as every stored row carries it
         self.action_hint = self._idle_envs[0].action_hint
         env_max_steps = self._idle_envs[0].max_steps
         self.max_steps = min(env_max_steps, max_steps) if max_steps else env_max_steps
