@@ -9,7 +9,9 @@ has a short name mapped to the engine's own (`items` is TWX's `numItemsToPutAway
 default and an inclusive range. `parse_env_id` is the one place ids are read: its `EnvSpec`
 prints the canonical id, with parameters in declared order and those at their default left
 out, so `twx/twc?items=2&locations=2` is `twx/twc` and every spelling of one setting is one
-store key.
+store key. Leaving defaults out keeps the ids (and stored rows) of the settings used before
+parameters existed; it also means a default is part of what a shorter id names, so changing a
+default changes that env as much as changing its adapter would.
 
 Families register a factory taking the spec; adapter modules are imported only when an env
 of their family is made, so importing the registry stays cheap (no JVM, no py4j).
