@@ -75,6 +75,7 @@ def test_an_unknown_parameter_is_named_with_the_envs_parameters() -> None:
         ("twx/coin?locations=12", "locations=12 is out of range; .* from 1 to 11"),
         ("twx/twc?items=two", "items=two is not an integer"),
         ("twx/twc?items=", "items= is not an integer"),
+        ("twx/twc?locations=1&items=4", "items=4 needs locations>1"),
     ],
 )
 def test_a_bad_value_names_the_parameter_and_its_range(env_id: str, expected: str) -> None:
@@ -100,6 +101,7 @@ def test_ipr_envs_lists_ids_parameters_defaults_ranges_splits_and_step_bounds(ca
     assert rows["alfworld"] == ["20", "from", "the", "data"]
     assert "    items=1..4 (default 2; numItemsToPutAway): items to put away" in out
     assert "    locations=1..11 (default 3; numLocations): rooms" in out
+    assert "    items=4 needs locations>1" in out
 
 
 def test_a_config_with_a_parametrised_env_id_loads_it_canonically(tmp_path: Path) -> None:
@@ -164,3 +166,36 @@ def test_a_parameter_changes_the_game_and_its_rows_never_mix(tmp_path: Path) -> 
     }
     [easy_expert, _] = store.expert_trajectories("twx/twc?locations=1&items=1", "train")
     assert easy_expert.outcome_reward == 1.0 and len(easy_expert.steps) <= 4
+
+
+def test_scienceworld_simplifications_are_flags_and_electrical_tasks_keep_their_actions() -> None:
+    assert canonical_env_id("scienceworld/boil?open_doors=1&teleport=0") == (
+        "scienceworld/boil?teleport=0"
+    )
+    assert parse_env_id("scienceworld/boil").engine_params()["noElectricalAction"] == 1
+    with pytest.raises(EnvParamError, match="'no_electrical' of scienceworld/power-component"):
+        parse_env_id("scienceworld/power-component?no_electrical=1")
+
+
+def test_a_scienceworld_setting_runs_in_its_own_jvm_and_its_gold_path_reaches_reward_1() -> None:
+    from ipr_core.envs import science_world as sw
+
+    easy = make_env("scienceworld/find-animal")
+    hard = make_env("scienceworld/find-animal?teleport=0&open_doors=0")
+    try:
+        assert hard.env_id == "scienceworld/find-animal?teleport=0&open_doors=0"
+        assert "teleport" in easy.action_hint and "teleport" not in hard.action_hint
+        assert hard._gateway.java_process.pid != easy._gateway.java_process.pid
+        assert sw.simplification_str(parse_env_id(hard.env_id)) == (
+            "selfWateringFlowerPots,noElectricalAction"
+        )
+        for task_id in hard.task_ids("dev")[:2]:
+            assert hard.reset(task_id).env_id == hard.env_id
+            for action in hard.gold_actions() or []:
+                result = hard.step(action)
+                if result.done:
+                    break
+            assert result.done and result.reward == 1.0, task_id
+    finally:
+        easy.close()
+        hard.close()
