@@ -70,7 +70,7 @@ def _kill_scienceworld_jvm(env: Env) -> None:
 
 
 def _own_scienceworld_jvms(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sw, "_GROUPS", {k: sw._new_group(f"test {k}") for k in (False, True)})
+    monkeypatch.setattr(sw, "_GROUPS", {})
 
 
 def _kill_mariadb(env: Env) -> None:

@@ -155,7 +155,7 @@ def test_electrical_tasks_run_in_their_own_shared_jvm(envs: dict[str, ScienceWor
 def test_a_dead_jvm_raises_env_crashed_and_a_new_instance_gets_a_new_jvm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sw, "_GROUPS", {False: sw._new_group("test"), True: sw._new_group("t")})
+    monkeypatch.setattr(sw, "_GROUPS", {})
     env = ScienceWorldEnv("find-animal")
     env.reset("train-0")
     process = env._gateway.java_process
@@ -170,7 +170,7 @@ def test_a_dead_jvm_raises_env_crashed_and_a_new_instance_gets_a_new_jvm(
     assert fresh._gateway.java_process.pid != process.pid
     env.close()
     fresh.close()
-    assert sw._GROUPS[False].jvm.gateway is None
+    assert sw._GROUPS[(False, "easy")].jvm.gateway is None
     with pytest.raises(EnvCrashed, match="after close"):
         env.reset("train-0")
 

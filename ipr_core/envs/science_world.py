@@ -6,13 +6,17 @@ every instance gets its own `PythonInterface` in one JVM per process (`ipr_core.
 with two differences forced by the engine:
 
 - The simplification settings live in a JVM-global singleton (`SimplifierProcessor`) that
-  every `load` clears and refills. This adapter uses ETO's "easy" setting (teleport action,
-  open doors, self-watering flower pots, no electrical actions), which the engine expands
-  without `noElectricalAction` for the four electrical tasks; a non-electrical world in a JVM
-  where an electrical task was loaded afterwards offers the electrical actions too (checked:
-  its valid action combinations went from 115 to 439). So the electrical tasks get their own
-  shared JVM, and every call into a JVM holds that JVM's lock (a concurrent `load` would empty
-  the setting under another instance's step; the gold agent's path cache is not thread-safe).
+  every `load` clears and refills. By default this adapter uses ETO's "easy" setting
+  (teleport action, open doors, self-watering flower pots, no electrical actions), which the
+  engine expands without `noElectricalAction` for the four electrical tasks; a non-electrical
+  world in a JVM where an electrical task was loaded afterwards offers the electrical actions
+  too (checked: its valid action combinations went from 115 to 439). So every effective
+  setting (easy for electrical tasks, easy for the others, and each one an env id's
+  parameters choose, e.g. `scienceworld/boil?teleport=0`) gets its own shared JVM, and every
+  call into a JVM holds that JVM's lock (a concurrent `load` would empty the setting under
+  another instance's step; the gold agent's path cache is not thread-safe). The gold agent
+  ignores the setting: its paths never teleport and open doors anyway (checked on boil,
+  find-animal and chemistry-mix with no simplifications: they reach full score).
 - Generating a gold path makes the engine run its gold agent (up to ~17 s for mendelian
   genetics), so `reset` loads without it and `gold_actions()` builds it on a second
   interface once per (task, variation) and process. The gold agent is not seeded: a task's
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +45,14 @@ from py4j.java_gateway import JavaGateway
 from py4j.protocol import Py4JError
 from scienceworld.constants import BASEPATH, JAR_PATH
 
+from ipr_core.envs import EnvSpec, env_spec, scienceworld_is_electrical
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
 from ipr_core.envs.jvm import SharedJvm
 
 SPLITS = ("train", "dev", "test")
-SIMPLIFICATIONS = "easy"
-"""ETO's setting; the engine drops `noElectricalAction` from it for the electrical tasks."""
+DEFAULT_SIMPLIFICATIONS = "easy"
+"""ETO's setting, the registry's defaults; the engine drops `noElectricalAction` from it for
+the electrical tasks. The engine silently ignores names it does not know."""
 MAX_ACTION_CHARS = 300
 """Longer actions are cut: no ScienceWorld command is near this long."""
 JAVA_OPTS = ("-Xmx2g", "-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
@@ -139,11 +146,6 @@ _HINT_OUTRO = (
 )
 
 
-def is_electrical(task: str) -> bool:
-    """The package's own rule for the tasks whose 'easy' setting keeps electrical actions."""
-    return "power-component" in task or "conductivity" in task
-
-
 def _one_line(action: str) -> str:
     return " ".join(action.split())[:MAX_ACTION_CHARS]
 
@@ -160,26 +162,43 @@ def _new_group(name: str) -> _JvmGroup:
     return _JvmGroup(SharedJvm(name, classpath=JAR_PATH, cwd=BASEPATH, java_opts=JAVA_OPTS))
 
 
-_GROUPS = {
-    True: _new_group("ScienceWorld (electrical tasks)"),
-    False: _new_group("ScienceWorld"),
-}
+_GROUPS: dict[tuple[bool, str], _JvmGroup] = {}
+"""One shared JVM per (electrical task, simplification string), started on first use."""
 _CACHE_LOCK = threading.Lock()
 _SPLIT_VARIATIONS: dict[str, dict[str, tuple[int, ...]]] = {}
-_GOLD_PATHS: dict[tuple[str, int], tuple[str, ...]] = {}
-"""Per process: one gold path per (task, variation), so repeated calls agree."""
+_GOLD_PATHS: dict[tuple[str, str, int], tuple[str, ...]] = {}
+"""Per process: one gold path per (task, simplifications, variation), so repeated calls agree."""
+
+
+def _group(task: str, simplifications: str) -> _JvmGroup:
+    key = (scienceworld_is_electrical(task), simplifications)
+    with _CACHE_LOCK:
+        if key not in _GROUPS:
+            kind = " (electrical tasks)" if key[0] else ""
+            _GROUPS[key] = _new_group(f"ScienceWorld{kind} {simplifications or 'unsimplified'}")
+        return _GROUPS[key]
+
+
+def simplification_str(env: EnvSpec) -> str:
+    """The engine's `simplificationStr` for an env id's parameters ("easy" at the defaults)."""
+    if env.env_id == env.base_id:
+        return DEFAULT_SIMPLIFICATIONS
+    return ",".join(name for name, on in env.engine_params().items() if on)
 
 
 class ScienceWorldEnv:
-    """One ScienceWorld task (`task` is the package's task name, e.g. 'boil') as an `Env`."""
+    """One ScienceWorld task (`task` is the package's task name, e.g. 'boil') as an `Env`;
+    `params` (the env id's simplification flags, e.g. {"teleport": 0}) override "easy"."""
 
-    def __init__(self, task: str):
+    def __init__(self, task: str, params: Mapping[str, int] | None = None):
         if task not in MAX_STEPS:
             raise ValueError(f"unknown ScienceWorld task {task!r}; known: {sorted(MAX_STEPS)}")
+        env = env_spec(f"scienceworld/{task}", params)
         self.task = task
-        self.env_id = f"scienceworld/{task}"
+        self.env_id = env.env_id
         self.max_steps = MAX_STEPS[task]
-        self._group = _GROUPS[is_electrical(task)]
+        self._simplifications = simplification_str(env)
+        self._group = _group(task, self._simplifications)
         self._gateway: JavaGateway | None = None
         self._server: Any = None
         self._gold_server: Any = None
@@ -247,7 +266,7 @@ class ScienceWorldEnv:
     def gold_actions(self) -> list[str] | None:
         if self._current is None:
             return None
-        key = (self.task, self._variation)
+        key = (self.task, self._simplifications, self._variation)
         with _CACHE_LOCK:
             cached = _GOLD_PATHS.get(key)
         if cached is None:
@@ -280,14 +299,16 @@ class ScienceWorldEnv:
             self._gateway = None
 
     def _load(self, variation: int) -> None:
-        error = self._call("load", self.task, variation, SIMPLIFICATIONS, False)
+        error = self._call("load", self.task, variation, self._simplifications, False)
         if error:
             raise EnvCrashed(f"{self.env_id}: ScienceWorld could not load variation {variation}")
 
     def _generate_gold_path(self, variation: int) -> tuple[str, ...]:
         if self._gold_server is None:
             self._gold_server = self._new_interface()
-        self._call("load", self.task, variation, SIMPLIFICATIONS, True, server=self._gold_server)
+        self._call(
+            "load", self.task, variation, self._simplifications, True, server=self._gold_server
+        )
         return tuple(str(a) for a in self._call("getGoldActionSequence", server=self._gold_server))
 
     def _call(self, method: str, *args: Any, server: Any = None) -> Any:
