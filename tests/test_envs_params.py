@@ -12,6 +12,7 @@ import pytest
 from ipr_core.cli import main
 from ipr_core.config import load_config
 from ipr_core.envs import canonical_env_id, known_env_ids, make_env, parse_env_id, variant_info
+from ipr_core.envs import science_world as sw
 from ipr_core.envs import textworld_express as twx
 from ipr_core.errors import EnvParamError, InputError, UnknownEnvError
 from ipr_core.pipeline import ingest_gold
@@ -158,7 +159,8 @@ def test_a_parameter_changes_the_game_and_its_rows_never_mix(tmp_path: Path) -> 
         easy.close()
     store = Store(tmp_path / "s.duckdb")
     assert ingest_gold(store, "twx/twc?locations=2", "train", 2).written == 2
-    assert ingest_gold(store, "twx/twc?items=1&locations=1", "train", 2).written == 2
+    args = ["ingest", "--env", "twx/twc?items=1&locations=1", "--limit", "2"]
+    assert main([*args, "--store", str(tmp_path / "s.duckdb")]) == 0
     stored = store.query("SELECT env_id, count(*) AS n FROM expert_trajectories GROUP BY 1")
     assert dict(zip(stored["env_id"], stored["n"], strict=True)) == {
         "twx/twc": 2,
@@ -178,8 +180,6 @@ def test_scienceworld_simplifications_are_flags_and_electrical_tasks_keep_their_
 
 
 def test_a_scienceworld_setting_runs_in_its_own_jvm_and_its_gold_path_reaches_reward_1() -> None:
-    from ipr_core.envs import science_world as sw
-
     easy = make_env("scienceworld/find-animal")
     hard = make_env("scienceworld/find-animal?teleport=0&open_doors=0")
     try:

@@ -1,4 +1,5 @@
-"""ScienceWorld adapter: the `scienceworld/<task>` environments (the 30 tasks of the package).
+"""ScienceWorld adapter: the `scienceworld/<task>` environments (the 30 tasks of the package),
+optionally with simplification flags (`scienceworld/boil?teleport=0`; see `ipr_core.envs`).
 
 ScienceWorld (Wang et al. 2022; the `scienceworld` package, as used by ETO) simulates
 elementary-science experiments in a Scala JVM reached through py4j. Like TextWorldExpress,
