@@ -9,7 +9,7 @@ import pytest
 from scienceworld.constants import TASKS
 
 from ipr_core.cli import main
-from ipr_core.envs import EnvCrashed, known_env_ids, make_env
+from ipr_core.envs import EnvCrashed, known_env_ids, make_env, variant_info
 from ipr_core.envs import science_world as sw
 from ipr_core.envs.science_world import MAX_STEPS, ScienceWorldEnv
 from ipr_core.errors import UnknownEnvError
@@ -60,6 +60,8 @@ def test_splits_are_the_engines_variation_sets(
         engine = [int(v) for v in env._call(f"getVariations{split.title()}")]
         assert env.task_ids(split) == [f"{split}-{v}" for v in engine] and engine
     assert not set(env.task_ids("train")) & set(env.task_ids("test"))
+    sizes = tuple(len(env.task_ids(split)) for split in ("train", "dev", "test"))
+    assert variant_info(env_id).split_sizes == sizes  # what `ipr envs` lists
     with pytest.raises(ValueError, match="validation"):
         env.task_ids("validation")
     for bad in ["train-999999", "dev-0", "train-x", "0"]:

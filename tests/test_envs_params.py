@@ -136,6 +136,8 @@ def test_a_parametrised_twc_games_gold_path_reaches_reward_1(env_id: str) -> Non
     env = make_env(env_id)
     try:
         assert env.env_id == canonical_env_id(env_id) and env.max_steps == 10
+        sizes = tuple(len(env.task_ids(split)) for split in ("train", "dev", "test"))
+        assert variant_info("twx/twc").split_sizes == sizes
         for split in ("train", "dev", "test"):
             for task_id in env.task_ids(split)[:5]:
                 task = env.reset(task_id)
