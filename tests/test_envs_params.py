@@ -75,6 +75,7 @@ def test_an_unknown_parameter_is_named_with_the_envs_parameters() -> None:
         ("twx/twc?doors=2", "doors=2 is out of range; .* from 0 to 1"),
         ("twx/coin?locations=12", "locations=12 is out of range; .* from 1 to 11"),
         ("twx/twc?items=two", "items=two is not an integer"),
+        ("twx/twc?items=--1", "items=--1 is not an integer"),
         ("twx/twc?items=", "items= is not an integer"),
         ("twx/twc?locations=1&items=4", "items=4 needs locations>1"),
     ],

@@ -13,6 +13,10 @@ store key. Leaving defaults out keeps the ids (and stored rows) of the settings 
 parameters existed; it also means a default is part of what a shorter id names, so changing a
 default changes that env as much as changing its adapter would.
 
+Parameters so far: TWX's cookingworld, coin and twc (the engine's generation settings),
+ScienceWorld's simplifications as 0/1 flags. ALFWorld has none: its generated games are
+6/3/3 per split over six task types, so a task-type filter would leave splits empty.
+
 Families register a factory taking the spec; adapter modules are imported only when an env
 of their family is made, so importing the registry stays cheap (no JVM, no py4j).
 """
@@ -20,8 +24,9 @@ of their family is made, so importing the registry stays cheap (no JVM, no py4j)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import import_module
 from itertools import product
 from pathlib import Path
@@ -86,7 +91,7 @@ class EnvSpec:
 
     family: str
     variant: str
-    values: tuple[tuple[str, int], ...] = field(default=())
+    values: tuple[tuple[str, int], ...] = ()
     """(name, value) per declared parameter, in declared order."""
 
     @property
@@ -116,8 +121,8 @@ class EnvSpec:
 
 
 def _adapter_bound(module: str, task: str | None = None) -> Callable[[Mapping[str, int]], int]:
-    """The bound an adapter without parameters keeps as its `MAX_STEPS` (a dict per task, or
-    one int), read on demand so the registry does not import the adapter."""
+    """The bound an adapter keeps as its `MAX_STEPS` (a dict per task, or one int; the same for
+    every setting), read on demand so the registry does not import the adapter."""
 
     def bound(params: Mapping[str, int]) -> int:
         steps = import_module(f"ipr_core.envs.{module}").MAX_STEPS
@@ -352,7 +357,7 @@ def _spec(env_id: str, base_id: str, info: VariantInfo, given: Mapping[str, str]
     values = []
     for p in info.params:
         text = given.get(p.name, str(p.default))
-        value = int(text) if text.lstrip("-").isdigit() else None
+        value = int(text) if re.fullmatch(r"-?[0-9]+", text) else None
         if value is None or not p.low <= value <= p.high:
             problem = "is out of range" if value is not None else "is not an integer"
             raise EnvParamError(
