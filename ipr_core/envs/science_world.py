@@ -16,8 +16,9 @@ with two differences forced by the engine:
   parameters choose, e.g. `scienceworld/boil?teleport=0`) gets its own shared JVM, and every
   call into a JVM holds that JVM's lock (a concurrent `load` would empty the setting under
   another instance's step; the gold agent's path cache is not thread-safe). The gold agent
-  ignores the setting: its paths never teleport and open doors anyway (checked on boil,
-  find-animal and chemistry-mix with no simplifications: they reach full score).
+  does not rely on the setting: its paths do not teleport and open doors themselves
+  (checked: boil, find-animal and chemistry-mix, variations 0 and 3, reach full score with
+  no simplifications).
 - Generating a gold path makes the engine run its gold agent (up to ~17 s for mendelian
   genetics), so `reset` loads without it and `gold_actions()` builds it on a second
   interface once per (task, variation) and process. The gold agent is not seeded: a task's
