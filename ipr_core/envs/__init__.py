@@ -146,10 +146,12 @@ _TWX_SPLITS = (1000, 1000, 1000)
 
 # Defaults are this project's settings (short episodes for a small model: few rooms, no doors,
 # no inventory limit); ranges are what the engine's `load` accepts (checked by a test). Step
-# bounds equal the bound tuned over all 3000 seeds at the default, and grow with the game so
-# they stay >= 1.3x the longest gold path measured at the ends of the ranges (150 seeds each,
-# doors and inventory limit on): twc 3 rooms 4 items 37, coin 11 rooms 34, cookingworld
-# 11 rooms 5 ingredients 111. TWX's gold agents walk at random, hence the room terms.
+# bounds equal the bound tuned at the default and grow with the game (TWX's gold agents walk
+# at random, hence the room terms); every gold path of all 3000 seeds fits within them at the
+# ends of the ranges (`scripts/twx_gold_lengths.py`; longest path / bound): twc 1 room 1 item
+# 4/10, 3 rooms 4 items doors and inventory limit 37/50; coin 11 rooms 10 distractors doors
+# and inventory limit 36/71; cookingworld 1 room 1 ingredient 13/20, 11 rooms 5 ingredients
+# 10 distractors doors and inventory limit 163/180.
 _TWX: dict[str, VariantInfo] = {
     # Gold path length 10-24, median 17 at the default.
     "cookingworld": VariantInfo(
@@ -160,7 +162,7 @@ _TWX: dict[str, VariantInfo] = {
             _DOORS,
             _INVENTORY,
         ),
-        max_steps=lambda p: _ceil5(15 + 2.5 * p["locations"] * p["ingredients"]),
+        max_steps=lambda p: max(20, _ceil5(12 + 3 * p["locations"] * p["ingredients"])),
         split_sizes=_TWX_SPLITS,
     ),
     # Gold path length 2-27, median 5 at the default: the TWX gold agent walks at random until
