@@ -1,5 +1,5 @@
 """Game parameters in env ids: parsing, canonical spelling, errors, `ipr envs`, configs, and
-parametrised TWX games against the engine (starts one JVM)."""
+parametrised TWX and ScienceWorld games against their engines (starts JVMs)."""
 
 from __future__ import annotations
 
