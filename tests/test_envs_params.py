@@ -152,6 +152,20 @@ def test_a_parametrised_twc_games_gold_path_reaches_reward_1(env_id: str) -> Non
         env.close()
 
 
+def test_a_long_simonsays_games_gold_path_reaches_reward_1() -> None:
+    env = make_env("twx/simonsays?memorization=1&length=30")
+    try:
+        assert env.env_id == "twx/simonsays?length=30&memorization=1" and env.max_steps == 40
+        env.reset(env.task_ids("test")[0])
+        gold = env.gold_actions() or []
+        assert len(gold) == 30
+        for action in gold:
+            result = env.step(action)
+        assert result.done and result.reward == 1.0
+    finally:
+        env.close()
+
+
 def test_a_parameter_changes_the_game_and_its_rows_never_mix(tmp_path: Path) -> None:
     default, easy = make_env("twx/twc"), make_env("twx/twc?items=1&locations=1")
     try:

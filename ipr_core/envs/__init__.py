@@ -13,7 +13,7 @@ store key. Leaving defaults out keeps the ids (and stored rows) of the settings 
 parameters existed; it also means a default is part of what a shorter id names, so changing a
 default changes that env as much as changing its adapter would.
 
-Parameters so far: TWX's cookingworld, coin and twc (the engine's generation settings),
+Parameters so far: TWX's cookingworld, coin, twc and simonsays (the engine's settings),
 ScienceWorld's simplifications as 0/1 flags. ALFWorld has none: its generated games are
 6/3/3 per split over six task types, so a task-type filter would leave splits empty.
 
@@ -191,15 +191,25 @@ _TWX: dict[str, VariantInfo] = {
         # With 1 room and 4 items the engine fails to generate 137 of the 3000 seeds.
         rules=(Rule(lambda p: p["items"] < 4 or p["locations"] > 1, "items=4 needs locations>1"),),
     ),
-    # The engine accepts up to 50 rooms but crashes generating such games: no parameters yet.
+    # No parameters yet: the engine accepts 1-50 rooms and distances 1-8 but fails to generate
+    # many games (every seed with 1, 49 or 50 rooms; 54 of 60 with 2 rooms at distance 8).
     # Gold path length 7-9.
     "mapreader": VariantInfo(max_steps=lambda p: 20, split_sizes=_TWX_SPLITS),
     # Gold path length 5.
     "arithmetic": VariantInfo(max_steps=lambda p: 15, split_sizes=_TWX_SPLITS),
     # Gold path length 6-10.
     "sorting": VariantInfo(max_steps=lambda p: 20, split_sizes=_TWX_SPLITS),
-    # Gold path length 5.
-    "simonsays": VariantInfo(max_steps=lambda p: 15, split_sizes=_TWX_SPLITS),
+    # Gold path length = length (checked at 1, 20, 100 and 1000, with and without memorization).
+    "simonsays": VariantInfo(
+        params=(
+            Param("length", "gameLength", 5, 1, 1000, "commands to repeat in order"),
+            Param("distractors", "numDistractors", 3, 0, 5, "commands Simon does not say"),
+            _flag("memorization", "memorization", 0, "1 shows every command at the start only"),
+            _flag("verbose", "verbose", 0, "1 confirms each right command (with memorization)"),
+        ),
+        max_steps=lambda p: p["length"] + 10,
+        split_sizes=_TWX_SPLITS,
+    ),
     # Gold path length 9.
     "peckingorder": VariantInfo(max_steps=lambda p: 20, split_sizes=_TWX_SPLITS),
 }
