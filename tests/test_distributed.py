@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli_train import write_config
 from test_training import HINT, _expert, _pairs
 
+from ipr_core.cli import main
 from ipr_core.config import RunConfig
+from ipr_core.store import Store
 from ipr_core.training.config import (
     BatchSplitError,
     ComputeSettings,
@@ -138,3 +142,25 @@ def test_mixture_on_two_processes_trains_what_one_process_trains(
     one = train_mixture(tiny_model_path, pairs, settings, tmp_path / "one")
     two = train_mixture(tiny_model_path, pairs, settings, tmp_path / "two", compute=TWO_PROCESSES)
     _same_training(one, two)
+
+
+def test_ipr_train_sft_on_two_processes_writes_the_same_store_row(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    """The CLI honours `compute`; the checkpoint row differs from one process's only in path."""
+    rows = []
+    for name, compute in (("one", None), ("two", {"device": "cpu", "distributed": {}})):
+        folder = tmp_path / name
+        folder.mkdir()
+        changes = {} if compute is None else {"compute": compute}
+        config = write_config(folder, tiny_model_path, **changes)
+        store = Store(folder / "s.duckdb")
+        assert main(["ingest", "--env", "twx/twc", "--limit", "2", "--store", str(store.path)]) == 0
+        assert main(["train", "sft", "--config", str(config)]) == 0
+        rows.append(store.query("SELECT * FROM checkpoints WHERE kind = 'sft'").iloc[0])
+    one, two = rows
+    for column in ("checkpoint_id", "parent_id", "config", "run_id", "iteration"):
+        assert two[column] == one[column], column
+    metrics_one, metrics_two = json.loads(one["metrics"]), json.loads(two["metrics"])
+    assert metrics_two.keys() == metrics_one.keys()
+    assert metrics_two["train_loss"] == pytest.approx(metrics_one["train_loss"], abs=LOSS_TOLERANCE)
