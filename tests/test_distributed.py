@@ -18,11 +18,12 @@ from ipr_core.store import Store
 from ipr_core.training.config import (
     BatchSplitError,
     ComputeSettings,
+    LayoutError,
     MixtureSettings,
     SFTSettings,
     per_process_batch,
 )
-from ipr_core.training.distributed import JOB_FILE, launch_command
+from ipr_core.training.distributed import JOB_FILE, launch_command, launched
 from ipr_core.training.mixture import train_mixture
 from ipr_core.training.precision import (
     CPU_FLOAT32,
@@ -93,7 +94,9 @@ def test_launch_command_names_the_strategy(tmp_path: Path) -> None:
     assert "--num_processes 8" in flags and "--use_fsdp" in flags
     assert "--mixed_precision bf16" in flags
     zero2 = ComputeSettings(distributed={"strategy": "deepspeed-zero2"}).distributed
-    assert "--zero_stage 2" in " ".join(launch_command(zero2, CPU_FLOAT32, job))
+    assert "--zero_stage 2" in " ".join(launch_command(zero2, Precision("cuda", True), job))
+    with pytest.raises(LayoutError, match="needs CUDA devices"):
+        launched(print, ComputeSettings(distributed={"strategy": "fsdp"}), CPU_FLOAT32)
 
 
 # -- 2 CPU processes train what 1 process trains ----------------------------------------------

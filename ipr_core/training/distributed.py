@@ -26,7 +26,7 @@ from datasets import Dataset, load_from_disk
 
 import ipr_core
 from ipr_core.errors import IprError
-from ipr_core.training.config import ComputeSettings, DistributedSettings, Strategy
+from ipr_core.training.config import ComputeSettings, DistributedSettings, LayoutError, Strategy
 from ipr_core.training.precision import Precision
 
 Fit = Callable[[Path], dict[str, float]]
@@ -44,7 +44,6 @@ STRATEGY_FLAGS: dict[Strategy, tuple[str, ...]] = {
         "--fsdp_sharding_strategy", "FULL_SHARD",
         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_state_dict_type", "FULL_STATE_DICT",
-        "--fsdp_use_orig_params", "true",
     ),
     "deepspeed-zero2": ("--use_deepspeed", "--zero_stage", "2"),
     "deepspeed-zero3": ("--use_deepspeed", "--zero_stage", "3"),
@@ -79,9 +78,14 @@ def shared_dataset(rows: list[dict[str, Any]], work: Path) -> Dataset:
 
 
 def launched(fit: Fit, compute: ComputeSettings, precision: Precision) -> Fit:
-    """`fit` itself, or `fit` run by `compute.distributed`'s processes."""
+    """`fit` itself, or `fit` run by `compute.distributed`'s processes.
+
+    FSDP and DeepSpeed run on GPUs only (accelerate refuses them on CPU)."""
     if compute.distributed is None:
         return fit
+    strategy = compute.distributed.strategy
+    if precision.use_cpu and strategy != "ddp":
+        raise LayoutError(f"strategy {strategy} needs CUDA devices; on CPU use ddp")
     return partial(_launch, fit, compute.distributed, precision)
 
 
