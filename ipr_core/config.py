@@ -116,7 +116,7 @@ class RunConfig(_Strict):
     sft: SFTSettings | None = SFTSettings()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
     mixture: MixtureSettings = MixtureSettings()
-    compute: ComputeSettings = Field(IN_PROCESS, validate_default=True)
+    compute: ComputeSettings = IN_PROCESS
     """Where SFT and the mixture train: device, and processes under `accelerate launch`."""
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     store: Path = Path(".ipr/ipr.duckdb")

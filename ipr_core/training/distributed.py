@@ -4,8 +4,8 @@ A trainer's fit function (`fit_sft`, `fit_mixture`) takes its inputs and a work 
 and saves the model there. In process it is called directly; with `distributed` set it
 is pickled into the work folder and every launched process runs it
 (`python -m ipr_core.training.launch`); the main process writes its metrics beside it.
-The job, metrics and shared dataset are removed afterwards, so the checkpoint folder, its result
-and its store row are those of a run in one process.
+The job, metrics and shared dataset are removed afterwards, so the checkpoint folder,
+its result and its store row are those of a run in one process.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ STRATEGY_FLAGS: dict[Strategy, tuple[str, ...]] = {
         "--fsdp_state_dict_type", "FULL_STATE_DICT",
     ),
     "deepspeed-zero2": ("--use_deepspeed", "--zero_stage", "2"),
-    "deepspeed-zero3": ("--use_deepspeed", "--zero_stage", "3"),
+    "deepspeed-zero3": ("--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"),
 }  # fmt: skip
 """accelerate launch's flags per strategy. On CPU `--multi_gpu` starts torch's elastic
-launcher all the same, and the processes meet over gloo."""
+launcher all the same, and the processes meet over gloo. ZeRO-3 gathers its shards for
+saving only with `zero3_save_16bit_model`, which saves 16-bit weights."""
 
 
 class LaunchError(IprError):
