@@ -206,7 +206,9 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     if not experts:
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
     base = resolve_model(config.model, config.cache_dir)
-    result = train_sft(base, experts, action_hint(config.env), config.sft, config.checkpoints_dir)
+    result = train_sft(
+        base, experts, action_hint(config.env), config.sft, config.checkpoints_dir, config.compute
+    )
     record_checkpoint(store, result, config.run_id, iteration=0)
     print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
     return 0
@@ -227,7 +229,12 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
     if not pairs:
         raise IprError(f"{config.store}: run {config.run_id!r} has no pairs in {args.iteration}")
     result = train_mixture(
-        args.sft_model, pairs, settings, config.checkpoints_dir, parent_path=args.policy
+        args.sft_model,
+        pairs,
+        settings,
+        config.checkpoints_dir,
+        parent_path=args.policy,
+        compute=config.compute,
     )
     record_checkpoint(store, result, config.run_id, args.iteration)
     print(f"mixture checkpoint {result.checkpoint_id}: {result.path}")

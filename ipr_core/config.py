@@ -19,7 +19,14 @@ from pydantic import (
 from ipr_core.envs import canonical_env_id
 from ipr_core.errors import InputError, UnknownEnvError
 from ipr_core.mining import MiningConfig
-from ipr_core.training.config import PRESETS, MixtureSettings, SFTSettings
+from ipr_core.training.config import (
+    IN_PROCESS,
+    PRESETS,
+    ComputeSettings,
+    MixtureSettings,
+    SFTSettings,
+    check_layout,
+)
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -131,6 +138,8 @@ class RunConfig(_Strict):
     sft: SFTSettings | None = SFTSettings()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
     mixture: MixtureSettings = MixtureSettings()
+    compute: ComputeSettings = IN_PROCESS
+    """Where SFT and the mixture train: device, and processes under `accelerate launch`."""
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     store: Path = Path(".ipr/ipr.duckdb")
     cache_dir: Path = Path(".ipr")
@@ -162,6 +171,16 @@ class RunConfig(_Strict):
         rank = largest_lora_rank(info.data.get("sft"), info.data.get("mixture"))
         if rank is not None and rank > value.max_lora_rank:
             raise ValueError(f"max_lora_rank {value.max_lora_rank} is below the LoRA rank {rank}")
+        return value
+
+    @field_validator("compute")
+    @classmethod
+    def _stages_fit_the_processes(
+        cls, value: ComputeSettings, info: ValidationInfo
+    ) -> ComputeSettings:
+        for stage in (info.data.get("sft"), info.data.get("mixture")):
+            if stage is not None:
+                check_layout(stage, value)
         return value
 
     @field_validator("openai")

@@ -182,7 +182,7 @@ def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
     sft_path = base_path
     if run.sft is not None:
         release_engines()  # a GPU inference engine would hold the memory training needs
-        sft = train_sft(base_path, experts, hint, run.sft, run.checkpoints_dir)
+        sft = train_sft(base_path, experts, hint, run.sft, run.checkpoints_dir, run.compute)
         record_checkpoint(store, sft, iteration=0)
         log(f"shared SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
@@ -296,6 +296,7 @@ def run_iteration_once(
             settings,
             run.checkpoints_dir,
             parent_path=None if policy_path == shared.sft_path else policy_path,
+            compute=run.compute,
         )
         record_checkpoint(store, trained, run.run_id, iteration)
         log(f"iteration {iteration}: checkpoint {trained.checkpoint_id} "

@@ -137,7 +137,9 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
         if config.evaluate_base:
             evaluate_model(store, config, base_path, BASE_ITERATION, log)
         release_engines()
-        sft = train_sft(base_path, experts, hint, config.sft, config.checkpoints_dir)
+        sft = train_sft(
+            base_path, experts, hint, config.sft, config.checkpoints_dir, config.compute
+        )
         record_checkpoint(store, sft, config.run_id, iteration=0)
         log(f"SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
@@ -158,6 +160,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
             mixture,
             config.checkpoints_dir,
             parent_path=policy_path if iteration > 1 else None,
+            compute=config.compute,
         )
         record_checkpoint(store, trained, config.run_id, iteration)
         log(f"iteration {iteration}: mixture {trained.checkpoint_id} ({trained.summary()})")

@@ -129,7 +129,7 @@ def sft(config: RunConfig, base_path: str) -> dict[str, Any]:
     release_engines()
     result = _train_sft(
         Path(base_path), _experts(config), run.action_hint(config.env), config.sft,
-        config.checkpoints_dir,
+        config.checkpoints_dir, config.compute,
     )  # fmt: skip
     record_checkpoint(Store(config.store), result, config.run_id, iteration=0)
     _log(f"SFT checkpoint {result.checkpoint_id} ({result.summary()})")
@@ -300,6 +300,7 @@ def train_mixture(
     result = _train_mixture(
         Path(sft_path), load_pairs(store, config.run_id, iteration), settings,
         config.checkpoints_dir, parent_path=None if policy_path is None else Path(policy_path),
+        compute=config.compute,
     )  # fmt: skip
     record_checkpoint(store, result, config.run_id, iteration)
     _log(f"mixture checkpoint {result.checkpoint_id} ({result.summary()})")

@@ -28,6 +28,7 @@ from ipr_core.training.mixture import (
     mixture_loss,
     train_mixture,
 )
+from ipr_core.training.precision import CPU_FLOAT32
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Pair, Step, Trajectory
 
@@ -139,7 +140,7 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
     settings = MixtureSettings(beta=0.3, weights=MixtureWeights(trajectory_dpo=0.5, sft=2.0))
     trainer = MixtureTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
-        args=mixture_config(settings, tmp_path),
+        args=mixture_config(settings, tmp_path, CPU_FLOAT32),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),

@@ -7,7 +7,11 @@ the paper's batch of 48 is reached with `grad_accum`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from ipr_core.errors import IprError
 
 
 class _Strict(BaseModel):
@@ -64,6 +68,72 @@ class MixtureSettings(_Strict):
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (worth it for long conversations on big models)."""
     seed: int = 0
+
+
+Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
+
+
+class DistributedSettings(_Strict):
+    """Training under `accelerate launch`, one process per device (per core group on CPU).
+
+    `batch_size` stays the global batch: each process takes `batch_size / num_processes`
+    examples per step, so the same settings train the same model on any layout.
+    """
+
+    num_processes: int = Field(2, ge=2)
+    strategy: Strategy = "ddp"
+    """ddp replicates the model; fsdp and deepspeed-zero3 shard weights, gradients and
+    optimizer state; deepspeed-zero2 shards gradients and optimizer state."""
+    main_process_port: int | None = Field(None, gt=0, lt=65536)
+    """The rendezvous port (accelerate's default 29500 when unset)."""
+
+
+class ComputeSettings(_Strict):
+    """Where SFT and the mixture train; checkpoint ids leave it out (it changes no result
+    beyond float rounding and bf16 autocast)."""
+
+    device: Device = "auto"
+    """auto: CUDA when torch sees a GPU (bf16 autocast where supported), else CPU (float32)."""
+    distributed: DistributedSettings | None = None
+    """None: train in the calling process."""
+
+
+IN_PROCESS = ComputeSettings()
+"""The trainers' default: the calling process, on the detected device."""
+
+
+class LayoutError(IprError, ValueError):
+    """Training settings the launched processes cannot run (a ValueError, so config
+    validation reports it on its field)."""
+
+
+class BatchSplitError(LayoutError):
+    """A batch that does not split evenly over the launched processes."""
+
+
+SHARDED_WEIGHTS: frozenset[Strategy] = frozenset({"fsdp", "deepspeed-zero3"})
+"""Strategies that split the weights themselves, so no process holds a whole model."""
+
+
+def check_layout(stage: SFTSettings | MixtureSettings, compute: ComputeSettings) -> None:
+    """Raise LayoutError where `stage` cannot train on `compute`'s processes."""
+    if compute.distributed is None:
+        return
+    per_process_batch(stage.batch_size, compute.distributed.num_processes)
+    strategy = compute.distributed.strategy
+    if stage.lora.enabled and strategy in SHARDED_WEIGHTS:
+        raise LayoutError(f"LoRA merges into whole weights, which {strategy} splits: use ddp")
+
+
+def per_process_batch(batch_size: int, num_processes: int) -> int:
+    """Each process's share of the global `batch_size`."""
+    if batch_size % num_processes:
+        raise BatchSplitError(
+            f"batch_size {batch_size} does not split over {num_processes} processes: "
+            f"use a multiple of {num_processes}"
+        )
+    return batch_size // num_processes
 
 
 PRESETS: dict[str, MixtureWeights | None] = {

@@ -23,20 +23,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import pad
 
 from ipr_core.errors import IprError
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
-from ipr_core.training.config import MixtureSettings, MixtureWeights
+from ipr_core.training.config import IN_PROCESS, ComputeSettings, MixtureSettings, MixtureWeights
 from ipr_core.training.data import build_pair_examples, pairs_data_hash
+from ipr_core.training.distributed import launched, shared_dataset
+from ipr_core.training.precision import Precision, detect_precision
 from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
@@ -159,8 +161,10 @@ class MixtureTrainer(DPOTrainer):
         mask = completion_mask[:, 1:]
         per_token = outputs.log_probs[:, -mask.size(1) :] * mask
         chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)
-        chosen_tokens = mask.chunk(2)[0].sum().clamp(min=1)
-        chosen_nll = -chosen_logps.sum() / chosen_tokens
+        # Launched processes average their gradients: over the whole global batch's token
+        # count (per process), the NLL stays the token mean of the global batch.
+        tokens = self.accelerator.gather(mask.chunk(2)[0].sum()[None]).sum().clamp(min=1)
+        chosen_nll = -chosen_logps.sum() / (tokens / self.accelerator.num_processes)
         return chosen_logps, rejected_logps, chosen_nll
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -195,6 +199,7 @@ def train_mixture(
     settings: MixtureSettings,
     checkpoints_root: Path,
     parent_path: Path | None = None,
+    compute: ComputeSettings = IN_PROCESS,
 ) -> TrainResult:
     """Train the policy at `parent_path` (default: the SFT model) on `pairs`, reference = SFT.
 
@@ -207,42 +212,57 @@ def train_mixture(
     data_hash = pairs_data_hash(pairs) + model_id(sft_model_path)
     ckpt_id = checkpoint_id(parent_id, data_hash, settings)
 
-    def train(work: Path) -> dict[str, float]:
-        if not pairs:
-            raise IprError("mixture training: no pairs with a non-zero weighted term")
-        tokenizer = load_tokenizer(start)
-        rows, stats = build_pair_examples(pairs, tokenizer, settings.max_length)
-        if not rows:
-            raise IprError(f"mixture: none of {stats.n_input} pairs fits {settings.max_length}")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        trainer = MixtureTrainer(
-            model=load_model(start),
-            ref_model=load_model(sft_model_path) if parent_path is not None else None,
-            args=mixture_config(settings, work),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
-            peft_config=lora_config(settings.lora),
-            weights=settings.weights,
-        )
-        trainer.ref_model = None  # its log-probs are precomputed: free the copy
-        output, figures = run_training(trainer)
-        save_trained(trainer, tokenizer, work)
-        return {
-            **training_metrics(trainer, output, figures),
-            "n_pairs": len(rows),
-            "n_step_pairs": sum(bool(r["is_step_level"]) for r in rows),
-            "n_truncated": stats.n_truncated,
-            "n_dropped": stats.n_dropped,
-        }
-
-    return train_once(checkpoints_root, ckpt_id, parent_id, "mixture", settings, train)
+    precision = detect_precision(compute.device)
+    fit = partial(fit_mixture, start, sft_model_path, parent_path, pairs, settings, precision)
+    return train_once(
+        checkpoints_root, ckpt_id, parent_id, "mixture", settings, launched(fit, compute, precision)
+    )
 
 
-def mixture_config(settings: MixtureSettings, work: Path) -> DPOConfig:
+def fit_mixture(
+    start: Path,
+    sft_model_path: Path,
+    parent_path: Path | None,
+    pairs: Sequence[Pair],
+    settings: MixtureSettings,
+    precision: Precision,
+    work: Path,
+) -> dict[str, float]:
+    """Train `start` and save into `work`; every process of a launched run runs this."""
+    if not pairs:
+        raise IprError("mixture training: no pairs with a non-zero weighted term")
+    tokenizer = load_tokenizer(start)
+    rows, stats = build_pair_examples(pairs, tokenizer, settings.max_length)
+    if not rows:
+        raise IprError(f"mixture: none of {stats.n_input} pairs fits {settings.max_length}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    args = mixture_config(settings, work, precision)  # first: it sets up the processes
+    trainer = MixtureTrainer(
+        model=load_model(start),
+        ref_model=load_model(sft_model_path) if parent_path is not None else None,
+        args=args,
+        train_dataset=shared_dataset(rows, work),
+        processing_class=tokenizer,
+        data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
+        peft_config=lora_config(settings.lora),
+        weights=settings.weights,
+    )
+    trainer.ref_model = None  # its log-probs are precomputed: free the copy
+    output, figures = run_training(trainer)
+    save_trained(trainer, tokenizer, work)
+    return {
+        **training_metrics(trainer, output, figures),
+        "n_pairs": len(rows),
+        "n_step_pairs": sum(bool(r["is_step_level"]) for r in rows),
+        "n_truncated": stats.n_truncated,
+        "n_dropped": stats.n_dropped,
+    }
+
+
+def mixture_config(settings: MixtureSettings, work: Path, precision: Precision) -> DPOConfig:
     return DPOConfig(
-        **trainer_arguments(settings, work),
+        **trainer_arguments(settings, work, precision),
         gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length,
         beta=settings.beta,

@@ -49,6 +49,7 @@ from ipr_core.training.checkpoints import (
 )
 from ipr_core.training.config import LoraSettings, _Strict
 from ipr_core.training.data import HEAD_MESSAGES, render
+from ipr_core.training.precision import detect_precision
 from ipr_core.training.runtime import (
     load_tokenizer,
     lora_config,
@@ -238,7 +239,7 @@ def train_reward_model(
 
             model = get_peft_model(model, lora)
         args = TrainingArguments(
-            **trainer_arguments(settings, work),
+            **trainer_arguments(settings, work, detect_precision("auto")),
             per_device_eval_batch_size=settings.batch_size,
             eval_strategy="no",
             dataloader_pin_memory=torch.cuda.is_available(),

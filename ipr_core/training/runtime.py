@@ -18,14 +18,16 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import TrainOutput
 
 from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
-from ipr_core.training.config import LoraSettings
+from ipr_core.training.config import LoraSettings, per_process_batch
+from ipr_core.training.distributed import world_size
+from ipr_core.training.precision import Precision
 
 TRAINER_DIR = "trainer"
 """The Trainer's scratch output folder inside the work folder; removed after saving."""
 
 
 def load_model(path: Path) -> PreTrainedModel:
-    """Training runs in float32: this project trains on CPU, where bf16 autocast is slow."""
+    """float32 weights on every device: on CUDA bf16 autocast computes (see training.precision)."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
@@ -33,16 +35,18 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def trainer_arguments(settings: Any, work: Path) -> dict[str, Any]:
-    """TrainingArguments shared by every trainer here: cosine schedule, fp32, no
+def trainer_arguments(settings: Any, work: Path, precision: Precision) -> dict[str, Any]:
+    """TrainingArguments shared by every trainer here: cosine schedule, the device and
+    autocast of `precision`, `batch_size` split over the launched processes, no
     intermediate saves or trackers, a log line per step (`run_training` adds the bar)."""
     return {
         "output_dir": str(work / TRAINER_DIR),
         "num_train_epochs": settings.epochs,
         "learning_rate": settings.lr,
         "lr_scheduler_type": "cosine",
-        "per_device_train_batch_size": settings.batch_size,
-        "bf16": False,
+        "per_device_train_batch_size": per_process_batch(settings.batch_size, world_size()),
+        "use_cpu": precision.use_cpu,
+        "bf16": precision.bf16,
         "seed": settings.seed,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -65,12 +69,20 @@ def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraCon
 
 
 def save_trained(trainer: Trainer, tokenizer, work: Path) -> None:
-    """Save the adapter (LoRA) and always a full merged model, so later stages load one folder."""
+    """Save the adapter (LoRA) and always a full merged model, so later stages load one folder.
+
+    Of launched processes only the main one writes; under FSDP and DeepSpeed every
+    process first joins in gathering the whole weights (which LoRA's merge would need
+    on the unwrapped model: config validation refuses LoRA with FSDP and ZeRO-3)."""
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    if not trainer.accelerator.is_main_process:
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
         model.save_pretrained(work / ADAPTER_DIR)
         model = model.merge_and_unload()
-    model.save_pretrained(work / MODEL_DIR)
+    model.save_pretrained(work / MODEL_DIR, state_dict=state)
     tokenizer.save_pretrained(work / MODEL_DIR)
     shutil.rmtree(work / TRAINER_DIR, ignore_errors=True)
 

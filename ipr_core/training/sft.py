@@ -9,6 +9,7 @@ template, which the ChatML templates of the tiny Llama and SmolLM2 lack.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from datasets import Dataset
@@ -16,8 +17,10 @@ from trl import SFTConfig, SFTTrainer
 
 from ipr_core.errors import IprError
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
-from ipr_core.training.config import SFTSettings
+from ipr_core.training.config import IN_PROCESS, ComputeSettings, SFTSettings
 from ipr_core.training.data import build_sft_examples, sft_data_hash
+from ipr_core.training.distributed import launched
+from ipr_core.training.precision import Precision, detect_precision
 from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
@@ -36,6 +39,7 @@ def train_sft(
     action_hint: str,
     settings: SFTSettings,
     checkpoints_root: Path,
+    compute: ComputeSettings = IN_PROCESS,
 ) -> TrainResult:
     """Fine-tune `model_path` on `trajectories`; the result lives in `checkpoints_root/<id>`.
 
@@ -44,31 +48,44 @@ def train_sft(
     parent_id = model_id(model_path)
     ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, action_hint), settings)
 
-    def train(work: Path) -> dict[str, float]:
-        tokenizer = load_tokenizer(model_path)
-        rows, stats = build_sft_examples(trajectories, action_hint, tokenizer, settings.max_length)
-        if not rows:
-            raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
-        args = SFTConfig(
-            **trainer_arguments(settings, work),
-            gradient_accumulation_steps=settings.grad_accum,
-            max_length=settings.max_length,
-            gradient_checkpointing=settings.gradient_checkpointing,
-        )
-        trainer = SFTTrainer(
-            model=load_model(model_path),
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora_config(settings.lora),
-        )
-        output, figures = run_training(trainer)
-        save_trained(trainer, tokenizer, work)
-        return {
-            **training_metrics(trainer, output, figures),
-            "n_examples": len(rows),
-            "n_truncated": stats.n_truncated,
-            "n_dropped": stats.n_dropped,
-        }
+    precision = detect_precision(compute.device)
+    fit = partial(fit_sft, model_path, trajectories, action_hint, settings, precision)
+    return train_once(
+        checkpoints_root, ckpt_id, parent_id, "sft", settings, launched(fit, compute, precision)
+    )
 
-    return train_once(checkpoints_root, ckpt_id, parent_id, "sft", settings, train)
+
+def fit_sft(
+    model_path: Path,
+    trajectories: Sequence[Trajectory],
+    action_hint: str,
+    settings: SFTSettings,
+    precision: Precision,
+    work: Path,
+) -> dict[str, float]:
+    """Train and save into `work`; every process of a launched run runs this."""
+    tokenizer = load_tokenizer(model_path)
+    rows, stats = build_sft_examples(trajectories, action_hint, tokenizer, settings.max_length)
+    if not rows:
+        raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
+    args = SFTConfig(
+        **trainer_arguments(settings, work, precision),
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )
+    trainer = SFTTrainer(
+        model=load_model(model_path),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(settings.lora),
+    )
+    output, figures = run_training(trainer)
+    save_trained(trainer, tokenizer, work)
+    return {
+        **training_metrics(trainer, output, figures),
+        "n_examples": len(rows),
+        "n_truncated": stats.n_truncated,
+        "n_dropped": stats.n_dropped,
+    }
