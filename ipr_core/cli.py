@@ -117,6 +117,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     rollouts.add_argument("--config", type=Path, default=Path("configs/bench.yaml"))
     rollouts.add_argument("--out", type=Path, required=True, help="JSON report")
     rollouts.set_defaults(handler=cmd_bench_rollouts)
+    training = benches.add_parser("training", help="SFT and mixture vs the bare-model limit")
+    training.add_argument("--config", type=Path, default=Path("configs/bench-training.yaml"))
+    training.add_argument("--out", type=Path, required=True, help="JSON report")
+    training.set_defaults(handler=cmd_bench_training)
 
     experiment = commands.add_parser(
         "experiment", help="run every method x seed of an experiment config (resumable)"
@@ -165,6 +169,21 @@ def cmd_bench_rollouts(args: argparse.Namespace) -> int:
     from ipr_core.bench import format_table, load_bench_config, run_bench
 
     report = run_bench(load_bench_config(args.config))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench_training(args: argparse.Namespace) -> int:
+    from ipr_core.bench_training import (
+        format_table,
+        load_training_bench_config,
+        run_training_bench,
+    )
+
+    report = run_training_bench(load_training_bench_config(args.config))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(format_table(report))

@@ -42,3 +42,41 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
     assert 0.0 <= report["greedy_outcome_agreement"] <= 1.0
     assert report["greedy_rollouts"] == 2
     assert "prefill_tokens_ratio" in done.stdout  # the printed table
+
+
+def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_model_path):
+    config = tmp_path / "bench-training.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "env": "twx/twc",
+                "model": str(tiny_model_path),
+                "examples": 2,
+                "pairs": 2,
+                "batch_size": 2,
+                "max_length": 4096,  # the tiny model's tokenizer spends more tokens
+                "modes": ["lora"],
+                "limit_batch_shapes": [1, 2],
+            }
+        )
+    )
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "ipr_core.cli", "bench", "training", "--config", config,
+         "--out", out],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    sft, mixture = report["results"]
+    assert (sft["trainer"], mixture["trainer"]) == ("sft", "mixture")
+    for row in (sft, mixture):
+        assert row["optimizer_steps"] == 1  # 2 examples (pairs), batches of 2, one epoch
+        assert 0 < row["scored_tokens"] < row["tokens"]
+        assert row["fraction_of_limit"] == row["tokens_per_s"] / row["limit_tokens_per_s"]
+    assert sft["padding_tokens"] == 0  # micro-batches of 1 conversation pad nothing
+    # a pair's two sides share a forward pass: the shorter one is padded, nothing more
+    assert 0 < mixture["padding_tokens"] < mixture["tokens"]
+    # a pair trains both sides: at least the two SFT conversations' worth of tokens
+    assert mixture["tokens"] > sft["tokens"]
+    assert "fraction_of_limit" in done.stdout

@@ -21,6 +21,7 @@ from ipr_core.training.config import (
     LayoutError,
     MixtureSettings,
     SFTSettings,
+    micro_batches,
     per_process_batch,
 )
 from ipr_core.training.distributed import JOB_FILE, launch_command, launched
@@ -28,33 +29,45 @@ from ipr_core.training.mixture import train_mixture
 from ipr_core.training.precision import (
     CPU_FLOAT32,
     DeviceUnavailableError,
+    Machine,
     Precision,
     training_precision,
 )
 from ipr_core.training.runtime import trainer_arguments
 from ipr_core.training.sft import train_sft
 
-TWO_PROCESSES = ComputeSettings(device="cpu", distributed={"num_processes": 2})
+TWO_PROCESSES = ComputeSettings(device="cpu", bf16=False, distributed={"num_processes": 2})
+ONE_PROCESS = ComputeSettings(device="cpu", bf16=False)
+"""float32 in both, so 1 and 2 processes can agree to 1e-5 (bf16 rounds differently)."""
 
 
 # -- device and precision ---------------------------------------------------------------------
+GPU_BF16 = Machine(cuda=True, cuda_bf16=True, cpu_bf16=False)
+OLD_GPU = Machine(cuda=True, cuda_bf16=False, cpu_bf16=True)
+BF16_CPU = Machine(cuda=False, cuda_bf16=False, cpu_bf16=True)
+OLD_CPU = Machine(cuda=False, cuda_bf16=False, cpu_bf16=False)
+
+
 @pytest.mark.parametrize(
-    ("device", "cuda", "bf16", "expected"),
+    ("device", "bf16", "machine", "expected"),
     [
-        ("auto", False, False, CPU_FLOAT32),
-        ("cpu", True, True, CPU_FLOAT32),
-        ("auto", True, True, Precision("cuda", bf16=True)),
-        ("cuda", True, True, Precision("cuda", bf16=True)),
-        ("auto", True, False, Precision("cuda", bf16=False)),
+        ("auto", None, OLD_CPU, CPU_FLOAT32),
+        ("auto", None, BF16_CPU, Precision("cpu", bf16=True)),
+        ("auto", False, BF16_CPU, CPU_FLOAT32),
+        ("cpu", None, GPU_BF16, CPU_FLOAT32),
+        ("cpu", True, OLD_CPU, Precision("cpu", bf16=True)),
+        ("auto", None, GPU_BF16, Precision("cuda", bf16=True)),
+        ("cuda", None, GPU_BF16, Precision("cuda", bf16=True)),
+        ("auto", None, OLD_GPU, Precision("cuda", bf16=False)),
     ],
 )
-def test_precision_follows_the_setting_and_the_machine(device, cuda, bf16, expected) -> None:
-    assert training_precision(device, cuda, bf16) == expected
+def test_precision_follows_the_setting_and_the_machine(device, bf16, machine, expected) -> None:
+    assert training_precision(device, bf16, machine) == expected
 
 
 def test_cuda_without_a_gpu_raises() -> None:
     with pytest.raises(DeviceUnavailableError):
-        training_precision("cuda", cuda_available=False, bf16_supported=False)
+        training_precision("cuda", None, BF16_CPU)
 
 
 def test_trainer_arguments_carry_the_precision(tmp_path: Path) -> None:
@@ -70,18 +83,23 @@ def test_each_process_takes_its_share_of_the_batch(tmp_path: Path, monkeypatch) 
     with pytest.raises(BatchSplitError):
         per_process_batch(3, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it
-    args = trainer_arguments(SFTSettings(batch_size=4), tmp_path, CPU_FLOAT32)
-    assert args["per_device_train_batch_size"] == 2
+    args = trainer_arguments(SFTSettings(batch_size=4, micro_batch_size=4), tmp_path, CPU_FLOAT32)
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (2, 1)
+    # micro-batches of 1 (the default): each process accumulates its 2 examples
+    args = trainer_arguments(SFTSettings(batch_size=4, grad_accum=3), tmp_path, CPU_FLOAT32)
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (1, 6)
+    with pytest.raises(BatchSplitError, match="micro_batch_size 3"):
+        micro_batches(SFTSettings(batch_size=8, micro_batch_size=3), 2)
 
 
 def test_config_validation_refuses_what_the_processes_cannot_run() -> None:
     compute = {"distributed": {"num_processes": 4}}
     with pytest.raises(ValueError, match="does not split over 4 processes"):
-        RunConfig(env="toy", compute=compute, mixture={"batch_size": 2})
-    RunConfig(env="toy", compute=compute, sft={"batch_size": 8}, mixture={"batch_size": 4})
+        RunConfig(env="twx/twc", compute=compute, mixture={"batch_size": 2})
+    RunConfig(env="twx/twc", compute=compute, sft={"batch_size": 8}, mixture={"batch_size": 4})
     fsdp = {"distributed": {"strategy": "fsdp"}}
     with pytest.raises(ValueError, match="LoRA merges into whole weights"):
-        RunConfig(env="toy", compute=fsdp, mixture={"lora": {"enabled": True}})
+        RunConfig(env="twx/twc", compute=fsdp, mixture={"lora": {"enabled": True}})
 
 
 def test_launch_command_names_the_strategy(tmp_path: Path) -> None:
@@ -105,7 +123,9 @@ def test_launch_command_names_the_strategy(tmp_path: Path) -> None:
 # the whole dataset, so every step sees the same 4 examples in both runs whatever order
 # the samplers draw them in; DDP averages the 2 processes' gradients, which (with
 # TRL's token counts gathered across processes) is the gradient of the 4-example batch.
-# Several steps per run check that the processes' updates stay in step.
+# Whole batches per forward pass (micro_batch_size = batch_size), as the mixture's SFT term
+# is a token mean per forward pass. Several steps per run check that the processes' updates
+# stay in step.
 LOSS_TOLERANCE = 1e-5
 """Measured: SFT 3e-7, mixture 1e-6 (float32 sums in another order); weights within 4e-6."""
 
@@ -131,8 +151,8 @@ def test_sft_on_two_processes_trains_what_one_process_trains(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
     experts = [_expert(i) for i in range(4)]
-    settings = SFTSettings(epochs=3, lr=1e-3, batch_size=4, max_length=1024)
-    one = train_sft(tiny_model_path, experts, HINT, settings, tmp_path / "one")
+    settings = SFTSettings(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
+    one = train_sft(tiny_model_path, experts, HINT, settings, tmp_path / "one", ONE_PROCESS)
     two = train_sft(tiny_model_path, experts, HINT, settings, tmp_path / "two", TWO_PROCESSES)
     _same_training(one, two)
 
@@ -141,8 +161,8 @@ def test_mixture_on_two_processes_trains_what_one_process_trains(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
     pairs = _pairs(2)  # 2 trajectory and 2 step pairs
-    settings = MixtureSettings(epochs=3, lr=1e-3, batch_size=4, max_length=1024)
-    one = train_mixture(tiny_model_path, pairs, settings, tmp_path / "one")
+    settings = MixtureSettings(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
+    one = train_mixture(tiny_model_path, pairs, settings, tmp_path / "one", compute=ONE_PROCESS)
     two = train_mixture(tiny_model_path, pairs, settings, tmp_path / "two", compute=TWO_PROCESSES)
     _same_training(one, two)
 
@@ -152,11 +172,11 @@ def test_ipr_train_sft_on_two_processes_writes_the_same_store_row(
 ) -> None:
     """The CLI honours `compute`; the checkpoint row differs from one process's only in path."""
     rows = []
-    for name, compute in (("one", None), ("two", {"device": "cpu", "distributed": {}})):
+    fp32 = {"device": "cpu", "bf16": False}
+    for name, compute in (("one", fp32), ("two", {**fp32, "distributed": {}})):
         folder = tmp_path / name
         folder.mkdir()
-        changes = {} if compute is None else {"compute": compute}
-        config = write_config(folder, tiny_model_path, **changes)
+        config = write_config(folder, tiny_model_path, compute=compute)
         store = Store(folder / "s.duckdb")
         assert main(["ingest", "--env", "twx/twc", "--limit", "2", "--store", str(store.path)]) == 0
         assert main(["train", "sft", "--config", str(config)]) == 0

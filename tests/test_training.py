@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,13 @@ from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import build_conversation, step_messages
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import checkpoint_id, model_id, record_checkpoint
-from ipr_core.training.config import MixtureSettings, MixtureWeights, SFTSettings, mixture_preset
+from ipr_core.training.config import (
+    ComputeSettings,
+    MixtureSettings,
+    MixtureWeights,
+    SFTSettings,
+    mixture_preset,
+)
 from ipr_core.training.data import (
     TokenizationMismatch,
     build_pair_examples,
@@ -170,6 +177,36 @@ def _expert_nll(model_path: Path, trajectories: list[Trajectory]) -> float:
         -_sequence_logps(model, [], r["input_ids"], r["assistant_masks"]).item() for r in rows
     )
     return total / sum(sum(r["assistant_masks"]) for r in rows)
+
+
+def test_micro_batches_train_the_batch_without_padding(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """Accumulating micro-batches of 1 is the same optimizer step as one padded batch of 4
+    (TRL normalises the NLL by the batch's token count), minus the padding."""
+    # of different lengths (1, 2, 3 and 3 steps): a batch of 4 pads
+    experts = [
+        replace(e, steps=e.steps[-k:])
+        for k, e in zip((1, 2, 3, 3), map(_expert, range(4)), strict=True)
+    ]
+    fp32 = ComputeSettings(device="cpu", bf16=False)
+    results = {
+        micro: train_sft(
+            tiny_model_path,
+            experts,
+            HINT,
+            SFTSettings(epochs=2, lr=1e-3, batch_size=4, micro_batch_size=micro, max_length=1024),
+            tmp_path / str(micro),
+            fp32,
+        ).metrics
+        for micro in (1, 4)
+    }
+    one, four = results[1], results[4]
+    assert one["steps"] == four["steps"] == 2
+    assert one["padding_tokens"] == 0 < four["padding_tokens"]
+    assert one["tokens"] == four["tokens"] and one["scored_tokens"] == four["scored_tokens"]
+    assert one["first_step_loss"] == pytest.approx(four["first_step_loss"], abs=1e-5)
+    assert one["last_step_loss"] == pytest.approx(four["last_step_loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -212,7 +212,7 @@ def train_mixture(
     data_hash = pairs_data_hash(pairs) + model_id(sft_model_path)
     ckpt_id = checkpoint_id(parent_id, data_hash, settings)
 
-    precision = detect_precision(compute.device)
+    precision = detect_precision(compute)
     fit = partial(fit_mixture, start, sft_model_path, parent_path, pairs, settings, precision)
     return train_once(
         checkpoints_root, ckpt_id, parent_id, "mixture", settings, launched(fit, compute, precision)
@@ -263,7 +263,6 @@ def fit_mixture(
 def mixture_config(settings: MixtureSettings, work: Path, precision: Precision) -> DPOConfig:
     return DPOConfig(
         **trainer_arguments(settings, work, precision),
-        gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length,
         beta=settings.beta,
         precompute_ref_log_probs=True,

@@ -47,7 +47,7 @@ from ipr_core.training.checkpoints import (
     model_id,
     train_once,
 )
-from ipr_core.training.config import LoraSettings, _Strict
+from ipr_core.training.config import IN_PROCESS, LoraSettings, _Strict
 from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.precision import detect_precision
 from ipr_core.training.runtime import (
@@ -66,6 +66,9 @@ class RewardModelSettings(_Strict):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    """Examples per forward pass; `batch_size` is reached by accumulation (no padding)."""
+    grad_accum: int = Field(1, gt=0)
     max_length: int = Field(2048, gt=0)
     """Tokens per example; longer ones lose their oldest (assistant, observation) turns."""
     lora: LoraSettings = LoraSettings()
@@ -239,7 +242,7 @@ def train_reward_model(
 
             model = get_peft_model(model, lora)
         args = TrainingArguments(
-            **trainer_arguments(settings, work, detect_precision("auto")),
+            **trainer_arguments(settings, work, detect_precision(IN_PROCESS)),
             per_device_eval_batch_size=settings.batch_size,
             eval_strategy="no",
             dataloader_pin_memory=torch.cuda.is_available(),

@@ -6,7 +6,9 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import TrainOutput
 
 from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
-from ipr_core.training.config import LoraSettings, per_process_batch
+from ipr_core.training.config import LoraSettings, micro_batches
 from ipr_core.training.distributed import world_size
 from ipr_core.training.precision import Precision
 
@@ -37,14 +39,17 @@ def load_tokenizer(path: Path):
 
 def trainer_arguments(settings: Any, work: Path, precision: Precision) -> dict[str, Any]:
     """TrainingArguments shared by every trainer here: cosine schedule, the device and
-    autocast of `precision`, `batch_size` split over the launched processes, no
-    intermediate saves or trackers, a log line per step (`run_training` adds the bar)."""
+    autocast of `precision`, `batch_size` split over the launched processes and then into
+    micro-batches, no intermediate saves or trackers, a log line per step (`run_training`
+    adds the bar)."""
+    micro, accumulation = micro_batches(settings, world_size())
     return {
         "output_dir": str(work / TRAINER_DIR),
         "num_train_epochs": settings.epochs,
         "learning_rate": settings.lr,
         "lr_scheduler_type": "cosine",
-        "per_device_train_batch_size": per_process_batch(settings.batch_size, world_size()),
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accumulation,
         "use_cpu": precision.use_cpu,
         "bf16": precision.bf16,
         "seed": settings.seed,
@@ -96,9 +101,34 @@ class StepBar(ProgressCallback):
                 print({k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
 
 
+@dataclass
+class TokenCount:
+    """Wraps a trainer's collator to count what its training batches hold: every trainer
+    reports the same figures, and the reference precompute (run before) is not counted."""
+
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    tokens: int = 0
+    """Real (non-padding) tokens of the batches, over all epochs."""
+    scored: int = 0
+    """Tokens the loss scores (assistant tokens)."""
+    padding: int = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        real = batch["attention_mask"].sum().item()
+        self.tokens += real
+        self.padding += batch["attention_mask"].numel() - real
+        if "completion_mask" in batch:  # pairs: their assistant masks
+            self.scored += batch["completion_mask"].sum().item()
+        else:  # SFT and the reward model: labels of -100 are not scored
+            labels = batch["labels"]
+            self.scored += (labels[..., 1:] != -100).sum().item() if labels.dim() > 1 else 0
+        return batch
+
+
 def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
-    """Train with a step bar; also returns the wall seconds and the peak resident memory
-    of training (MiB).
+    """Train with a step bar; also returns the wall seconds, the tokens trained and the
+    peak resident memory of training (MiB).
 
     Linux resets the peak (VmHWM) by writing 5 to /proc/self/clear_refs, so the figure
     is training's peak, not the process's; elsewhere it is the process's peak so far.
@@ -108,13 +138,22 @@ def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
         trainer.add_callback(StepBar())
     with suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+    count = trainer.data_collator = TokenCount(trainer.data_collator)
     start = time.perf_counter()
     output = trainer.train()
-    figures = {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+    seconds = time.perf_counter() - start
+    figures = {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": count.tokens,
+        "scored_tokens": count.scored,
+        "padding_tokens": count.padding,
+        "tokens_per_second": count.tokens / seconds,
+    }
     return output, figures
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -140,4 +179,8 @@ def training_metrics(trainer: Trainer, output: TrainOutput, figures: dict[str, f
         "seconds": figures["seconds"],
         "seconds_per_step": figures["seconds"] / max(steps, 1),
         "peak_rss_mb": figures["peak_rss_mb"],
+        "tokens": figures["tokens"],
+        "scored_tokens": figures["scored_tokens"],
+        "padding_tokens": figures["padding_tokens"],
+        "tokens_per_second": figures["tokens_per_second"],
     }

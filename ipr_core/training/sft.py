@@ -48,7 +48,7 @@ def train_sft(
     parent_id = model_id(model_path)
     ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, action_hint), settings)
 
-    precision = detect_precision(compute.device)
+    precision = detect_precision(compute)
     fit = partial(fit_sft, model_path, trajectories, action_hint, settings, precision)
     return train_once(
         checkpoints_root, ckpt_id, parent_id, "sft", settings, launched(fit, compute, precision)
@@ -70,7 +70,6 @@ def fit_sft(
         raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
     args = SFTConfig(
         **trainer_arguments(settings, work, precision),
-        gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length,
         gradient_checkpointing=settings.gradient_checkpointing,
     )
