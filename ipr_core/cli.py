@@ -120,6 +120,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
     experiment.set_defaults(handler=cmd_experiment)
 
+    tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
+    tokens.add_argument("--config", type=Path, required=True, help="run config (env, model)")
+    tokens.add_argument("--store", type=Path, help="overrides the config's store")
+    tokens.set_defaults(handler=cmd_tokens)
+
     report = commands.add_parser("report", help="write an experiment's results as markdown")
     report.add_argument("--experiment", required=True, help="the experiment id")
     report.add_argument("--out", type=Path, required=True, help="e.g. docs/results.md")
@@ -266,6 +271,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = config_from_args(args, dev_split=args.split, dev_limit=args.limit)
     path = resolve_model(args.model, config.cache_dir)
     evaluate_model(Store(config.store), config, path, args.iteration, log=print)
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from ipr_core.models import resolve_model
+    from ipr_core.run import action_hint, ensure_experts
+    from ipr_core.store import Store
+    from ipr_core.tokens import token_table
+    from ipr_core.training.runtime import load_tokenizer
+
+    config = config_from_args(args)
+    experts = ensure_experts(Store(config.store), config, print)
+    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir))
+    print(token_table(experts, action_hint(config.env), tokenizer).to_string(index=False))
     return 0
 
 
