@@ -13,12 +13,9 @@ from ipr_core.envs.base import EnvTask
 from ipr_core.types import Step
 
 SYSTEM_PROMPT = (
-    "You are an agent acting in a text-based environment to complete a task. "
-    "After each observation, reply with exactly two lines:\n"
-    "Thought: <your short reasoning>\n"
-    "Action: <one action>\n"
-    "{action_hint}"
+    "Complete the task. Reply to each observation with:\nThought: ...\nAction: ...\n{action_hint}"
 )
+"""Short on purpose: it is paid again in every prompt of every stage (see `ipr tokens`)."""
 
 OBSERVATION_PREFIX = "Observation: "
 INVALID_TURN_OBSERVATION = (
