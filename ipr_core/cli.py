@@ -185,7 +185,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object):
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
     from ipr_core.models import resolve_model
-    from ipr_core.run import action_hint
+    from ipr_core.run import prompt_format
     from ipr_core.store import Store
     from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.sft import train_sft
@@ -198,7 +198,7 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     if not experts:
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
     base = resolve_model(config.model, config.cache_dir)
-    result = train_sft(base, experts, action_hint(config.env), config.sft, config.checkpoints_dir)
+    result = train_sft(base, experts, prompt_format(config), config.sft, config.checkpoints_dir)
     record_checkpoint(store, result, config.run_id, iteration=0)
     print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
     return 0
@@ -228,7 +228,7 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
 
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
     from ipr_core.models import resolve_model
-    from ipr_core.run import action_hint
+    from ipr_core.run import prompt_format
     from ipr_core.store import Store
     from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.config import LoraSettings
@@ -248,7 +248,7 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
         if len(found) != 1:
             raise IprError(f"run {config.run_id!r} has scorers {found}; pass --scorer-id")
         scorer_id = found[0]
-    examples = step_reward_examples(store, config.run_id, scorer_id, action_hint(config.env))
+    examples = step_reward_examples(store, config.run_id, scorer_id, prompt_format(config))
     if not examples:
         raise IprError(f"{config.store}: no step rewards of run {config.run_id!r} to learn from")
     settings = RewardModelSettings(epochs=args.epochs, lora=LoraSettings(enabled=args.lora))

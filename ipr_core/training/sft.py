@@ -15,6 +15,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from ipr_core.errors import IprError
+from ipr_core.prompts import PromptFormat
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
 from ipr_core.training.config import SFTSettings
 from ipr_core.training.data import build_sft_examples, sft_data_hash
@@ -33,7 +34,7 @@ from ipr_core.types import Trajectory
 def train_sft(
     model_path: Path,
     trajectories: Sequence[Trajectory],
-    action_hint: str,
+    prompt: PromptFormat,
     settings: SFTSettings,
     checkpoints_root: Path,
 ) -> TrainResult:
@@ -42,11 +43,11 @@ def train_sft(
     Skips training when that checkpoint is already complete.
     """
     parent_id = model_id(model_path)
-    ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, action_hint), settings)
+    ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, prompt), settings)
 
     def train(work: Path) -> dict[str, float]:
         tokenizer = load_tokenizer(model_path)
-        rows, stats = build_sft_examples(trajectories, action_hint, tokenizer, settings.max_length)
+        rows, stats = build_sft_examples(trajectories, prompt, tokenizer, settings.max_length)
         if not rows:
             raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
         args = SFTConfig(
