@@ -216,17 +216,20 @@ def run_iteration(
 
 
 def step_scorer(config: RunConfig, mc_scorer_id: str) -> tuple[str, RewardModelScorer | None]:
-    """Who scores steps: the config's step reward model, else MC with the SFT model; the id
-    names the history window too, since the scorer reads its prompts (stored step rewards
-    of another window are not reused)."""
-    window = config.prompt.history_window
-    suffix = "" if window is None else f"+history{window}"
+    """Who scores steps: the config's step reward model, else MC with the SFT model."""
     if config.step_reward_model is None:
-        return mc_scorer_id + suffix, None
+        return windowed_scorer_id(config, mc_scorer_id), None
     path = Path(config.step_reward_model)
     if not path.is_dir():
         raise InputError(str(path), "no reward model folder here", field="step_reward_model")
-    return model_id(path) + suffix, RewardModelScorer(path)
+    return windowed_scorer_id(config, model_id(path)), RewardModelScorer(path)
+
+
+def windowed_scorer_id(config: RunConfig, scorer_model_id: str) -> str:
+    """Step rewards are stored under the scorer's model id and the history window it read
+    its prompts with, so rewards scored with another window are never reused."""
+    window = config.prompt.history_window
+    return scorer_model_id if window is None else f"{scorer_model_id}+history{window}"
 
 
 def iteration_summary(store: Store, run_id: str, dev_split: str = "dev") -> pd.DataFrame:

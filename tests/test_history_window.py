@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from ipr_core import shards
 from ipr_core.backends.base import Completion, Message, SamplingParams
 from ipr_core.config import RunConfig, validate_config
 from ipr_core.envs import make_env
@@ -16,6 +17,7 @@ from ipr_core.mining import MiningConfig, mine_pairs
 from ipr_core.prompts import PromptFormat
 from ipr_core.rollout import RolloutEngine, RolloutSpec
 from ipr_core.run import step_scorer
+from ipr_core.training.checkpoints import model_id
 from ipr_core.training.data import build_sft_examples, render, sft_conversations
 from ipr_core.types import Trajectory
 from tasks import keys
@@ -86,7 +88,9 @@ def test_without_a_window_the_whole_history_is_shown(expert: Trajectory) -> None
     assert len(whole) == 2 + 2 * len(expert.steps) - 1
 
 
-def test_the_window_is_validated_and_reaches_the_keys_and_the_scorer_id() -> None:
+def test_the_window_is_validated_and_reaches_the_keys_and_the_scorer_id(
+    tiny_model_path: Path,
+) -> None:
     with pytest.raises(InputError, match="history_window"):
         validate_config(RunConfig, {"env": ENV, "prompt": {"history_window": 0}}, Path("x.yaml"))
     plain = RunConfig(env=ENV)
@@ -94,3 +98,5 @@ def test_the_window_is_validated_and_reaches_the_keys_and_the_scorer_id() -> Non
     fields = ("prompt", *keys.ROLLOUT_FIELDS)
     assert keys.config_fields(plain, *fields) != keys.config_fields(windowed, *fields)
     assert step_scorer(plain, "m")[0] != step_scorer(windowed, "m")[0]
+    sharded = shards.step_scorer_id(windowed, tiny_model_path)  # what scale-out workers check
+    assert sharded == step_scorer(windowed, model_id(tiny_model_path))[0]
