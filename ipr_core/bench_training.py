@@ -29,7 +29,7 @@ from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
 from ipr_core.models import resolve_model
-from ipr_core.prompts import build_conversation, step_messages
+from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.training.config import (
     IN_PROCESS,
     LoraSettings,
@@ -75,7 +75,7 @@ def load_training_bench_config(path: Path) -> TrainingBenchConfig:
         raise InputError(str(path), first["msg"], field=field) from exc
 
 
-def bench_pairs(experts: list[Trajectory], action_hint: str, count: int) -> list[Pair]:
+def bench_pairs(experts: list[Trajectory], prompt: PromptFormat, count: int) -> list[Pair]:
     """Pairs with real tokens and real shapes, cut from expert trajectories.
 
     A benchmark needs the shapes of mined pairs, not their meaning: a step pair at step j
@@ -91,7 +91,7 @@ def bench_pairs(experts: list[Trajectory], action_hint: str, count: int) -> list
                     level=level,
                     task_id=expert.task.task_id,
                     prefix_len=j,
-                    prompt=tuple(build_conversation(expert.task, expert.steps[:j], action_hint)),
+                    prompt=tuple(build_conversation(expert.task, expert.steps[:j], prompt)),
                     chosen=tuple(step_messages(expert.steps[j:], final_observation=False)),
                     rejected=tuple(step_messages(expert.steps[j + 1 :], final_observation=False)),
                     chosen_actor="expert",
@@ -199,7 +199,7 @@ def bare_limit(
     return best
 
 
-def _experts(config: TrainingBenchConfig) -> tuple[list[Trajectory], str]:
+def _experts(config: TrainingBenchConfig) -> tuple[list[Trajectory], PromptFormat]:
     env = make_env(config.env)
     try:
         experts = []
@@ -208,7 +208,7 @@ def _experts(config: TrainingBenchConfig) -> tuple[list[Trajectory], str]:
             if not isinstance(expert, Trajectory):
                 raise InputError(config.env, f"no expert trajectory for task {task_id}")
             experts.append(expert)
-        return experts, env.action_hint
+        return experts, PromptFormat(env.action_hint)
     finally:
         env.close()
 

@@ -129,6 +129,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
     experiment.set_defaults(handler=cmd_experiment)
 
+    tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
+    tokens.add_argument("--config", type=Path, required=True, help="run config (env, model)")
+    tokens.add_argument("--store", type=Path, help="overrides the config's store")
+    tokens.set_defaults(handler=cmd_tokens)
+
     report = commands.add_parser("report", help="write an experiment's results as markdown")
     report.add_argument("--experiment", required=True, help="the experiment id")
     report.add_argument("--out", type=Path, required=True, help="e.g. docs/results.md")
@@ -212,7 +217,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object):
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
     from ipr_core.models import resolve_model
-    from ipr_core.run import action_hint
+    from ipr_core.run import prompt_format
     from ipr_core.store import Store
     from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.sft import train_sft
@@ -226,7 +231,7 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
     base = resolve_model(config.model, config.cache_dir)
     result = train_sft(
-        base, experts, action_hint(config.env), config.sft, config.checkpoints_dir, config.compute
+        base, experts, prompt_format(config), config.sft, config.checkpoints_dir, config.compute
     )
     record_checkpoint(store, result, config.run_id, iteration=0)
     print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
@@ -262,7 +267,7 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
 
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
     from ipr_core.models import resolve_model
-    from ipr_core.run import action_hint
+    from ipr_core.run import prompt_format
     from ipr_core.store import Store
     from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.config import LoraSettings
@@ -282,7 +287,7 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
         if len(found) != 1:
             raise IprError(f"run {config.run_id!r} has scorers {found}; pass --scorer-id")
         scorer_id = found[0]
-    examples = step_reward_examples(store, config.run_id, scorer_id, action_hint(config.env))
+    examples = step_reward_examples(store, config.run_id, scorer_id, prompt_format(config))
     if not examples:
         raise IprError(f"{config.store}: no step rewards of run {config.run_id!r} to learn from")
     settings = RewardModelSettings(epochs=args.epochs, lora=LoraSettings(enabled=args.lora))
@@ -305,6 +310,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = config_from_args(args, dev_split=args.split, dev_limit=args.limit)
     path = resolve_model(args.model, config.cache_dir)
     evaluate_model(Store(config.store), config, path, args.iteration, log=print)
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from ipr_core.models import resolve_model
+    from ipr_core.run import action_hint, ensure_experts
+    from ipr_core.store import Store
+    from ipr_core.tokens import token_table
+    from ipr_core.training.runtime import load_tokenizer
+
+    config = config_from_args(args)
+    experts = ensure_experts(Store(config.store), config, print)
+    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir))
+    print(token_table(experts, action_hint(config.env), tokenizer).to_string(index=False))
     return 0
 
 

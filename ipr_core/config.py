@@ -128,6 +128,14 @@ class ScaleOutConfig(_Strict):
     workers when they run on other machines, like the checkpoints folder."""
 
 
+class PromptConfig(_Strict):
+    """The prompt every stage builds (SFT examples, rollouts, pairs): one setting for all."""
+
+    history_window: int | None = Field(None, ge=1)
+    """Keep the system and task messages and the last k (assistant, observation) turns;
+    None: the whole history."""
+
+
 class RunConfig(_Strict):
     run_id: str = "default"
     env: EnvId
@@ -155,6 +163,7 @@ class RunConfig(_Strict):
     iterations: int = Field(1, gt=0)
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()
+    prompt: PromptConfig = PromptConfig()
     monte_carlo: MonteCarloConfig = MonteCarloConfig()
     step_reward_model: Path | None = None
     """A step reward model folder (`ipr train reward-model`) whose predictions replace the

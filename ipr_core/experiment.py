@@ -33,7 +33,14 @@ from ipr_core.envs import make_env
 from ipr_core.errors import InputError, IprError
 from ipr_core.models import resolve_model
 from ipr_core.pipeline import EXPERT_ITERATION
-from ipr_core.run import BASE_ITERATION, action_hint, ensure_experts, evaluate_model, run_iteration
+from ipr_core.prompts import PromptFormat
+from ipr_core.run import (
+    BASE_ITERATION,
+    ensure_experts,
+    evaluate_model,
+    prompt_format,
+    run_iteration,
+)
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
 from ipr_core.training.data import load_pairs
@@ -119,11 +126,11 @@ def load_experiment_config(path: Path, store: Path | None = None) -> ExperimentC
 
 @dataclass(frozen=True)
 class Shared:
-    """What every run of an experiment uses: experts, the hint, the base and SFT models."""
+    """What every run of an experiment uses: experts, the prompt, the base and SFT models."""
 
     experts: list[Trajectory]
     explored: list[Trajectory]
-    hint: str
+    prompt: PromptFormat
     base_path: Path
     sft_path: Path
     task_ids: dict[str, list[str]]
@@ -176,13 +183,13 @@ def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
     """Experts, base model and the one SFT checkpoint (trained here only if missing)."""
     run = config.run
     experts = ensure_experts(store, run, log)
-    hint = action_hint(run.env)
+    prompt = prompt_format(run)
     base_path = resolve_model(run.model, run.cache_dir)
     record_checkpoint(store, base_checkpoint(base_path))
     sft_path = base_path
     if run.sft is not None:
         release_engines()  # a GPU inference engine would hold the memory training needs
-        sft = train_sft(base_path, experts, hint, run.sft, run.checkpoints_dir, run.compute)
+        sft = train_sft(base_path, experts, prompt, run.sft, run.checkpoints_dir, run.compute)
         record_checkpoint(store, sft, iteration=0)
         log(f"shared SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
@@ -192,7 +199,7 @@ def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
     finally:
         env.close()
     explored = experts[: config.explore_limit]
-    return Shared(experts, explored, hint, base_path, sft_path, task_ids)
+    return Shared(experts, explored, prompt, base_path, sft_path, task_ids)
 
 
 def run_method(
@@ -280,7 +287,7 @@ def run_iteration_once(
         log(f"iteration 1: data shared with {donor} (same seed, same SFT explorer and scorer)")
     else:
         run_iteration(
-            store, run, shared.explored, shared.hint, shared.sft_path, policy_path, iteration, log
+            store, run, shared.explored, shared.prompt, shared.sft_path, policy_path, iteration, log
         )
     settings = run.mixture_settings
     assert settings is not None  # callers train only methods with a mixture

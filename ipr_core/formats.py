@@ -17,7 +17,7 @@ from typing import Any
 from ipr_core.backends.base import Message
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import InputError
-from ipr_core.prompts import OBSERVATION_PREFIX, build_conversation, step_messages
+from ipr_core.prompts import OBSERVATION_PREFIX, PromptFormat, build_conversation, step_messages
 from ipr_core.react import parse_react
 from ipr_core.types import Step, Trajectory
 
@@ -84,7 +84,7 @@ def load_pair_file(path: Path) -> list[dict[str, Any]]:
 def export_sft(trajectories: Sequence[Trajectory], action_hint: str) -> list[dict[str, Any]]:
     records = []
     for trajectory in trajectories:
-        messages = build_conversation(trajectory.task, (), action_hint)
+        messages = build_conversation(trajectory.task, (), PromptFormat(action_hint))
         messages += step_messages(trajectory.steps, final_observation=False)
         records.append({"id": trajectory.task.task_id, "conversations": to_turns(messages)})
     return records

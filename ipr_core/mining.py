@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ipr_core.prompts import build_conversation, step_messages
+from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.types import Pair, Step, is_failed, same_action
 
 if TYPE_CHECKING:
@@ -43,21 +43,21 @@ def mine_pairs(
     expert_rewards: Mapping[StepKey, float | None],
     agent_rewards: Mapping[StepKey, float | None],
     config: MiningConfig,
-    action_hint: str,
+    prompt_format: PromptFormat,
 ) -> list[Pair]:
     pairs: list[Pair] = []
     for exploration in explorations:
         if is_failed(exploration.rollout.status):
             continue  # a failed rollout has no outcome to compare
         if exploration.prefix_len == 0:
-            pair = trajectory_pair(exploration, config, action_hint)
+            pair = trajectory_pair(exploration, config, prompt_format)
             if pair is not None:
                 pairs.append(pair)
             if config.step_mode == "suffix":
                 continue
         key = (exploration.expert.task.task_id, exploration.prefix_len)
         pair = step_pair(
-            exploration, expert_rewards.get(key), agent_rewards.get(key), config, action_hint
+            exploration, expert_rewards.get(key), agent_rewards.get(key), config, prompt_format
         )
         if pair is not None:
             pairs.append(pair)
@@ -65,7 +65,7 @@ def mine_pairs(
 
 
 def trajectory_pair(
-    exploration: Exploration, config: MiningConfig, action_hint: str
+    exploration: Exploration, config: MiningConfig, prompt_format: PromptFormat
 ) -> Pair | None:
     expert, agent = exploration.expert, exploration.rollout.trajectory
     expert_outcome, agent_outcome = expert.outcome_reward, agent.outcome_reward
@@ -80,7 +80,7 @@ def trajectory_pair(
         level="trajectory",
         task_id=expert.task.task_id,
         prefix_len=0,
-        prompt=tuple(build_conversation(expert.task, (), action_hint)),
+        prompt=tuple(build_conversation(expert.task, (), prompt_format)),
         chosen=tuple(expert_side if expert_wins else agent_side),
         rejected=tuple(agent_side if expert_wins else expert_side),
         chosen_actor="expert" if expert_wins else "agent",
@@ -96,7 +96,7 @@ def step_pair(
     expert_reward: float | None,
     agent_reward: float | None,
     config: MiningConfig,
-    action_hint: str,
+    prompt_format: PromptFormat,
 ) -> Pair | None:
     expert, j = exploration.expert, exploration.prefix_len
     agent_steps = exploration.rollout.policy_steps
@@ -120,7 +120,7 @@ def step_pair(
         level="step",
         task_id=expert.task.task_id,
         prefix_len=j,
-        prompt=tuple(build_conversation(expert.task, expert.steps[:j], action_hint)),
+        prompt=tuple(build_conversation(expert.task, expert.steps[:j], prompt_format)),
         chosen=tuple(expert_side if expert_better else agent_side),
         rejected=tuple(agent_side if expert_better else expert_side),
         chosen_actor="expert" if expert_better else "agent",

@@ -16,6 +16,7 @@ from ipr_core.envs import make_env
 from ipr_core.expert import Rejected, gold_trajectories
 from ipr_core.explore import Exploration, explore
 from ipr_core.mining import MiningConfig, StepKey, mine_pairs
+from ipr_core.prompts import PromptFormat
 from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
 from ipr_core.step_rewards import (
     StepQuery,
@@ -268,13 +269,13 @@ def mine_stage(
     scorer_id: str,
     explorations: Sequence[Exploration],
     config: MiningConfig,
-    action_hint: str,
+    prompt: PromptFormat,
     env_id: str,
 ) -> list[Pair]:
     """Mine an iteration's pairs and replace whatever that iteration had stored before."""
     expert_rewards = step_reward_map(store, run_id, scorer_id, EXPERT_ITERATION, "expert")
     agent_rewards = step_reward_map(store, run_id, scorer_id, iteration, "agent")
-    pairs = mine_pairs(explorations, expert_rewards, agent_rewards, config, action_hint)
+    pairs = mine_pairs(explorations, expert_rewards, agent_rewards, config, prompt)
     rows = [pair_row(p, run_id, iteration, env_id, config.step_mode) for p in pairs]
     with store.transaction() as con:
         con.execute("DELETE FROM pairs WHERE run_id = ? AND iteration = ?", [run_id, iteration])

@@ -7,18 +7,16 @@ here every stage turns (task, steps) into chat messages through `build_conversat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ipr_core.backends.base import Message
 from ipr_core.envs.base import EnvTask
 from ipr_core.types import Step
 
 SYSTEM_PROMPT = (
-    "You are an agent acting in a text-based environment to complete a task. "
-    "After each observation, reply with exactly two lines:\n"
-    "Thought: <your short reasoning>\n"
-    "Action: <one action>\n"
-    "{action_hint}"
+    "Complete the task. Reply to each observation with:\nThought: ...\nAction: ...\n{action_hint}"
 )
+"""Short on purpose: it is paid again in every prompt of every stage (see `ipr tokens`)."""
 
 OBSERVATION_PREFIX = "Observation: "
 INVALID_TURN_OBSERVATION = (
@@ -26,6 +24,15 @@ INVALID_TURN_OBSERVATION = (
 )
 STOP_STRINGS: tuple[str, ...] = ("\nObservation:", "\nObservation", "<|im_end|>")
 """Cut a generated turn where a model starts writing the environment's part."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How every stage builds its prompts: the env's action hint and the history window."""
+
+    action_hint: str
+    history_window: int | None = None
+    """Show only the last k (assistant, observation) turns after the task; None: all."""
 
 
 def system_message(action_hint: str) -> Message:
@@ -49,6 +56,8 @@ def step_messages(steps: Sequence[Step], final_observation: bool = True) -> list
     return messages
 
 
-def build_conversation(task: EnvTask, steps: Sequence[Step], action_hint: str) -> list[Message]:
-    """The prompt for the agent's next turn after `steps`."""
-    return [system_message(action_hint), task_message(task), *step_messages(steps)]
+def build_conversation(task: EnvTask, steps: Sequence[Step], prompt: PromptFormat) -> list[Message]:
+    """The prompt for the agent's next turn after `steps` (the last k with a window)."""
+    window = prompt.history_window
+    shown = steps if window is None else steps[max(0, len(steps) - window) :]
+    return [system_message(prompt.action_hint), task_message(task), *step_messages(shown)]

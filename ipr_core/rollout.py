@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from ipr_core.backends.base import Completion, Message, PolicyBackend, SamplingParams
 from ipr_core.envs import Env, EnvTask, StepResult, make_env
 from ipr_core.progress import ProgressFn
-from ipr_core.prompts import INVALID_TURN_OBSERVATION, STOP_STRINGS, build_conversation
+from ipr_core.prompts import (
+    INVALID_TURN_OBSERVATION,
+    STOP_STRINGS,
+    PromptFormat,
+    build_conversation,
+)
 from ipr_core.react import parse_react
 from ipr_core.types import RolloutStatus, Step, Trajectory, is_failed
 
@@ -91,13 +96,14 @@ class RolloutEngine:
         max_steps: int | None = None,
         step_timeout_s: float = 60.0,
         progress: ProgressFn | None = None,
+        history_window: int | None = None,
     ):
         self.backend = backend
         self.max_live = max_live
         self.max_new_tokens = max_new_tokens
         self._idle_envs: list[Env] = [make_env(env_id)]
         self.env_id = self._idle_envs[0].env_id  # canonical, as every stored row carries it
-        self.action_hint = self._idle_envs[0].action_hint
+        self.prompt = PromptFormat(self._idle_envs[0].action_hint, history_window)
         env_max_steps = self._idle_envs[0].max_steps
         self.max_steps = min(env_max_steps, max_steps) if max_steps else env_max_steps
         self.step_timeout_s = step_timeout_s
@@ -125,7 +131,7 @@ class RolloutEngine:
             self._idle_envs.append(env)
 
     def conversation(self, task: EnvTask, steps: Sequence[Step]) -> list[Message]:
-        return build_conversation(task, steps, self.action_hint)
+        return build_conversation(task, steps, self.prompt)
 
     def replay(self, task_id: str, prefix: Sequence[str]) -> tuple[RolloutResult, bool]:
         """Replay assistant turns without generating; also says whether the episode ended."""

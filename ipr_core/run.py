@@ -31,6 +31,7 @@ from ipr_core.pipeline import (
     mine_stage,
 )
 from ipr_core.progress import ProgressBar, ProgressFn
+from ipr_core.prompts import PromptFormat
 from ipr_core.rollout import RolloutEngine
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
@@ -77,6 +78,7 @@ def open_engine(
         config.max_steps,
         config.step_timeout_s,
         progress,
+        config.prompt.history_window,
     )
     return stack.enter_context(engine)
 
@@ -87,6 +89,11 @@ def action_hint(env_id: str) -> str:
         return env.action_hint
     finally:
         env.close()
+
+
+def prompt_format(config: RunConfig) -> PromptFormat:
+    """The prompt every stage of `config` builds."""
+    return PromptFormat(action_hint(config.env), config.prompt.history_window)
 
 
 def ensure_experts(store: Store, config: RunConfig, log: Log) -> list[Trajectory]:
@@ -128,7 +135,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
     store = Store(config.store)
     store.write({"runs": [{"run_id": config.run_id, "config": config.model_dump_json()}]})
     experts = ensure_experts(store, config, log)
-    hint = action_hint(config.env)
+    prompt = prompt_format(config)
 
     base_path = resolve_model(config.model, config.cache_dir)
     record_checkpoint(store, base_checkpoint(base_path), config.run_id)
@@ -138,7 +145,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
             evaluate_model(store, config, base_path, BASE_ITERATION, log)
         release_engines()
         sft = train_sft(
-            base_path, experts, hint, config.sft, config.checkpoints_dir, config.compute
+            base_path, experts, prompt, config.sft, config.checkpoints_dir, config.compute
         )
         record_checkpoint(store, sft, config.run_id, iteration=0)
         log(f"SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
@@ -151,7 +158,7 @@ def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
     policy_path = sft_path
     for iteration in range(1, config.iterations + 1):
         started = time.perf_counter()
-        run_iteration(store, config, experts, hint, sft_path, policy_path, iteration, log)
+        run_iteration(store, config, experts, prompt, sft_path, policy_path, iteration, log)
         pairs = load_pairs(store, config.run_id, iteration)
         release_engines()
         trained = train_mixture(
@@ -174,7 +181,7 @@ def run_iteration(
     store: Store,
     config: RunConfig,
     experts: list[Trajectory],
-    hint: str,
+    prompt: PromptFormat,
     scorer_path: Path,
     policy_path: Path,
     iteration: int,
@@ -206,7 +213,7 @@ def run_iteration(
         log(f"iteration {iteration}: scored {n_agent} agent steps")
         pairs = mine_stage(
             store, config.run_id, iteration, scorer_id, explorations,
-            config.mining, hint, config.env,
+            config.mining, prompt, config.env,
         )  # fmt: skip
         log(f"iteration {iteration}: {len(pairs)} pairs")
 
@@ -214,11 +221,18 @@ def run_iteration(
 def step_scorer(config: RunConfig, mc_scorer_id: str) -> tuple[str, RewardModelScorer | None]:
     """Who scores steps: the config's step reward model, else MC with the SFT model."""
     if config.step_reward_model is None:
-        return mc_scorer_id, None
+        return windowed_scorer_id(config, mc_scorer_id), None
     path = Path(config.step_reward_model)
     if not path.is_dir():
         raise InputError(str(path), "no reward model folder here", field="step_reward_model")
-    return model_id(path), RewardModelScorer(path)
+    return windowed_scorer_id(config, model_id(path)), RewardModelScorer(path)
+
+
+def windowed_scorer_id(config: RunConfig, scorer_model_id: str) -> str:
+    """Step rewards are stored under the scorer's model id and the history window it read
+    its prompts with, so rewards scored with another window are never reused."""
+    window = config.prompt.history_window
+    return scorer_model_id if window is None else f"{scorer_model_id}+history{window}"
 
 
 def iteration_summary(store: Store, run_id: str, dev_split: str = "dev") -> pd.DataFrame:

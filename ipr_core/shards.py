@@ -38,7 +38,7 @@ from ipr_core.pipeline import (
     score_steps,
     step_reward_rows,
 )
-from ipr_core.run import load_backend, open_engine, step_scorer
+from ipr_core.run import load_backend, open_engine, step_scorer, windowed_scorer_id
 from ipr_core.step_rewards import StepQuery
 from ipr_core.store import SCHEMA, Store
 from ipr_core.training.checkpoints import model_id
@@ -53,6 +53,7 @@ JOB_CONFIG_FIELDS = {
     "max_steps",
     "step_timeout_s",
     "generation",
+    "prompt",
     "monte_carlo",
     "vllm",
     "openai",
@@ -154,8 +155,8 @@ def step_scorer_id(config: RunConfig, scorer_path: Path) -> str:
     """The scorer the rows are stored under: the step reward model when the config names
     one (as `ipr_core.run.step_scorer` decides), else the MC scorer; read, not loaded."""
     if config.step_reward_model is not None:
-        return model_id(Path(config.step_reward_model))
-    return model_id(scorer_path)
+        return windowed_scorer_id(config, model_id(Path(config.step_reward_model)))
+    return windowed_scorer_id(config, model_id(scorer_path))
 
 
 # -- the worker side -----------------------------------------------------------------------

@@ -24,13 +24,15 @@ from ipr_core.backends import SamplingParams
 from ipr_core.backends.chat import encode_prompt, render_prompt
 from ipr_core.backends.openai_backend import completion_request
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import build_conversation
+from ipr_core.prompts import PromptFormat, build_conversation
 from ipr_core.types import Step
 
 MODEL = Path(".ipr/models/tiny-llama")
 TASK = EnvTask("toy", "t1", "train", "Find the apple in the kitchen.", "You are in a hall.")
 STEPS = [Step("Thought: the kitchen is north.\nAction: go north", "go north", "A kitchen.")]
-CONVERSATION = build_conversation(TASK, STEPS, "Actions: go <direction>, take <item>.")
+CONVERSATION = build_conversation(
+    TASK, STEPS, PromptFormat("Actions: go <direction>, take <item>.")
+)
 """Longer than one 128-token block of vLLM's CPU prefix cache, so a repeat shows hits."""
 CASES = {  # served model, sampling parameters, the conversation's seed
     "greedy": ("tiny", SamplingParams(max_new_tokens=12), 0),

@@ -19,7 +19,8 @@ from ipr_core.store import Store
 from ipr_core.training.checkpoints import model_id
 
 STORE_SHARED = ("env", "run_id", "store")
-ROLLOUT_FIELDS = ("backend", "max_steps", "generation")
+ROLLOUT_FIELDS = ("backend", "max_steps", "generation", "prompt")
+"""What every rollout reads; `prompt` (the history window) shapes each prompt it generates from."""
 
 
 def digest(*parts: Any) -> str:

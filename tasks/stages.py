@@ -116,7 +116,9 @@ def ingest(config: RunConfig) -> dict[str, Any]:
 def _sft_key(config: RunConfig, base_path: str) -> str:
     return keys.digest(
         "sft", keys.model_key(base_path), keys.experts_hash(config),
-        keys.config_fields(config, "env", "sft", "cache_dir", "train_split", "train_limit"),
+        keys.config_fields(
+            config, "env", "sft", "prompt", "cache_dir", "train_split", "train_limit"
+        ),
     )  # fmt: skip
 
 
@@ -128,7 +130,7 @@ def sft(config: RunConfig, base_path: str) -> dict[str, Any]:
     assert config.sft is not None
     release_engines()
     result = _train_sft(
-        Path(base_path), _experts(config), run.action_hint(config.env), config.sft,
+        Path(base_path), _experts(config), run.prompt_format(config), config.sft,
         config.checkpoints_dir, config.compute,
     )  # fmt: skip
     record_checkpoint(Store(config.store), result, config.run_id, iteration=0)
@@ -251,7 +253,7 @@ def _mine_key(config: RunConfig, scorer_id: str, iteration: int) -> str:
         keys.explorations_hash(config, iteration),
         keys.step_rewards_hash(config, scorer_id, pipeline.EXPERT_ITERATION, "expert"),
         keys.step_rewards_hash(config, scorer_id, iteration, "agent"),
-        keys.config_fields(config, *SHARED, "mining"),
+        keys.config_fields(config, *SHARED, "mining", "prompt"),
     )  # fmt: skip
 
 
@@ -262,7 +264,7 @@ def mine_pairs(config: RunConfig, scorer_id: str, iteration: int) -> dict[str, A
     explorations = pipeline.load_explorations(store, config.run_id, iteration, _experts(config))
     pairs = pipeline.mine_stage(
         store, config.run_id, iteration, scorer_id, explorations, config.mining,
-        run.action_hint(config.env), config.env,
+        run.prompt_format(config), config.env,
     )  # fmt: skip
     counts = {"trajectory": 0, "step": 0}
     for pair in pairs:

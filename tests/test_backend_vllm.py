@@ -19,13 +19,13 @@ from ipr_core.backends.vllm_backend import (
 )
 from ipr_core.config import RunConfig, VLLMSettings
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import STOP_STRINGS, build_conversation
+from ipr_core.prompts import STOP_STRINGS, PromptFormat, build_conversation
 from ipr_core.run import backend_options
 from ipr_core.training.config import MixtureSettings, SFTSettings
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Step, Trajectory
 
-HINT = "Actions: go <direction>, take <item>, stop."
+PROMPT = PromptFormat("Actions: go <direction>, take <item>, stop.")
 
 
 def _conversation(i: int, turns: int = 0) -> list[dict[str, str]]:
@@ -33,7 +33,7 @@ def _conversation(i: int, turns: int = 0) -> list[dict[str, str]]:
     steps = [
         Step(f"Thought: go on.\nAction: go north {k}", "go north", "A hall.") for k in range(turns)
     ]
-    return build_conversation(task, steps, HINT)
+    return build_conversation(task, steps, PROMPT)
 
 
 def _expert(i: int) -> Trajectory:
@@ -124,8 +124,8 @@ def test_lora_checkpoints_are_served_as_adapters_on_their_base(tiny_model_path, 
     experts = [_expert(i) for i in range(2)]
     full_settings = SFTSettings(epochs=1, batch_size=2, max_length=1024)
     lora_settings = SFTSettings(epochs=1, batch_size=2, max_length=1024, lora={"enabled": True})
-    lora = train_sft(base, experts, HINT, lora_settings, tmp_path / "ck")
-    full = train_sft(base, experts, HINT, full_settings, tmp_path / "ck")
+    lora = train_sft(base, experts, PROMPT, lora_settings, tmp_path / "ck")
+    full = train_sft(base, experts, PROMPT, full_settings, tmp_path / "ck")
 
     assert serving_plan(lora.path) == ServingPlan(base.resolve(), lora.path.parent / "adapter")
     assert serving_plan(full.path) == ServingPlan(full.path)  # no adapter: the full model

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli_train import write_config
-from test_training import HINT, _expert, _pairs
+from test_training import PROMPT, _expert, _pairs
 
 from ipr_core.cli import main
 from ipr_core.config import RunConfig
@@ -152,8 +152,8 @@ def test_sft_on_two_processes_trains_what_one_process_trains(
 ) -> None:
     experts = [_expert(i) for i in range(4)]
     settings = SFTSettings(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
-    one = train_sft(tiny_model_path, experts, HINT, settings, tmp_path / "one", ONE_PROCESS)
-    two = train_sft(tiny_model_path, experts, HINT, settings, tmp_path / "two", TWO_PROCESSES)
+    one = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path / "one", ONE_PROCESS)
+    two = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path / "two", TWO_PROCESSES)
     _same_training(one, two)
 
 

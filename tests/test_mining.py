@@ -5,6 +5,7 @@ import pytest
 from ipr_core.envs.base import EnvTask
 from ipr_core.explore import Exploration
 from ipr_core.mining import MiningConfig, mine_pairs
+from ipr_core.prompts import PromptFormat
 from ipr_core.react import format_turn
 from ipr_core.rollout import RolloutResult, RolloutSpec
 from ipr_core.types import Step, Trajectory
@@ -34,7 +35,7 @@ def mine(explorations, expert_r, agent_r, **config):
         {key(j): r for j, r in expert_r.items()},
         {key(j): r for j, r in agent_r.items()},
         MiningConfig(**config),
-        action_hint="",
+        PromptFormat(""),
     )
 
 

@@ -11,7 +11,7 @@ from ipr_core.cli import main
 from ipr_core.config import load_config
 from ipr_core.errors import InputError
 from ipr_core.pipeline import expert_step_rewards, ingest_gold
-from ipr_core.prompts import build_conversation
+from ipr_core.prompts import PromptFormat, build_conversation
 from ipr_core.rollout import RolloutEngine, RolloutSpec
 from ipr_core.run import action_hint, run_pipeline, step_scorer
 from ipr_core.step_rewards import StepQuery, estimate_step_rewards
@@ -220,7 +220,7 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     """Paper 5.5: a reward model trained on the run's MC step rewards scores new steps."""
     config, store, _ = smoke_run
     [mc_scorer] = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"]
-    examples = step_reward_examples(store, config.run_id, mc_scorer, action_hint(ENV))
+    examples = step_reward_examples(store, config.run_id, mc_scorer, PromptFormat(action_hint(ENV)))
     settings = RewardModelSettings(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
     trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
     rm_config = config.model_copy(update={"step_reward_model": trained.path})
@@ -246,7 +246,9 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
         if row.terminal:  # the last step's reward is the outcome, as with MC
             assert row.mean_reward == expert.outcome_reward and row.n_samples == 1
             continue
-        messages = build_conversation(expert.task, expert.steps[: row.prefix_len], action_hint(ENV))
+        messages = build_conversation(
+            expert.task, expert.steps[: row.prefix_len], PromptFormat(action_hint(ENV))
+        )
         predicted = reward_model.score(
             [[*messages, {"role": "assistant", "content": row.step_text}]]
         )

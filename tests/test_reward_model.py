@@ -8,7 +8,7 @@ import pytest
 
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import IprError
-from ipr_core.prompts import build_conversation
+from ipr_core.prompts import PromptFormat, build_conversation
 from ipr_core.store import Store, expert_to_row
 from ipr_core.training.reward_model import (
     RewardModelScorer,
@@ -19,7 +19,7 @@ from ipr_core.training.reward_model import (
 )
 from ipr_core.types import Step, Trajectory
 
-HINT = "Actions: go <direction>, take <item>, look around."
+PROMPT = PromptFormat("Actions: go <direction>, take <item>, look around.")
 RUN, SCORER = "run-rm", "scorer-0"
 GOOD = "Thought: there is a coin here.\nAction: take coin"
 BAD = "Thought: let me check the room.\nAction: look around"
@@ -75,7 +75,7 @@ def store(tmp_path_factory) -> Store:
 
 
 def test_examples_rebuilt_from_store(store):
-    examples = step_reward_examples(store, RUN, SCORER, HINT)
+    examples = step_reward_examples(store, RUN, SCORER, PROMPT)
     assert len(examples) == N_TASKS * len(PREFIXES) * 3
     assert examples.n_rows == len(examples) + 3
     assert examples.n_failed == 2
@@ -83,14 +83,14 @@ def test_examples_rebuilt_from_store(store):
     assert all(e.target in (0.0, 1.0) for e in examples)  # NULLs never become 0
     expert = _expert(4)
     (example,) = [e for e in examples if (e.task_id, e.prefix_len, e.actor) == ("t04", 2, "expert")]
-    history = build_conversation(expert.task, expert.steps[:2], HINT)
+    history = build_conversation(expert.task, expert.steps[:2], PROMPT)
     assert list(example.messages) == [*history, {"role": "assistant", "content": GOOD}]
     assert example.target == 1.0 and example.action == "take coin"
-    assert step_reward_examples(store, RUN, "other-scorer", HINT) == []
+    assert step_reward_examples(store, RUN, "other-scorer", PROMPT) == []
 
 
 def test_split_keeps_tasks_apart(store):
-    examples = step_reward_examples(store, RUN, SCORER, HINT)
+    examples = step_reward_examples(store, RUN, SCORER, PROMPT)
     train, heldout = split_by_task(examples, 0.2, seed=0)
     train_tasks, heldout_tasks = {e.task_id for e in train}, {e.task_id for e in heldout}
     assert not train_tasks & heldout_tasks
@@ -101,7 +101,7 @@ def test_split_keeps_tasks_apart(store):
 
 
 def test_train_and_score(store, tiny_model_path, tmp_path):
-    examples = step_reward_examples(store, RUN, SCORER, HINT)
+    examples = step_reward_examples(store, RUN, SCORER, PROMPT)
     settings = RewardModelSettings(epochs=6, lr=1e-3, batch_size=8, max_length=512)
     root = tmp_path / "checkpoints"
     result = train_reward_model(tiny_model_path, examples, settings, root)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import build_conversation, step_messages
+from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import checkpoint_id, model_id, record_checkpoint
 from ipr_core.training.config import (
@@ -39,7 +39,7 @@ from ipr_core.training.precision import CPU_FLOAT32
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Pair, Step, Trajectory
 
-HINT = "Actions: go <direction>, take <item>, stop."
+PROMPT = PromptFormat("Actions: go <direction>, take <item>, stop.")
 
 
 def _task(i: int) -> EnvTask:
@@ -64,12 +64,12 @@ def _pairs(n: int = 3) -> list[Pair]:
         expert = _expert(i)
         task = expert.task
         pairs.append(
-            Pair("trajectory", task.task_id, 0, tuple(build_conversation(task, (), HINT)),
+            Pair("trajectory", task.task_id, 0, tuple(build_conversation(task, (), PROMPT)),
                  tuple(step_messages(expert.steps, final_observation=False)),
                  tuple(step_messages(BAD, final_observation=False)), "expert", 1.0, 0.0, 1.0, 0.0)
         )  # fmt: skip
         pairs.append(
-            Pair("step", task.task_id, 1, tuple(build_conversation(task, expert.steps[:1], HINT)),
+            Pair("step", task.task_id, 1, tuple(build_conversation(task, expert.steps[:1], PROMPT)),
                  tuple(step_messages(expert.steps[1:], final_observation=False)),
                  tuple(step_messages(BAD, final_observation=False)), "expert", 1.0, 0.0, 1.0, 0.0)
         )  # fmt: skip
@@ -171,7 +171,7 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
 # -- (c) SFT ---------------------------------------------------------------------------------
 def _expert_nll(model_path: Path, trajectories: list[Trajectory]) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rows, _ = build_sft_examples(trajectories, HINT, tokenizer, max_length=1024)
+    rows, _ = build_sft_examples(trajectories, PROMPT, tokenizer, max_length=1024)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     total = sum(
         -_sequence_logps(model, [], r["input_ids"], r["assistant_masks"]).item() for r in rows
@@ -194,7 +194,7 @@ def test_micro_batches_train_the_batch_without_padding(
         micro: train_sft(
             tiny_model_path,
             experts,
-            HINT,
+            PROMPT,
             SFTSettings(epochs=2, lr=1e-3, batch_size=4, micro_batch_size=micro, max_length=1024),
             tmp_path / str(micro),
             fp32,
@@ -215,7 +215,7 @@ def test_sft_lowers_expert_action_nll(tiny_model_path: Path, tmp_path: Path, lor
     settings = SFTSettings(
         epochs=4, lr=3e-3 if lora else 1e-3, batch_size=2, max_length=1024, lora={"enabled": lora}
     )
-    result = train_sft(tiny_model_path, experts, HINT, settings, tmp_path)
+    result = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path)
     assert result.metrics["steps"] == 8 and result.metrics["n_truncated"] == 0
     assert result.metrics["peak_rss_mb"] > 0
     assert (result.path.parent / "adapter").exists() == lora
@@ -258,10 +258,10 @@ def test_overflow_drops_oldest_turns_and_keeps_the_final_action(tiny_model_path:
         for k in range(5)
     ) + (Step("Thought: finished.\nAction: stop", "stop", "Done."),)
     long = Trajectory(_task(0), steps, 1.0)
-    full_rows, _ = build_sft_examples([long], HINT, tokenizer, max_length=100_000)
+    full_rows, _ = build_sft_examples([long], PROMPT, tokenizer, max_length=100_000)
     full_length = len(full_rows[0]["input_ids"])
 
-    rows, stats = build_sft_examples([long, _expert(1)], HINT, tokenizer, full_length - 50)
+    rows, stats = build_sft_examples([long, _expert(1)], PROMPT, tokenizer, full_length - 50)
     assert (stats.n_truncated, stats.n_dropped, len(rows)) == (1, 0, 2)
     text = tokenizer.decode(rows[0]["input_ids"])
     scored = tokenizer.decode([t for t, m in zip(*rows[0].values(), strict=True) if m])
@@ -270,7 +270,7 @@ def test_overflow_drops_oldest_turns_and_keeps_the_final_action(tiny_model_path:
     assert text.startswith(tokenizer.decode(full_rows[0]["input_ids"][:60]))  # system + task kept
     assert len(rows[0]["input_ids"]) <= full_length - 50
 
-    _, stats = build_sft_examples([long], HINT, tokenizer, max_length=60)
+    _, stats = build_sft_examples([long], PROMPT, tokenizer, max_length=60)
     assert (stats.n_dropped, stats.dropped) == (1, ["sft:t0@0"])
 
 
@@ -282,24 +282,24 @@ def test_template_that_rewrites_turns_raises_naming_the_example(tiny_model_path:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     with pytest.raises(TokenizationMismatch, match="sft:t3@0"):
-        build_sft_examples([_expert(3)], HINT, tokenizer, max_length=100_000)
+        build_sft_examples([_expert(3)], PROMPT, tokenizer, max_length=100_000)
 
 
 # -- (f) checkpoints --------------------------------------------------------------------------
 def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: Path) -> None:
     experts = [_expert(i) for i in range(2)]
     settings = SFTSettings(epochs=1, batch_size=2, max_length=1024)
-    first = train_sft(tiny_model_path, experts, HINT, settings, tmp_path)
-    again = train_sft(tiny_model_path, experts, HINT, settings, tmp_path)
+    first = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path)
+    again = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path)
     assert not first.skipped and again.skipped
     assert again.checkpoint_id == first.checkpoint_id and again.metrics == first.metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.checkpoint_id]
     assert model_id(first.path) == first.checkpoint_id
 
     parent = model_id(tiny_model_path)
-    assert checkpoint_id(parent, sft_data_hash(experts, HINT), settings) == first.checkpoint_id
-    other_data = checkpoint_id(parent, sft_data_hash(experts[:1], HINT), settings)
-    other_settings = checkpoint_id(parent, sft_data_hash(experts, HINT), SFTSettings(lr=1e-4))
+    assert checkpoint_id(parent, sft_data_hash(experts, PROMPT), settings) == first.checkpoint_id
+    other_data = checkpoint_id(parent, sft_data_hash(experts[:1], PROMPT), settings)
+    other_settings = checkpoint_id(parent, sft_data_hash(experts, PROMPT), SFTSettings(lr=1e-4))
     assert len({first.checkpoint_id, other_data, other_settings}) == 3
 
     store = Store(tmp_path / "store.duckdb")

@@ -7,6 +7,10 @@ is a prefix of the next: a template that rewrites earlier turns, or tokens that 
 across a turn boundary, raise `TokenizationMismatch` naming the example (the released
 pipeline silently masked such examples out).
 
+With a history window, SFT trains each assistant turn on its own example: the windowed
+prompt the rollout engine builds before that turn, then the turn; without one, an example
+is the whole conversation.
+
 Too-long conversations lose their oldest (assistant, observation) turn pairs after the
 task message; the system and task messages and the scored side are never cut. An example
 that still does not fit is dropped. Both are counted.
@@ -24,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipr_core.backends.base import Message
 from ipr_core.errors import IprError
-from ipr_core.prompts import build_conversation, step_messages
+from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.store import Store
 from ipr_core.types import Pair, Trajectory
 
@@ -57,10 +61,18 @@ class TokenizedConversation:
     """1 on the tokens of scored assistant turns (content and end-of-turn token)."""
 
 
-def sft_messages(trajectory: Trajectory, action_hint: str) -> list[Message]:
-    """System, task, then assistant turns and observations; no observation after the last turn."""
-    head = build_conversation(trajectory.task, (), action_hint)
-    return head + step_messages(trajectory.steps, final_observation=False)
+def sft_conversations(trajectory: Trajectory, prompt: PromptFormat) -> list[list[Message]]:
+    """What SFT trains on: the whole conversation (no observation after the last turn), or
+    with a history window one conversation per step, ending in that step's turn."""
+    task, steps = trajectory.task, trajectory.steps
+    if prompt.history_window is None:
+        return [
+            build_conversation(task, (), prompt) + step_messages(steps, final_observation=False)
+        ]
+    return [
+        [*build_conversation(task, steps[:t], prompt), {"role": "assistant", "content": step.text}]
+        for t, step in enumerate(steps)
+    ]
 
 
 def example_name(kind: str, task_id: str, prefix_len: int = 0) -> str:
@@ -142,24 +154,28 @@ def _drop_oldest_turns(messages: list[Message], keep_tail: int) -> list[Message]
 # -- SFT ---------------------------------------------------------------------------------
 def build_sft_examples(
     trajectories: Iterable[Trajectory],
-    action_hint: str,
+    prompt: PromptFormat,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
 ) -> tuple[list[dict[str, Any]], BuildStats]:
     """Rows of `input_ids` and `assistant_masks`, the columns SFTTrainer turns into labels."""
     stats = BuildStats()
     rows: list[dict[str, Any]] = []
-    for trajectory in trajectories:
+    examples = [
+        (example_name("sft", trajectory.task.task_id, t), messages)
+        for trajectory in trajectories
+        for t, messages in enumerate(sft_conversations(trajectory, prompt))
+    ]
+    for name, messages in examples:
         stats.n_input += 1
-        name = example_name("sft", trajectory.task.task_id)
-        messages = sft_messages(trajectory, action_hint)
         truncated = False
         while len(render(tokenizer, messages)) > max_length:
             shorter = _drop_oldest_turns(messages, keep_tail=1)
             if shorter is None:
                 break
             messages, truncated = shorter, True
-        tokenized = tokenize_conversation(tokenizer, messages, name, score_from=HEAD_MESSAGES)
+        score_from = HEAD_MESSAGES if prompt.history_window is None else len(messages) - 1
+        tokenized = tokenize_conversation(tokenizer, messages, name, score_from)
         if len(tokenized.input_ids) > max_length:
             stats.n_dropped += 1
             stats.dropped.append(name)
@@ -246,9 +262,9 @@ def _pair_length(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], pair
 
 
 # -- content hashes ----------------------------------------------------------------------
-def sft_data_hash(trajectories: Sequence[Trajectory], action_hint: str) -> str:
+def sft_data_hash(trajectories: Sequence[Trajectory], prompt: PromptFormat) -> str:
     """Hash of what SFT trains on: the rendered-to-messages conversations."""
-    return _hash_json([sft_messages(t, action_hint) for t in trajectories])
+    return _hash_json([sft_conversations(t, prompt) for t in trajectories])
 
 
 def pairs_data_hash(pairs: Sequence[Pair]) -> str:

@@ -37,7 +37,7 @@ from transformers import (
 
 from ipr_core.backends.base import Message
 from ipr_core.errors import IprError
-from ipr_core.prompts import build_conversation
+from ipr_core.prompts import PromptFormat, build_conversation
 from ipr_core.store import Store, expert_from_row
 from ipr_core.training.checkpoints import (
     RESULT_FILE,
@@ -102,7 +102,7 @@ class RewardExamples(list[RewardExample]):
 
 
 def step_reward_examples(
-    store: Store, run_id: str, scorer_id: str, action_hint: str
+    store: Store, run_id: str, scorer_id: str, prompt: PromptFormat
 ) -> RewardExamples:
     """Every scored step of (`run_id`, `scorer_id`), all iterations and actors, stably ordered."""
     examples = RewardExamples()
@@ -133,7 +133,7 @@ def step_reward_examples(
         if prefix_len > len(expert.steps):
             examples.n_no_expert += 1
             continue
-        history = build_conversation(expert.task, expert.steps[:prefix_len], action_hint)
+        history = build_conversation(expert.task, expert.steps[:prefix_len], prompt)
         examples.append(
             RewardExample(
                 task_id=row["task_id"],

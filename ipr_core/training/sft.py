@@ -16,6 +16,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from ipr_core.errors import IprError
+from ipr_core.prompts import PromptFormat
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
 from ipr_core.training.config import IN_PROCESS, ComputeSettings, SFTSettings
 from ipr_core.training.data import build_sft_examples, sft_data_hash
@@ -36,7 +37,7 @@ from ipr_core.types import Trajectory
 def train_sft(
     model_path: Path,
     trajectories: Sequence[Trajectory],
-    action_hint: str,
+    prompt: PromptFormat,
     settings: SFTSettings,
     checkpoints_root: Path,
     compute: ComputeSettings = IN_PROCESS,
@@ -46,10 +47,10 @@ def train_sft(
     Skips training when that checkpoint is already complete.
     """
     parent_id = model_id(model_path)
-    ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, action_hint), settings)
+    ckpt_id = checkpoint_id(parent_id, sft_data_hash(trajectories, prompt), settings)
 
     precision = detect_precision(compute)
-    fit = partial(fit_sft, model_path, trajectories, action_hint, settings, precision)
+    fit = partial(fit_sft, model_path, trajectories, prompt, settings, precision)
     return train_once(
         checkpoints_root, ckpt_id, parent_id, "sft", settings, launched(fit, compute, precision)
     )
@@ -58,14 +59,14 @@ def train_sft(
 def fit_sft(
     model_path: Path,
     trajectories: Sequence[Trajectory],
-    action_hint: str,
+    prompt: PromptFormat,
     settings: SFTSettings,
     precision: Precision,
     work: Path,
 ) -> dict[str, float]:
     """Train and save into `work`; every process of a launched run runs this."""
     tokenizer = load_tokenizer(model_path)
-    rows, stats = build_sft_examples(trajectories, action_hint, tokenizer, settings.max_length)
+    rows, stats = build_sft_examples(trajectories, prompt, tokenizer, settings.max_length)
     if not rows:
         raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
     args = SFTConfig(
