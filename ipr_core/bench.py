@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import DynamicCache, StaticCache
 
 from ipr_core.backends.transformers_backend import TransformersBackend, WorkLog
-from ipr_core.config import EnvId
+from ipr_core.config import EnvId, read_yaml_mapping, validate_config
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
@@ -57,14 +56,7 @@ class BenchConfig(BaseModel):
 
 
 def load_bench_config(path: Path) -> BenchConfig:
-    try:
-        return BenchConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read config: {exc.strerror}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise InputError(str(path), first["msg"], field=field) from exc
+    return validate_config(BenchConfig, read_yaml_mapping(path), path)
 
 
 @dataclass

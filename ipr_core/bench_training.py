@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from peft import get_peft_model
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from ipr_core.config import EnvId, read_yaml_mapping, validate_config
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
@@ -46,7 +46,7 @@ from ipr_core.types import Pair, Trajectory
 class TrainingBenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    env: str = "twx/twc"
+    env: EnvId = "twx/twc"
     model: str = "smollm2-135m-instruct"
     cache_dir: Path = Path(".ipr")
     examples: int = Field(8, gt=0)
@@ -64,15 +64,7 @@ class TrainingBenchConfig(BaseModel):
 
 
 def load_training_bench_config(path: Path) -> TrainingBenchConfig:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return TrainingBenchConfig.model_validate(data)
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read config: {exc.strerror}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise InputError(str(path), first["msg"], field=field) from exc
+    return validate_config(TrainingBenchConfig, read_yaml_mapping(path), path)
 
 
 def bench_pairs(experts: list[Trajectory], prompt: PromptFormat, count: int) -> list[Pair]:
