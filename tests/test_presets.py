@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from ipr_core.bench import load_bench_config
+from ipr_core.bench_training import load_training_bench_config
 from ipr_core.config import load_config
 from ipr_core.experiment import load_experiment_config
 
@@ -22,7 +23,7 @@ def experiment_run(path: Path):
     return load_experiment_config(path).run
 
 
-LOADERS = {"bench.yaml": load_bench_config}
+LOADERS = {"bench.yaml": load_bench_config, "bench-training.yaml": load_training_bench_config}
 LOADERS |= dict.fromkeys(["experiment-smoke.yaml", "repro.yaml", "repro-gpu.yaml"], experiment_run)
 """Files that are not run configs, with their own loaders; the rest are run configs."""
 
