@@ -109,17 +109,24 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     }
 
 
-def _queries(config: BenchConfig) -> list[StepQuery]:
-    env = make_env(config.env)
+def gold_trajectories(env_id: str, split: str, count: int) -> tuple[list[Trajectory], str]:
+    """The first `count` gold trajectories of a split and the env's action hint: the
+    benchmarks' fixed, real examples."""
+    env = make_env(env_id)
     try:
         experts: list[Trajectory] = []
-        for task_id in env.task_ids(config.split)[: config.tasks]:
+        for task_id in env.task_ids(split)[:count]:
             expert = build_expert_trajectory(env, task_id)
             if not isinstance(expert, Trajectory):
-                raise InputError(config.env, f"no expert trajectory for task {task_id}")
+                raise InputError(env_id, f"no expert trajectory for task {task_id}")
             experts.append(expert)
+        return experts, env.action_hint
     finally:
         env.close()
+
+
+def _queries(config: BenchConfig) -> list[StepQuery]:
+    experts, _ = gold_trajectories(config.env, config.split, config.tasks)
     return [q for expert in experts for q in expert_queries(expert)[: config.queries_per_task]]
 
 

@@ -18,16 +18,15 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
+from ipr_core.bench import gold_trajectories
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
-from ipr_core.envs import make_env
 from ipr_core.errors import InputError
-from ipr_core.expert import build_expert_trajectory
 from ipr_core.models import resolve_model
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.training.config import (
@@ -57,7 +56,7 @@ class TrainingBenchConfig(BaseModel):
     micro_batch_size: int = Field(1, gt=0)
     max_length: int = Field(1024, gt=0)
     lora_rank: int = Field(16, gt=0)
-    modes: tuple[str, ...] = ("lora", "full")
+    modes: tuple[Literal["lora", "full"], ...] = ("lora", "full")
     limit_batch_shapes: tuple[int, ...] = (1, 4)
     """Rows per forward pass tried for the limit (each row as long as a mean example)."""
     seed: int = 0
@@ -101,7 +100,8 @@ def bench_pairs(experts: list[Trajectory], prompt: PromptFormat, count: int) -> 
 def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model_path = resolve_model(config.model, config.cache_dir)
-    experts, hint = _experts(config)
+    experts, action_hint = gold_trajectories(config.env, "train", config.examples)
+    hint = PromptFormat(action_hint)
     pairs = bench_pairs(experts, hint, config.pairs)
     precision = detect_precision(IN_PROCESS)
     log(f"{len(experts)} SFT examples, {len(pairs)} pairs on {config.env}; {precision}")
@@ -189,20 +189,6 @@ def bare_limit(
             best = {"tokens_per_s": rate, "shape": [rows, length]}
     best["peak_rss_mb"] = peak_rss_mb()
     return best
-
-
-def _experts(config: TrainingBenchConfig) -> tuple[list[Trajectory], PromptFormat]:
-    env = make_env(config.env)
-    try:
-        experts = []
-        for task_id in env.task_ids("train")[: config.examples]:
-            expert = build_expert_trajectory(env, task_id)
-            if not isinstance(expert, Trajectory):
-                raise InputError(config.env, f"no expert trajectory for task {task_id}")
-            experts.append(expert)
-        return experts, PromptFormat(env.action_hint)
-    finally:
-        env.close()
 
 
 COLUMNS = (

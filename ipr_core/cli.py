@@ -174,11 +174,7 @@ def cmd_bench_rollouts(args: argparse.Namespace) -> int:
     from ipr_core.bench import format_table, load_bench_config, run_bench
 
     report = run_bench(load_bench_config(args.config))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_table(report))
-    print(f"wrote {args.out}")
-    return 0
+    return _write_bench_report(report, format_table(report), args.out)
 
 
 def cmd_bench_training(args: argparse.Namespace) -> int:
@@ -189,10 +185,14 @@ def cmd_bench_training(args: argparse.Namespace) -> int:
     )
 
     report = run_training_bench(load_training_bench_config(args.config))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_table(report))
-    print(f"wrote {args.out}")
+    return _write_bench_report(report, format_table(report), args.out)
+
+
+def _write_bench_report(report: dict, table: str, out: Path) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table)
+    print(f"wrote {out}")
     return 0
 
 
