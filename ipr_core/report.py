@@ -9,14 +9,17 @@ computed from those tables, never written by hand.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ipr_core.experiment import METHODS, ensure_known
 from ipr_core.plots import plot_dev_curve
 from ipr_core.store import Store
+from ipr_core.types import FAILED_STATUSES
 
 PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
 """Rows in the order of the paper's table: SFT, ETO, IPR, then the ablations."""
@@ -181,6 +184,66 @@ SELECT count(*) AS compared_steps,
 FROM compared
 """
 
+FAILED_LIST = "(" + ", ".join(f"'{s}'" for s in sorted(FAILED_STATUSES)) + ")"
+"""The rollout statuses of failed episodes (no outcome; left out, never scored 0)."""
+
+TEST_EPISODES_CTES = f"""
+member AS (
+    SELECT x.method, x.seed, x.run_id, x.best_iteration, x.test_policy_id,
+           json_extract_string(e.config, '$.run.dev_split') AS dev_split,
+           json_extract_string(e.config, '$.test_split') AS test_split
+    FROM experiment_runs x JOIN experiments e USING (experiment_id)
+    WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
+-- rollouts carry no split: the dev tasks are those of dev evaluations of a model that
+-- was never tested at that iteration (e.g. the SFT model at a trained run's iteration 0)
+dev_tasks AS (
+    SELECT DISTINCT r.task_id
+    FROM member m
+    JOIN evaluations d ON d.run_id = m.run_id AND d.split = m.dev_split
+    JOIN rollouts r ON r.run_id = d.run_id AND r.iteration = d.iteration
+         AND r.policy_id = d.policy_id AND r.kind = 'eval'
+    WHERE NOT EXISTS (
+        SELECT 1 FROM evaluations t
+        WHERE t.run_id = d.run_id AND t.iteration = d.iteration
+          AND t.policy_id = d.policy_id AND t.split = m.test_split)),
+episodes AS (
+    SELECT m.method, m.seed, r.task_id, r.status IN {FAILED_LIST} AS failed,
+           coalesce(r.outcome_reward, 0) AS reward, r.n_steps AS steps
+    FROM member m
+    JOIN rollouts r ON r.run_id = m.run_id AND r.iteration = m.best_iteration
+         AND r.policy_id = m.test_policy_id AND r.kind = 'eval'
+    WHERE r.task_id NOT IN (SELECT task_id FROM dev_tasks))"""
+
+PER_TASK_SQL = f"""
+WITH {TEST_EPISODES_CTES.strip()}
+SELECT method, task_id,
+       count(*) FILTER (WHERE NOT failed) AS seeds,
+       count(*) FILTER (WHERE failed) AS failed,
+       round(avg(reward) FILTER (WHERE NOT failed), 4) AS reward,
+       round(avg(CAST(reward >= 1.0 AS DOUBLE)) FILTER (WHERE NOT failed), 4) AS success,
+       round(avg(steps) FILTER (WHERE NOT failed), 4) AS steps
+FROM episodes
+GROUP BY method, task_id
+ORDER BY list_position({PAPER_ORDER}, method), task_id
+"""
+"""Per (method, test task): outcomes of the tested model averaged over the seeds whose
+episode finished; `failed` counts the seeds whose episode failed (left out, not 0)."""
+
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("ipr", "sft"),
+    ("ipr", "eto"),
+    ("eto", "sft"),
+    ("ipr-no-odpo", "ipr"),
+    ("ipr-no-sdpo", "ipr"),
+    ("ipr-no-sft", "ipr"),
+)
+"""Paired comparisons (A, B) reported as A - B: the paper's main claims, then each ablation
+against full IPR."""
+
+N_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+METRICS = ("reward", "success", "steps")
+
 
 @dataclass(frozen=True)
 class Table:
@@ -230,6 +293,10 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     pairs = run_query(store, PAIRS_SQL, experiment_id)
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
+    per_task = run_query(store, PER_TASK_SQL, experiment_id)
+    diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
+    mismatches = episode_mismatches(per_task.frame, results.frame)
+    paired = pd.DataFrame() if mismatches else paired_comparisons(per_task.frame)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = out.with_name(f"{out.stem}-dev-reward.png")
     plot_dev_curve(curve.frame, plot, experiment_id)
@@ -270,11 +337,186 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "Over the whole experiment, each comparison counted once (the methods of a seed "
         "share iteration 1's step rewards, so the rows above repeat them):",
         overall.markdown(),
+        "## Paired comparisons on the test tasks",
+        paired_section(store, experiment_id, per_task.frame, paired, mismatches),
+        "### Per-task reward differences",
+        "Test reward per task, averaged over the seeds whose episode finished, and the "
+        "per-task differences the intervals above resample.",
+        diffs.markdown(),
+        "### Per-task outcomes",
+        "The source of the paired statistics: per method and test task, the tested model's "
+        "outcomes averaged over the seeds whose episode finished (`seeds`); `failed` counts "
+        "the seeds whose episode failed.",
+        f"<details><summary>{len(per_task.frame)} rows</summary>\n\n{per_task.markdown()}"
+        "\n\n</details>",
         "## What the numbers show",
-        analysis(settings.frame, results.frame, per_seed.frame, overall.frame),
+        analysis(settings.frame, results.frame, per_seed.frame, overall.frame, paired),
     ]
     out.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return plot
+
+
+# -- paired statistics over test tasks ------------------------------------------------------
+def paired_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float, float]:
+    """Mean of a - b over paired tasks and its percentile-bootstrap 95% interval.
+
+    `a[i]` and `b[i]` are two methods' outcomes on task i (each averaged over seeds). Tasks
+    are the resampling unit because they are what varies between this test set and the
+    next one drawn from the env: every method meets the same tasks, so resampling the
+    per-task differences keeps the pairing (a hard task is hard for both) and leaves out
+    the task-to-task variance a two-sample interval would wrongly add. Seeds are averaged
+    first: with 2-3 of them they are too few to resample, and greedy evaluation makes the
+    SFT row identical across seeds anyway.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape or len(x) == 0:
+        raise ValueError("paired_bootstrap needs two 1-d arrays of the same, non-zero length")
+    diff = x - y
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
+    means = diff[picks].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def paired_counts(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int]:
+    """Tasks where A > B, A < B and A = B (differences within 1e-9 count as equal)."""
+    diff = np.round(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), 9)
+    return int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum())
+
+
+def ci_verdict(low: float, high: float) -> str:
+    return "above 0" if low > 0 else "below 0" if high < 0 else "contains 0"
+
+
+def paired_comparisons(
+    per_task: pd.DataFrame,
+    comparisons: Sequence[tuple[str, str]] = COMPARISONS,
+    metrics: Sequence[str] = METRICS,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> pd.DataFrame:
+    """A - B per metric over the tasks both methods have a finished episode on (one row per
+    comparison and metric), from PER_TASK_SQL's output; comparisons of absent methods are
+    left out."""
+    rows = []
+    present = set(per_task["method"])
+    for a, b in comparisons:
+        if a not in present or b not in present:
+            continue
+        for metric in metrics:
+            wide = per_task.pivot(index="task_id", columns="method", values=metric)
+            both = wide[[a, b]].dropna()
+            if both.empty:
+                continue
+            x, y = both[a].to_numpy(dtype=float), both[b].to_numpy(dtype=float)
+            diff, low, high = paired_bootstrap(x, y, n_resamples, seed)
+            higher, lower, equal = paired_counts(x, y)
+            rows.append(
+                {
+                    "comparison": f"{a} - {b}",
+                    "metric": metric,
+                    "tasks": len(both),
+                    "a_mean": round(float(x.mean()), 3),
+                    "b_mean": round(float(y.mean()), 3),
+                    "mean_diff": round(diff, 3),
+                    "ci_low": round(low, 3),
+                    "ci_high": round(high, 3),
+                    "ci": ci_verdict(low, high),
+                    "a_higher": higher,
+                    "a_lower": lower,
+                    "equal": equal,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def per_task_diff_sql(methods: Sequence[str]) -> str:
+    """The per-task reward of each method (seed-averaged, failed episodes left out) and the
+    paired differences of COMPARISONS, one row per test task; built for the methods run so
+    the printed query has no empty columns."""
+    ordered = [m for m in METHODS if m in methods]
+    reward = "max(reward) FILTER (WHERE method = '{}')"
+    columns = [f'round({reward.format(m)}, 3) AS "{m}"' for m in ordered]
+    columns += [
+        f'round({reward.format(a)} - {reward.format(b)}, 3) AS "{a} - {b}"'
+        for a, b in COMPARISONS
+        if a in ordered and b in ordered
+    ]
+    select = ",\n       ".join(["task_id", *columns])
+    return f"""
+WITH {TEST_EPISODES_CTES.strip()},
+per_task AS (
+    SELECT method, task_id, avg(reward) FILTER (WHERE NOT failed) AS reward
+    FROM episodes GROUP BY method, task_id)
+SELECT {select}
+FROM per_task
+GROUP BY task_id
+ORDER BY task_id
+"""
+
+
+def episode_mismatches(per_task: pd.DataFrame, results: pd.DataFrame) -> list[str]:
+    """Methods whose per-task episodes are not seeds x test tasks: the dev/test separation
+    of PER_TASK_SQL failed (e.g. no dev-only evaluation to learn the dev tasks from)."""
+    episodes = (per_task["seeds"] + per_task["failed"]).groupby(per_task["method"]).sum()
+    problems = []
+    for row in results.itertuples():
+        expected = int(row.seeds) * int(row.test_tasks)
+        found = int(episodes.get(row.method, 0))
+        if found != expected:
+            problems.append(f"{row.method}: {found} test episodes, expected {expected}")
+    return problems
+
+
+def paired_section(
+    store: Store,
+    experiment_id: str,
+    per_task: pd.DataFrame,
+    paired: pd.DataFrame,
+    mismatches: Sequence[str],
+) -> str:
+    """The paired-comparison table with how it was computed and how to recompute it."""
+    episodes = int((per_task["seeds"] + per_task["failed"]).sum()) if not per_task.empty else 0
+    failed = int(per_task["failed"].sum()) if not per_task.empty else 0
+    code = f"{paired_comparisons.__module__}.{paired_comparisons.__qualname__}"
+    text = [
+        f"All methods are evaluated on the same {per_task['task_id'].nunique()} test tasks, "
+        "so they are compared task by task. A - B is the mean over tasks of the per-task "
+        "difference (each task's outcome averaged over seeds first); its 95% interval is a "
+        "paired percentile bootstrap that resamples tasks with replacement. `a_higher`, "
+        "`a_lower` and `equal` count tasks. Reward and success: higher is better; steps: "
+        "fewer is the paper's action-efficiency claim.",
+        f"Failed episodes (status {', '.join(sorted(FAILED_STATUSES))}) are excluded, never "
+        f"scored 0: {failed} of {episodes} test episodes failed. A task with no finished "
+        "episode for a method drops out of that method's comparisons (`tasks`).",
+    ]
+    if mismatches:
+        text.append(
+            "Not computed: the per-task test episodes do not match the evaluations ("
+            + "; ".join(mismatches)
+            + "), so the test tasks could not be told apart from the dev tasks."
+        )
+        return "\n\n".join(text)
+    text.append(
+        f"Computed in Python by `{code}` (`paired_bootstrap`: {N_RESAMPLES} resamples, "
+        f"`numpy.random.default_rng({BOOTSTRAP_SEED})`, 2.5/97.5 percentiles) from the output "
+        "of the per-task query under *Per-task outcomes*; this regenerates it:"
+    )
+    text.append(markdown_table(paired))
+    text.append(
+        "```python\n"
+        f"from {paired_comparisons.__module__} import PER_TASK_SQL, paired_comparisons, "
+        "run_query\nfrom ipr_core.store import Store\n\n"
+        f"per_task = run_query(Store({str(store.path)!r}), PER_TASK_SQL, {experiment_id!r})\n"
+        "print(paired_comparisons(per_task.frame))\n```"
+    )
+    return "\n\n".join(text)
 
 
 # -- analysis ------------------------------------------------------------------------------
@@ -283,12 +525,13 @@ def analysis(
     results: pd.DataFrame,
     per_seed: pd.DataFrame,
     accuracy: pd.DataFrame,
+    paired: pd.DataFrame | None = None,
 ) -> str:
     """Statements computed from the tables above: who beats whom, by how much, how often."""
     if results.empty:
         return "No finished run yet: nothing to compare."
     means = {row.method: _num(row.reward_mean) for row in results.itertuples()}
-    lines = []
+    lines = paired_statements(paired) if paired is not None else []
     ranking = sorted((m for m in means if means[m] is not None), key=lambda m: -means[m])
     lines.append(
         "- Ranking by mean test reward: "
@@ -344,6 +587,57 @@ def analysis(
     else:
         lines.append("- Step rewards: no step was compared against a gold action.")
     return "\n".join(lines)
+
+
+ABLATED = {"ipr-no-odpo": "o-DPO", "ipr-no-sdpo": "s-DPO", "ipr-no-sft": "the SFT term"}
+
+
+def paired_statements(paired: pd.DataFrame) -> list[str]:
+    """The paired intervals as claims: does A beat B on the same tasks, read off the CI."""
+    if paired.empty:
+        return ["- Paired comparisons on test tasks: none computed."]
+    rows = {(r.comparison, r.metric): r for r in paired.itertuples()}
+    lines = []
+    for a, b in COMPARISONS[:3]:
+        row = rows.get((f"{a} - {b}", "reward"))
+        if row is None:
+            continue
+        claim = (
+            f"{a.upper()} beats {b.upper()}"
+            if row.ci == "above 0"
+            else (f"{a.upper()} does not beat {b.upper()}")
+        )
+        lines.append(f"- {claim}: {_interval(row, a.upper(), b.upper(), 'test reward')}.")
+    for a, b in COMPARISONS[:2]:
+        row = rows.get((f"{a} - {b}", "steps"))
+        if row is not None:
+            reading = {"below 0": f"{a.upper()} needs fewer steps",
+                       "above 0": f"{a.upper()} takes more steps",
+                       "contains 0": "no difference in steps shown"}[row.ci]  # fmt: skip
+            lines.append(
+                f"- Action efficiency: {_interval(row, a.upper(), b.upper(), 'average steps')}"
+                f" ({reading})."
+            )
+    for ablation, term in ABLATED.items():
+        row = rows.get((f"{ablation} - ipr", "reward"))
+        if row is None:
+            continue
+        reading = {"below 0": f"removing {term} costs reward, as in the paper",
+                   "contains 0": f"no evidence here that {term} matters",
+                   "above 0": f"better without {term}, against the paper"}[row.ci]  # fmt: skip
+        lines.append(f"- {_interval(row, ablation, 'IPR', 'test reward')}: {reading}.")
+    return lines
+
+
+def _interval(row: object, a: str, b: str, what: str) -> str:
+    """'IPR 0.45 vs SFT 0.40, IPR - SFT test reward = +0.050, 95% CI [0.010, 0.090] over 50
+    tasks (...): above 0'."""
+    return (
+        f"{a} {row.a_mean:.3f} vs {b} {row.b_mean:.3f}, {a} - {b} {what} = "
+        f"{_signed(row.mean_diff)}, 95% CI [{row.ci_low:.3f}, "
+        f"{row.ci_high:.3f}] over {row.tasks} tasks ({a} higher on {row.a_higher}, lower on "
+        f"{row.a_lower}, equal on {row.equal}): {row.ci}"
+    )
 
 
 def compare(better: str, worse: str, results: pd.DataFrame, per_seed: pd.DataFrame) -> str:
