@@ -9,7 +9,13 @@ import pytest
 from ipr_core.cli import main
 from ipr_core.errors import InputError, IprError
 from ipr_core.experiment import load_experiment_config, run_experiment
-from ipr_core.report import analysis, markdown_table
+from ipr_core.report import (
+    PER_TASK_SQL,
+    analysis,
+    markdown_table,
+    paired_comparisons,
+    run_query,
+)
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +131,8 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     text = out.read_text()
     assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
-    assert len(blocks) == 7  # settings, results, per seed, dev curve, pairs, 2 x step accuracy
+    # settings, results, per seed, dev curve, pairs, 2 x step accuracy, 2 x per task
+    assert len(blocks) == 9
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
     results_table = blocks[1][0]
@@ -136,6 +143,64 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     ipr_row = next(line for line in results_table.splitlines() if line.startswith("| ipr |"))
     assert float(ipr_row.split("|")[3]) == pytest.approx(ipr, abs=1e-3)
     assert "Does IPR beat ETO on mean test reward? " in text
+
+
+def test_report_pairs_methods_on_the_test_tasks_from_the_per_task_sql(experiment, tmp_path):
+    _, store, runs, *_ = experiment
+    out = tmp_path / "results.md"
+    args = ["report", "--experiment", "smoke", "--out", str(out), "--store", str(store.path)]
+    assert main(args) == 0
+    text = out.read_text()
+    section = text.split("## Paired comparisons on the test tasks")[1].split("## What the")[0]
+    per_task_table, per_task_sql = re.search(
+        r"### Per-task outcomes.*?((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", section, re.M | re.S
+    ).groups()
+    assert "'smoke'" in per_task_sql
+    per_task = store.query(per_task_sql)
+    assert markdown_table(per_task) == per_task_table.strip()
+    # exactly the test episodes: 6 runs x 2 test tasks, no dev task among them
+    assert int((per_task["seeds"] + per_task["failed"]).sum()) == 12
+    assert set(per_task["task_id"]) == {"test-20000", "test-20001"}
+    # the printed comparison table is paired_comparisons of that query's output
+    paired = paired_comparisons(per_task)
+    assert markdown_table(paired) in section
+    assert list(paired["comparison"].unique()) == ["ipr - sft", "ipr - eto", "eto - sft"]
+    assert "`ipr_core.report.paired_comparisons`" in section and "10000 resamples" in section
+    # per-task means over tasks are the results table's means over seeds (nothing failed)
+    for method in ("ipr", "sft"):
+        mean = runs[runs["method"] == method]["test_reward"].mean()
+        row = paired[(paired["comparison"] == "ipr - sft") & (paired["metric"] == "reward")]
+        value = row["a_mean" if method == "ipr" else "b_mean"].iloc[0]
+        assert value == pytest.approx(mean, abs=1e-3)
+    claim = re.search(r"^- IPR (beats|does not beat) ETO: .*$", text, re.M).group(0)
+    ipr_eto = paired[(paired["comparison"] == "ipr - eto") & (paired["metric"] == "reward")]
+    assert f"[{ipr_eto['ci_low'].iloc[0]:.3f}, {ipr_eto['ci_high'].iloc[0]:.3f}]" in claim
+    assert claim.endswith(f": {ipr_eto['ci'].iloc[0]}.")
+    assert ("does not beat" in claim) == (ipr_eto["ci"].iloc[0] != "above 0")
+    assert "0 of 12 test episodes failed" in section
+
+
+def test_per_task_sql_leaves_failed_episodes_out_and_averages_the_rest(experiment, tmp_path):
+    _, store, *_ = experiment
+    copy = Store(tmp_path / "copy.duckdb")
+    copy.path.write_bytes(store.path.read_bytes())
+    with copy.transaction() as con:  # seed 0's IPR episode on test-20000 failed, seed 1 solved it
+        con.execute(
+            "UPDATE rollouts SET status = 'env_error', outcome_reward = NULL "
+            "WHERE run_id = 'smoke-ipr-s0' AND kind = 'eval' AND task_id = 'test-20000'"
+        )
+        con.execute(
+            "UPDATE rollouts SET outcome_reward = 1.0, n_steps = 3 "
+            "WHERE run_id = 'smoke-ipr-s1' AND kind = 'eval' AND task_id = 'test-20000'"
+        )
+    frame = run_query(copy, PER_TASK_SQL, "smoke").frame
+    row = frame[(frame["method"] == "ipr") & (frame["task_id"] == "test-20000")].iloc[0]
+    assert (row.seeds, row.failed, row.reward, row.success, row.steps) == (1, 1, 1.0, 1.0, 3.0)
+    # the dev episodes of the same model are not test episodes
+    assert set(frame["task_id"]) == {"test-20000", "test-20001"} and len(frame) == 6
+    paired = paired_comparisons(frame, n_resamples=100)
+    reward = paired[(paired["comparison"] == "ipr - sft") & (paired["metric"] == "reward")].iloc[0]
+    assert (reward.mean_diff, reward.a_higher, reward.equal) == (0.5, 1, 1)
 
 
 def test_analysis_answers_from_the_numbers():
