@@ -2,8 +2,10 @@
 
 Every table in the report is the result of the query printed under it, run as printed
 (the experiment id is written into the SQL text, not bound as a parameter), so a reader
-can paste any query into `ipr sql` and get the same numbers. The closing analysis is
-computed from those tables, never written by hand.
+can paste any query into `ipr sql` and get the same numbers. The one exception, the
+paired bootstrap intervals, is computed in Python from a printed query's output, and the
+report names the function, its seed and resamples. The closing analysis is computed from
+those tables, never written by hand.
 """
 
 from __future__ import annotations
@@ -194,8 +196,6 @@ member AS (
            json_extract_string(e.config, '$.test_split') AS test_split
     FROM experiment_runs x JOIN experiments e USING (experiment_id)
     WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
--- rollouts carry no split: the dev tasks are those of dev evaluations of a model that
--- was never tested at that iteration (e.g. the SFT model at a trained run's iteration 0)
 dev_tasks AS (
     SELECT DISTINCT r.task_id
     FROM member m
@@ -213,6 +213,10 @@ episodes AS (
     JOIN rollouts r ON r.run_id = m.run_id AND r.iteration = m.best_iteration
          AND r.policy_id = m.test_policy_id AND r.kind = 'eval'
     WHERE r.task_id NOT IN (SELECT task_id FROM dev_tasks))"""
+"""The test episodes of each finished run's tested model. Rollouts carry no split and a
+model's dev and test episodes share (run, iteration, policy), so the dev tasks are learnt
+from dev evaluations with no test evaluation beside them (a trained run's iteration 0);
+`episode_mismatches` checks the result against the evaluations."""
 
 PER_TASK_SQL = f"""
 WITH {TEST_EPISODES_CTES.strip()}
@@ -495,6 +499,10 @@ def paired_section(
         f"Failed episodes (status {', '.join(sorted(FAILED_STATUSES))}) are excluded, never "
         f"scored 0: {failed} of {episodes} test episodes failed. A task with no finished "
         "episode for a method drops out of that method's comparisons (`tasks`).",
+        "Rollouts carry no split, and a model's dev and test episodes share its run and "
+        "iteration, so the per-task queries leave out the dev tasks, found as those of dev "
+        "evaluations with no test evaluation of the same model beside them (a trained "
+        "run's iteration 0); the episodes found are checked against seeds x test tasks.",
     ]
     if mismatches:
         text.append(
