@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -410,12 +411,12 @@ def paired_comparisons(
     left out."""
     rows = []
     present = set(per_task["method"])
+    wide = {m: per_task.pivot(index="task_id", columns="method", values=m) for m in metrics}
     for a, b in comparisons:
         if a not in present or b not in present:
             continue
         for metric in metrics:
-            wide = per_task.pivot(index="task_id", columns="method", values=metric)
-            both = wide[[a, b]].dropna()
+            both = wide[metric][[a, b]].dropna()
             if both.empty:
                 continue
             x, y = both[a].to_numpy(dtype=float), both[b].to_numpy(dtype=float)
@@ -637,7 +638,7 @@ def paired_statements(paired: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _interval(row: object, a: str, b: str, what: str) -> str:
+def _interval(row: Any, a: str, b: str, what: str) -> str:
     """'IPR 0.45 vs SFT 0.40, IPR - SFT test reward = +0.050, 95% CI [0.010, 0.090] over 50
     tasks (...): above 0'."""
     return (
