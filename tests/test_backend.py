@@ -134,6 +134,22 @@ def test_a_full_prefix_cache_evicts_and_outputs_stay_the_same(tiny_model_path: P
     assert small.stats["cached_tokens"] > 0
 
 
+def test_a_batch_of_episodes_is_cached_row_by_row(tiny_model_path: Path):
+    """Lock-step episodes decode in one batch; each row's finished sequence must be cached
+    on its own, not as a view that holds (and is charged for) the whole batch's padded
+    cache, or the capacity fills and the next turn re-prefills the other histories."""
+    episodes = [conversation(f"Put the item {k} away.", turns=k) for k in range(8)]
+    backend = TransformersBackend(tiny_model_path, max_batch_size=8)
+    backend.generate(episodes, SamplingParams(max_new_tokens=16))
+    cache = backend.prefix_cache
+    assert len(cache.entries) == len(episodes)  # one history per episode, none evicted
+    config = backend.model.config
+    bytes_per_token = (
+        config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    )
+    assert cache.retained_bytes() == cache.tokens * bytes_per_token
+
+
 def test_a_seeded_sample_does_not_depend_on_its_batch(backend: TransformersBackend):
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
     together = backend.generate(CONVERSATIONS, params, seeds=[5, 6, 7])

@@ -35,8 +35,9 @@ from ipr_core.backends.chat import (
 
 DEFAULT_MAX_CONTEXT = 4096
 """Cap on the default context: KV caches for longer prompts do not pay off on CPU."""
-DEFAULT_CACHE_TOKENS = 65_536
-"""Prefix-cache capacity in tokens (SmolLM2-135M: 46 KB of float32 KV per token, 3 GB)."""
+DEFAULT_CACHE_TOKENS = 131_072
+"""Prefix-cache capacity in tokens (SmolLM2-135M: 46 KB of float32 KV per token, 6 GB): room
+for 64 live episodes of ~2,000-token conversations, so no episode re-prefills its history."""
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -333,12 +334,17 @@ class TransformersBackend:
 
     def _remember(self, row: _Row, cache: StaticCache, j: int, start: int) -> None:
         """Put a finished row's sequence in the prefix cache: its prompt and every generated
-        token fed back to the model (all but the last)."""
+        token fed back to the model (all but the last).
+
+        The row's keys and values are copied out of the batch's static cache: a view would
+        keep the whole batch alive and count as all of it against the capacity, evicting
+        the other episodes' histories (they were then prefilled again every turn)."""
         fed = len(row.generated) - 1
         end = start + len(row.prompt.tokens) + fed
         tokens = torch.cat([row.prompt.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
         kv = [
-            (layer.keys[j, :, start:end], layer.values[j, :, start:end]) for layer in cache.layers
+            (layer.keys[j, :, start:end].clone(), layer.values[j, :, start:end].clone())
+            for layer in cache.layers
         ]
         self.prefix_cache.insert(tokens, kv)
 
