@@ -1,2 +1,2 @@
-"""Prefect flows (`ipr_flow`: `ipr` = deployment `iterate`, its `iteration` subflow,
-`evaluate`), `ipr serve`, and the `ipr` command line (`cli`)."""
+"""Prefect flows (`ipr_flow`: `ipr` = deployment `iterate` and its `iteration` subflow;
+`scale_out`: sharded step scoring on Dask), `ipr serve`, and the `ipr` command line (`cli`)."""

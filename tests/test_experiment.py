@@ -69,15 +69,24 @@ def test_one_sft_checkpoint_serves_every_run(experiment):
     )
     assert list(policies["kind"]) == ["sft"]
     # its dev evaluation ran once; the other five runs copied its rows
-    copied = [line for line in first_log if "dev evaluation of" in line and "copied" in line]
-    assert len(copied) == 5
+    copied = [line for line in first_log if "evaluate-dev [iteration 0]: rows of" in line]
+    assert len(copied) == 5 and all("copied: same inputs" in line for line in copied)
 
 
 def test_methods_of_a_seed_share_iteration_one_data_and_differ_in_training(experiment):
     _, store, _, _, _, first_log, _ = experiment
-    shared = [line for line in first_log if "data shared with" in line]
-    assert [line.split("]")[0] for line in shared] == ["[smoke-ipr-s0", "[smoke-ipr-s1"]
-    assert "smoke-eto-s0" in shared[0] and "smoke-eto-s1" in shared[1]
+    sampled = [
+        "expert-step-rewards [iteration 0]",
+        "explore [iteration 1]",
+        "agent-step-rewards [iteration 1]",
+    ]
+    for stage in [*sampled, "mine-pairs [iteration 1]"]:
+        shared = [line for line in first_log if f"{stage}: rows of run" in line]
+        runs = [line.split("]")[0] for line in shared]
+        assert {"[smoke-ipr-s0", "[smoke-ipr-s1"} <= set(runs)
+        if stage in sampled:  # mining reads no seed: another seed's equal inputs count too
+            assert runs == ["[smoke-ipr-s0", "[smoke-ipr-s1"]
+            assert "smoke-eto-s0" in shared[0] and "smoke-eto-s1" in shared[1]
     pairs = store.query(
         "SELECT run_id, count(*) AS n, md5(string_agg(concat_ws('|', level, task_id, "
         "prefix_len, prompt, chosen, rejected), '#' ORDER BY level, task_id, prefix_len)) AS h "

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.store import Store
-from ipr_core.training.checkpoints import checkpoint_id, model_id, record_checkpoint
+from ipr_core.training.checkpoints import checkpoint_id, model_id
 from ipr_core.training.config import (
     ComputeSettings,
     MixtureSettings,
@@ -303,7 +303,7 @@ def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: P
     assert len({first.checkpoint_id, other_data, other_settings}) == 3
 
     store = Store(tmp_path / "store.duckdb")
-    record_checkpoint(store, first, run_id="r", iteration=0)
+    store.record_checkpoint(first, run_id="r", iteration=0)
     row = store.query("SELECT * FROM checkpoints").to_dict("records")[0]
     assert (row["checkpoint_id"], row["kind"], row["path"]) == (
         first.checkpoint_id,
