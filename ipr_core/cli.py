@@ -381,8 +381,9 @@ def stored_pair_record(row: dict) -> dict:
 
 def print_table(frame: pd.DataFrame, max_rows: int) -> None:
     """Plain text, full width: readable in a terminal, a log or a CI transcript."""
-    with pd.option_context("display.width", 250, "display.max_columns", None,
-                           "display.max_colwidth", 80):  # fmt: skip
+    with pd.option_context(
+        "display.width", 250, "display.max_columns", None, "display.max_colwidth", 80
+    ):
         print(frame.head(max_rows).to_string(index=False, na_rep="NULL"))
     if len(frame) > max_rows:
         print(f"({len(frame)} rows, {max_rows} shown)")

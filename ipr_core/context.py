@@ -23,7 +23,7 @@ from ipr_core.errors import InputError, IprError
 from ipr_core.models import resolve_model
 from ipr_core.progress import ProgressBar, ProgressFn
 from ipr_core.prompts import PromptFormat
-from ipr_core.rollout import RolloutEngine, RolloutResult
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutResult
 from ipr_core.step_rewards import (
     StepQuery,
     StepReward,
@@ -113,16 +113,14 @@ class Engines:
     ) -> RolloutEngine:
         gen, config = self.config.generation, self.config
         progress = self.progress(label) if self.progress and label else None
-        engine = RolloutEngine(
-            config.env,
-            backend,
-            gen.max_live_episodes,
-            gen.max_new_tokens,
-            config.max_steps,
-            config.step_timeout_s,
-            progress,
-            config.prompt.history_window,
+        settings = EpisodeSettings(
+            max_live=gen.max_live_episodes,
+            max_new_tokens=gen.max_new_tokens,
+            max_steps=config.max_steps,
+            step_timeout_s=config.step_timeout_s,
+            history_window=config.prompt.history_window,
         )
+        engine = RolloutEngine(config.env, backend, settings, progress)
         return stack.enter_context(engine)
 
     def scorer_id(self, scorer_path: Path) -> str:

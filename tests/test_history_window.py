@@ -16,7 +16,7 @@ from ipr_core.expert import build_expert_trajectory
 from ipr_core.explore import Exploration
 from ipr_core.mining import MiningConfig, mine_pairs
 from ipr_core.prompts import PromptFormat
-from ipr_core.rollout import RolloutEngine, RolloutSpec
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.data import build_sft_examples, render, sft_conversations
@@ -57,9 +57,8 @@ def test_sft_rollout_and_pair_prompts_of_a_step_are_the_same_messages(
 ) -> None:
     backend = RecordingBackend()
     prefix = tuple(step.text for step in expert.steps[:STEP])
-    with RolloutEngine(
-        ENV, backend, max_steps=STEP + 1, history_window=WINDOW
-    ) as engine:  # one generated turn after the replayed prefix
+    settings = EpisodeSettings(max_steps=STEP + 1, history_window=WINDOW)
+    with RolloutEngine(ENV, backend, settings) as engine:  # one turn after the replayed prefix
         [rollout] = engine.run([RolloutSpec(expert.task.task_id, prefix)], temperature=0.0)
         prompt = engine.prompt
     [rollout_prompt] = backend.prompts

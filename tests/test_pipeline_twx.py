@@ -13,7 +13,7 @@ from ipr_core.context import Engines, RunContext, action_hint
 from ipr_core.errors import InputError
 from ipr_core.pipeline import ingest_gold
 from ipr_core.prompts import PromptFormat, build_conversation
-from ipr_core.rollout import RolloutEngine, RolloutSpec
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
 from ipr_core.run import run_pipeline
 from ipr_core.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.store import Store
@@ -136,7 +136,7 @@ def test_context_overflow_is_a_failed_rollout_not_reward_zero(tmp_path, tiny_mod
     ingest_gold(store, ENV, "train", 1)
     [expert] = store.expert_trajectories(ENV, "train")
     backend = make_backend(tiny_model_path, max_context=64)  # no prompt fits
-    with RolloutEngine(ENV, backend, max_new_tokens=8) as engine:
+    with RolloutEngine(ENV, backend, EpisodeSettings(max_new_tokens=8)) as engine:
         query = StepQuery(expert.task.task_id, "expert", (), expert.steps[0].text)
         [reward], [rollouts] = estimate_step_rewards(engine, [query], n_samples=3)
     assert [r.status for r in rollouts] == ["truncated"] * 3
@@ -163,7 +163,7 @@ class FailingBackend:
 
 def test_generation_error_marks_live_episodes_failed(tiny_model_path):
     backend = FailingBackend(make_backend(tiny_model_path))
-    with RolloutEngine(ENV, backend, max_new_tokens=8) as engine:
+    with RolloutEngine(ENV, backend, EpisodeSettings(max_new_tokens=8)) as engine:
         task_ids = engine.task_ids("train")[:2]
         results = engine.run([RolloutSpec(t) for t in task_ids], temperature=0.0)
     assert [r.status for r in results] == ["generation_error"] * 2
@@ -174,9 +174,8 @@ def test_generation_error_marks_live_episodes_failed(tiny_model_path):
 def test_engine_runs_more_episodes_than_live_slots_in_order(tiny_model_path):
     backend = make_backend(tiny_model_path)
     progress: list[tuple[int, int]] = []
-    with RolloutEngine(
-        ENV, backend, max_live=2, max_new_tokens=8, progress=lambda *p: progress.append(p)
-    ) as engine:
+    settings = EpisodeSettings(max_live=2, max_new_tokens=8)
+    with RolloutEngine(ENV, backend, settings, progress=lambda *p: progress.append(p)) as engine:
         task_ids = engine.task_ids("dev")[:5]
         specs = [RolloutSpec(t) for t in task_ids]
         results = engine.run(specs, temperature=0.0)
