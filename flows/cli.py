@@ -1,4 +1,4 @@
-"""`ipr`: the library's commands (ipr_core.cli) plus the orchestrated ones, `run` and `serve`."""
+"""`ipr`: the library's commands (flows.commands) plus the orchestrated ones, `run` and `serve`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipr_core import cli
+from flows import commands as cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,11 +22,11 @@ from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from flows import scale_out  # noqa: E402
+from flows.plots import iteration_plot_png  # noqa: E402
 from ipr_core import loop  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.context import RunContext  # noqa: E402
 from ipr_core.loop import Iteration, IterationResult  # noqa: E402
-from ipr_core.plots import iteration_plot_png  # noqa: E402
 from tasks import stages  # noqa: E402
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.cli import main
+from flows.commands import main
+from flows.experiment import load_experiment_config, run_experiment
+from flows.report import analysis, markdown_table
 from ipr_core.errors import InputError, IprError
-from ipr_core.experiment import load_experiment_config, run_experiment
-from ipr_core.report import analysis, markdown_table
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.commands import main
 from ipr_core import loop
 from ipr_core.backends import make_backend
 from ipr_core.backends.base import SamplingParams
-from ipr_core.cli import main
 from ipr_core.context import Engines, RunContext, action_hint
 from ipr_core.errors import InputError
 from ipr_core.pipeline import ingest_gold

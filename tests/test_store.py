@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.envs.base import EnvTask
 from ipr_core.react import format_turn
 from ipr_core.store import Store, expert_to_row

@@ -1,4 +1,4 @@
-"""`ipr`: the single command-line entry."""
+"""`ipr`: the commands over the library; `flows.cli` adds the orchestrated `run` and `serve`."""
 
 from __future__ import annotations
 
@@ -171,14 +171,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_rollouts(args: argparse.Namespace) -> int:
-    from ipr_core.bench import format_table, load_bench_config, run_bench
+    from flows.bench import format_table, load_bench_config, run_bench
 
     report = run_bench(load_bench_config(args.config))
     return _write_bench_report(report, format_table(report), args.out)
 
 
 def cmd_bench_training(args: argparse.Namespace) -> int:
-    from ipr_core.bench_training import (
+    from flows.bench_training import (
         format_table,
         load_training_bench_config,
         run_training_bench,
@@ -353,7 +353,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from ipr_core.experiment import load_experiment_config, run_experiment
+    from flows.experiment import load_experiment_config, run_experiment
 
     config = load_experiment_config(args.config, store=args.store)
     runs = run_experiment(config)
@@ -363,7 +363,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ipr_core.report import write_report
+    from flows.report import write_report
     from ipr_core.store import Store
 
     plot = write_report(Store(args.store), args.experiment, args.out)

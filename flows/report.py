@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipr_core.experiment import METHODS, ensure_known
-from ipr_core.plots import plot_dev_curve
+from flows.experiment import METHODS, ensure_known
+from flows.plots import plot_dev_curve
 from ipr_core.store import Store
 
 PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
