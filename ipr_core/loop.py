@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 
-from ipr_core import pipeline
+from ipr_core import pipeline, scopes
 from ipr_core.backends import release_engines
 from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
 from ipr_core.evaluate import Evaluation, evaluate
@@ -318,24 +318,6 @@ def experts_hash(ctx: RunContext, explored: bool = True) -> str:
     )
 
 
-def step_rewards_hash(ctx: RunContext, scorer_id: str, iteration: int, actor: Actor) -> str:
-    return ctx.store.rows_hash(
-        "step_rewards",
-        "task_id, prefix_len, action, mean_reward, n_samples, n_failed",
-        "run_id = ? AND scorer_id = ? AND iteration = ? AND actor = ?",
-        [ctx.run_id, scorer_id, iteration, actor],
-    )
-
-
-def explorations_hash(ctx: RunContext, iteration: int) -> str:
-    return ctx.store.rows_hash(
-        "rollouts",
-        "task_id, prefix_len, sample_idx, policy_id, status, outcome_reward, steps",
-        "run_id = ? AND iteration = ? AND kind = 'explore'",
-        [ctx.run_id, iteration],
-    )
-
-
 def _scorer_fields(ctx: RunContext, it: Iteration) -> list[Any]:
     scorer_id = ctx.engines.scorer_id(it.sft_path)
     return [model_id(it.sft_path), scorer_id, config_fields(ctx, *ROLLOUT_FIELDS, "monte_carlo")]
@@ -356,13 +338,7 @@ INGEST: Stage[Ingested] = Stage(
     fingerprint=lambda ctx, it: digest(
         "ingest", config_fields(ctx, "env", "train_split", "train_limit")
     ),
-    scopes=lambda at, ctx, it, r: [
-        Scope(
-            "expert_trajectories",
-            "env_id = ? AND split = ?",
-            (ctx.config.env, ctx.config.train_split),
-        )
-    ],
+    scopes=lambda at, ctx, it, r: [scopes.experts(ctx.config.env, ctx.config.train_split)],
     result_type=Ingested,
     label=lambda it: "ingest",
     replace=False,
@@ -393,7 +369,7 @@ def _trained_output(ctx: RunContext, it: Iteration, result: TrainResult) -> Outp
 
 
 def _checkpoint_scope(at: At, ctx: RunContext, it: Iteration, r: Trained) -> list[Scope]:
-    return [Scope("checkpoints", "checkpoint_id = ?", (r.checkpoint_id,))] if r.trained else []
+    return [scopes.checkpoint(r.checkpoint_id)] if r.trained else []
 
 
 SFT: Stage[Trained] = Stage(
@@ -435,21 +411,8 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
 
 def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) -> list[Scope]:
     split = eval_split(ctx, it)
-    run = (at.run_id, at.iteration, r.policy_id)
-    task_ids = list(ctx.task_ids(split.name)[: split.limit])
-    return [
-        Scope(
-            "evaluations",
-            "run_id = ? AND iteration = ? AND policy_id = ? AND split = ?",
-            (*run, split.name),
-        ),
-        Scope(
-            "rollouts",
-            "run_id = ? AND iteration = ? AND policy_id = ? AND kind = 'eval' "
-            "AND list_contains(?, task_id)",
-            (*run, task_ids),
-        ),
-    ]
+    task_ids = ctx.task_ids(split.name)[: split.limit]
+    return scopes.evaluation(at, r.policy_id, split.name, task_ids)
 
 
 EVALUATE: Stage[Evaluation] = Stage(
@@ -484,26 +447,19 @@ def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
 def _step_reward_scopes(actor: Actor) -> Callable[[At, RunContext, Iteration, Scored], list[Scope]]:
     """The step rewards of `actor` by the stage's scorer, and the MC rollouts behind them."""
 
-    def scopes(at: At, ctx: RunContext, it: Iteration, r: Scored) -> list[Scope]:
-        where = "run_id = ? AND iteration = ? AND actor = ?"
-        params = (at.run_id, at.iteration, actor, r.scorer_id)
-        return [
-            Scope("step_rewards", f"{where} AND scorer_id = ?", params),
-            Scope("rollouts", f"{where} AND kind = 'mc' AND policy_id = ?", params),
-        ]
+    def owned(at: At, ctx: RunContext, it: Iteration, r: Scored) -> list[Scope]:
+        return scopes.step_rewards(at, actor, r.scorer_id)
 
-    return scopes
+    return owned
 
 
-def _run_scope(table: str, where: str = "TRUE") -> Callable[..., list[Scope]]:
-    """Every row of `table` in the stage's (run, iteration) matching `where`."""
+def _run_scope(owned: Callable[[At], Scope]) -> Callable[..., list[Scope]]:
+    """The one scope of a stage in its (run, iteration)."""
 
-    def scopes(at: At, ctx: RunContext, it: Iteration, r: object) -> list[Scope]:
-        return [
-            Scope(table, f"run_id = ? AND iteration = ? AND {where}", (at.run_id, at.iteration))
-        ]
+    def scope(at: At, ctx: RunContext, it: Iteration, r: object) -> list[Scope]:
+        return [owned(at)]
 
-    return scopes
+    return scope
 
 
 EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
@@ -551,7 +507,7 @@ EXPLORE: Stage[Explored] = Stage(
         ctx.seed(it.number),
         config_fields(ctx, *ROLLOUT_FIELDS),
     ),
-    scopes=_run_scope("rollouts", "kind = 'explore'"),
+    scopes=_run_scope(scopes.explorations),
     result_type=Explored,
     label=lambda it: f"explore[{it.number}]",
 )
@@ -574,7 +530,7 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
     fingerprint=lambda ctx, it: digest(
         "agent-step-rewards",
         *_scorer_fields(ctx, it),
-        explorations_hash(ctx, it.number),
+        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
         it.number,
         ctx.seed(it.number),
     ),
@@ -610,9 +566,9 @@ def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
         scorer_id,
         it.number,
         experts_hash(ctx),
-        explorations_hash(ctx, it.number),
-        step_rewards_hash(ctx, scorer_id, EXPERT_ITERATION, "expert"),
-        step_rewards_hash(ctx, scorer_id, it.number, "agent"),
+        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+        ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), "expert", scorer_id),
+        ctx.store.step_rewards_hash(At(ctx.run_id, it.number), "agent", scorer_id),
         ctx.prompt.action_hint,
         config_fields(ctx, "env", "mining", "prompt"),
     )
@@ -622,7 +578,7 @@ MINE_PAIRS: Stage[Mined] = Stage(
     name="mine-pairs",
     compute=_mine,
     fingerprint=_mine_fingerprint,
-    scopes=_run_scope("pairs"),
+    scopes=_run_scope(scopes.pairs),
     result_type=Mined,
     label=lambda it: f"mine-pairs[{it.number}]",
 )

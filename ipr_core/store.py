@@ -352,6 +352,24 @@ class Store:
         frame = self.query(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY ALL", params)
         return _digest(table, frame.to_json(orient="values", double_precision=15))
 
+    def step_rewards_hash(self, at: At, actor: str, scorer_id: str) -> str:
+        """What mining reads of a (run, iteration, actor, scorer)'s step rewards."""
+        return self.rows_hash(
+            "step_rewards",
+            "task_id, prefix_len, action, mean_reward, n_samples, n_failed",
+            "run_id = ? AND iteration = ? AND actor = ? AND scorer_id = ?",
+            [at.run_id, at.iteration, actor, scorer_id],
+        )
+
+    def explorations_hash(self, at: At) -> str:
+        """What `explorations` returns for a (run, iteration)."""
+        return self.rows_hash(
+            "rollouts",
+            "task_id, prefix_len, sample_idx, policy_id, status, outcome_reward, steps",
+            "run_id = ? AND iteration = ? AND kind = 'explore'",
+            [at.run_id, at.iteration],
+        )
+
     def step_reward_map(
         self, run_id: str, scorer_id: str, iteration: int, actor: str
     ) -> dict[tuple[str, int], float | None]:
