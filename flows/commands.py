@@ -311,17 +311,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    from ipr_core.context import action_hint
-    from ipr_core.models import resolve_model
+    from ipr_core.context import RunContext
     from ipr_core.pipeline import ensure_experts
     from ipr_core.store import Store
     from ipr_core.tokens import token_table
     from ipr_core.training.runtime import load_tokenizer
 
     config = config_from_args(args)
-    experts = ensure_experts(Store(config.store), config, print)
-    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir))
-    print(token_table(experts, action_hint(config.env), tokenizer).to_string(index=False))
+    ctx = RunContext(config, Store(config.store))
+    experts = ensure_experts(ctx.store, config, print)
+    tokenizer = load_tokenizer(ctx.base_path())
+    print(token_table(experts, ctx.prompt.action_hint, tokenizer).to_string(index=False))
     return 0
 
 

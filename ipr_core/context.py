@@ -218,8 +218,11 @@ class RunContext:
 
     @functools.cached_property
     def prompt(self) -> PromptFormat:
-        """The prompt every stage builds."""
-        return PromptFormat(action_hint(self.config.env), self.config.prompt.history_window)
+        """The prompt every stage builds, with the action hint the expert rows carry (an
+        env is started for it only when the store's rows predate the hint column)."""
+        stored = [e.task.action_hint for e in self.experts() if e.task.action_hint]
+        hint = stored[0] if stored else action_hint(self.config.env)
+        return PromptFormat(hint, self.config.prompt.history_window)
 
     def task_ids(self, split: str) -> tuple[str, ...]:
         """A split's task ids (an env is started once per split and context)."""

@@ -44,6 +44,7 @@ SCHEMA: dict[str, str] = {
         steps VARCHAR NOT NULL,
         n_steps INTEGER NOT NULL,
         outcome_reward DOUBLE NOT NULL,
+        action_hint VARCHAR,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (env_id, task_id)""",
     "rollouts": """
@@ -247,6 +248,7 @@ class Store:
         with self._connect(read_only=False) as con:
             for table, columns in SCHEMA.items():
                 con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+            _add_missing_columns(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -484,6 +486,19 @@ class Store:
         return [expert_from_row(row) for row in self.query(sql, params).to_dict("records")]
 
 
+ADDED_COLUMNS = {"expert_trajectories": {"action_hint": "VARCHAR"}}
+"""Columns added since the first schema: a store created before gets them (NULL) on its
+first write."""
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        found = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+        for name, kind in columns.items():
+            if name not in found:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 def _count(con: duckdb.DuckDBPyConnection, scope: Scope) -> int:
     sql = f"SELECT count(*) FROM {scope.table} WHERE {scope.where}"
     return int(con.execute(sql, scope.params).fetchall()[0][0])
@@ -688,6 +703,7 @@ def expert_to_row(trajectory: Trajectory, source: str) -> dict[str, Any]:
         "steps": steps_to_json(trajectory.steps),
         "n_steps": len(trajectory.steps),
         "outcome_reward": trajectory.outcome_reward,
+        "action_hint": task.action_hint or None,
     }
 
 
@@ -698,6 +714,7 @@ def expert_from_row(row: Row) -> Trajectory:
         split=row["split"],
         instruction=row["instruction"],
         initial_observation=row["initial_observation"],
+        action_hint=hint if isinstance(hint := row.get("action_hint"), str) else "",
     )
     return Trajectory(
         task=task, steps=steps_from_json(row["steps"]), outcome_reward=row["outcome_reward"]
