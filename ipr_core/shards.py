@@ -144,11 +144,6 @@ class ShardedScoring:
         return shard_rows(jobs)
 
 
-def compute_in_process(jobs: list[ShardJob], label: str) -> None:
-    for job in jobs:
-        compute_shard(job)
-
-
 # -- the worker side -----------------------------------------------------------------------
 def shard_complete(job: ShardJob) -> bool:
     """Whether every file of the shard exists and was written by this very job."""

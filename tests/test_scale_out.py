@@ -53,6 +53,11 @@ def quiet(_: str) -> None:
     pass
 
 
+def compute_in_process(jobs: list[shards.ShardJob], label: str) -> None:
+    for job in jobs:
+        shards.compute_shard(job)
+
+
 class Recording:
     """Sharded scoring that records which shards it was asked to compute."""
 
@@ -212,7 +217,7 @@ def test_agent_shard_rows_equal_the_in_process_stage(runs, tmp_path):
     (shard,) = shards.plan_shards(config, job, 1)
     assert len(shard.queries) == n > 0 and shard.iteration == 1
     assert shards.compute_shard(shard) and not shards.compute_shard(shard)  # done: not redone
-    in_process = shards.ShardedScoring(1, shards.compute_in_process)
+    in_process = shards.ShardedScoring(1, compute_in_process)
     sharded_config = config.model_copy(update={"store": sharded.path})
     assert (
         run_stage(
