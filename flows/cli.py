@@ -1,4 +1,4 @@
-"""`ipr`: the library's commands (ipr_core.cli) plus the orchestrated ones, `run` and `serve`."""
+"""`ipr`: the library's commands (flows.commands) plus the orchestrated ones, `run` and `serve`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipr_core import cli
+from flows import commands as cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=4200)
     serve.add_argument("--pool", default="ipr-local", help="process work pool (created if missing)")
     serve.add_argument(
-        "--config", type=Path, default=Path("configs/smoke.yaml"),
+        "--config",
+        type=Path,
+        default=Path("configs/smoke.yaml"),
         help="config whose values the printed run command passes",
-    )  # fmt: skip
+    )
     serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for server")
     serve.set_defaults(handler=cmd_serve)
     return cli.main(argv, parser)

@@ -1,16 +1,15 @@
-"""The `ipr` flow: ingest -> SFT -> evaluate -> one `iteration` subflow per IPR iteration.
+"""The `ipr` flow: `ipr_core.loop.run_ipr` with every stage a cached Prefect task and one
+`iteration` subflow per IPR iteration (`loop.run_iteration`, the one stage list).
 
-Each iteration is explore -> step rewards (expert, once per scorer; agent) -> mine pairs
--> mixture training -> evaluate. Every stage is a cached task (see `tasks.stages`), so
-rerunning a run with the same config skips finished work, and a run killed midway
-resumes at the first stage whose result is missing.
+Rerunning a run with the same config skips finished work (cache keys are the stages'
+fingerprints); a run killed midway resumes at the first stage whose completion record
+is not in the store.
 """
 
 from __future__ import annotations
 
 import base64
 import re
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -19,16 +18,15 @@ from tasks.settings import configure_prefect_env
 
 configure_prefect_env()  # before the first `import prefect`
 
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.tasks import Task  # noqa: E402
 
 from flows import scale_out  # noqa: E402
+from flows.plots import iteration_plot_png  # noqa: E402
+from ipr_core import loop  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
-from ipr_core.models import resolve_model  # noqa: E402
-from ipr_core.plots import iteration_plot_png  # noqa: E402
-from ipr_core.run import BASE_ITERATION, iteration_summary  # noqa: E402
-from ipr_core.store import Store  # noqa: E402
+from ipr_core.context import RunContext  # noqa: E402
+from ipr_core.loop import Iteration, IterationResult  # noqa: E402
 from tasks import stages  # noqa: E402
 
 
@@ -39,26 +37,16 @@ def absolute(config: RunConfig) -> RunConfig:
     )
 
 
-def run_stage(task: Task, config: RunConfig, *args: Any, **kwargs: Any) -> Any:
-    """Run a task; a cached result whose output left the store is recomputed once."""
-    state = task(config, *args, return_state=True, **kwargs)
-    result = state.result()  # raises the task's error (named by stage) if it failed
-    if state.name == "Cached" and not stages.still_valid(task.name, config, result, **kwargs):
-        get_run_logger().warning(
-            f"cached result of {task.name!r} is no longer in the store; recomputing"
-        )
-        state = task.with_options(refresh_cache=True)(config, *args, return_state=True, **kwargs)
-        result = state.result()
-    return result
+def flow_context(config: RunConfig) -> RunContext:
+    """The flow's run context; with `scale_out`, step scoring in shards on Dask."""
+    if config.scale_out is None:
+        return stages.context(config)
+    return stages.context(config, scale_out.sharded_scoring(config.scale_out))
 
 
 def artifact_key(*parts: object) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
-
-
-def run_summary(config: RunConfig) -> pd.DataFrame:
-    return iteration_summary(Store(config.store), config.run_id, config.dev_split)
 
 
 def summary_records(summary: pd.DataFrame) -> list[dict[str, Any]]:
@@ -77,44 +65,34 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return "(no rows)"
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |"
-              for r in rows]  # fmt: skip
+    for r in rows:
+        lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 
-@flow(name="iteration", flow_run_name="iteration-{iteration}", log_prints=True)
-def iteration(config: RunConfig, sft_path: str, policy_path: str, iteration: int) -> dict[str, Any]:
-    """One IPR iteration; returns the trained checkpoint (`path`, `checkpoint_id`)."""
+@flow(name="iteration", flow_run_name="iteration-{it.number}", log_prints=True)
+def iteration(config: RunConfig, it: Iteration) -> IterationResult:
+    """One IPR iteration (`loop.run_iteration`); publishes its summary as an artifact."""
     config = absolute(config)
-    if config.scale_out is None:
-        run_stage(stages.expert_step_rewards, config, sft_path)
-    else:  # shards on a Dask task runner, one ingest
-        scale_out.mc_step_rewards(config, sft_path, "expert", iteration)
-    explored = run_stage(stages.explore, config, policy_path, iteration=iteration)
-    if config.scale_out is None:
-        scored = run_stage(stages.agent_step_rewards, config, sft_path, iteration=iteration)
-    else:
-        scored = scale_out.mc_step_rewards(config, sft_path, "agent", iteration)
-    pairs = run_stage(stages.mine_pairs, config, scored["scorer_id"], iteration=iteration)
-    trained = run_stage(
-        stages.train_mixture, config, sft_path,
-        policy_path if iteration > 1 else None, iteration=iteration,
-    )  # fmt: skip
-    metrics = run_stage(stages.evaluate, config, trained["path"], iteration=iteration)
-    summary = run_summary(config)
-    row = [r for r in summary_records(summary) if r["iteration"] == iteration]
+    ctx = flow_context(config)
+    result = loop.run_iteration(ctx, it, stages.run_task)
+    summary = ctx.store.iteration_summary(config.run_id, config.dev_split)
+    row = [r for r in summary_records(summary) if r["iteration"] == it.number]
+    metrics = result.evaluated
     create_markdown_artifact(
-        key=artifact_key(config.run_id, "iteration", iteration),
-        description=f"IPR iteration {iteration} of run {config.run_id}",
+        key=artifact_key(config.run_id, "iteration", it.number),
+        description=f"IPR iteration {it.number} of run {config.run_id}",
         markdown="\n\n".join(
             [
-                f"# Run `{config.run_id}`, iteration {iteration}",
-                f"- explorations: {explored['explorations']} (policy `{explored['policy_id']}`)",
-                f"- agent steps scored: {scored['queries']} (scorer `{scored['scorer_id']}`)",
-                f"- pairs: {pairs['trajectory']} trajectory-level, {pairs['step']} step-level",
-                f"- checkpoint: `{trained['checkpoint_id']}`",
-                f"- {config.dev_split}: reward {metrics['avg_reward']}, "
-                f"success {metrics['success_rate']}, steps {metrics['avg_steps']}",
+                f"# Run `{config.run_id}`, iteration {it.number}",
+                f"- explorations: {result.explored.explorations} "
+                f"(policy `{result.explored.policy_id}`)",
+                f"- agent steps scored: {result.agent.queries} (scorer `{result.agent.scorer_id}`)",
+                f"- pairs: {result.mined.trajectory} trajectory-level, {result.mined.step} "
+                "step-level",
+                f"- checkpoint: `{result.trained.checkpoint_id}`",
+                f"- {config.dev_split}: reward {metrics.avg_reward}, "
+                f"success {metrics.success_rate}, steps {metrics.avg_steps}",
                 "## Summary row",
                 markdown_table(row),
                 "## Dev reward and average steps by iteration",
@@ -122,37 +100,24 @@ def iteration(config: RunConfig, sft_path: str, policy_path: str, iteration: int
             ]
         ),
     )
-    return trained
+    return result
+
+
+def iterate(ctx: RunContext, it: Iteration, run: loop.Runner) -> IterationResult:
+    """Each iteration as its own subflow run."""
+    return iteration(ctx.config, it)
 
 
 @flow(name="ipr", flow_run_name="ipr-{config.run_id}", log_prints=True)
 def ipr(config: RunConfig) -> list[dict[str, Any]]:
     """Train an agent with IPR for `config`; returns the per-iteration summary rows."""
     config = absolute(config)
-    base_path = stages.prepare(config)
-    run_stage(stages.ingest, config)
-    sft_path = base_path
-    if config.sft is not None:
-        if config.evaluate_base:
-            run_stage(stages.evaluate, config, base_path, iteration=BASE_ITERATION)
-        sft_path = run_stage(stages.sft, config, base_path)["path"]
-    run_stage(stages.evaluate, config, sft_path, iteration=0)
-    if config.mixture_settings is not None:  # method `sft` stops after stage 1
-        policy_path = sft_path
-        for k in range(1, config.iterations + 1):
-            policy_path = iteration(config, sft_path, policy_path, k)["path"]
-    rows = summary_records(run_summary(config))
+    ctx = flow_context(config)
+    loop.run_ipr(ctx, stages.run_task, iterate)
+    rows = summary_records(ctx.store.iteration_summary(config.run_id, config.dev_split))
     create_table_artifact(
         key=artifact_key(config.run_id, "summary"),
         table=rows,
         description=f"IPR summary of run {config.run_id} ({config.method}, {config.env})",
     )
     return rows
-
-
-@flow(name="evaluate", flow_run_name="evaluate-{model}", log_prints=True)
-def evaluate_flow(config: RunConfig, model: str, iteration: int = 0) -> dict[str, Any]:
-    """Greedy episodes of one model (a model spec or folder) on the config's dev split."""
-    config = absolute(config)
-    path = resolve_model(model, config.cache_dir)
-    return run_stage(stages.evaluate, config, str(Path(path)), iteration=iteration)

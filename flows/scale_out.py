@@ -1,15 +1,14 @@
-"""Sharded Monte Carlo step rewards: shards fanned out on Dask, one ingest into the store.
+"""Sharded Monte Carlo step rewards: the shards of a step reward stage fanned out on Dask.
 
-`mc_step_rewards` plans the stage's shards in the flow's process, runs the unfinished ones
-in the `mc-shards` subflow on a Dask task runner (a local cluster, or the scheduler at
-`scale_out.address`), then ingests every shard in the flow's process, the store's only
-writer. The `iteration` flow uses it in place of the in-process step reward stages when
-the config has `scale_out`.
+`sharded_scoring` is the `StepScoring` the `ipr` flow gives its step reward stages when the
+config has `scale_out`: the stage (in the flow's process) plans its shards, runs the
+unfinished ones in the `mc-shards` subflow on a Dask task runner (a local cluster, or the
+scheduler at `scale_out.address`), then commits every shard's rows with its completion
+record: the flow's process is the store's only writer.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.settings import configure_prefect_env
@@ -19,8 +18,7 @@ configure_prefect_env()  # before the first `import prefect`
 from prefect import flow, get_client  # noqa: E402
 
 from ipr_core import shards  # noqa: E402
-from ipr_core.config import RunConfig, ScaleOutConfig  # noqa: E402
-from ipr_core.types import Actor  # noqa: E402
+from ipr_core.config import ScaleOutConfig  # noqa: E402
 from tasks import shards as shard_tasks  # noqa: E402
 
 if TYPE_CHECKING:
@@ -60,26 +58,10 @@ def compute_shards(jobs: list[shards.ShardJob], label: str) -> list[dict[str, An
     return [future.result() for future in futures]
 
 
-@flow(name="mc-step-rewards", flow_run_name="mc-step-rewards-{actor}-{iteration}")
-def mc_step_rewards(
-    config: RunConfig, scorer_path: str, actor: Actor, iteration: int
-) -> dict[str, Any]:
-    """The step rewards of `actor`'s steps in `iteration`, computed in shards.
+def sharded_scoring(scale: ScaleOutConfig) -> shards.ShardedScoring:
+    """Step scoring whose unfinished shards run as the `mc-shards` subflow on Dask."""
 
-    Returns what the in-process stages return (`queries`, `scorer_id`), plus the shard
-    counts and the rows the ingest changed.
-    """
-    assert config.scale_out is not None
-    jobs = shard_tasks.plan(config, scorer_path, actor, iteration)
-    pending = [job for job in jobs if not shards.shard_complete(job)]
-    if pending:
-        runner = dask_task_runner(config.scale_out)
-        compute_shards.with_options(task_runner=runner)(pending, f"{actor}-{iteration}")
-    changed = shard_tasks.ingest(config, jobs, actor)
-    return {
-        "queries": sum(len(job.queries) for job in jobs),
-        "scorer_id": shards.step_scorer_id(config, Path(scorer_path)),
-        "shards": len(jobs),
-        "computed": len(pending),
-        "changed": changed,
-    }
+    def run(jobs: list[shards.ShardJob], label: str) -> None:
+        compute_shards.with_options(task_runner=dask_task_runner(scale))(jobs, label)
+
+    return shards.ShardedScoring(scale.shards, run)

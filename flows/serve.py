@@ -110,8 +110,10 @@ def serve(
     try:
         server = subprocess.Popen(
             prefect_cmd("server", "start", "--host", "127.0.0.1", "--port", str(port)),
-            env=env, cwd=REPO_ROOT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
         took = wait_healthy(api, server, ready_timeout_s)
         print(f"prefect server healthy at {api} after {took:.1f} s", flush=True)
         if ensure_pool(pool, env):
@@ -120,8 +122,10 @@ def serve(
         print(f"deployed {DEPLOYMENT} (prefect.yaml) on pool {pool!r}", flush=True)
         worker = subprocess.Popen(
             prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
-            env=env, cwd=REPO_ROOT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
         print(
             f"ready in {time.monotonic() - started:.1f} s. UI: http://127.0.0.1:{port}\n"
             f"Run it from another shell:\n  export PREFECT_API_URL={api}\n"

@@ -1,4 +1,4 @@
-"""Exploration along expert trajectories (ipr-method.md, stage 3).
+"""Exploration along expert trajectories (docs/method.md, stage 3).
 
 For each expert trajectory of K steps and every j = 0..K-1, replay the first j expert
 turns and let the agent act greedily to the end. j = 0 is the agent's own trajectory.

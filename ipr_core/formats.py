@@ -149,8 +149,12 @@ def _trajectory(
     split: str,
 ) -> Trajectory:
     if messages[0]["role"] != "user":
-        raise InputError(source, "the first turn must be from 'human'", record=label,
-                         field="conversations[0].from")  # fmt: skip
+        raise InputError(
+            source,
+            "the first turn must be from 'human'",
+            record=label,
+            field="conversations[0].from",
+        )
     steps: list[Step] = []
     for i in range(1, len(messages), 2):
         field = f"conversations[{i}]"
@@ -162,8 +166,12 @@ def _trajectory(
         observation = ""
         if i + 1 < len(messages):
             if messages[i + 1]["role"] != "user":
-                raise InputError(source, "expected a 'human' turn", record=label,
-                                 field=f"conversations[{i + 1}].from")  # fmt: skip
+                raise InputError(
+                    source,
+                    "expected a 'human' turn",
+                    record=label,
+                    field=f"conversations[{i + 1}].from",
+                )
             observation = messages[i + 1]["content"].removeprefix(OBSERVATION_PREFIX)
         steps.append(
             Step(text=messages[i]["content"], action=parsed.action, observation=observation)

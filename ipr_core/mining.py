@@ -1,4 +1,4 @@
-"""Contrastive pair mining (ipr-method.md, stage 3).
+"""Contrastive pair mining (docs/method.md, stage 3).
 
 Trajectory level (from j = 0): the expert trajectory against the agent's own, ordered
 by outcome, dropped when the outcomes differ by no more than `trajectory_margin`.

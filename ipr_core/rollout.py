@@ -84,6 +84,21 @@ class _Episode:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """How an engine runs its episodes."""
+
+    max_live: int = 32
+    """Episodes in lock-step: one batched generate call per round for all of them."""
+    max_new_tokens: int = 96
+    max_steps: int | None = None
+    """The step bound; the env's own bound when unset or lower."""
+    step_timeout_s: float = 60.0
+    """An env step running longer fails its rollout (env_error)."""
+    history_window: int | None = None
+    """Prompts show the last k turns (None: the whole history)."""
+
+
 class RolloutEngine:
     """Runs episodes of one environment with one policy backend; reuses env instances."""
 
@@ -91,24 +106,23 @@ class RolloutEngine:
         self,
         env_id: str,
         backend: PolicyBackend,
-        max_live: int = 32,
-        max_new_tokens: int = 96,
-        max_steps: int | None = None,
-        step_timeout_s: float = 60.0,
+        settings: EpisodeSettings = EpisodeSettings(),
         progress: ProgressFn | None = None,
-        history_window: int | None = None,
     ):
         self.backend = backend
-        self.max_live = max_live
-        self.max_new_tokens = max_new_tokens
+        self.max_live = settings.max_live
+        self.max_new_tokens = settings.max_new_tokens
         self._idle_envs: list[Env] = [make_env(env_id)]
         self.env_id = self._idle_envs[0].env_id  # canonical, as every stored row carries it
-        self.prompt = PromptFormat(self._idle_envs[0].action_hint, history_window)
+        self.prompt = PromptFormat(self._idle_envs[0].action_hint, settings.history_window)
         env_max_steps = self._idle_envs[0].max_steps
+        max_steps = settings.max_steps
         self.max_steps = min(env_max_steps, max_steps) if max_steps else env_max_steps
-        self.step_timeout_s = step_timeout_s
+        self.step_timeout_s = settings.step_timeout_s
         self.progress = progress
-        self._stepper = ThreadPoolExecutor(max_workers=max_live, thread_name_prefix="env-step")
+        self._stepper = ThreadPoolExecutor(
+            max_workers=settings.max_live, thread_name_prefix="env-step"
+        )
 
     def close(self) -> None:
         for env in self._idle_envs:

@@ -4,12 +4,13 @@ DuckDB lets a single process write the store file, and the step reward stages ar
 IPR spends its rollouts. So for scale-out the stage's queries are cut into shards; a
 worker (a Dask process, possibly on another machine) loads the scorer itself, runs the
 rollouts of its shard and writes the shard's `step_rewards` and `rollouts` rows as
-Parquet files. Workers never open the store. One caller then ingests every shard of the
-stage in a single transaction.
+Parquet files. Workers never open the store. The stage then commits every shard's rows
+with its completion record in one transaction (`ipr_core.loop`): whether a stage is done
+is decided by that record alone.
 
 Every shard file carries the fingerprint of the job that wrote it (Parquet key-value
-metadata): a finished shard is not recomputed when a stage is resumed, and a stale file
-left by another job is never ingested. Ingesting the same shards again changes no row.
+metadata), so within an unfinished stage a finished shard is not recomputed, and a stale
+file left by another job is never read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,20 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipr_core.config import RunConfig
+from ipr_core.context import Engines, ScoringJob, StepRows, score_steps
 from ipr_core.errors import IprError
-from ipr_core.pipeline import (
-    EXPERT_ITERATION,
-    agent_queries,
-    load_explorations,
-    pending_expert_queries,
-    score_steps,
-    step_reward_rows,
-)
-from ipr_core.run import load_backend, open_engine, step_scorer, windowed_scorer_id
 from ipr_core.step_rewards import StepQuery
-from ipr_core.store import SCHEMA, Store
-from ipr_core.training.checkpoints import model_id
-from ipr_core.types import Actor, Trajectory
+from ipr_core.store import SCHEMA, At, step_reward_rows
+from ipr_core.types import Actor
 
 TABLES = ("rollouts", "step_rewards")
 FINGERPRINT_KEY = b"ipr.shard_fingerprint"
@@ -110,38 +102,19 @@ def shard_directory(config: RunConfig, actor: Actor, iteration: int) -> Path:
     return root.resolve() / config.run_id / f"{actor}-{iteration}"
 
 
-def plan_step_reward_shards(
-    store: Store,
-    config: RunConfig,
-    experts: Sequence[Trajectory],
-    scorer_path: Path,
-    actor: Actor,
-    iteration: int,
-    seed: int,
-    n_shards: int,
-) -> list[ShardJob]:
-    """The shards of a step reward stage: the same queries and seed as the in-process stage.
-
-    Expert steps are scored once per (run, scorer), so only those not in the store yet are
-    planned; agent steps are those of the iteration's stored explorations.
-    """
-    scorer_id = step_scorer_id(config, scorer_path)
-    if actor == "expert":
-        queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
-        row_iteration = EXPERT_ITERATION
-    else:
-        queries = agent_queries(load_explorations(store, config.run_id, iteration, experts))
-        row_iteration = iteration
+def plan_shards(config: RunConfig, job: ScoringJob, n_shards: int) -> list[ShardJob]:
+    """A scoring job cut into at most `n_shards` ordered slices of its queries."""
+    queries = job.queries
     count = min(n_shards, len(queries))
     bounds = [round(i * len(queries) / count) for i in range(count + 1)] if count else []
-    directory = str(shard_directory(config, actor, row_iteration))
+    directory = str(shard_directory(config, job.actor, job.at.iteration))
     return [
         ShardJob(
             config=config,
-            scorer_path=str(scorer_path),
-            scorer_id=scorer_id,
-            iteration=row_iteration,
-            seed=seed,
+            scorer_path=str(job.scorer_path),
+            scorer_id=Engines(config).scorer_id(job.scorer_path),
+            iteration=job.at.iteration,
+            seed=job.seed,
             queries=tuple(queries[bounds[i] : bounds[i + 1]]),
             index=i,
             count=count,
@@ -151,12 +124,24 @@ def plan_step_reward_shards(
     ]
 
 
-def step_scorer_id(config: RunConfig, scorer_path: Path) -> str:
-    """The scorer the rows are stored under: the step reward model when the config names
-    one (as `ipr_core.run.step_scorer` decides), else the MC scorer; read, not loaded."""
-    if config.step_reward_model is not None:
-        return windowed_scorer_id(config, model_id(Path(config.step_reward_model)))
-    return windowed_scorer_id(config, model_id(scorer_path))
+RunShards = Callable[[list["ShardJob"], str], None]
+"""Computes the given shards somewhere (a Dask cluster, this process); `str` labels them."""
+
+
+class ShardedScoring:
+    """Step scoring in Parquet shards: plan, compute the unfinished shards with `run`, then
+    return every shard's rows for the stage to commit with its completion record."""
+
+    def __init__(self, n_shards: int, run: RunShards):
+        self.n_shards = n_shards
+        self.run = run
+
+    def __call__(self, engines: Engines, job: ScoringJob, label: str) -> StepRows:
+        jobs = plan_shards(engines.config, job, self.n_shards)
+        pending = [shard for shard in jobs if not shard_complete(shard)]
+        if pending:
+            self.run(pending, label)
+        return shard_rows(jobs)
 
 
 # -- the worker side -----------------------------------------------------------------------
@@ -177,23 +162,22 @@ def compute_shard(job: ShardJob) -> bool:
     if shard_complete(job):
         return False
     config, mc = job.config, job.config.monte_carlo
-    with ExitStack() as stack:
-        backend = load_backend(Path(job.scorer_path), config)
-        scorer_id, reward_model = step_scorer(config, backend.policy_id)
-        if scorer_id != job.scorer_id:
-            raise ShardError(
-                f"{job.name}: this worker's scorer is model {scorer_id}, the plan was made "
-                f"for {job.scorer_id} (are the model folders shared with the workers?)"
-            )
-        engine = open_engine(stack, backend, config)
-        rewards, rollouts = score_steps(
-            engine, job.queries, mc.n_samples, mc.temperature, job.seed, reward_model
+    engines = Engines(config)
+    scorer = engines.scorer(Path(job.scorer_path))
+    if scorer.scorer_id != job.scorer_id:
+        raise ShardError(
+            f"{job.name}: this worker's scorer is {scorer.scorer_id}, the plan was made "
+            f"for {job.scorer_id} (are the model folders shared with the workers?)"
         )
-    reward_rows, rollout_rows = step_reward_rows(
-        job.run_id, job.iteration, config.env, job.scorer_id, rewards, rollouts
-    )
-    _write_parquet(job, "rollouts", pa.Table.from_pylist(rollout_rows))
-    _write_parquet(job, "step_rewards", pa.Table.from_pylist(reward_rows))
+    with ExitStack() as stack:
+        engine = engines.engine(stack, Path(job.scorer_path))
+        rewards, rollouts = score_steps(
+            engine, job.queries, scorer, mc.n_samples, mc.temperature, job.seed
+        )
+    at = At(job.run_id, job.iteration)
+    rows = step_reward_rows(at, config.env, job.scorer_id, rewards, rollouts)
+    _write_parquet(job, "rollouts", pa.Table.from_pylist(rows["rollouts"]))
+    _write_parquet(job, "step_rewards", pa.Table.from_pylist(rows["step_rewards"]))
     return True
 
 
@@ -207,24 +191,17 @@ def _write_parquet(job: ShardJob, table: str, data: pa.Table) -> None:
     os.replace(partial, target)
 
 
-# -- the one writer ------------------------------------------------------------------------
-def ingest_shards(store: Store, jobs: Sequence[ShardJob]) -> dict[str, int]:
-    """Check every shard file of a stage, then write them all in one transaction.
-
-    Returns the rows each table gained or changed: 0 when the same shards were ingested
-    before (unchanged rows are left as they are, `created_at` included).
-    """
-    shards = [{table: read_shard_file(job, table) for table in TABLES} for job in jobs]
-    for job, data in zip(jobs, shards, strict=True):
+# -- back to the one writer ---------------------------------------------------------------
+def shard_rows(jobs: Sequence[ShardJob]) -> StepRows:
+    """Every shard's rows, each file checked to be whole, from its job and complete; the
+    stage writes them with its completion record, in one transaction."""
+    rows: StepRows = {table: [] for table in TABLES}
+    for job in jobs:
+        data = {table: read_shard_file(job, table) for table in TABLES}
         _check_rows(job, data["step_rewards"], data["rollouts"])
-    changed = dict.fromkeys(TABLES, 0)
-    if not jobs:
-        return changed
-    with store.transaction() as con:
-        for job, data in zip(jobs, shards, strict=True):
-            for table in TABLES:
-                changed[table] += _merge(con, table, data[table], job)
-    return changed
+        for table in TABLES:
+            rows[table] += data[table].to_pylist()
+    return rows
 
 
 def read_shard_file(job: ShardJob, table: str) -> pa.Table:
@@ -269,21 +246,6 @@ def _check_rows(job: ShardJob, rewards: pa.Table, rollouts: pa.Table) -> None:
             f"shard file {job.file('rollouts')}: {rollouts.num_rows} rollouts, "
             f"but its step rewards count {n_samples} samples"
         )
-
-
-def _merge(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, job: ShardJob) -> int:
-    """Upsert the rows that are new or differ from the stored ones; returns how many."""
-    columns = ", ".join(data.column_names)
-    con.register("_shard", data)
-    try:
-        changed = con.execute(
-            f"INSERT OR REPLACE INTO {table} ({columns}) SELECT {columns} FROM _shard "
-            f"EXCEPT SELECT {columns} FROM {table} WHERE run_id = ? AND iteration = ?",
-            [job.run_id, job.iteration],
-        ).fetchone()
-    finally:
-        con.unregister("_shard")
-    return int(changed[0]) if changed else 0
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Monte Carlo step rewards (ipr-method.md, stage 2).
+"""Monte Carlo step rewards (docs/method.md, stage 2).
 
 r_s(e_{t-1}, a_t) is the mean outcome reward of N scorer rollouts that replay the
 history e_{t-1}, execute a_t, then sample the scorer to the end at temperature 1.

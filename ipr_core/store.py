@@ -9,11 +9,12 @@ stage never duplicates rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,11 @@ import pandas as pd
 
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import IprError
-from ipr_core.types import Step, Trajectory
+from ipr_core.explore import Exploration
+from ipr_core.rollout import RolloutResult, RolloutSpec
+from ipr_core.step_rewards import StepReward
+from ipr_core.training.checkpoints import TrainResult, checkpoint_row
+from ipr_core.types import Pair, Step, Trajectory
 
 SCHEMA: dict[str, str] = {
     "runs": """
@@ -39,6 +44,7 @@ SCHEMA: dict[str, str] = {
         steps VARCHAR NOT NULL,
         n_steps INTEGER NOT NULL,
         outcome_reward DOUBLE NOT NULL,
+        action_hint VARCHAR,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (env_id, task_id)""",
     "rollouts": """
@@ -133,9 +139,75 @@ SCHEMA: dict[str, str] = {
         test_policy_id VARCHAR,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (experiment_id, method, seed)""",
+    "stage_runs": """
+        run_id VARCHAR NOT NULL,
+        iteration INTEGER NOT NULL,
+        stage VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,
+        result VARCHAR NOT NULL,
+        row_counts VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (run_id, iteration, stage)""",
 }
+"""`stage_runs` is the completion record of the loop's stages (see `ipr_core.loop`): written
+in the transaction that writes the stage's rows, with the fingerprint of what it read."""
 
 Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a stage's rows live: the run and the iteration they are stored under."""
+
+    run_id: str
+    iteration: int
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """What a `rollouts` row is for: run, iteration, kind ('explore', 'mc', 'eval'), the
+    expert prefix it starts from and whose step it scores."""
+
+    run_id: str
+    iteration: int
+    kind: str
+    prefix_len: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The rows of one table that a stage owns: `table WHERE where`."""
+
+    table: str
+    where: str
+    params: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoredStep:
+    """A `step_rewards` row with the expert trajectory of its task."""
+
+    task_id: str
+    prefix_len: int
+    actor: str
+    iteration: int
+    action: str
+    step_text: str
+    mean_reward: float | None
+    expert: Trajectory | None
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A stage's completion: what it read (fingerprint), returned and left in the store."""
+
+    run_id: str
+    iteration: int
+    stage: str
+    fingerprint: str
+    result: dict[str, Any]
+    row_counts: list[int]
 
 
 class StoreLocked(IprError):
@@ -176,6 +248,7 @@ class Store:
         with self._connect(read_only=False) as con:
             for table, columns in SCHEMA.items():
                 con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+            _add_missing_columns(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -210,7 +283,193 @@ class Store:
             return 0
         return int(self.query(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)["n"][0])
 
+    # -- stage completion records ------------------------------------------------------
+    def stage_record(self, run_id: str, iteration: int, stage: str) -> StageRecord | None:
+        if not self.table_exists("stage_runs"):
+            return None
+        found = self.query(
+            "SELECT * FROM stage_runs WHERE run_id = ? AND iteration = ? AND stage = ?",
+            [run_id, iteration, stage],
+        )
+        return None if found.empty else _record(found.iloc[0])
+
+    def stage_donors(self, stage: str, fingerprint: str) -> list[StageRecord]:
+        """Every run and iteration whose `stage` completed with this fingerprint, oldest first."""
+        if not self.table_exists("stage_runs"):
+            return []
+        found = self.query(
+            "SELECT * FROM stage_runs WHERE stage = ? AND fingerprint = ? ORDER BY created_at",
+            [stage, fingerprint],
+        )
+        return [_record(row) for _, row in found.iterrows()]
+
+    def scope_counts(self, scopes: Sequence[Scope]) -> list[int]:
+        with self._connect(read_only=True) as con:
+            return [_count(con, scope) for scope in scopes]
+
+    def commit_stage(
+        self,
+        record: StageRecord,
+        scopes: Sequence[Scope],
+        rows: Mapping[str, Sequence[Row]],
+        replace: bool,
+    ) -> StageRecord:
+        """The stage's rows and its completion record in one transaction: a stage killed
+        before the commit left neither. `replace` first deletes what its scopes held."""
+        with self.transaction() as con:
+            if replace:
+                for scope in scopes:
+                    con.execute(f"DELETE FROM {scope.table} WHERE {scope.where}", scope.params)
+            for table, table_rows in rows.items():
+                upsert(con, table, table_rows)
+            return _write_record(con, record, scopes)
+
+    def copy_stage(
+        self, donor: StageRecord, record: StageRecord, scopes: Sequence[tuple[Scope, Scope]]
+    ) -> StageRecord:
+        """Copy a donor's scoped rows, relabelled to `record`'s run and iteration, and write
+        `record`, in one transaction. `scopes` pairs each donor scope with its own."""
+        relabel = "* REPLACE (?::VARCHAR AS run_id, ?::INTEGER AS iteration)"
+        with self.transaction() as con:
+            for theirs, ours in scopes:
+                con.execute(f"DELETE FROM {ours.table} WHERE {ours.where}", ours.params)
+                con.execute(
+                    f"INSERT OR REPLACE INTO {ours.table} SELECT {relabel} FROM {theirs.table} "
+                    f"WHERE {theirs.where}",
+                    [record.run_id, record.iteration, *theirs.params],
+                )
+            return _write_record(con, record, [ours for _, ours in scopes])
+
+    def record_checkpoint(
+        self, result: TrainResult, run_id: str | None = None, iteration: int | None = None
+    ) -> None:
+        """Write the checkpoint's row (idempotent: the id is the primary key)."""
+        self.write({"checkpoints": [checkpoint_row(result, run_id, iteration)]})
+
     # -- typed readers -----------------------------------------------------------------
+    def rows_hash(self, table: str, columns: str, where: str, params: list[Any]) -> str:
+        """A hash of the selected rows in a stable order (an absent table hashes as empty)."""
+        if not self.table_exists(table):
+            return _digest(table, [])
+        frame = self.query(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY ALL", params)
+        return _digest(table, frame.to_json(orient="values", double_precision=15))
+
+    def step_rewards_hash(self, at: At, actor: str, scorer_id: str) -> str:
+        """What mining reads of a (run, iteration, actor, scorer)'s step rewards."""
+        return self.rows_hash(
+            "step_rewards",
+            "task_id, prefix_len, action, mean_reward, n_samples, n_failed",
+            "run_id = ? AND iteration = ? AND actor = ? AND scorer_id = ?",
+            [at.run_id, at.iteration, actor, scorer_id],
+        )
+
+    def explorations_hash(self, at: At) -> str:
+        """What `explorations` returns for a (run, iteration)."""
+        return self.rows_hash(
+            "rollouts",
+            "task_id, prefix_len, sample_idx, policy_id, status, outcome_reward, steps",
+            "run_id = ? AND iteration = ? AND kind = 'explore'",
+            [at.run_id, at.iteration],
+        )
+
+    def step_reward_map(
+        self, run_id: str, scorer_id: str, iteration: int, actor: str
+    ) -> dict[tuple[str, int], float | None]:
+        """(task, prefix length) -> mean reward (None: every rollout failed)."""
+        if not self.table_exists("step_rewards"):
+            return {}
+        frame = self.query(
+            "SELECT task_id, prefix_len, mean_reward FROM step_rewards "
+            "WHERE run_id = ? AND scorer_id = ? AND iteration = ? AND actor = ?",
+            [run_id, scorer_id, iteration, actor],
+        )
+        return {
+            (row.task_id, int(row.prefix_len)): None
+            if _is_null(row.mean_reward)
+            else row.mean_reward
+            for row in frame.itertuples()
+        }
+
+    def explorations(
+        self, run_id: str, iteration: int, experts: Sequence[Trajectory]
+    ) -> list[Exploration]:
+        """The stored exploration rollouts of an iteration, rejoined with their experts."""
+        by_task = {expert.task.task_id: expert for expert in experts}
+        if not self.table_exists("rollouts"):
+            return []
+        frame = self.query(
+            "SELECT * FROM rollouts WHERE run_id = ? AND iteration = ? AND kind = 'explore' "
+            "ORDER BY task_id, prefix_len",
+            [run_id, iteration],
+        )
+        explorations = []
+        for row in frame.to_dict("records"):
+            expert = by_task.get(row["task_id"])
+            if expert is None:
+                continue
+            j = int(row["prefix_len"])
+            prefix = tuple(step.text for step in expert.steps[:j])
+            reward = None if _is_null(row["outcome_reward"]) else row["outcome_reward"]
+            steps = steps_from_json(row["steps"])
+            trajectory = Trajectory(expert.task, steps, reward, row["status"])
+            spec = RolloutSpec(expert.task.task_id, prefix)
+            explorations.append(
+                Exploration(expert, j, RolloutResult(spec=spec, trajectory=trajectory))
+            )
+        return explorations
+
+    def pairs(self, run_id: str, iteration: int) -> list[Pair]:
+        """The pairs one iteration mined, in a stable order."""
+        if not self.table_exists("pairs"):
+            return []
+        frame = self.query(
+            "SELECT * FROM pairs WHERE run_id = ? AND iteration = ? "
+            "ORDER BY level, task_id, prefix_len",
+            [run_id, iteration],
+        )
+        return [pair_from_row(row) for row in frame.to_dict("records")]
+
+    def scored_steps(self, run_id: str, scorer_id: str) -> list[ScoredStep]:
+        """Every scored step of (`run_id`, `scorer_id`), all iterations and actors, stably
+        ordered, with the expert trajectory of its task (None when the store has none)."""
+        if not self.table_exists("step_rewards") or not self.table_exists("expert_trajectories"):
+            return []
+        frame = self.query(
+            "SELECT s.task_id, s.prefix_len, s.actor, s.iteration, s.action, s.step_text, "
+            "s.mean_reward, e.env_id AS e_env_id, e.task_id AS e_task_id, e.split, "
+            "e.instruction, e.initial_observation, e.steps "
+            "FROM step_rewards s LEFT JOIN expert_trajectories e "
+            "ON e.env_id = s.env_id AND e.task_id = s.task_id "
+            "WHERE s.run_id = ? AND s.scorer_id = ? "
+            "ORDER BY s.task_id, s.prefix_len, s.iteration, s.actor",
+            [run_id, scorer_id],
+        )
+        steps = []
+        for row in frame.to_dict("records"):
+            expert = None
+            if not _is_null(row["e_task_id"]):
+                expert_row = {"env_id": row["e_env_id"], "task_id": row["e_task_id"]}
+                expert = expert_from_row({**row, **expert_row, "outcome_reward": 0.0})
+            reward = None if _is_null(row["mean_reward"]) else float(row["mean_reward"])
+            steps.append(
+                ScoredStep(
+                    task_id=row["task_id"],
+                    prefix_len=int(row["prefix_len"]),
+                    actor=row["actor"],
+                    iteration=int(row["iteration"]),
+                    action=row["action"],
+                    step_text=row["step_text"],
+                    mean_reward=reward,
+                    expert=expert,
+                )
+            )
+        return steps
+
+    def iteration_summary(self, run_id: str, dev_split: str = "dev") -> pd.DataFrame:
+        """Per iteration (-1 base, 0 SFT and expert scoring, k >= 1 IPR): pairs by level, mean
+        step rewards, dev metrics, rollout and token counts."""
+        return self.query(SUMMARY_SQL, {"run": run_id, "dev": dev_split})
+
     def expert_trajectories(
         self, env_id: str, split: str | None = None, limit: int | None = None
     ) -> list[Trajectory]:
@@ -227,6 +486,51 @@ class Store:
         return [expert_from_row(row) for row in self.query(sql, params).to_dict("records")]
 
 
+ADDED_COLUMNS = {"expert_trajectories": {"action_hint": "VARCHAR"}}
+"""Columns added since the first schema: a store created before gets them (NULL) on its
+first write."""
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        found = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+        for name, kind in columns.items():
+            if name not in found:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def _count(con: duckdb.DuckDBPyConnection, scope: Scope) -> int:
+    sql = f"SELECT count(*) FROM {scope.table} WHERE {scope.where}"
+    return int(con.execute(sql, scope.params).fetchall()[0][0])
+
+
+def _write_record(
+    con: duckdb.DuckDBPyConnection, record: StageRecord, scopes: Sequence[Scope]
+) -> StageRecord:
+    counts = [_count(con, scope) for scope in scopes]
+    row = {
+        "run_id": record.run_id,
+        "iteration": record.iteration,
+        "stage": record.stage,
+        "fingerprint": record.fingerprint,
+        "result": json.dumps(record.result, sort_keys=True),
+        "row_counts": json.dumps(counts),
+    }
+    upsert(con, "stage_runs", [row])
+    return StageRecord(**{**asdict(record), "row_counts": counts})
+
+
+def _record(row: Any) -> StageRecord:
+    return StageRecord(
+        run_id=row["run_id"],
+        iteration=int(row["iteration"]),
+        stage=row["stage"],
+        fingerprint=row["fingerprint"],
+        result=json.loads(row["result"]),
+        row_counts=json.loads(row["row_counts"]),
+    )
+
+
 def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> int:
     if not rows:
         return 0
@@ -238,7 +542,147 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
     return len(frame)
 
 
+SUMMARY_SQL = """
+WITH r AS (
+    SELECT iteration, count(*) AS rollouts,
+           count(*) FILTER (WHERE status IN ('env_error', 'generation_error', 'truncated'))
+               AS failed_rollouts,
+           sum(prefill_tokens) AS prefill_tokens,
+           sum(generated_tokens) AS generated_tokens
+    FROM rollouts WHERE run_id = $run AND kind <> 'eval' GROUP BY iteration),
+s AS (
+    SELECT iteration,
+           avg(mean_reward) FILTER (WHERE actor = 'expert') AS expert_step_reward,
+           avg(mean_reward) FILTER (WHERE actor = 'agent') AS agent_step_reward
+    FROM step_rewards WHERE run_id = $run GROUP BY iteration),
+p AS (
+    SELECT iteration,
+           count(*) FILTER (WHERE level = 'trajectory') AS trajectory_pairs,
+           count(*) FILTER (WHERE level = 'step') AS step_pairs
+    FROM pairs WHERE run_id = $run GROUP BY iteration),
+e AS (
+    SELECT iteration, avg_reward AS dev_reward, success_rate, avg_steps
+    FROM evaluations WHERE run_id = $run AND split = $dev)
+SELECT iteration, coalesce(p.trajectory_pairs, 0) AS trajectory_pairs,
+       coalesce(p.step_pairs, 0) AS step_pairs,
+       round(s.expert_step_reward, 3) AS expert_step_reward,
+       round(s.agent_step_reward, 3) AS agent_step_reward,
+       round(e.dev_reward, 3) AS dev_reward, round(e.success_rate, 3) AS success_rate,
+       round(e.avg_steps, 2) AS avg_steps,
+       coalesce(r.rollouts, 0) AS rollouts, coalesce(r.failed_rollouts, 0) AS failed,
+       r.prefill_tokens, r.generated_tokens
+FROM e FULL JOIN r USING (iteration) FULL JOIN s USING (iteration)
+     FULL JOIN p USING (iteration)
+ORDER BY iteration
+"""
+
+
 # -- row conversion ----------------------------------------------------------------------
+def _digest(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _is_null(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str, Any]:
+    trajectory = result.trajectory
+    return {
+        "run_id": key.run_id,
+        "iteration": key.iteration,
+        "kind": key.kind,
+        "env_id": trajectory.task.env_id,
+        "task_id": result.spec.task_id,
+        "prefix_len": key.prefix_len,
+        "actor": key.actor,
+        "sample_idx": result.spec.sample_idx,
+        "policy_id": policy_id,
+        "status": result.status,
+        "outcome_reward": result.outcome_reward,
+        "n_steps": len(trajectory.steps),
+        "steps": steps_to_json(trajectory.steps),
+        "prefill_tokens": result.prefill_tokens,
+        "generated_tokens": result.generated_tokens,
+        "env_steps": result.env_steps,
+        "parse_failures": result.parse_failures,
+        "error": result.error,
+    }
+
+
+def step_reward_rows(
+    at: At,
+    env_id: str,
+    scorer_id: str,
+    rewards: Sequence[StepReward],
+    rollouts: Sequence[Sequence[RolloutResult]],
+) -> dict[str, list[dict[str, Any]]]:
+    """The `step_rewards` rows and the `rollouts` rows (kind 'mc') behind them."""
+    reward_rows: list[dict[str, Any]] = []
+    rollout_rows: list[dict[str, Any]] = []
+    for reward, results in zip(rewards, rollouts, strict=True):
+        query = reward.query
+        reward_rows.append(
+            {
+                "run_id": at.run_id,
+                "scorer_id": scorer_id,
+                "iteration": at.iteration,
+                "env_id": env_id,
+                "task_id": query.task_id,
+                "prefix_len": query.prefix_len,
+                "actor": query.actor,
+                "action": reward.action,
+                "step_text": query.step_text,
+                "mean_reward": reward.mean_reward,
+                "n_samples": reward.n_samples,
+                "n_ok": reward.n_ok,
+                "n_failed": reward.n_failed,
+                "terminal": reward.terminal,
+            }
+        )
+        key = RowKey(at.run_id, at.iteration, "mc", query.prefix_len, query.actor)
+        rollout_rows += [rollout_row(r, key, scorer_id) for r in results]
+    return {"rollouts": rollout_rows, "step_rewards": reward_rows}
+
+
+def pair_row(pair: Pair, run_id: str, iteration: int, env_id: str, mode: str) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "iteration": iteration,
+        "level": pair.level,
+        "env_id": env_id,
+        "task_id": pair.task_id,
+        "prefix_len": pair.prefix_len,
+        "mode": mode if pair.level == "step" else "trajectory",
+        "prompt": json.dumps(pair.prompt),
+        "chosen": json.dumps(pair.chosen),
+        "rejected": json.dumps(pair.rejected),
+        "chosen_actor": pair.chosen_actor,
+        "chosen_reward": pair.chosen_reward,
+        "rejected_reward": pair.rejected_reward,
+        "chosen_outcome": pair.chosen_outcome,
+        "rejected_outcome": pair.rejected_outcome,
+    }
+
+
+def pair_from_row(row: Row) -> Pair:
+    """A `pairs` table row (JSON-encoded message lists) as a `Pair`."""
+    return Pair(
+        level=row["level"],
+        task_id=row["task_id"],
+        prefix_len=int(row["prefix_len"]),
+        prompt=tuple(json.loads(row["prompt"])),
+        chosen=tuple(json.loads(row["chosen"])),
+        rejected=tuple(json.loads(row["rejected"])),
+        chosen_actor=row["chosen_actor"],
+        chosen_reward=float(row["chosen_reward"]),
+        rejected_reward=float(row["rejected_reward"]),
+        chosen_outcome=float(row["chosen_outcome"]),
+        rejected_outcome=float(row["rejected_outcome"]),
+    )
+
+
 def steps_to_json(steps: Sequence[Step]) -> str:
     return json.dumps([asdict(step) for step in steps])
 
@@ -259,6 +703,7 @@ def expert_to_row(trajectory: Trajectory, source: str) -> dict[str, Any]:
         "steps": steps_to_json(trajectory.steps),
         "n_steps": len(trajectory.steps),
         "outcome_reward": trajectory.outcome_reward,
+        "action_hint": task.action_hint or None,
     }
 
 
@@ -269,6 +714,7 @@ def expert_from_row(row: Row) -> Trajectory:
         split=row["split"],
         instruction=row["instruction"],
         initial_observation=row["initial_observation"],
+        action_hint=hint if isinstance(hint := row.get("action_hint"), str) else "",
     )
     return Trajectory(
         task=task, steps=steps_from_json(row["steps"]), outcome_reward=row["outcome_reward"]

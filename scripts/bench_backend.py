@@ -30,17 +30,23 @@ def conversation(index: int, turns: int) -> list[Message]:
     """A distinct episode per index: the prompts differ after the shared system message."""
     messages = [
         system_message(HINT),
-        {"role": "user", "content": f"Your task is to put the key {index} in the box.\n\n"
-         f"{OBSERVATION_PREFIX}You are in the hallway {index}. There is a door to the north."},
-    ]  # fmt: skip
+        {
+            "role": "user",
+            "content": f"Your task is to put the key {index} in the box.\n\n"
+            f"{OBSERVATION_PREFIX}You are in the hallway {index}. There is a door to the north.",
+        },
+    ]
     for turn in range(turns):
         messages.append(
             {"role": "assistant", "content": f"Thought: explore room {turn}.\nAction: go north"}
         )
         messages.append(
-            {"role": "user", "content": f"{OBSERVATION_PREFIX}You are in room {turn} of "
-             f"house {index}. You see a table, a chair and a shelf with {turn + 2} books."}
-        )  # fmt: skip
+            {
+                "role": "user",
+                "content": f"{OBSERVATION_PREFIX}You are in room {turn} of "
+                f"house {index}. You see a table, a chair and a shelf with {turn + 2} books.",
+            }
+        )
     return messages
 
 

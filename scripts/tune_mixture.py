@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ipr_core.backends import release_engines
-from ipr_core.experiment import load_experiment_config, prepare
+from flows.experiment import load_experiment_config, prepare
 from ipr_core.run import evaluate_model
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import record_checkpoint

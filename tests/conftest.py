@@ -16,3 +16,20 @@ from ipr_core.models import build_tiny_llama  # noqa: E402
 def tiny_model_path(tmp_path_factory) -> Path:
     """A tiny random Llama with a ChatML tokenizer, built once per test session."""
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, tiny_model_path):
+    """One `ipr run --no-prefect` of the smoke config (tests/test_flows.py compares the
+    Prefect flow's rows with it); the tiny model is linked into the run's model cache."""
+    from ipr_core.config import load_config
+    from ipr_core.run import run_pipeline
+    from ipr_core.store import Store
+
+    cache = tmp_path_factory.mktemp("ipr")
+    (cache / "models").mkdir()
+    (cache / "models" / "tiny-llama").symlink_to(tiny_model_path)
+    overrides = {"store": str(cache / "run.duckdb"), "cache_dir": str(cache)}
+    config = load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml", overrides)
+    summary = run_pipeline(config, log=lambda _: None)
+    return config, Store(config.store), summary

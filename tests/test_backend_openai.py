@@ -19,8 +19,8 @@ from ipr_core.backends.openai_backend import (
     served_model_for,
 )
 from ipr_core.config import OpenAISettings, RunConfig
+from ipr_core.context import Engines
 from ipr_core.errors import InputError
-from ipr_core.run import backend_options
 
 DATA = Path(__file__).parent / "data" / "vllm_http"
 RECORDED_ROOT = "/work/wt-vllm"
@@ -168,5 +168,6 @@ def test_the_configured_served_name_is_used_for_the_base_model_only(tiny_model_p
         openai={"base_url": "http://127.0.0.1:8000/v1", "model": "llama"},
         cache_dir=tmp_path,
     )
-    assert backend_options(tiny_model_path, config)["served_model"] == "llama"
-    assert backend_options(tmp_path / "checkpoints/abc/model", config)["served_model"] is None
+    engines = Engines(config)
+    assert engines.backend_options(tiny_model_path)["served_model"] == "llama"
+    assert engines.backend_options(tmp_path / "checkpoints/abc/model")["served_model"] is None

@@ -18,9 +18,9 @@ from ipr_core.backends.vllm_backend import (
     serving_plan,
 )
 from ipr_core.config import RunConfig, VLLMSettings
+from ipr_core.context import Engines
 from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import STOP_STRINGS, PromptFormat, build_conversation
-from ipr_core.run import backend_options
 from ipr_core.training.config import MixtureSettings, SFTSettings
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Step, Trajectory
@@ -142,9 +142,9 @@ def test_lora_checkpoints_are_served_as_adapters_on_their_base(tiny_model_path, 
 
 def test_vllm_serves_adapters_only_when_training_uses_lora(tiny_model_path):
     config = RunConfig(env="twx/coin", backend="vllm", vllm={"max_engines": 1})
-    assert backend_options(tiny_model_path, config) == {
+    assert Engines(config).backend_options(tiny_model_path) == {
         "settings": config.vllm,
         "enable_lora": False,
     }
     lora = config.model_copy(update={"mixture": MixtureSettings(lora={"enabled": True})})
-    assert backend_options(tiny_model_path, lora)["enable_lora"] is True
+    assert Engines(lora).backend_options(tiny_model_path)["enable_lora"] is True

@@ -24,7 +24,7 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
     )
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "ipr_core.cli", "bench", "rollouts", "--config", config,
+        [sys.executable, "-m", "flows.commands", "bench", "rollouts", "--config", config,
          "--out", out],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -62,7 +62,7 @@ def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_mod
     )
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "ipr_core.cli", "bench", "training", "--config", config,
+        [sys.executable, "-m", "flows.commands", "bench", "training", "--config", config,
          "--out", out],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

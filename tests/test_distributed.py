@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_cli_train import write_config
 from test_training import PROMPT, _expert, _pairs
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.config import RunConfig
 from ipr_core.store import Store
 from ipr_core.training.config import (

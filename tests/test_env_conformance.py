@@ -28,7 +28,7 @@ from ipr_core.envs import textworld_express as twx
 from ipr_core.envs.jvm import SharedJvm
 from ipr_core.envs.sql_server import shared_server
 from ipr_core.prompts import INVALID_TURN_OBSERVATION
-from ipr_core.rollout import RolloutEngine
+from ipr_core.rollout import EpisodeSettings, RolloutEngine
 
 SPLITS = ("train", "dev", "test")
 
@@ -171,7 +171,7 @@ def engine(
     """An engine without a policy: `replay` executes given assistant turns."""
     case.locate(request, monkeypatch)
     case.isolate(monkeypatch)
-    with RolloutEngine(case.env_id, backend=None, step_timeout_s=2.0) as made:  # type: ignore[arg-type]
+    with RolloutEngine(case.env_id, None, EpisodeSettings(step_timeout_s=2.0)) as made:  # type: ignore[arg-type]
         yield made
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.envs import EnvCrashed, known_env_ids, make_env
 from ipr_core.envs.intercode_sql import (
     DUMPS_VAR,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from scienceworld.constants import TASKS
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.envs import EnvCrashed, known_env_ids, make_env, variant_info
 from ipr_core.envs import science_world as sw
 from ipr_core.envs.science_world import MAX_STEPS, ScienceWorldEnv

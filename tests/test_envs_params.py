@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.config import load_config
 from ipr_core.envs import canonical_env_id, known_env_ids, make_env, parse_env_id, variant_info
 from ipr_core.envs import science_world as sw

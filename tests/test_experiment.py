@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.cli import main
-from ipr_core.errors import InputError, IprError
-from ipr_core.experiment import load_experiment_config, run_experiment
-from ipr_core.report import (
+from flows.commands import main
+from flows.experiment import load_experiment_config, run_experiment
+from flows.report import (
     PER_TASK_SQL,
     analysis,
     markdown_table,
     paired_comparisons,
     run_query,
 )
+from ipr_core.errors import InputError, IprError
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,15 +75,24 @@ def test_one_sft_checkpoint_serves_every_run(experiment):
     )
     assert list(policies["kind"]) == ["sft"]
     # its dev evaluation ran once; the other five runs copied its rows
-    copied = [line for line in first_log if "dev evaluation of" in line and "copied" in line]
-    assert len(copied) == 5
+    copied = [line for line in first_log if "evaluate-dev [iteration 0]: rows of" in line]
+    assert len(copied) == 5 and all("copied: same inputs" in line for line in copied)
 
 
 def test_methods_of_a_seed_share_iteration_one_data_and_differ_in_training(experiment):
     _, store, _, _, _, first_log, _ = experiment
-    shared = [line for line in first_log if "data shared with" in line]
-    assert [line.split("]")[0] for line in shared] == ["[smoke-ipr-s0", "[smoke-ipr-s1"]
-    assert "smoke-eto-s0" in shared[0] and "smoke-eto-s1" in shared[1]
+    sampled = [
+        "expert-step-rewards [iteration 0]",
+        "explore [iteration 1]",
+        "agent-step-rewards [iteration 1]",
+    ]
+    for stage in [*sampled, "mine-pairs [iteration 1]"]:
+        shared = [line for line in first_log if f"{stage}: rows of run" in line]
+        runs = [line.split("]")[0] for line in shared]
+        assert {"[smoke-ipr-s0", "[smoke-ipr-s1"} <= set(runs)
+        if stage in sampled:  # mining reads no seed: another seed's equal inputs count too
+            assert runs == ["[smoke-ipr-s0", "[smoke-ipr-s1"]
+            assert "smoke-eto-s0" in shared[0] and "smoke-eto-s1" in shared[1]
     pairs = store.query(
         "SELECT run_id, count(*) AS n, md5(string_agg(concat_ws('|', level, task_id, "
         "prefix_len, prompt, chosen, rejected), '#' ORDER BY level, task_id, prefix_len)) AS h "
@@ -165,7 +174,7 @@ def test_report_pairs_methods_on_the_test_tasks_from_the_per_task_sql(experiment
     paired = paired_comparisons(per_task)
     assert markdown_table(paired) in section
     assert list(paired["comparison"].unique()) == ["ipr - sft", "ipr - eto", "eto - sft"]
-    assert "`ipr_core.report.paired_comparisons`" in section and "10000 resamples" in section
+    assert "`flows.report.paired_comparisons`" in section and "10000 resamples" in section
     # per-task means over tasks are the results table's means over seeds (nothing failed)
     for method in ("ipr", "sft"):
         mean = runs[runs["method"] == method]["test_reward"].mean()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.errors import InputError
 from ipr_core.formats import load_pair_file, load_sft_file
 

@@ -6,21 +6,21 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ipr_core import shards
+from ipr_core import loop
 from ipr_core.backends.base import Completion, Message, SamplingParams
 from ipr_core.config import RunConfig, validate_config
+from ipr_core.context import Engines, RunContext
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
 from ipr_core.explore import Exploration
 from ipr_core.mining import MiningConfig, mine_pairs
 from ipr_core.prompts import PromptFormat
-from ipr_core.rollout import RolloutEngine, RolloutSpec
-from ipr_core.run import step_scorer
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
+from ipr_core.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.data import build_sft_examples, render, sft_conversations
 from ipr_core.types import Trajectory
-from tasks import keys
 
 ENV = "twx/twc"
 WINDOW = 1
@@ -57,9 +57,8 @@ def test_sft_rollout_and_pair_prompts_of_a_step_are_the_same_messages(
 ) -> None:
     backend = RecordingBackend()
     prefix = tuple(step.text for step in expert.steps[:STEP])
-    with RolloutEngine(
-        ENV, backend, max_steps=STEP + 1, history_window=WINDOW
-    ) as engine:  # one generated turn after the replayed prefix
+    settings = EpisodeSettings(max_steps=STEP + 1, history_window=WINDOW)
+    with RolloutEngine(ENV, backend, settings) as engine:  # one turn after the replayed prefix
         [rollout] = engine.run([RolloutSpec(expert.task.task_id, prefix)], temperature=0.0)
         prompt = engine.prompt
     [rollout_prompt] = backend.prompts
@@ -95,8 +94,10 @@ def test_the_window_is_validated_and_reaches_the_keys_and_the_scorer_id(
         validate_config(RunConfig, {"env": ENV, "prompt": {"history_window": 0}}, Path("x.yaml"))
     plain = RunConfig(env=ENV)
     windowed = RunConfig(env=ENV, prompt={"history_window": 2})
-    fields = ("prompt", *keys.ROLLOUT_FIELDS)
-    assert keys.config_fields(plain, *fields) != keys.config_fields(windowed, *fields)
-    assert step_scorer(plain, "m")[0] != step_scorer(windowed, "m")[0]
-    sharded = shards.step_scorer_id(windowed, tiny_model_path)  # what scale-out workers check
-    assert sharded == step_scorer(windowed, model_id(tiny_model_path))[0]
+    store = Store(tiny_model_path / "never-opened.duckdb")
+    contexts = [RunContext(config, store) for config in (plain, windowed)]
+    fields = [loop.config_fields(ctx, *loop.ROLLOUT_FIELDS) for ctx in contexts]
+    assert fields[0] != fields[1]
+    assert Engines(plain).windowed("m") != Engines(windowed).windowed("m")
+    sharded = Engines(windowed).scorer_id(tiny_model_path)  # what scale-out workers check
+    assert sharded == Engines(windowed).windowed(model_id(tiny_model_path))

@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from flows.commands import main
+from ipr_core import loop
 from ipr_core.backends import make_backend
 from ipr_core.backends.base import SamplingParams
-from ipr_core.cli import main
-from ipr_core.config import load_config
+from ipr_core.context import Engines, RunContext, action_hint
 from ipr_core.errors import InputError
-from ipr_core.pipeline import expert_step_rewards, ingest_gold
+from ipr_core.pipeline import ingest_gold
 from ipr_core.prompts import PromptFormat, build_conversation
-from ipr_core.rollout import RolloutEngine, RolloutSpec
-from ipr_core.run import action_hint, run_pipeline, step_scorer
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
+from ipr_core.run import run_pipeline
 from ipr_core.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import model_id
@@ -25,18 +26,6 @@ from ipr_core.training.reward_model import (
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = "twx/twc"
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, tiny_model_path):
-    """One smoke-config run; the tiny model is linked into the run's model cache."""
-    cache = tmp_path_factory.mktemp("ipr")
-    (cache / "models").mkdir()
-    (cache / "models" / "tiny-llama").symlink_to(tiny_model_path)
-    overrides = {"store": str(cache / "run.duckdb"), "cache_dir": str(cache)}
-    config = load_config(ROOT / "configs" / "smoke.yaml", overrides)
-    summary = run_pipeline(config, log=lambda _: None)
-    return config, Store(config.store), summary
 
 
 def test_ingest_cli_writes_verified_expert_trajectories(tmp_path, capsys):
@@ -127,14 +116,10 @@ def test_scorer_is_the_sft_model_and_reference_stays_sft(smoke_run):
 def test_expert_step_rewards_are_computed_once_per_run_and_scorer(smoke_run):
     config, store, _ = smoke_run
     before = store.count("rollouts", "kind = 'mc' AND actor = 'expert'")
-    sft = store.query("SELECT checkpoint_id, path FROM checkpoints WHERE kind = 'sft'")
-    backend = make_backend(Path(sft["path"][0]), policy_id=sft["checkpoint_id"][0])
-    experts = store.expert_trajectories(ENV, "train")
-    with RolloutEngine(ENV, backend, max_new_tokens=8) as engine:
-        computed = expert_step_rewards(
-            store, config.run_id, engine, backend.policy_id, experts, 2, 1.0, 0
-        )
-    assert computed == 0
+    sft = Path(store.query("SELECT path FROM checkpoints WHERE kind = 'sft'")["path"][0])
+    ctx = RunContext(config, store, log=lambda _: None)
+    output = loop.EXPERT_STEP_REWARDS.compute(ctx, loop.Iteration(2, sft, sft))
+    assert output.result.queries == 0 and output.rows == {}
     assert store.count("rollouts", "kind = 'mc' AND actor = 'expert'") == before
 
 
@@ -151,7 +136,7 @@ def test_context_overflow_is_a_failed_rollout_not_reward_zero(tmp_path, tiny_mod
     ingest_gold(store, ENV, "train", 1)
     [expert] = store.expert_trajectories(ENV, "train")
     backend = make_backend(tiny_model_path, max_context=64)  # no prompt fits
-    with RolloutEngine(ENV, backend, max_new_tokens=8) as engine:
+    with RolloutEngine(ENV, backend, EpisodeSettings(max_new_tokens=8)) as engine:
         query = StepQuery(expert.task.task_id, "expert", (), expert.steps[0].text)
         [reward], [rollouts] = estimate_step_rewards(engine, [query], n_samples=3)
     assert [r.status for r in rollouts] == ["truncated"] * 3
@@ -178,7 +163,7 @@ class FailingBackend:
 
 def test_generation_error_marks_live_episodes_failed(tiny_model_path):
     backend = FailingBackend(make_backend(tiny_model_path))
-    with RolloutEngine(ENV, backend, max_new_tokens=8) as engine:
+    with RolloutEngine(ENV, backend, EpisodeSettings(max_new_tokens=8)) as engine:
         task_ids = engine.task_ids("train")[:2]
         results = engine.run([RolloutSpec(t) for t in task_ids], temperature=0.0)
     assert [r.status for r in results] == ["generation_error"] * 2
@@ -189,9 +174,8 @@ def test_generation_error_marks_live_episodes_failed(tiny_model_path):
 def test_engine_runs_more_episodes_than_live_slots_in_order(tiny_model_path):
     backend = make_backend(tiny_model_path)
     progress: list[tuple[int, int]] = []
-    with RolloutEngine(
-        ENV, backend, max_live=2, max_new_tokens=8, progress=lambda *p: progress.append(p)
-    ) as engine:
+    settings = EpisodeSettings(max_live=2, max_new_tokens=8)
+    with RolloutEngine(ENV, backend, settings, progress=lambda *p: progress.append(p)) as engine:
         task_ids = engine.task_ids("dev")[:5]
         specs = [RolloutSpec(t) for t in task_ids]
         results = engine.run(specs, temperature=0.0)
@@ -220,20 +204,22 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     """Paper 5.5: a reward model trained on the run's MC step rewards scores new steps."""
     config, store, _ = smoke_run
     [mc_scorer] = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"]
-    examples = step_reward_examples(store, config.run_id, mc_scorer, PromptFormat(action_hint(ENV)))
+    steps = store.scored_steps(config.run_id, mc_scorer)
+    examples = step_reward_examples(steps, PromptFormat(action_hint(ENV)))
     settings = RewardModelSettings(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
     trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
     rm_config = config.model_copy(update={"step_reward_model": trained.path})
-    scorer_id, reward_model = step_scorer(rm_config, mc_scorer)
+    scorer = Engines(rm_config).scorer(tiny_model_path)
+    scorer_id, reward_model = scorer.scorer_id, scorer.reward_model
     assert scorer_id == model_id(trained.path) != mc_scorer
 
     fresh = Store(tmp_path / "rm.duckdb")
     ingest_gold(fresh, ENV, "train", 2)
     experts = fresh.expert_trajectories(ENV, "train")
-    with RolloutEngine(ENV, make_backend(tiny_model_path), max_new_tokens=8) as engine:
-        computed = expert_step_rewards(
-            fresh, "rm-run", engine, scorer_id, experts, 4, 1.0, 0, reward_model
-        )
+    rm_run = rm_config.model_copy(update={"run_id": "rm-run", "train_limit": 2})
+    ctx = RunContext(rm_run, fresh, log=lambda _: None)
+    it = loop.Iteration(1, tiny_model_path, tiny_model_path)
+    computed = loop.run_stage(loop.EXPERT_STEP_REWARDS, ctx, it).queries
     rows = fresh.query(
         "SELECT task_id, prefix_len, step_text, mean_reward, n_samples, terminal "
         "FROM step_rewards WHERE scorer_id = ? ORDER BY task_id, prefix_len",
@@ -261,4 +247,4 @@ def test_a_missing_step_reward_model_names_the_field(smoke_run, tmp_path):
     config, _, _ = smoke_run
     missing = config.model_copy(update={"step_reward_model": tmp_path / "nowhere"})
     with pytest.raises(InputError, match="step_reward_model"):
-        step_scorer(missing, "sft")
+        Engines(missing).scorer(tmp_path / "sft")

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ipr_core.report import (
+from flows.report import (
     episode_mismatches,
     paired_bootstrap,
     paired_comparisons,

@@ -75,7 +75,7 @@ def store(tmp_path_factory) -> Store:
 
 
 def test_examples_rebuilt_from_store(store):
-    examples = step_reward_examples(store, RUN, SCORER, PROMPT)
+    examples = step_reward_examples(store.scored_steps(RUN, SCORER), PROMPT)
     assert len(examples) == N_TASKS * len(PREFIXES) * 3
     assert examples.n_rows == len(examples) + 3
     assert examples.n_failed == 2
@@ -86,11 +86,11 @@ def test_examples_rebuilt_from_store(store):
     history = build_conversation(expert.task, expert.steps[:2], PROMPT)
     assert list(example.messages) == [*history, {"role": "assistant", "content": GOOD}]
     assert example.target == 1.0 and example.action == "take coin"
-    assert step_reward_examples(store, RUN, "other-scorer", PROMPT) == []
+    assert step_reward_examples(store.scored_steps(RUN, "other-scorer"), PROMPT) == []
 
 
 def test_split_keeps_tasks_apart(store):
-    examples = step_reward_examples(store, RUN, SCORER, PROMPT)
+    examples = step_reward_examples(store.scored_steps(RUN, SCORER), PROMPT)
     train, heldout = split_by_task(examples, 0.2, seed=0)
     train_tasks, heldout_tasks = {e.task_id for e in train}, {e.task_id for e in heldout}
     assert not train_tasks & heldout_tasks
@@ -101,7 +101,7 @@ def test_split_keeps_tasks_apart(store):
 
 
 def test_train_and_score(store, tiny_model_path, tmp_path):
-    examples = step_reward_examples(store, RUN, SCORER, PROMPT)
+    examples = step_reward_examples(store.scored_steps(RUN, SCORER), PROMPT)
     settings = RewardModelSettings(epochs=6, lr=1e-3, batch_size=8, max_length=512)
     root = tmp_path / "checkpoints"
     result = train_reward_model(tiny_model_path, examples, settings, root)

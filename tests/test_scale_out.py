@@ -1,10 +1,10 @@
 """Sharded Monte Carlo step rewards: a local Dask cluster (2 worker processes) computes
-Parquet shards, one ingest writes the store, and the rows equal the in-process stage's."""
+Parquet shards, the stage commits them with its completion record, and the rows equal the
+in-process stage's."""
 
 import os
 import shutil
 import tempfile
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,16 +23,17 @@ from ipr_core.config import (  # noqa: E402
     ScaleOutConfig,
     load_config,
 )
+from ipr_core.context import Engines, RunContext, ScoringJob  # noqa: E402
 from ipr_core.errors import InputError  # noqa: E402
-from ipr_core.pipeline import (  # noqa: E402
-    agent_step_rewards,
-    expert_step_rewards,
-    explore_stage,
-    ingest_gold,
-    pending_expert_queries,
+from ipr_core.loop import (  # noqa: E402
+    AGENT_STEP_REWARDS,
+    EXPERT_STEP_REWARDS,
+    EXPLORE,
+    Iteration,
+    run_stage,
 )
-from ipr_core.run import load_backend, open_engine  # noqa: E402
-from ipr_core.store import Store  # noqa: E402
+from ipr_core.pipeline import agent_queries, ingest_gold, pending_expert_queries  # noqa: E402
+from ipr_core.store import At, Store  # noqa: E402
 
 ENV = "twx/arithmetic"  # 5 gold steps per task: 2 tasks give 10 expert steps to score
 
@@ -48,16 +49,52 @@ def table(store: Store, name: str, with_created_at: bool = False) -> list[dict]:
     return store.query(f"SELECT {columns} FROM {name} ORDER BY ALL").to_dict("records")
 
 
+def quiet(_: str) -> None:
+    pass
+
+
+def compute_in_process(jobs: list[shards.ShardJob], label: str) -> None:
+    for job in jobs:
+        shards.compute_shard(job)
+
+
+class Recording:
+    """Sharded scoring that records which shards it was asked to compute."""
+
+    def __init__(self, n_shards: int, run: shards.RunShards):
+        self.computed: list[shards.ShardJob] = []
+
+        def record(jobs: list[shards.ShardJob], label: str) -> None:
+            self.computed += jobs
+            run(jobs, label)
+
+        self.scoring = shards.ShardedScoring(n_shards, record)
+
+
+def expert_job(store: Store, config: RunConfig, scorer: Path) -> ScoringJob:
+    """The expert stage's scoring job, as the stage plans it."""
+    experts = store.expert_trajectories(ENV, "train", config.train_limit)
+    scorer_id = Engines(config).scorer_id(scorer)
+    queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
+    return ScoringJob(At(config.run_id, 0), "expert", scorer, tuple(queries), config.seed)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_path):
     """The expert step rewards of 2 tasks, in process and in 2 shards on 2 Dask workers."""
     root = tmp_path_factory.mktemp("scale-out")
     single = RunConfig(
-        run_id="shards", env=ENV, model="tiny-llama", store=root / "single.duckdb",
-        cache_dir=root, train_limit=2, max_steps=6, seed=3,
+        run_id="shards",
+        env=ENV,
+        model="tiny-llama",
+        store=root / "single.duckdb",
+        cache_dir=root,
+        train_limit=2,
+        max_steps=6,
+        seed=3,
         generation=GenerationConfig(max_new_tokens=16, max_batch_size=32, max_live_episodes=32),
         monte_carlo=MonteCarloConfig(n_samples=2, temperature=1.0),
-    )  # fmt: skip
+    )
     ingest_gold(Store(single.store), ENV, "train", 2)
     experts_only = root / "experts-only.duckdb"
     shutil.copy(single.store, experts_only)
@@ -66,21 +103,21 @@ def runs(tmp_path_factory, tiny_model_path):
         update={"store": root / "sharded.duckdb", "scale_out": ScaleOutConfig(shards=2, workers=2)}
     )
     store = Store(single.store)
-    experts = store.expert_trajectories(ENV, "train", 2)
-    with ExitStack() as stack:
-        scorer = load_backend(tiny_model_path, single)
-        engine = open_engine(stack, scorer, single)
-        expert_step_rewards(
-            store, single.run_id, engine, scorer.policy_id, experts, 2, 1.0, single.seed
-        )
-    jobs = shards.plan_step_reward_shards(
-        Store(sharded.store), sharded, experts, tiny_model_path, "expert", 1, sharded.seed, 2
+    it = Iteration(1, tiny_model_path, tiny_model_path)
+    run_stage(EXPERT_STEP_REWARDS, RunContext(single, store, quiet), it)
+    jobs = shards.plan_shards(
+        sharded, expert_job(Store(sharded.store), sharded, tiny_model_path), 2
     )
-    result = scale_out.mc_step_rewards(sharded, str(tiny_model_path), "expert", 1)
+    dask = Recording(2, scale_out.sharded_scoring(sharded.scale_out).run)
+    sharded_ctx = RunContext(sharded, Store(sharded.store), quiet, scoring=dask.scoring)
+    result = run_stage(EXPERT_STEP_REWARDS, sharded_ctx, it)
     return {
         "single": store,
         "sharded": Store(sharded.store),
         "config": sharded,
+        "context": sharded_ctx,
+        "iteration": it,
+        "dask": dask,
         "result": result,
         "jobs": jobs,
         "experts_only": experts_only,
@@ -90,7 +127,7 @@ def runs(tmp_path_factory, tiny_model_path):
 
 def test_sharded_rows_equal_the_in_process_stage(runs):
     result = runs["result"]
-    assert (result["queries"], result["shards"], result["computed"]) == (10, 2, 2)
+    assert (result.queries, len(runs["jobs"]), len(runs["dask"].computed)) == (10, 2, 2)
     assert all(job.file(t).exists() for job in runs["jobs"] for t in shards.TABLES)
     in_process = table(runs["single"], "step_rewards")
     assert len(in_process) == 10
@@ -101,85 +138,93 @@ def test_sharded_rows_equal_the_in_process_stage(runs):
 
 
 def test_rerun_computes_nothing_and_changes_no_row(runs):
-    before = {name: table(runs["sharded"], name, True) for name in shards.TABLES}
-    again = shards.ingest_shards(runs["sharded"], runs["jobs"])
-    assert again == {"rollouts": 0, "step_rewards": 0}
-    result = scale_out.mc_step_rewards(runs["config"], str(runs["scorer"]), "expert", 1)
-    assert (result["queries"], result["computed"]) == (0, 0)  # every expert step is scored
-    assert {name: table(runs["sharded"], name, True) for name in shards.TABLES} == before
+    store, ctx, it = runs["sharded"], runs["context"], runs["iteration"]
+    before = {name: table(store, name, True) for name in shards.TABLES}
+    assert run_stage(EXPERT_STEP_REWARDS, ctx, it) == runs["result"]  # the completion record
+    with store.transaction() as con:  # without it, the stage finds every expert step scored
+        con.execute("DELETE FROM stage_runs")
+    assert run_stage(EXPERT_STEP_REWARDS, ctx, it).queries == 0
+    assert len(runs["dask"].computed) == 2
+    assert {name: table(store, name, True) for name in shards.TABLES} == before
 
 
-def copied_jobs(runs, tmp_path: Path) -> list[shards.ShardJob]:
-    shutil.copytree(runs["jobs"][0].directory, tmp_path / "shards")
-    return [replace(job, directory=str(tmp_path / "shards")) for job in runs["jobs"]]
-
-
-def fresh_store(runs, tmp_path: Path) -> Store:
-    shutil.copy(runs["experts_only"], tmp_path / "store.duckdb")
-    return Store(tmp_path / "store.duckdb")
+def copied_shards(runs, tmp_path: Path) -> tuple[RunContext, list[shards.ShardJob]]:
+    """A fresh store whose stage reads the fixture's shard files, copied, and never
+    computes a shard itself."""
+    config = runs["config"]
+    scale = config.scale_out.model_copy(update={"shard_dir": tmp_path / "shards"})
+    config = config.model_copy(update={"scale_out": scale, "store": tmp_path / "store.duckdb"})
+    shutil.copy(runs["experts_only"], config.store)
+    shutil.copytree(runs["jobs"][0].directory, shards.shard_directory(config, "expert", 0))
+    jobs = shards.plan_shards(config, expert_job(Store(config.store), config, runs["scorer"]), 2)
+    scoring = shards.ShardedScoring(2, lambda jobs, label: None)
+    return RunContext(config, Store(config.store), quiet, scoring=scoring), jobs
 
 
 def test_a_missing_shard_is_an_error_naming_the_file_and_nothing_is_written(runs, tmp_path):
-    jobs = copied_jobs(runs, tmp_path)
+    ctx, jobs = copied_shards(runs, tmp_path)
     missing = jobs[1].file("rollouts")
     missing.unlink()
-    store = fresh_store(runs, tmp_path)
     with pytest.raises(shards.ShardError, match=str(missing)):
-        shards.ingest_shards(store, jobs)
+        run_stage(EXPERT_STEP_REWARDS, ctx, runs["iteration"])
+    store = ctx.store
     assert store.count("step_rewards") == 0 and store.count("rollouts") == 0
+    assert store.count("stage_runs") == 0
 
 
 def test_a_corrupt_shard_is_an_error_naming_the_file(runs, tmp_path):
-    jobs = copied_jobs(runs, tmp_path)
+    ctx, jobs = copied_shards(runs, tmp_path)
     corrupt = jobs[0].file("step_rewards")
     corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
     with pytest.raises(shards.ShardError, match=f"{corrupt} is not readable Parquet"):
-        shards.ingest_shards(fresh_store(runs, tmp_path), jobs)
+        run_stage(EXPERT_STEP_REWARDS, ctx, runs["iteration"])
     assert not shards.shard_complete(jobs[0]) and shards.shard_complete(jobs[1])
 
 
 def test_a_shard_of_another_job_is_not_ingested(runs, tmp_path):
-    jobs = [replace(job, seed=job.seed + 1) for job in copied_jobs(runs, tmp_path)]
+    _, jobs = copied_shards(runs, tmp_path)
     with pytest.raises(shards.ShardError, match="written for another job"):
-        shards.ingest_shards(fresh_store(runs, tmp_path), jobs)
+        shards.shard_rows([replace(job, seed=job.seed + 1) for job in jobs])
 
 
 def test_plan_cuts_the_queries_into_ordered_slices(runs):
     store = Store(runs["experts_only"])
     config = runs["config"]
-    experts = store.expert_trajectories(ENV, "train", 2)
-    queries = pending_expert_queries(store, config.run_id, runs["jobs"][0].scorer_id, experts)
+    job = expert_job(store, config, runs["scorer"])
     for n_shards, sizes in [(3, [3, 4, 3]), (50, [1] * 10)]:
-        jobs = shards.plan_step_reward_shards(
-            store, config, experts, runs["scorer"], "expert", 1, 0, n_shards
-        )
-        assert [len(job.queries) for job in jobs] == sizes
-        assert [q for job in jobs for q in job.queries] == queries
-        assert {job.count for job in jobs} == {len(sizes)}
+        jobs = shards.plan_shards(config, job, n_shards)
+        assert [len(shard.queries) for shard in jobs] == sizes
+        assert [q for shard in jobs for q in shard.queries] == list(job.queries)
+        assert {shard.count for shard in jobs} == {len(sizes)}
 
 
 def test_agent_shard_rows_equal_the_in_process_stage(runs, tmp_path):
-    """The agent stage's plan: the iteration's explorations, rows under that iteration.
+    """The agent stage's shards: the iteration's explorations, rows under that iteration.
     One shard, computed in this process (the Dask fan-out is the test above)."""
-    config, seed = runs["config"], 42
-    explored = fresh_store(runs, tmp_path)
-    experts = explored.expert_trajectories(ENV, "train", 1)  # 5 explorations: enough here
-    with ExitStack() as stack:
-        scorer = load_backend(runs["scorer"], config)
-        engine = open_engine(stack, scorer, config)
-        explorations = explore_stage(explored, config.run_id, 1, engine, experts, seed=7)
-        shutil.copy(explored.path, tmp_path / "sharded.duckdb")
-        n = agent_step_rewards(
-            explored, config.run_id, 1, engine, scorer.policy_id, explorations, 2, 1.0, seed
-        )
+    config = runs["config"].model_copy(
+        update={"train_limit": 1, "scale_out": None, "cache_dir": tmp_path}
+    )  # 5 explorations: enough here; shards under tmp_path
+    shutil.copy(runs["experts_only"], tmp_path / "explored.duckdb")
+    explored = Store(tmp_path / "explored.duckdb")
+    it = Iteration(1, runs["scorer"], runs["scorer"])
+    ctx = RunContext(config.model_copy(update={"store": explored.path}), explored, quiet)
+    run_stage(EXPLORE, ctx, it)
+    shutil.copy(explored.path, tmp_path / "sharded.duckdb")
+    n = run_stage(AGENT_STEP_REWARDS, ctx, it).queries
     sharded = Store(tmp_path / "sharded.duckdb")
-    config = config.model_copy(update={"cache_dir": tmp_path})  # shards under tmp_path
-    (job,) = shards.plan_step_reward_shards(
-        sharded, config, experts, runs["scorer"], "agent", 1, seed, 1
+    queries = agent_queries(sharded.explorations(config.run_id, 1, ctx.explored()))
+    job = ScoringJob(At(config.run_id, 1), "agent", runs["scorer"], tuple(queries), ctx.seed(1))
+    (shard,) = shards.plan_shards(config, job, 1)
+    assert len(shard.queries) == n > 0 and shard.iteration == 1
+    assert shards.compute_shard(shard) and not shards.compute_shard(shard)  # done: not redone
+    in_process = shards.ShardedScoring(1, compute_in_process)
+    sharded_config = config.model_copy(update={"store": sharded.path})
+    assert (
+        run_stage(
+            AGENT_STEP_REWARDS, RunContext(sharded_config, sharded, quiet, scoring=in_process), it
+        ).queries
+        == n
     )
-    assert len(job.queries) == n > 0 and job.iteration == 1
-    assert shards.compute_shard(job) and not shards.compute_shard(job)  # done: not redone
-    assert shards.ingest_shards(sharded, [job])["step_rewards"] == n
     for name in shards.TABLES:
         assert table(sharded, name) == table(explored, name)
 

@@ -4,10 +4,10 @@ import textwrap
 
 import pytest
 
-from ipr_core.cli import main
+from flows.commands import main
 from ipr_core.envs.base import EnvTask
 from ipr_core.react import format_turn
-from ipr_core.store import Store, expert_to_row
+from ipr_core.store import SCHEMA, Store, expert_to_row
 from ipr_core.types import Step, Trajectory
 
 
@@ -67,3 +67,43 @@ def test_sql_reads_while_another_process_writes(tmp_path, capsys):
 def test_sql_on_missing_store_is_a_clear_error(tmp_path, capsys):
     assert main(["sql", "SELECT 1", "--store", str(tmp_path / "nope.duckdb")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_action_hint_travels_with_the_expert_rows(tmp_path, monkeypatch):
+    """The prompt of a run is built from the stored experts' hint: no env is started."""
+    from dataclasses import replace
+
+    from ipr_core import context
+    from ipr_core.config import RunConfig
+
+    hinted = expert("train-0")
+    hinted = replace(hinted, task=replace(hinted.task, action_hint="Actions: take X."))
+    store = Store(tmp_path / "s.duckdb")
+    store.write({"expert_trajectories": [expert_to_row(hinted, "gold")]})
+    assert store.expert_trajectories("twx/coin", "train") == [hinted]
+
+    def no_env(env_id: str):
+        raise AssertionError(f"started env {env_id}")
+
+    monkeypatch.setattr(context, "make_env", no_env)
+    config = RunConfig(env="twx/coin", train_limit=1, store=store.path)
+    assert context.RunContext(config, store).prompt.action_hint == "Actions: take X."
+
+
+def test_a_store_from_before_the_hint_column_gets_it_on_its_first_write(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    old = ", ".join(
+        line.strip().rstrip(",")
+        for line in textwrap.dedent(SCHEMA["expert_trajectories"]).splitlines()
+        if line.strip() and not line.strip().startswith("action_hint")
+    )
+    con.execute(f"CREATE TABLE expert_trajectories ({old})")
+    con.close()
+    store = Store(path)
+    store.write({"expert_trajectories": [expert_to_row(expert("train-0"), "gold")]})
+    assert store.expert_trajectories("twx/coin", "train") == [expert("train-0")]
+    columns = store.query("DESCRIBE expert_trajectories")["column_name"].tolist()
+    assert columns.count("action_hint") == 1

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.store import Store
-from ipr_core.training.checkpoints import checkpoint_id, model_id, record_checkpoint
+from ipr_core.training.checkpoints import checkpoint_id, model_id
 from ipr_core.training.config import (
     ComputeSettings,
     MixtureSettings,
@@ -31,6 +31,7 @@ from ipr_core.training.data import (
 from ipr_core.training.mixture import (
     MixtureTrainer,
     PairCollator,
+    PairLogps,
     mixture_config,
     mixture_loss,
     train_mixture,
@@ -113,7 +114,7 @@ def test_mixture_loss_matches_hand_computation() -> None:
     # Δ_traj = (−10+11) − (−12+11) = 2; Δ_step = (−5+5.5) − (−4+4.2) = 0.3; −log σ(x) = softplus(−x)
     o_dpo, s_dpo = _softplus(-beta * 2.0), _softplus(-beta * 0.3)
     expected = (0.7 * o_dpo + 1.3 * s_dpo) / 2 + 0.4 * 2.5
-    loss, metrics = mixture_loss(pc, pr, rc, rr, is_step, nll, beta, weights)
+    loss, metrics = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nll, beta, weights)
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     assert metrics["loss/o_dpo"] == pytest.approx(o_dpo, abs=1e-5)
     assert metrics["loss/s_dpo"] == pytest.approx(s_dpo, abs=1e-5)
@@ -121,10 +122,11 @@ def test_mixture_loss_matches_hand_computation() -> None:
     # A zero weight removes its term, even when that term is not finite.
     nan_step = torch.tensor([-11.0, float("nan")])
     no_step = MixtureWeights(trajectory_dpo=0.7, step_dpo=0.0, sft=0.4)
-    loss, _ = mixture_loss(pc, pr, nan_step, rr, is_step, nll, beta, no_step)
+    loss, _ = mixture_loss(PairLogps(pc, pr, nan_step, rr), is_step, nll, beta, no_step)
     assert loss.item() == pytest.approx(0.7 * o_dpo / 2 + 0.4 * 2.5, abs=1e-5)
     no_sft = MixtureWeights(trajectory_dpo=0.7, step_dpo=1.3, sft=0.0)
-    loss, _ = mixture_loss(pc, pr, rc, rr, is_step, torch.tensor(float("nan")), beta, no_sft)
+    nan_nll = torch.tensor(float("nan"))
+    loss, _ = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
     assert loss.item() == pytest.approx((0.7 * o_dpo + 1.3 * s_dpo) / 2, abs=1e-5)
 
 
@@ -162,9 +164,8 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
     torch.testing.assert_close(batch["ref_chosen_logps"], chosen, atol=0, rtol=1e-6)
     torch.testing.assert_close(batch["ref_rejected_logps"], rejected, atol=0, rtol=1e-6)
     nll = -chosen.sum() / counts.sum()
-    expected, _ = mixture_loss(
-        chosen, rejected, chosen, rejected, torch.tensor([False, True]), nll, 0.3, settings.weights
-    )
+    logps = PairLogps(chosen, rejected, chosen, rejected)
+    expected, _ = mixture_loss(logps, torch.tensor([False, True]), nll, 0.3, settings.weights)
     assert trainer_loss == pytest.approx(expected.item(), abs=1e-5)
 
 
@@ -303,7 +304,7 @@ def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: P
     assert len({first.checkpoint_id, other_data, other_settings}) == 3
 
     store = Store(tmp_path / "store.duckdb")
-    record_checkpoint(store, first, run_id="r", iteration=0)
+    store.record_checkpoint(first, run_id="r", iteration=0)
     row = store.query("SELECT * FROM checkpoints").to_dict("records")[0]
     assert (row["checkpoint_id"], row["kind"], row["path"]) == (
         first.checkpoint_id,

@@ -105,7 +105,9 @@ class AlfWorldEnv:
         split, game = self._by_id[task_id]
         state = self._call(lambda: self._reset_engine(game), f"resetting to {game.game_file}")
         instruction, observation = split_intro(state.feedback)
-        self._task = EnvTask(self.env_id, task_id, split, instruction, observation)
+        self._task = EnvTask(
+            self.env_id, task_id, split, instruction, observation, self.action_hint
+        )
         self._steps = 0
         self._last = StepResult(observation, done=False, reward=0.0)
         return self._task

@@ -233,33 +233,41 @@ def generate_split(root: Path, split: str, count: int, max_steps: int) -> list[s
     task_ids: list[str] = []
     attempt = 0
     solver = ExpertSolver(max_steps)
+    splits = _SplitGames(root, split, task_types, hosts, solver)
     try:
         while len(task_ids) < count:
-            attempt = _next_game(root, split, attempt, task_types, hosts, solver, task_ids)
+            attempt = _next_game(splits, attempt, task_ids)
     finally:
         solver.close()
     return task_ids
 
 
-def _next_game(
-    root: Path,
-    split: str,
-    attempt: int,
-    task_types: list[str],
-    hosts: dict[str, list[int]],
-    solver: ExpertSolver,
-    task_ids: list[str],
-) -> int:
+@dataclass(frozen=True)
+class _SplitGames:
+    """What every attempt of a split's generation shares."""
+
+    root: Path
+    split: str
+    task_types: list[str]
+    hosts: dict[str, list[int]]
+    solver: ExpertSolver
+
+
+def _next_game(games: _SplitGames, attempt: int, task_ids: list[str]) -> int:
     """Try attempts from `attempt` until one game is solved; append it; the next attempt."""
     while True:
         if attempt >= MAX_ATTEMPTS_PER_GAME * (len(task_ids) + 1):
-            raise RuntimeError(f"alfworld: could only generate {len(task_ids)} {split} games")
-        rng = random.Random(f"alfworld-{split}-{attempt}")
-        task_type = task_types[(TYPE_OFFSET[split] + len(task_ids)) % len(task_types)]
-        game = build_game(rng.choice(hosts[task_type]), task_type, rng)
-        game_dir = root / SPLIT_FOLDERS[split] / game.folder_name / f"trial_g{attempt:05d}"
+            raise RuntimeError(f"alfworld: could only generate {len(task_ids)} {games.split} games")
+        rng = random.Random(f"alfworld-{games.split}-{attempt}")
+        task_type = games.task_types[
+            (TYPE_OFFSET[games.split] + len(task_ids)) % len(games.task_types)
+        ]
+        game = build_game(rng.choice(games.hosts[task_type]), task_type, rng)
+        game_dir = (
+            games.root / SPLIT_FOLDERS[games.split] / game.folder_name / f"trial_g{attempt:05d}"
+        )
         game.write(game_dir)
-        walkthrough = solver.solve(game_dir / "game.tw-pddl", seed=attempt)
+        walkthrough = games.solver.solve(game_dir / "game.tw-pddl", seed=attempt)
         attempt += 1
         if walkthrough is None:  # unsolved, or not within max_steps
             shutil.rmtree(game_dir)
@@ -268,7 +276,7 @@ def _next_game(
             continue
         game.game["walkthrough"], game.game["solvable"] = walkthrough, True
         game.write(game_dir)
-        task_ids.append(game_dir.relative_to(root).as_posix())
+        task_ids.append(game_dir.relative_to(games.root).as_posix())
         return attempt
 
 

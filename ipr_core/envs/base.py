@@ -19,6 +19,9 @@ class EnvTask:
     split: str
     instruction: str
     initial_observation: str
+    action_hint: str = ""
+    """The env's action hint (the system prompt's), carried with the task so that a stored
+    expert trajectory builds its prompt without starting the env."""
 
 
 @dataclass(frozen=True)

@@ -308,6 +308,7 @@ class InterCodeSqlEnv:
             split=split,
             instruction=task.question,
             initial_observation=self._last_observation,
+            action_hint=self.action_hint,
         )
 
     def step(self, action: str) -> StepResult:

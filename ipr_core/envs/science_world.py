@@ -244,6 +244,7 @@ class ScienceWorldEnv:
             split=split,
             instruction=self._call("getTaskDescription").strip(),
             initial_observation=observation,
+            action_hint=self.action_hint,
         )
         self._variation = int(variation)
         self._steps = 0

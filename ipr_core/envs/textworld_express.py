@@ -180,6 +180,7 @@ class TextWorldExpressEnv:
             split=split,
             instruction=self._call("getTaskDescription"),
             initial_observation=info["observation"],
+            action_hint=self.action_hint,
         )
         self._steps = 0
         self._valid_actions = _by_lower_case(info["validActions"])

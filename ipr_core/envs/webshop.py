@@ -332,6 +332,7 @@ class WebShopEnv:
             split=split,
             instruction=self._page.instruction,
             initial_observation=self._page.text,
+            action_hint=self.action_hint,
         )
 
     def step(self, action: str) -> StepResult:

@@ -19,8 +19,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ipr_core.store import Store
-
 CheckpointKind = Literal["base", "sft", "mixture", "reward_model"]
 COMPLETE_MARKER = "COMPLETE"
 RESULT_FILE = "result.json"
@@ -139,11 +137,11 @@ def load_result(folder: Path) -> TrainResult:
     return TrainResult(**data, skipped=True)
 
 
-def record_checkpoint(
-    store: Store, result: TrainResult, run_id: str | None = None, iteration: int | None = None
-) -> None:
-    """Write the checkpoint's row (idempotent: the id is the primary key)."""
-    row = {
+def checkpoint_row(
+    result: TrainResult, run_id: str | None = None, iteration: int | None = None
+) -> dict[str, Any]:
+    """The checkpoint's `checkpoints` row (the id is the primary key)."""
+    return {
         "checkpoint_id": result.checkpoint_id,
         "parent_id": result.parent_id,
         "kind": result.kind,
@@ -153,4 +151,3 @@ def record_checkpoint(
         "config": json.dumps(result.settings, sort_keys=True),
         "metrics": json.dumps(result.metrics, sort_keys=True),
     }
-    store.write({"checkpoints": [row]})

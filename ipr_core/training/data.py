@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,6 @@ from transformers import PreTrainedTokenizerBase
 from ipr_core.backends.base import Message
 from ipr_core.errors import IprError
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
-from ipr_core.store import Store
 from ipr_core.types import Pair, Trajectory
 
 HEAD_MESSAGES = 2
@@ -186,35 +185,6 @@ def build_sft_examples(
 
 
 # -- pairs -------------------------------------------------------------------------------
-def pair_from_row(row: Mapping[str, Any]) -> Pair:
-    """A `pairs` table row (JSON-encoded message lists) as a `Pair`."""
-    return Pair(
-        level=row["level"],
-        task_id=row["task_id"],
-        prefix_len=int(row["prefix_len"]),
-        prompt=tuple(json.loads(row["prompt"])),
-        chosen=tuple(json.loads(row["chosen"])),
-        rejected=tuple(json.loads(row["rejected"])),
-        chosen_actor=row["chosen_actor"],
-        chosen_reward=float(row["chosen_reward"]),
-        rejected_reward=float(row["rejected_reward"]),
-        chosen_outcome=float(row["chosen_outcome"]),
-        rejected_outcome=float(row["rejected_outcome"]),
-    )
-
-
-def load_pairs(store: Store, run_id: str, iteration: int) -> list[Pair]:
-    """The pairs one iteration mined, in a stable order."""
-    if not store.table_exists("pairs"):
-        return []
-    frame = store.query(
-        "SELECT * FROM pairs WHERE run_id = ? AND iteration = ? "
-        "ORDER BY level, task_id, prefix_len",
-        [run_id, iteration],
-    )
-    return [pair_from_row(row) for row in frame.to_dict("records")]
-
-
 def build_pair_examples(
     pairs: Iterable[Pair], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[list[dict[str, Any]], BuildStats]:

@@ -41,13 +41,16 @@ STRATEGY_FLAGS: dict[Strategy, tuple[str, ...]] = {
     "ddp": ("--multi_gpu",),
     "fsdp": (
         "--use_fsdp",
-        "--fsdp_sharding_strategy", "FULL_SHARD",
-        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-        "--fsdp_state_dict_type", "FULL_STATE_DICT",
+        "--fsdp_sharding_strategy",
+        "FULL_SHARD",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type",
+        "FULL_STATE_DICT",
     ),
     "deepspeed-zero2": ("--use_deepspeed", "--zero_stage", "2"),
     "deepspeed-zero3": ("--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"),
-}  # fmt: skip
+}
 """accelerate launch's flags per strategy. On CPU `--multi_gpu` starts torch's elastic
 launcher all the same, and the processes meet over gloo. ZeRO-3 gathers its shards for
 saving only with `zero3_save_16bit_model`, which saves 16-bit weights."""
@@ -93,13 +96,19 @@ def launched(fit: Fit, compute: ComputeSettings, precision: Precision) -> Fit:
 def launch_command(distributed: DistributedSettings, precision: Precision, job: Path) -> list[str]:
     """The `accelerate launch` command line of `job` (this interpreter, so the same venv)."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(distributed.num_processes),
-        "--num_machines", "1",
-        "--mixed_precision", "bf16" if precision.bf16 else "no",
-        "--dynamo_backend", "no",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(distributed.num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16" if precision.bf16 else "no",
+        "--dynamo_backend",
+        "no",
         *STRATEGY_FLAGS[distributed.strategy],
-    ]  # fmt: skip
+    ]
     if distributed.main_process_port is not None:
         command += ["--main_process_port", str(distributed.main_process_port)]
     return [*command, "-m", "ipr_core.training.launch", str(job)]

@@ -51,11 +51,18 @@ from ipr_core.training.runtime import (
 from ipr_core.types import Pair
 
 
+@dataclass(frozen=True)
+class PairLogps:
+    """Sequence log-probs of a batch of pairs, one entry per pair, under policy and reference."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+
 def mixture_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    logps: PairLogps,
     is_step_level: torch.Tensor,
     chosen_nll: torch.Tensor,
     beta: float,
@@ -63,10 +70,10 @@ def mixture_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The batch loss of the module docstring; a zero weight removes its term entirely.
 
-    Log-prob tensors have one entry per pair; `is_step_level` is boolean per pair;
-    `chosen_nll` is the scalar token-mean NLL of the chosen sides.
+    `is_step_level` is boolean per pair; `chosen_nll` is the scalar token-mean NLL of the
+    chosen sides.
     """
-    delta = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    delta = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
     per_pair = -F.logsigmoid(beta * delta)
     w = torch.where(is_step_level, weights.step_dpo, weights.trajectory_dpo).to(per_pair.dtype)
     weighted = torch.where(w > 0, w * per_pair, torch.zeros_like(per_pair))
@@ -176,15 +183,9 @@ class MixtureTrainer(DPOTrainer):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(
                 self.ref_model or self.model, inputs
             )
+        logps = PairLogps(chosen_logps, rejected_logps, ref_chosen, ref_rejected)
         loss, metrics = mixture_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen,
-            ref_rejected,
-            inputs["is_step_level"],
-            chosen_nll,
-            self.beta,
-            self.mixture_weights,
+            logps, inputs["is_step_level"], chosen_nll, self.beta, self.mixture_weights
         )
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
@@ -213,22 +214,31 @@ def train_mixture(
     ckpt_id = checkpoint_id(parent_id, data_hash, settings)
 
     precision = detect_precision(compute)
-    fit = partial(fit_mixture, start, sft_model_path, parent_path, pairs, settings, precision)
+    job = MixtureJob(start, sft_model_path, parent_path is not None, pairs, settings, precision)
+    fit = partial(fit_mixture, job)
     return train_once(
         checkpoints_root, ckpt_id, parent_id, "mixture", settings, launched(fit, compute, precision)
     )
 
 
-def fit_mixture(
-    start: Path,
-    sft_model_path: Path,
-    parent_path: Path | None,
-    pairs: Sequence[Pair],
-    settings: MixtureSettings,
-    precision: Precision,
-    work: Path,
-) -> dict[str, float]:
-    """Train `start` and save into `work`; every process of a launched run runs this."""
+@dataclass(frozen=True)
+class MixtureJob:
+    """What a mixture training process needs (pickled for launched processes)."""
+
+    start: Path
+    """The model trained: the SFT model, or the previous iteration's."""
+    sft_model_path: Path
+    """The DPO reference."""
+    separate_reference: bool
+    """Whether `start` is not the reference itself."""
+    pairs: Sequence[Pair]
+    settings: MixtureSettings
+    precision: Precision
+
+
+def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
+    """Train `job.start` and save into `work`; every process of a launched run runs this."""
+    start, pairs, settings = job.start, job.pairs, job.settings
     if not pairs:
         raise IprError("mixture training: no pairs with a non-zero weighted term")
     tokenizer = load_tokenizer(start)
@@ -237,10 +247,10 @@ def fit_mixture(
         raise IprError(f"mixture: none of {stats.n_input} pairs fits {settings.max_length}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    args = mixture_config(settings, work, precision)  # first: it sets up the processes
+    args = mixture_config(settings, work, job.precision)  # first: it sets up the processes
     trainer = MixtureTrainer(
         model=load_model(start),
-        ref_model=load_model(sft_model_path) if parent_path is not None else None,
+        ref_model=load_model(job.sft_model_path) if job.separate_reference else None,
         args=args,
         train_dataset=shared_dataset(rows, work),
         processing_class=tokenizer,

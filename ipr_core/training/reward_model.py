@@ -1,4 +1,4 @@
-"""Step reward model (ipr-method.md, §5.5): regress the Monte Carlo step reward.
+"""Step reward model (docs/method.md, step reward model): regress the Monte Carlo step reward.
 
 An LLM backbone with a scalar head (`AutoModelForSequenceClassification`, one label,
 `problem_type="regression"`, i.e. MSE loss) learns r_s(e_{t-1}, a_t) from the
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from transformers import (
 from ipr_core.backends.base import Message
 from ipr_core.errors import IprError
 from ipr_core.prompts import PromptFormat, build_conversation
-from ipr_core.store import Store, expert_from_row
+from ipr_core.store import ScoredStep
 from ipr_core.training.checkpoints import (
     RESULT_FILE,
     CheckpointKind,
@@ -101,48 +100,28 @@ class RewardExamples(list[RewardExample]):
     """Rows whose task has no expert trajectory (or a shorter one than `prefix_len`)."""
 
 
-def step_reward_examples(
-    store: Store, run_id: str, scorer_id: str, prompt: PromptFormat
-) -> RewardExamples:
-    """Every scored step of (`run_id`, `scorer_id`), all iterations and actors, stably ordered."""
+def step_reward_examples(steps: Sequence[ScoredStep], prompt: PromptFormat) -> RewardExamples:
+    """An example per scored step (`Store.scored_steps`), in the steps' order."""
     examples = RewardExamples()
-    if not store.table_exists("step_rewards") or not store.table_exists("expert_trajectories"):
-        return examples
-    frame = store.query(
-        "SELECT s.task_id, s.prefix_len, s.actor, s.iteration, s.action, s.step_text, "
-        "s.mean_reward, e.env_id AS e_env_id, e.task_id AS e_task_id, e.split, e.instruction, "
-        "e.initial_observation, e.steps, e.outcome_reward "
-        "FROM step_rewards s LEFT JOIN expert_trajectories e "
-        "ON e.env_id = s.env_id AND e.task_id = s.task_id "
-        "WHERE s.run_id = ? AND s.scorer_id = ? "
-        "ORDER BY s.task_id, s.prefix_len, s.iteration, s.actor",
-        [run_id, scorer_id],
-    )
-    for row in frame.to_dict("records"):
+    for step in steps:
         examples.n_rows += 1
-        if _is_null(row["mean_reward"]):
+        if step.mean_reward is None:
             examples.n_failed += 1
             continue
-        if _is_null(row["e_task_id"]):
+        expert = step.expert
+        if expert is None or step.prefix_len > len(expert.steps):
             examples.n_no_expert += 1
             continue
-        expert = expert_from_row(
-            {**row, "env_id": row["e_env_id"], "task_id": row["e_task_id"], "outcome_reward": 0.0}
-        )
-        prefix_len = int(row["prefix_len"])
-        if prefix_len > len(expert.steps):
-            examples.n_no_expert += 1
-            continue
-        history = build_conversation(expert.task, expert.steps[:prefix_len], prompt)
+        history = build_conversation(expert.task, expert.steps[: step.prefix_len], prompt)
         examples.append(
             RewardExample(
-                task_id=row["task_id"],
-                prefix_len=prefix_len,
-                actor=row["actor"],
-                iteration=int(row["iteration"]),
-                action=row["action"],
-                messages=(*history, {"role": "assistant", "content": row["step_text"]}),
-                target=float(row["mean_reward"]),
+                task_id=step.task_id,
+                prefix_len=step.prefix_len,
+                actor=step.actor,
+                iteration=step.iteration,
+                action=step.action,
+                messages=(*history, {"role": "assistant", "content": step.step_text}),
+                target=step.mean_reward,
             )
         )
     return examples
@@ -307,10 +286,6 @@ def _heldout_metrics(
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
-
-
-def _is_null(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # -- scoring -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
 from ipr_core.models import resolve_model
-from ipr_core.rollout import RolloutEngine, RolloutResult
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutResult
 from ipr_core.step_rewards import StepQuery, estimate_step_rewards, expert_queries
 from ipr_core.types import Trajectory
 
@@ -134,9 +134,8 @@ def _estimate(
     config: BenchConfig, backend: TransformersBackend, max_live: int, queries: list[StepQuery]
 ) -> tuple[Measurement, list[RolloutResult]]:
     """Sampled MC estimates (measured), then greedy rollouts of the same queries."""
-    with RolloutEngine(
-        config.env, backend, max_live, config.max_new_tokens, config.max_steps
-    ) as engine:
+    settings = EpisodeSettings(max_live, config.max_new_tokens, config.max_steps)
+    with RolloutEngine(config.env, backend, settings) as engine:
         started = time.perf_counter()
         _, rollouts = estimate_step_rewards(
             engine, queries, config.n_samples, config.temperature, config.seed

@@ -24,7 +24,7 @@ import torch
 from peft import get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
-from ipr_core.bench import gold_trajectories
+from flows.bench import gold_trajectories
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
 from ipr_core.errors import InputError
 from ipr_core.models import resolve_model

@@ -24,8 +24,13 @@ def iteration_plot_png(summary: pd.DataFrame, run_id: str) -> bytes:
     rows = summary.dropna(subset=["dev_reward"])
     fig, (reward_ax, steps_ax) = plt.subplots(1, 2, figsize=(8, 3.2))
     reward_ax.plot(rows["iteration"], rows["dev_reward"].astype(float), marker="o", label="reward")
-    reward_ax.plot(rows["iteration"], rows["success_rate"].astype(float), marker="s",
-                   linestyle="--", label="success rate")  # fmt: skip
+    reward_ax.plot(
+        rows["iteration"],
+        rows["success_rate"].astype(float),
+        marker="s",
+        linestyle="--",
+        label="success rate",
+    )
     reward_ax.set_ylim(-0.02, 1.02)  # rewards live in [0, 1]
     reward_ax.set_ylabel("dev")
     reward_ax.legend()
@@ -49,8 +54,10 @@ def plot_dev_curve(curve: pd.DataFrame, path: Path, experiment_id: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, rows in curve.groupby("method", sort=False):
         mean = rows["dev_reward_mean"].astype(float)
-        spread = [mean - rows["dev_reward_min"].astype(float),
-                  rows["dev_reward_max"].astype(float) - mean]  # fmt: skip
+        spread = [
+            mean - rows["dev_reward_min"].astype(float),
+            rows["dev_reward_max"].astype(float) - mean,
+        ]
         ax.errorbar(rows["iteration"], mean, yerr=spread, marker="o", capsize=3, label=method)
     ax.set_xlabel("iteration (0 = SFT)")
     ax.set_ylabel("dev average reward")

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ipr_core.experiment import METHODS, ensure_known
-from ipr_core.plots import plot_dev_curve
+from flows.experiment import METHODS, ensure_known
+from flows.plots import plot_dev_curve
 from ipr_core.store import Store
 from ipr_core.types import FAILED_STATUSES
 

@@ -6,7 +6,9 @@ Per run: dev evaluation after every iteration, the best iteration picked on dev 
 on test), and that model evaluated on the test split. The `experiment_runs` table says
 which runs are finished, so rerunning the experiment skips them.
 
-Work whose inputs are the same in several runs is done once and its rows are copied:
+Every run executes the one loop (`ipr_core.loop.run_iteration`); work whose inputs are
+the same in several runs is done once because a stage whose fingerprint matches another
+run's completion record copies that run's rows:
 - evaluations are greedy (temperature 0), so a model's evaluation on a split depends on
   the model, the split and the shared settings alone (the SFT model is evaluated once
   for all runs);
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,26 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ipr_core.backends import release_engines
 from ipr_core.config import RunConfig, read_yaml_mapping, validate_config
-from ipr_core.envs import make_env
+from ipr_core.context import Log, RunContext
 from ipr_core.errors import InputError, IprError
-from ipr_core.models import resolve_model
-from ipr_core.pipeline import EXPERT_ITERATION
-from ipr_core.prompts import PromptFormat
-from ipr_core.run import (
-    BASE_ITERATION,
-    ensure_experts,
-    evaluate_model,
-    prompt_format,
-    run_iteration,
-)
+from ipr_core.loop import BASE_ITERATION, EVALUATE, Iteration, Split, run_iteration, run_stage
+from ipr_core.pipeline import ensure_experts
 from ipr_core.store import Store
-from ipr_core.training.checkpoints import base_checkpoint, model_id, record_checkpoint
-from ipr_core.training.data import load_pairs
-from ipr_core.training.mixture import train_mixture, trainable_pairs
+from ipr_core.training.checkpoints import base_checkpoint, model_id
 from ipr_core.training.sft import train_sft
-from ipr_core.types import Trajectory
-
-Log = Callable[[str], None]
 
 TableMethod = Literal["sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft"]
 METHODS: tuple[TableMethod, ...] = ("sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft")
@@ -126,14 +114,10 @@ def load_experiment_config(path: Path, store: Path | None = None) -> ExperimentC
 
 @dataclass(frozen=True)
 class Shared:
-    """What every run of an experiment uses: experts, the prompt, the base and SFT models."""
+    """What every run of an experiment uses: the base and the one SFT model."""
 
-    experts: list[Trajectory]
-    explored: list[Trajectory]
-    prompt: PromptFormat
     base_path: Path
     sft_path: Path
-    task_ids: dict[str, list[str]]
 
 
 def run_experiment(config: ExperimentConfig, log: Log = print) -> pd.DataFrame:
@@ -181,25 +165,19 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
     """Experts, base model and the one SFT checkpoint (trained here only if missing)."""
-    run = config.run
-    experts = ensure_experts(store, run, log)
-    prompt = prompt_format(run)
-    base_path = resolve_model(run.model, run.cache_dir)
-    record_checkpoint(store, base_checkpoint(base_path))
+    ctx = RunContext(config.run, store, log)
+    experts = ensure_experts(store, config.run, log)
+    base_path = ctx.base_path()
+    store.record_checkpoint(base_checkpoint(base_path))
     sft_path = base_path
-    if run.sft is not None:
+    if config.run.sft is not None:
         release_engines()  # a GPU inference engine would hold the memory training needs
-        sft = train_sft(base_path, experts, prompt, run.sft, run.checkpoints_dir, run.compute)
-        record_checkpoint(store, sft, iteration=0)
+        run = config.run
+        sft = train_sft(base_path, experts, ctx.prompt, run.sft, run.checkpoints_dir, run.compute)
+        store.record_checkpoint(sft, iteration=0)
         log(f"shared SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
-    env = make_env(run.env)
-    try:
-        task_ids = {split: env.task_ids(split) for split in (run.dev_split, config.test_split)}
-    finally:
-        env.close()
-    explored = experts[: config.explore_limit]
-    return Shared(experts, explored, prompt, base_path, sft_path, task_ids)
+    return Shared(base_path, sft_path)
 
 
 def run_method(
@@ -222,19 +200,20 @@ def run_method(
             "experiment_runs": [{**key, "run_id": run.run_id, "status": "running"}],
         }
     )
+    ctx = RunContext(run, store, run_log, explore_limit=config.explore_limit)
+    sft = shared.sft_path
     if run.evaluate_base and run.sft is not None:
-        evaluate_once(store, config, shared, run, shared.base_path, BASE_ITERATION, "dev", run_log)
-    evaluate_once(store, config, shared, run, shared.sft_path, 0, "dev", run_log)
-    policies = {0: shared.sft_path}
+        run_stage(EVALUATE, ctx, Iteration(BASE_ITERATION, sft, shared.base_path))
+    run_stage(EVALUATE, ctx, Iteration(0, sft, sft))
+    policies = {0: sft}
     if run.mixture_settings is not None:
-        for iteration in range(1, run.iterations + 1):
-            policies[iteration] = run_iteration_once(
-                store, config, shared, run, policies[iteration - 1], iteration, run_log
-            )
+        for k in range(1, run.iterations + 1):
+            result = run_iteration(ctx, Iteration(k, sft, policies[k - 1]))
+            policies[k] = Path(result.trained.path)
     first = 0 if run.mixture_settings is None else 1  # trained methods pick a trained model
     best = best_iteration(store, run.run_id, run.dev_split, first)
-    best_path = policies[best]
-    evaluate_once(store, config, shared, run, best_path, best, "test", run_log)
+    test = Split(config.test_split, config.test_limit)
+    run_stage(EVALUATE, ctx, Iteration(best, sft, policies[best], split=test))
     store.write(
         {
             "experiment_runs": [
@@ -243,7 +222,7 @@ def run_method(
                     "run_id": run.run_id,
                     "status": FINISHED,
                     "best_iteration": best,
-                    "test_policy_id": model_id(best_path),
+                    "test_policy_id": model_id(policies[best]),
                 }
             ]
         }
@@ -259,158 +238,6 @@ def run_status(store: Store, experiment_id: str, method: str, seed: int) -> str 
         [experiment_id, method, seed],
     )
     return None if found.empty else str(found["status"].iloc[0])
-
-
-def run_iteration_once(
-    store: Store,
-    config: ExperimentConfig,
-    shared: Shared,
-    run: RunConfig,
-    policy_path: Path,
-    iteration: int,
-    log: Log,
-) -> Path:
-    """Data, training and dev evaluation of one iteration; returns the iteration's model.
-
-    An iteration whose dev evaluation is stored is complete (it is written last): a
-    resumed run takes its model from the store. An iteration without a pair that the
-    method's loss uses keeps the previous model (recorded by its dev evaluation's
-    policy id), so one empty iteration does not end the whole experiment.
-    """
-    done = stored_policy(store, run.run_id, iteration, run.dev_split)
-    if done is not None:
-        log(f"iteration {iteration}: complete in the store")
-        return done
-    donor = data_donor(store, config, run) if iteration == 1 else None
-    if donor is not None:
-        copy_iteration_data(store, donor, run.run_id)
-        log(f"iteration 1: data shared with {donor} (same seed, same SFT explorer and scorer)")
-    else:
-        run_iteration(
-            store, run, shared.explored, shared.prompt, shared.sft_path, policy_path, iteration, log
-        )
-    settings = run.mixture_settings
-    assert settings is not None  # callers train only methods with a mixture
-    pairs = load_pairs(store, run.run_id, iteration)
-    if not trainable_pairs(pairs, settings.weights):
-        log(f"iteration {iteration}: no pair for the {run.method} loss; the model stays as it was")
-        new_path = policy_path
-    else:
-        release_engines()
-        trained = train_mixture(
-            shared.sft_path,
-            pairs,
-            settings,
-            run.checkpoints_dir,
-            parent_path=None if policy_path == shared.sft_path else policy_path,
-            compute=run.compute,
-        )
-        record_checkpoint(store, trained, run.run_id, iteration)
-        log(f"iteration {iteration}: checkpoint {trained.checkpoint_id} "
-            f"({trained.summary()}; {len(pairs)} pairs mined)")  # fmt: skip
-        new_path = trained.path
-    evaluate_once(store, config, shared, run, new_path, iteration, "dev", log)
-    return new_path
-
-
-def stored_policy(store: Store, run_id: str, iteration: int, split: str) -> Path | None:
-    """The model folder of a stored evaluation, if the evaluation exists."""
-    found = store.query(
-        "SELECT c.path FROM evaluations e JOIN checkpoints c ON c.checkpoint_id = e.policy_id "
-        "WHERE e.run_id = ? AND e.iteration = ? AND e.split = ?",
-        [run_id, iteration, split],
-    )
-    return None if found.empty else Path(found["path"].iloc[0])
-
-
-def data_donor(store: Store, config: ExperimentConfig, run: RunConfig) -> str | None:
-    """Another run of this experiment and seed whose iteration 1 is complete."""
-    found = store.query(
-        "SELECT x.run_id FROM experiment_runs x JOIN evaluations e "
-        "ON e.run_id = x.run_id AND e.iteration = 1 AND e.split = ? "
-        "WHERE x.experiment_id = ? AND x.seed = ? AND x.run_id <> ? ORDER BY x.run_id LIMIT 1",
-        [run.dev_split, config.experiment_id, run.seed, run.run_id],
-    )
-    return None if found.empty else str(found["run_id"].iloc[0])
-
-
-def copy_iteration_data(store: Store, donor: str, run_id: str) -> None:
-    """Copy iteration 1's data (and the expert step rewards) of `donor` to `run_id`,
-    replacing whatever an interrupted attempt of `run_id` left, in one transaction."""
-    iterations = [EXPERT_ITERATION, 1]
-    with store.transaction() as con:
-        for table, where in (
-            ("rollouts", "iteration IN (?, ?) AND kind IN ('mc', 'explore')"),
-            ("step_rewards", "iteration IN (?, ?)"),
-            ("pairs", "iteration IN (?, ?)"),
-        ):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ? AND {where}", [run_id, *iterations])
-            con.execute(
-                f"INSERT INTO {table} SELECT * REPLACE (?::VARCHAR AS run_id) FROM {table} "
-                f"WHERE run_id = ? AND {where}",
-                [run_id, donor, *iterations],
-            )
-
-
-def evaluate_once(
-    store: Store,
-    config: ExperimentConfig,
-    shared: Shared,
-    run: RunConfig,
-    model_path: Path,
-    iteration: int,
-    split: str,
-    log: Log,
-) -> None:
-    """Evaluate a model on `split` ('dev' or 'test') for this run and iteration, copying
-    the rows of an earlier evaluation of the same model in this experiment if there is one
-    (evaluation is greedy, so it would give the same episodes)."""
-    split_name = run.dev_split if split == "dev" else config.test_split
-    limit = run.dev_limit if split == "dev" else config.test_limit
-    task_ids = shared.task_ids[split_name][:limit]
-    policy_id = model_id(model_path)
-    earlier = store.query(
-        "SELECT e.run_id, e.iteration FROM evaluations e JOIN experiment_runs x USING (run_id) "
-        "WHERE x.experiment_id = ? AND e.split = ? AND e.policy_id = ? AND e.n_tasks = ? "
-        "ORDER BY e.run_id = ? DESC, e.created_at LIMIT 1",
-        [config.experiment_id, split_name, policy_id, len(task_ids), run.run_id],
-    )
-    if earlier.empty:
-        settings = run.model_copy(update={"dev_split": split_name, "dev_limit": limit})
-        evaluate_model(store, settings, model_path, iteration, log)
-        return
-    donor, donor_iteration = str(earlier["run_id"].iloc[0]), int(earlier["iteration"].iloc[0])
-    if (donor, donor_iteration) == (run.run_id, iteration):
-        return  # this very evaluation is stored already
-    copy_evaluation(store, donor, donor_iteration, run.run_id, iteration, split_name, policy_id,
-                    task_ids)  # fmt: skip
-    log(f"iteration {iteration}: {split_name} evaluation of {policy_id} copied from {donor}")
-
-
-def copy_evaluation(
-    store: Store,
-    donor: str,
-    donor_iteration: int,
-    run_id: str,
-    iteration: int,
-    split: str,
-    policy_id: str,
-    task_ids: Sequence[str],
-) -> None:
-    """The evaluation row and its episodes, relabelled to (run_id, iteration), atomically."""
-    relabel = "* REPLACE (?::VARCHAR AS run_id, ?::INTEGER AS iteration)"
-    with store.transaction() as con:
-        con.execute(
-            f"INSERT OR REPLACE INTO evaluations SELECT {relabel} FROM evaluations "
-            "WHERE run_id = ? AND iteration = ? AND split = ? AND policy_id = ?",
-            [run_id, iteration, donor, donor_iteration, split, policy_id],
-        )
-        con.execute(
-            f"INSERT OR REPLACE INTO rollouts SELECT {relabel} FROM rollouts "
-            "WHERE run_id = ? AND iteration = ? AND kind = 'eval' AND policy_id = ? "
-            "AND list_contains(?, task_id)",
-            [run_id, iteration, donor, donor_iteration, policy_id, list(task_ids)],
-        )
 
 
 def best_iteration(store: Store, run_id: str, dev_split: str, first: int) -> int:

@@ -1,4 +1,4 @@
-"""`ipr`: the single command-line entry."""
+"""`ipr`: the commands over the library; `flows.cli` adds the orchestrated `run` and `serve`."""
 
 from __future__ import annotations
 
@@ -171,14 +171,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_rollouts(args: argparse.Namespace) -> int:
-    from ipr_core.bench import format_table, load_bench_config, run_bench
+    from flows.bench import format_table, load_bench_config, run_bench
 
     report = run_bench(load_bench_config(args.config))
     return _write_bench_report(report, format_table(report), args.out)
 
 
 def cmd_bench_training(args: argparse.Namespace) -> int:
-    from ipr_core.bench_training import (
+    from flows.bench_training import (
         format_table,
         load_training_bench_config,
         run_training_bench,
@@ -216,10 +216,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object):
 
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
-    from ipr_core.models import resolve_model
-    from ipr_core.run import prompt_format
+    from ipr_core.context import RunContext
     from ipr_core.store import Store
-    from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.sft import train_sft
 
     config = config_from_args(args)
@@ -229,19 +227,17 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
     if not experts:
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
-    base = resolve_model(config.model, config.cache_dir)
+    ctx = RunContext(config, store)
     result = train_sft(
-        base, experts, prompt_format(config), config.sft, config.checkpoints_dir, config.compute
+        ctx.base_path(), experts, ctx.prompt, config.sft, config.checkpoints_dir, config.compute
     )
-    record_checkpoint(store, result, config.run_id, iteration=0)
+    store.record_checkpoint(result, config.run_id, iteration=0)
     print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
     return 0
 
 
 def cmd_train_mixture(args: argparse.Namespace) -> int:
     from ipr_core.store import Store
-    from ipr_core.training.checkpoints import record_checkpoint
-    from ipr_core.training.data import load_pairs
     from ipr_core.training.mixture import train_mixture
 
     config = config_from_args(args)
@@ -249,7 +245,7 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
     if settings is None:
         raise IprError(f"{args.config}: method 'sft' trains no mixture")
     store = Store(config.store)
-    pairs = load_pairs(store, config.run_id, args.iteration)
+    pairs = store.pairs(config.run_id, args.iteration)
     if not pairs:
         raise IprError(f"{config.store}: run {config.run_id!r} has no pairs in {args.iteration}")
     result = train_mixture(
@@ -260,16 +256,14 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
         parent_path=args.policy,
         compute=config.compute,
     )
-    record_checkpoint(store, result, config.run_id, args.iteration)
+    store.record_checkpoint(result, config.run_id, args.iteration)
     print(f"mixture checkpoint {result.checkpoint_id}: {result.path}")
     return 0
 
 
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
-    from ipr_core.models import resolve_model
-    from ipr_core.run import prompt_format
+    from ipr_core.context import RunContext
     from ipr_core.store import Store
-    from ipr_core.training.checkpoints import record_checkpoint
     from ipr_core.training.config import LoraSettings
     from ipr_core.training.reward_model import (
         RewardModelSettings,
@@ -287,13 +281,13 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
         if len(found) != 1:
             raise IprError(f"run {config.run_id!r} has scorers {found}; pass --scorer-id")
         scorer_id = found[0]
-    examples = step_reward_examples(store, config.run_id, scorer_id, prompt_format(config))
+    ctx = RunContext(config, store)
+    examples = step_reward_examples(store.scored_steps(config.run_id, scorer_id), ctx.prompt)
     if not examples:
         raise IprError(f"{config.store}: no step rewards of run {config.run_id!r} to learn from")
     settings = RewardModelSettings(epochs=args.epochs, lora=LoraSettings(enabled=args.lora))
-    base = resolve_model(config.model, config.cache_dir)
-    result = train_reward_model(base, examples, settings, config.checkpoints_dir)
-    record_checkpoint(store, result, config.run_id)
+    result = train_reward_model(ctx.base_path(), examples, settings, config.checkpoints_dir)
+    store.record_checkpoint(result, config.run_id)
     metrics = result.metrics
     print(
         f"reward model {result.checkpoint_id}: held-out MSE {metrics['heldout_mse']:.4f} "
@@ -303,27 +297,31 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ipr_core.context import RunContext
+    from ipr_core.loop import EVALUATE, Iteration, Split, run_stage
     from ipr_core.models import resolve_model
-    from ipr_core.run import evaluate_model
     from ipr_core.store import Store
 
-    config = config_from_args(args, dev_split=args.split, dev_limit=args.limit)
+    config = config_from_args(args)
     path = resolve_model(args.model, config.cache_dir)
-    evaluate_model(Store(config.store), config, path, args.iteration, log=print)
+    split = Split(args.split, args.limit)
+    ctx = RunContext(config, Store(config.store))
+    run_stage(EVALUATE, ctx, Iteration(args.iteration, path, path, split))
     return 0
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    from ipr_core.models import resolve_model
-    from ipr_core.run import action_hint, ensure_experts
+    from ipr_core.context import RunContext
+    from ipr_core.pipeline import ensure_experts
     from ipr_core.store import Store
     from ipr_core.tokens import token_table
     from ipr_core.training.runtime import load_tokenizer
 
     config = config_from_args(args)
-    experts = ensure_experts(Store(config.store), config, print)
-    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir))
-    print(token_table(experts, action_hint(config.env), tokenizer).to_string(index=False))
+    ctx = RunContext(config, Store(config.store))
+    experts = ensure_experts(ctx.store, config, print)
+    tokenizer = load_tokenizer(ctx.base_path())
+    print(token_table(experts, ctx.prompt.action_hint, tokenizer).to_string(index=False))
     return 0
 
 
@@ -355,7 +353,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from ipr_core.experiment import load_experiment_config, run_experiment
+    from flows.experiment import load_experiment_config, run_experiment
 
     config = load_experiment_config(args.config, store=args.store)
     runs = run_experiment(config)
@@ -365,7 +363,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ipr_core.report import write_report
+    from flows.report import write_report
     from ipr_core.store import Store
 
     plot = write_report(Store(args.store), args.experiment, args.out)
@@ -383,8 +381,9 @@ def stored_pair_record(row: dict) -> dict:
 
 def print_table(frame: pd.DataFrame, max_rows: int) -> None:
     """Plain text, full width: readable in a terminal, a log or a CI transcript."""
-    with pd.option_context("display.width", 250, "display.max_columns", None,
-                           "display.max_colwidth", 80):  # fmt: skip
+    with pd.option_context(
+        "display.width", 250, "display.max_columns", None, "display.max_colwidth", 80
+    ):
         print(frame.head(max_rows).to_string(index=False, na_rep="NULL"))
     if len(frame) > max_rows:
         print(f"({len(frame)} rows, {max_rows} shown)")

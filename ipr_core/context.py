@@ -1,0 +1,246 @@
+"""What every stage of a run shares: the config, the store, engines, the scorer and seeds.
+
+A `RunContext` is built once per entry point (`ipr run`, the Prefect flow, an experiment
+run) and handed to every stage, so a stage's signature is `(context, iteration)` and the
+rules below (which seed an iteration samples with, who scores steps, which prompt the
+stages build) exist once. `Engines` is the part a worker needs without the store: a
+Parquet shard worker builds one from the config alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ipr_core.backends import PolicyBackend, make_backend
+from ipr_core.config import RunConfig
+from ipr_core.envs import make_env
+from ipr_core.errors import InputError, IprError
+from ipr_core.models import resolve_model
+from ipr_core.progress import ProgressBar, ProgressFn
+from ipr_core.prompts import PromptFormat
+from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutResult
+from ipr_core.step_rewards import (
+    StepQuery,
+    StepReward,
+    StepScorer,
+    estimate_step_rewards,
+    predict_step_rewards,
+)
+from ipr_core.store import At, Row, Store, step_reward_rows
+from ipr_core.training.checkpoints import model_id
+from ipr_core.training.reward_model import RewardModelScorer
+from ipr_core.types import Actor, Trajectory
+
+Log = Callable[[str], None]
+ProgressFactory = Callable[[str], ProgressFn]
+"""Makes the progress display of a stage from its label."""
+
+EXPERT_ITERATION = 0
+"""Expert step rewards depend only on the fixed scorer: stored once, under iteration 0."""
+
+
+class MissingSettings(IprError):
+    """A stage needs a config section the run does not have (e.g. `openai`, `mixture`)."""
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Who scores steps: `scorer_id` names the rows; `reward_model` replaces Monte Carlo."""
+
+    scorer_id: str
+    reward_model: StepScorer | None
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """The step rewards one stage asks for: where its rows go, whose steps, the scorer
+    model, the queries and the sampling seed."""
+
+    at: At
+    actor: Actor
+    scorer_path: Path
+    queries: tuple[StepQuery, ...]
+    seed: int
+
+
+ScoredSteps = tuple[list[StepReward], list[list[RolloutResult]]]
+StepRows = dict[str, list[Row]]
+"""`step_rewards` rows and the `rollouts` rows (kind 'mc') behind them."""
+
+
+class StepScoring(Protocol):
+    """Computes a scoring job's rows: in this process, or in Parquet shards."""
+
+    def __call__(self, engines: Engines, job: ScoringJob, label: str) -> StepRows: ...
+
+
+class Engines:
+    """Backends and rollout engines of one config; needs no store."""
+
+    def __init__(self, config: RunConfig, progress: ProgressFactory | None = None):
+        self.config = config
+        self.progress = progress
+
+    def backend(self, path: Path) -> PolicyBackend:
+        """A backend whose policy id is the model's content id (stable across runs)."""
+        return make_backend(
+            path, kind=self.config.backend, policy_id=model_id(path), **self.backend_options(path)
+        )
+
+    def backend_options(self, path: Path) -> dict[str, Any]:
+        config = self.config
+        if config.backend == "vllm":
+            return {"settings": config.vllm, "enable_lora": config.lora_rank is not None}
+        if config.backend == "openai":
+            if config.openai is None:
+                raise MissingSettings("backend 'openai' needs the `openai` settings")
+            base = resolve_model(config.model, config.cache_dir)
+            served = config.openai.model if path.resolve() == base.resolve() else None
+            return {"settings": config.openai, "served_model": served}
+        return {"max_batch_size": config.generation.max_batch_size}
+
+    def engine(self, stack: ExitStack, path: Path, label: str | None = None) -> RolloutEngine:
+        """A rollout engine on the model at `path`, closed with `stack`."""
+        return self.open(stack, self.backend(path), label)
+
+    def open(
+        self, stack: ExitStack, backend: PolicyBackend, label: str | None = None
+    ) -> RolloutEngine:
+        gen, config = self.config.generation, self.config
+        progress = self.progress(label) if self.progress and label else None
+        settings = EpisodeSettings(
+            max_live=gen.max_live_episodes,
+            max_new_tokens=gen.max_new_tokens,
+            max_steps=config.max_steps,
+            step_timeout_s=config.step_timeout_s,
+            history_window=config.prompt.history_window,
+        )
+        engine = RolloutEngine(config.env, backend, settings, progress)
+        return stack.enter_context(engine)
+
+    def scorer_id(self, scorer_path: Path) -> str:
+        """The id step rewards are stored under, read without loading a model."""
+        if self.config.step_reward_model is not None:
+            return self.windowed(model_id(Path(self.config.step_reward_model)))
+        return self.windowed(model_id(scorer_path))
+
+    def scorer(self, scorer_path: Path) -> Scorer:
+        """Who scores steps: the config's step reward model, else MC with `scorer_path`."""
+        if self.config.step_reward_model is None:
+            return Scorer(self.scorer_id(scorer_path), None)
+        path = Path(self.config.step_reward_model)
+        if not path.is_dir():
+            raise InputError(str(path), "no reward model folder here", field="step_reward_model")
+        return Scorer(self.scorer_id(scorer_path), RewardModelScorer(path))
+
+    def windowed(self, scorer_model_id: str) -> str:
+        """Step rewards are stored under the scorer's model id and the history window it read
+        its prompts with, so rewards scored with another window are never reused."""
+        window = self.config.prompt.history_window
+        return scorer_model_id if window is None else f"{scorer_model_id}+history{window}"
+
+
+def score_in_process(engines: Engines, job: ScoringJob, label: str | None = None) -> StepRows:
+    """MC estimates (or the step reward model's predictions) in this process."""
+    mc = engines.config.monte_carlo
+    scorer = engines.scorer(job.scorer_path)
+    with ExitStack() as stack:
+        engine = engines.engine(stack, job.scorer_path, label)
+        rewards, rollouts = score_steps(
+            engine, job.queries, scorer, mc.n_samples, mc.temperature, job.seed
+        )
+    return step_reward_rows(job.at, engines.config.env, scorer.scorer_id, rewards, rollouts)
+
+
+def score_steps(
+    engine: RolloutEngine,
+    queries: Sequence[StepQuery],
+    scorer: Scorer,
+    n_samples: int,
+    temperature: float,
+    seed: int,
+) -> ScoredSteps:
+    """MC estimates, or the step reward model's predictions when there is one."""
+    if scorer.reward_model is not None:
+        return predict_step_rewards(engine, scorer.reward_model, queries)
+    return estimate_step_rewards(engine, queries, n_samples, temperature, seed)
+
+
+@dataclass
+class RunContext:
+    """One run's shared objects; stages take it with the `Iteration` they work on."""
+
+    config: RunConfig
+    store: Store
+    log: Log = print
+    progress: ProgressFactory | None = None
+    """Default: a terminal bar plus lines through `log`."""
+    scoring: StepScoring = score_in_process
+    explore_limit: int | None = None
+    """Explore from the first `explore_limit` experts only (an experiment's setting)."""
+    engines: Engines = field(init=False)
+    _task_ids: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.engines = Engines(self.config, self.progress or self._bar)
+
+    def _bar(self, label: str) -> ProgressFn:
+        return ProgressBar(label, self.log)
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+    def score(self, job: ScoringJob, label: str) -> StepRows:
+        return self.scoring(self.engines, job, label)
+
+    def seed(self, iteration: int) -> int:
+        """The sampling seed of an iteration: the run's seed for the expert steps (scored
+        once, under iteration 0), `seed * 1000 + k` for iteration k's exploration and
+        agent steps."""
+        if iteration == EXPERT_ITERATION:
+            return self.config.seed
+        return self.config.seed * 1000 + iteration
+
+    def experts(self) -> list[Trajectory]:
+        """The expert trajectories SFT trains on (as stored)."""
+        config = self.config
+        return self.store.expert_trajectories(config.env, config.train_split, config.train_limit)
+
+    def explored(self) -> list[Trajectory]:
+        """The experts exploration starts from (and whose steps are scored)."""
+        return self.experts()[: self.explore_limit]
+
+    @functools.cached_property
+    def prompt(self) -> PromptFormat:
+        """The prompt every stage builds, with the action hint the expert rows carry (an
+        env is started for it only when the store's rows predate the hint column)."""
+        stored = [e.task.action_hint for e in self.experts() if e.task.action_hint]
+        hint = stored[0] if stored else action_hint(self.config.env)
+        return PromptFormat(hint, self.config.prompt.history_window)
+
+    def task_ids(self, split: str) -> tuple[str, ...]:
+        """A split's task ids (an env is started once per split and context)."""
+        if split not in self._task_ids:
+            env = make_env(self.config.env)
+            try:
+                self._task_ids[split] = tuple(env.task_ids(split))
+            finally:
+                env.close()
+        return self._task_ids[split]
+
+    def base_path(self) -> Path:
+        return resolve_model(self.config.model, self.config.cache_dir)
+
+
+def action_hint(env_id: str) -> str:
+    env = make_env(env_id)
+    try:
+        return env.action_hint
+    finally:
+        env.close()

@@ -1,0 +1,637 @@
+"""The IPR loop, defined once: the stages of a run and of one iteration, and the resume rule.
+
+    ingest -> SFT -> evaluate (base, SFT) -> per iteration k = 1..N:
+        expert step rewards (once per scorer) -> explore -> agent step rewards
+        -> mine pairs -> mixture training -> evaluate
+
+The scorer and the DPO reference are the SFT model throughout; iteration k's trained model
+explores iteration k + 1 (`docs/method.md`). `ipr run --no-prefect`, the Prefect flows and
+`ipr experiment` all call `run_iteration`; they differ only in the `Runner` that executes
+a stage (a plain call, or a cached Prefect task around the same call).
+
+One resume rule (`run_stage`): a stage is done when the store holds its completion record
+(`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
+are still there. The record is written in the transaction that writes the stage's rows,
+so a stage killed mid-write left neither and is redone. A stage whose fingerprint matches
+another run's record copies that run's rows instead of recomputing them (an experiment's
+methods of one seed share iteration 1; a greedy evaluation of a model is done once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import pandas as pd
+
+from ipr_core import pipeline, scopes
+from ipr_core.backends import release_engines
+from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
+from ipr_core.evaluate import Evaluation, evaluate
+from ipr_core.explore import explore
+from ipr_core.mining import mine_pairs
+from ipr_core.store import (
+    At,
+    Row,
+    RowKey,
+    Scope,
+    StageRecord,
+    expert_from_row,
+    pair_row,
+    rollout_row,
+)
+from ipr_core.training.checkpoints import (
+    COMPLETE_MARKER,
+    TrainResult,
+    base_checkpoint,
+    checkpoint_row,
+    model_id,
+)
+from ipr_core.training.data import pairs_data_hash
+from ipr_core.training.mixture import train_mixture, trainable_pairs
+from ipr_core.training.sft import train_sft
+from ipr_core.types import Actor
+
+BASE_ITERATION = -1
+"""Evaluations of the base model are stored as iteration -1; the SFT model is iteration 0."""
+
+R = TypeVar("R")
+
+
+# -- what stages take and return -----------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """An evaluation's split and how many of its tasks."""
+
+    name: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """What a stage works on: the iteration, the SFT model (scorer and DPO reference) and
+    the policy (the explorer; for `evaluate`, the model evaluated)."""
+
+    number: int
+    sft_path: Path
+    policy_path: Path
+    split: Split | None = None
+    """`evaluate` only; None: the config's dev split."""
+
+
+@dataclass(frozen=True)
+class Ingested:
+    experts: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Trained:
+    path: str
+    checkpoint_id: str
+    trained: bool = True
+    """False when no pair feeds the loss and the policy stays as it was."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    queries: int
+    scorer_id: str
+
+
+@dataclass(frozen=True)
+class Explored:
+    explorations: int
+    policy_id: str
+
+
+@dataclass(frozen=True)
+class Mined:
+    trajectory: int
+    step: int
+
+
+@dataclass(frozen=True)
+class IterationResult:
+    expert: Scored
+    explored: Explored
+    agent: Scored
+    mined: Mined
+    trained: Trained
+    evaluated: Evaluation
+
+
+@dataclass(frozen=True)
+class Output(Generic[R]):
+    """A stage's result and the rows it writes (committed with its completion record)."""
+
+    result: R
+    rows: dict[str, list[Row]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage(Generic[R]):
+    """One stage: what it reads (`fingerprint`), computes and owns in the store (`scopes`)."""
+
+    name: str
+    compute: Callable[[RunContext, Iteration], Output[R]]
+    fingerprint: Callable[[RunContext, Iteration], str]
+    scopes: Callable[[At, RunContext, Iteration, R], list[Scope]]
+    result_type: type[R]
+    label: Callable[[Iteration], str]
+    replace: bool = True
+    """Delete what the scopes held before writing (False: add to it)."""
+    reusable: bool = True
+    """Another run's rows with the same fingerprint may be copied."""
+    trains: bool = False
+    scores_steps: bool = False
+    row_iteration: int | None = None
+    """The iteration every run of the stage stores its rows under (None: its own)."""
+    per_split: bool = False
+    """One completion record per evaluated split."""
+
+    def at(self, ctx: RunContext, it: Iteration) -> At:
+        return At(ctx.run_id, it.number if self.row_iteration is None else self.row_iteration)
+
+    def record_name(self, ctx: RunContext, it: Iteration) -> str:
+        return f"{self.name}-{eval_split(ctx, it).name}" if self.per_split else self.name
+
+    def present(self, result: R) -> bool:
+        """Whether what the result names outside the store (a model folder) still exists."""
+        if isinstance(result, Trained):
+            folder = Path(result.path).parent
+            return (folder / COMPLETE_MARKER).exists() if result.trained else folder.exists()
+        return True
+
+
+class Runner(Protocol):
+    """Executes one stage: `run_stage` itself, or a Prefect task around it."""
+
+    def __call__(self, stage: Stage[R], ctx: RunContext, it: Iteration) -> R: ...
+
+
+# -- the resume rule -----------------------------------------------------------------------
+def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
+    """The stage's recorded result when it is done; else another run's identical rows,
+    copied; else computed. Rows and completion record are committed together."""
+    fingerprint = stage.fingerprint(ctx, it)
+    at, name = stage.at(ctx, it), stage.record_name(ctx, it)
+    record = ctx.store.stage_record(at.run_id, at.iteration, name)
+    if record is not None and _holds(stage, ctx, it, record, fingerprint):
+        ctx.log(f"{stage.label(it)}: done before (run {at.run_id}, fingerprint {fingerprint})")
+        return stage.result_type(**record.result)
+    donor = _donor(stage, ctx, it, fingerprint) if stage.reusable else None
+    new = StageRecord(at.run_id, at.iteration, name, fingerprint, {}, [])
+    if donor is not None:
+        result = stage.result_type(**donor.result)
+        theirs = stage.scopes(At(donor.run_id, donor.iteration), ctx, it, result)
+        ours = stage.scopes(at, ctx, it, result)
+        ctx.store.copy_stage(
+            donor, replace(new, result=donor.result), list(zip(theirs, ours, strict=True))
+        )
+        ctx.log(
+            f"{name} [iteration {at.iteration}]: rows of run {donor.run_id} (iteration "
+            f"{donor.iteration}) copied: same inputs"
+        )
+        return result
+    if stage.trains:
+        release_engines()  # a GPU inference engine would hold the memory training needs
+    output = stage.compute(ctx, it)
+    scopes = stage.scopes(at, ctx, it, output.result)
+    ctx.store.commit_stage(
+        replace(new, result=_json(output.result)), scopes, output.rows, stage.replace
+    )
+    return output.result
+
+
+def is_done(stage: Stage[Any], ctx: RunContext, it: Iteration) -> bool:
+    """Whether `run_stage` would return the recorded result without computing."""
+    at = stage.at(ctx, it)
+    record = ctx.store.stage_record(at.run_id, at.iteration, stage.record_name(ctx, it))
+    return record is not None and _holds(stage, ctx, it, record, stage.fingerprint(ctx, it))
+
+
+def _holds(
+    stage: Stage[Any], ctx: RunContext, it: Iteration, record: StageRecord, fingerprint: str
+) -> bool:
+    """The record has this fingerprint and its rows (and model folder) are still there."""
+    if record.fingerprint != fingerprint:
+        return False
+    result = stage.result_type(**record.result)
+    scopes = stage.scopes(At(record.run_id, record.iteration), ctx, it, result)
+    return ctx.store.scope_counts(scopes) == record.row_counts and stage.present(result)
+
+
+def _donor(
+    stage: Stage[Any], ctx: RunContext, it: Iteration, fingerprint: str
+) -> StageRecord | None:
+    at = stage.at(ctx, it)
+    for record in ctx.store.stage_donors(stage.record_name(ctx, it), fingerprint):
+        if (record.run_id, record.iteration) != (at.run_id, at.iteration) and _holds(
+            stage, ctx, it, record, fingerprint
+        ):
+            return record
+    return None
+
+
+def _json(result: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(result), default=str))
+
+
+# -- the loop ------------------------------------------------------------------------------
+def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
+    """One IPR iteration: THE list of its stages, in order."""
+    expert = run(EXPERT_STEP_REWARDS, ctx, it)
+    explored = run(EXPLORE, ctx, it)
+    agent = run(AGENT_STEP_REWARDS, ctx, it)
+    mined = run(MINE_PAIRS, ctx, it)
+    trained = run(TRAIN_MIXTURE, ctx, it)
+    evaluated = run(EVALUATE, ctx, replace(it, policy_path=Path(trained.path)))
+    return IterationResult(expert, explored, agent, mined, trained, evaluated)
+
+
+Iterate = Callable[[RunContext, Iteration, Runner], IterationResult]
+
+
+def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_iteration) -> Path:
+    """A whole run: set-up, SFT, its evaluations, then the iterations; the last model."""
+    config = ctx.config
+    base = prepare_run(ctx)
+    setup = Iteration(0, base, base)
+    run(INGEST, ctx, setup)
+    sft = base
+    if config.sft is not None:
+        if config.evaluate_base:
+            run(EVALUATE, ctx, replace(setup, number=BASE_ITERATION))
+        sft = Path(run(SFT, ctx, setup).path)
+    run(EVALUATE, ctx, Iteration(0, sft, sft))
+    policy = sft
+    if config.mixture_settings is not None:  # method `sft` stops after stage 1
+        for k in range(1, config.iterations + 1):
+            policy = Path(iterate(ctx, Iteration(k, sft, policy), run).trained.path)
+    return policy
+
+
+def prepare_run(ctx: RunContext) -> Path:
+    """Record the run and its base model (built once into the cache); the base model."""
+    base = ctx.base_path()
+    row = {"run_id": ctx.run_id, "config": ctx.config.model_dump_json()}
+    ctx.store.write({"runs": [row], "checkpoints": [checkpoint_row(base_checkpoint(base))]})
+    return base
+
+
+def eval_split(ctx: RunContext, it: Iteration) -> Split:
+    return it.split or Split(ctx.config.dev_split, ctx.config.dev_limit)
+
+
+# -- fingerprints: what each stage reads, hashed -------------------------------------------
+ROLLOUT_FIELDS = ("env", "backend", "max_steps", "step_timeout_s", "generation", "prompt")
+"""What every rollout reads; `prompt` (the history window) shapes each prompt it generates."""
+
+
+def digest(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def config_fields(ctx: RunContext, *fields: str) -> dict[str, Any]:
+    """The named config fields, JSON-ready; `cache_dir` made absolute (it names the data)."""
+    data = ctx.config.model_dump(mode="json", include=set(fields))
+    if "cache_dir" in data:
+        data["cache_dir"] = str(Path(data["cache_dir"]).resolve())
+    return data
+
+
+def experts_hash(ctx: RunContext, explored: bool = True) -> str:
+    experts = ctx.explored() if explored else ctx.experts()
+    return digest(
+        [
+            [t.task.task_id, t.task.instruction, t.task.initial_observation]
+            + [[s.text for s in t.steps], t.outcome_reward]
+            for t in experts
+        ]
+    )
+
+
+def _scorer_fields(ctx: RunContext, it: Iteration) -> list[Any]:
+    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    return [model_id(it.sft_path), scorer_id, config_fields(ctx, *ROLLOUT_FIELDS, "monte_carlo")]
+
+
+# -- ingest --------------------------------------------------------------------------------
+def _ingest(ctx: RunContext, it: Iteration) -> Output[Ingested]:
+    rows = pipeline.missing_expert_rows(ctx.store, ctx.config, ctx.log)
+    experts = [expert_from_row(r) for r in rows] if rows else ctx.experts()
+    steps = sum(len(e.steps) for e in experts)
+    ctx.log(f"{len(experts)} expert trajectories, {steps} steps")
+    return Output(Ingested(len(experts), steps), {"expert_trajectories": rows})
+
+
+INGEST: Stage[Ingested] = Stage(
+    name="ingest",
+    compute=_ingest,
+    fingerprint=lambda ctx, it: digest(
+        "ingest", config_fields(ctx, "env", "train_split", "train_limit")
+    ),
+    scopes=lambda at, ctx, it, r: [scopes.experts(ctx.config.env, ctx.config.train_split)],
+    result_type=Ingested,
+    label=lambda it: "ingest",
+    replace=False,
+    reusable=False,
+)
+
+
+# -- SFT -----------------------------------------------------------------------------------
+def _sft(ctx: RunContext, it: Iteration) -> Output[Trained]:
+    config = ctx.config
+    if config.sft is None:
+        raise MissingSettings("the SFT stage needs the config's `sft` settings")
+    result = train_sft(
+        it.policy_path,
+        ctx.experts(),
+        ctx.prompt,
+        config.sft,
+        config.checkpoints_dir,
+        config.compute,
+    )
+    ctx.log(f"SFT checkpoint {result.checkpoint_id} ({result.summary()})")
+    return _trained_output(ctx, it, result)
+
+
+def _trained_output(ctx: RunContext, it: Iteration, result: TrainResult) -> Output[Trained]:
+    row = checkpoint_row(result, ctx.run_id, it.number)
+    return Output(Trained(str(result.path), result.checkpoint_id), {"checkpoints": [row]})
+
+
+def _checkpoint_scope(at: At, ctx: RunContext, it: Iteration, r: Trained) -> list[Scope]:
+    return [scopes.checkpoint(r.checkpoint_id)] if r.trained else []
+
+
+SFT: Stage[Trained] = Stage(
+    name="sft",
+    compute=_sft,
+    fingerprint=lambda ctx, it: digest(
+        "sft",
+        model_id(it.policy_path),
+        experts_hash(ctx, explored=False),
+        config_fields(ctx, "env", "sft", "prompt", "cache_dir"),
+    ),
+    scopes=_checkpoint_scope,
+    result_type=Trained,
+    label=lambda it: "sft",
+    reusable=False,
+    trains=True,
+)
+
+
+# -- evaluation ----------------------------------------------------------------------------
+def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
+    split = eval_split(ctx, it)
+    task_ids = ctx.task_ids(split.name)[: split.limit]
+    with ExitStack() as stack:
+        engine = ctx.engines.engine(stack, it.policy_path, f"evaluate[{it.number}]")
+        result, rollouts = evaluate(engine, split.name, task_ids, ctx.config.seed)
+    ctx.log(
+        f"iteration {it.number}: {split.name} reward {result.avg_reward}, "
+        f"success {result.success_rate}, steps {result.avg_steps} ({result.policy_id})"
+    )
+    key = RowKey(ctx.run_id, it.number, "eval", 0, "agent")
+    evaluation = {"run_id": ctx.run_id, "iteration": it.number, **asdict(result)}
+    rows = {
+        "rollouts": [rollout_row(r, key, result.policy_id) for r in rollouts],
+        "evaluations": [evaluation],
+    }
+    return Output(result, rows)
+
+
+def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) -> list[Scope]:
+    split = eval_split(ctx, it)
+    task_ids = ctx.task_ids(split.name)[: split.limit]
+    return scopes.evaluation(at, r.policy_id, split.name, task_ids)
+
+
+EVALUATE: Stage[Evaluation] = Stage(
+    name="evaluate",
+    compute=_evaluate,
+    # greedy episodes: the model, the split and the rollout settings decide them, so the
+    # iteration (a label) and the seed are left out and equal evaluations are done once
+    fingerprint=lambda ctx, it: digest(
+        "evaluate",
+        model_id(it.policy_path),
+        asdict(eval_split(ctx, it)),
+        config_fields(ctx, *ROLLOUT_FIELDS),
+    ),
+    scopes=_evaluation_scopes,
+    result_type=Evaluation,
+    label=lambda it: f"evaluate[{it.number}]",
+    per_split=True,
+)
+
+
+# -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
+def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
+    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
+    at = At(ctx.run_id, EXPERT_ITERATION)
+    job = ScoringJob(at, "expert", it.sft_path, tuple(queries), ctx.seed(at.iteration))
+    rows = ctx.score(job, "expert step rewards") if queries else {}
+    ctx.log(f"scored {len(queries)} expert steps")
+    return Output(Scored(len(queries), scorer_id), rows)
+
+
+def _step_reward_scopes(actor: Actor) -> Callable[[At, RunContext, Iteration, Scored], list[Scope]]:
+    """The step rewards of `actor` by the stage's scorer, and the MC rollouts behind them."""
+
+    def owned(at: At, ctx: RunContext, it: Iteration, r: Scored) -> list[Scope]:
+        return scopes.step_rewards(at, actor, r.scorer_id)
+
+    return owned
+
+
+def _run_scope(owned: Callable[[At], Scope]) -> Callable[..., list[Scope]]:
+    """The one scope of a stage in its (run, iteration)."""
+
+    def scope(at: At, ctx: RunContext, it: Iteration, r: object) -> list[Scope]:
+        return [owned(at)]
+
+    return scope
+
+
+EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
+    name="expert-step-rewards",
+    compute=_expert_step_rewards,
+    fingerprint=lambda ctx, it: digest(
+        "expert-step-rewards",
+        *_scorer_fields(ctx, it),
+        experts_hash(ctx),
+        ctx.seed(EXPERT_ITERATION),
+    ),
+    scopes=_step_reward_scopes("expert"),
+    result_type=Scored,
+    label=lambda it: "expert step rewards",
+    replace=False,
+    scores_steps=True,
+    row_iteration=EXPERT_ITERATION,
+)
+
+
+# -- exploration ---------------------------------------------------------------------------
+def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
+    with ExitStack() as stack:
+        engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
+        explorations = explore(engine, ctx.explored(), temperature=0.0, seed=ctx.seed(it.number))
+    policy_id = engine.backend.policy_id
+    ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
+    rows = [
+        rollout_row(
+            e.rollout, RowKey(ctx.run_id, it.number, "explore", e.prefix_len, "agent"), policy_id
+        )
+        for e in explorations
+    ]
+    return Output(Explored(len(explorations), policy_id), {"rollouts": rows})
+
+
+EXPLORE: Stage[Explored] = Stage(
+    name="explore",
+    compute=_explore,
+    fingerprint=lambda ctx, it: digest(
+        "explore",
+        model_id(it.policy_path),
+        experts_hash(ctx),
+        it.number,
+        ctx.seed(it.number),
+        config_fields(ctx, *ROLLOUT_FIELDS),
+    ),
+    scopes=_run_scope(scopes.explorations),
+    result_type=Explored,
+    label=lambda it: f"explore[{it.number}]",
+)
+
+
+# -- Monte Carlo step rewards of the agent's own first actions -----------------------------
+def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
+    explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
+    queries = pipeline.agent_queries(explorations)
+    at = At(ctx.run_id, it.number)
+    job = ScoringJob(at, "agent", it.sft_path, tuple(queries), ctx.seed(at.iteration))
+    rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
+    ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
+    return Output(Scored(len(queries), ctx.engines.scorer_id(it.sft_path)), rows)
+
+
+AGENT_STEP_REWARDS: Stage[Scored] = Stage(
+    name="agent-step-rewards",
+    compute=_agent_step_rewards,
+    fingerprint=lambda ctx, it: digest(
+        "agent-step-rewards",
+        *_scorer_fields(ctx, it),
+        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+        it.number,
+        ctx.seed(it.number),
+    ),
+    scopes=_step_reward_scopes("agent"),
+    result_type=Scored,
+    label=lambda it: f"agent step rewards[{it.number}]",
+    scores_steps=True,
+)
+
+
+# -- pairs ---------------------------------------------------------------------------------
+def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
+    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
+    expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, "expert")
+    agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, "agent")
+    mining = ctx.config.mining
+    pairs = mine_pairs(explorations, expert_rewards, agent_rewards, mining, ctx.prompt)
+    counts = {"trajectory": 0, "step": 0}
+    for pair in pairs:
+        counts[pair.level] += 1
+    ctx.log(
+        f"iteration {it.number}: {counts['trajectory']} trajectory, {counts['step']} step pairs"
+    )
+    rows = [pair_row(p, ctx.run_id, it.number, ctx.config.env, mining.step_mode) for p in pairs]
+    return Output(Mined(**counts), {"pairs": rows})
+
+
+def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
+    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    return digest(
+        "mine-pairs",
+        scorer_id,
+        it.number,
+        experts_hash(ctx),
+        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+        ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), "expert", scorer_id),
+        ctx.store.step_rewards_hash(At(ctx.run_id, it.number), "agent", scorer_id),
+        ctx.prompt.action_hint,
+        config_fields(ctx, "env", "mining", "prompt"),
+    )
+
+
+MINE_PAIRS: Stage[Mined] = Stage(
+    name="mine-pairs",
+    compute=_mine,
+    fingerprint=_mine_fingerprint,
+    scopes=_run_scope(scopes.pairs),
+    result_type=Mined,
+    label=lambda it: f"mine-pairs[{it.number}]",
+)
+
+
+# -- mixture training ----------------------------------------------------------------------
+def _train(ctx: RunContext, it: Iteration) -> Output[Trained]:
+    """o-DPO + s-DPO + SFT on the iteration's pairs, from the policy (the SFT model first),
+    reference = SFT. Without a pair the method's loss uses, the policy stays as it was."""
+    settings = ctx.config.mixture_settings
+    if settings is None:
+        raise MissingSettings(f"method {ctx.config.method!r} trains no mixture")
+    pairs = ctx.store.pairs(ctx.run_id, it.number)
+    if not trainable_pairs(pairs, settings.weights):
+        method = ctx.config.method
+        ctx.log(f"iteration {it.number}: no pair for the {method} loss; the model stays")
+        return Output(Trained(str(it.policy_path), model_id(it.policy_path), trained=False))
+    result = train_mixture(
+        it.sft_path,
+        pairs,
+        settings,
+        ctx.config.checkpoints_dir,
+        parent_path=None if it.policy_path == it.sft_path else it.policy_path,
+        compute=ctx.config.compute,
+    )
+    ctx.log(f"iteration {it.number}: mixture {result.checkpoint_id} ({result.summary()})")
+    return _trained_output(ctx, it, result)
+
+
+def _train_fingerprint(ctx: RunContext, it: Iteration) -> str:
+    settings = ctx.config.mixture_settings
+    return digest(
+        "train-mixture",
+        model_id(it.sft_path),
+        model_id(it.policy_path),
+        pairs_data_hash(ctx.store.pairs(ctx.run_id, it.number)),
+        it.number,
+        None if settings is None else settings.model_dump(mode="json"),
+        config_fields(ctx, "cache_dir"),
+    )
+
+
+TRAIN_MIXTURE: Stage[Trained] = Stage(
+    name="train-mixture",
+    compute=_train,
+    fingerprint=_train_fingerprint,
+    scopes=_checkpoint_scope,
+    result_type=Trained,
+    label=lambda it: f"train-mixture[{it.number}]",
+    reusable=False,
+    trains=True,
+)
+
+
+def iteration_summary(ctx: RunContext) -> pd.DataFrame:
+    return ctx.store.iteration_summary(ctx.run_id, ctx.config.dev_split)
