@@ -24,7 +24,9 @@ def experiment_run(path: Path):
 
 
 LOADERS = {"bench.yaml": load_bench_config, "bench-training.yaml": load_training_bench_config}
-LOADERS |= dict.fromkeys(["experiment-smoke.yaml", "repro.yaml", "repro-gpu.yaml"], experiment_run)
+LOADERS |= dict.fromkeys(
+    ["experiment-smoke.yaml", "repro.yaml", "repro-gpu.yaml", "tune-twc.yaml"], experiment_run
+)
 """Files that are not run configs, with their own loaders; the rest are run configs."""
 
 
