@@ -182,7 +182,8 @@ def to_turns(messages: Sequence[Message]) -> list[dict[str, str]]:
 def _turns(source: str, label: str, record: dict[str, Any], field: str) -> list[Message]:
     turns = record.get(field)
     if not isinstance(turns, list) or not turns:
-        raise InputError(source, f"expected a non-empty list of turns, got {kind_of(turns)}",
+        got = "an empty list" if turns == [] else kind_of(turns)
+        raise InputError(source, f"expected a non-empty list of turns, got {got}",
                          record=label, field=field)  # fmt: skip
     if len(turns) > MAX_TURNS:
         raise InputError(source, f"{len(turns)} turns, over the cap of {MAX_TURNS} "
