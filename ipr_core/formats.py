@@ -6,7 +6,7 @@ alternating (assistant actions and observations). Pair format:
 `{id, prompt, chosen, rejected}`, each side a string or a list of `{from, value}` turns.
 A file is validated whole before anything is returned, so a bad file writes nothing. Every
 field the formats define is type-checked (an `id` is a string or an integer, a `reward` a
-finite number and not a boolean, a turn's `value` a string); fields they do not define
+number in [0, 1] and not a boolean, a turn's `value` a string); fields they do not define
 (ETO's `loss`, say) are ignored.
 """
 
@@ -47,11 +47,11 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     source = str(path)
     text = read_text(path, MAX_FILE_BYTES)
     if text.lstrip().startswith("["):
-        records = _parse_json(source, text, first_line=1)
+        records = _parse_json(source, text)
         positions = [f"#{index}" for index in range(len(records))]
     else:
         numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        records = [_parse_json(source, line, first_line=n) for n, line in numbered]
+        records = [_parse_json(source, line, n) for n, line in numbered]
         positions = [f"line {n}" for n, _ in numbered]
     labelled = []
     for position, record in zip(positions, records, strict=True):
@@ -94,19 +94,18 @@ def read_text(path: Path, max_bytes: int) -> str:
         ) from exc
 
 
-def _parse_json(source: str, text: str, first_line: int) -> Any:
-    """`text` parsed; its first line is line `first_line` of the file, for the message."""
+def _parse_json(source: str, text: str, line: int | None = None) -> Any:
+    """`text` parsed: the whole file, or (JSON lines) its line number `line`."""
+    at = f" (line {line})" if line is not None else ""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        line = first_line + exc.lineno - 1
-        raise InputError(source, f"not valid JSON (line {line}): {exc.msg}") from exc
-    except RecursionError as exc:  # nesting deeper than any record of these formats
-        raise InputError(
-            source, f"not valid IPR/ETO JSON (line {first_line}): nested too deeply"
-        ) from exc
+        at = f" (line {exc.lineno if line is None else line})"
+        raise InputError(source, f"not valid JSON{at}: {exc.msg}") from exc
+    except RecursionError as exc:  # nesting far deeper than any record of these formats
+        raise InputError(source, f"not valid IPR/ETO JSON{at}: nested too deeply") from exc
     except ValueError as exc:  # an integer of thousands of digits
-        raise InputError(source, f"not valid JSON (line {first_line}): a number too long") from exc
+        raise InputError(source, f"not valid JSON{at}: a number too long") from exc
 
 
 def load_sft_file(path: Path, env_id: str, split: str) -> list[Trajectory]:
