@@ -61,6 +61,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ingest.add_argument("--split", default="train")
     ingest.add_argument("--limit", type=int, default=10, help="trajectories to keep")
     ingest.add_argument("--source", type=Path, help="an IPR/ETO SFT JSON file to import")
+    ingest.add_argument(
+        "--replace", action="store_true", help="with --source: replace ids the store holds"
+    )
     ingest.add_argument("--store", type=Path, default=DEFAULT_STORE)
     ingest.set_defaults(handler=cmd_ingest)
 
@@ -160,8 +163,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.source is not None:
         make_env(env_id).close()  # nor is anything read for an env that cannot start
         trajectories = load_sft_file(args.source, env_id, args.split)
-        written = ingest_file(store, trajectories, source=str(args.source))
-        print(f"imported {written} expert trajectories from {args.source} into {args.store}")
+        written, replaced = ingest_file(store, trajectories, str(args.source), args.replace)
+        print(
+            f"imported {written} expert trajectories from {args.source} into {args.store}"
+            f" (replaced {replaced})"
+        )
         return 0
     report = ingest_gold(store, env_id, args.split, args.limit)
     for rejected in report.rejected:

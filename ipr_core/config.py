@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -18,6 +18,7 @@ from pydantic import (
 
 from ipr_core.envs import canonical_env_id
 from ipr_core.errors import InputError, UnknownEnvError
+from ipr_core.formats import kind_of, read_text
 from ipr_core.mining import MiningConfig
 from ipr_core.training.config import (
     IN_PROCESS,
@@ -229,24 +230,58 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfi
     return validate_config(RunConfig, data, path)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is a few kilobytes; a file over a megabyte is not one."""
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """The mapping at the top of a YAML file; errors name the file."""
+    """The mapping at the top of a UTF-8 YAML file; every error is one line naming the file."""
+    text = read_text(path, MAX_CONFIG_BYTES)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read config: {exc.strerror}") from exc
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise InputError(str(path), f"not valid YAML{where}: {exc.problem}") from exc
     except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML: {exc}") from exc
+        raise InputError(str(path), f"not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError as exc:
+        raise InputError(str(path), "not valid YAML: nested too deeply") from exc
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise InputError(str(path), "expected a mapping of settings")
+        raise InputError(str(path), f"expected a mapping of settings, got {kind_of(data)}")
     return data
 
 
 def validate_config(model: type[ConfigT], data: Any, path: Path) -> ConfigT:
     """Validate `data` as `model`; the error names the file and the first bad field."""
+    found = _bool_for_number(model, data)
+    if found is not None:
+        raise InputError(str(path), "expected a number, got a boolean", field=found)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         raise InputError(str(path), first["msg"], field=field) from exc
+
+
+def _bool_for_number(model: type[BaseModel], data: Any, loc: tuple[str, ...] = ()) -> str | None:
+    """The first number field that `data` gives a boolean (pydantic would read `yes` as 1)."""
+    if not isinstance(data, dict):
+        return None
+    for name, value in data.items():
+        field = model.model_fields.get(name) if isinstance(name, str) else None
+        if field is None:
+            continue
+        types = get_args(field.annotation) or (field.annotation,)
+        where = (*loc, name)
+        if isinstance(value, bool) and bool not in types and any(t in (int, float) for t in types):
+            return ".".join(where)
+        for kind in types:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found = _bool_for_number(kind, value, where)
+                if found is not None:
+                    return found
+    return None

@@ -4,7 +4,10 @@ SFT format: a JSON list (or JSON lines) of `{id, conversations: [{from, value}]}
 first turn from "human" holding the instruction, then "gpt" and "human" turns
 alternating (assistant actions and observations). Pair format:
 `{id, prompt, chosen, rejected}`, each side a string or a list of `{from, value}` turns.
-A file is validated whole before anything is returned, so a bad file writes nothing.
+A file is validated whole before anything is returned, so a bad file writes nothing. Every
+field the formats define is type-checked (an `id` is a string or an integer, a `reward` a
+number in [0, 1] and not a boolean, a turn's `value` a string); fields they do not define
+(ETO's `loss`, say) are ignored.
 """
 
 from __future__ import annotations
@@ -24,32 +27,85 @@ from ipr_core.types import Step, Trajectory
 _ROLE_OF = {"human": "user", "gpt": "assistant", "system": "system"}
 _FROM_OF = {role: name for name, role in _ROLE_OF.items()}
 
+MAX_FILE_BYTES = 1 << 30
+"""A file is parsed whole in memory; ETO's and IPR's largest files are tens of megabytes."""
+MAX_TURN_CHARS = 100_000
+"""About 25k tokens, over ten times the training context (`max_length` 2048): no model here
+could train on the turn. Real turns, instruction and in-context example included, are a few
+thousand characters."""
+MAX_TURNS = 5_000
+"""2,500 steps: twice the longest step bound of any env (ScienceWorld's 1,135)."""
+MAX_ID_CHARS = 256
+"""An id is a key that messages and tables show; ETO's are like `webshop_42`."""
+
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Records of a JSON list or JSON-lines file, each with a label for error messages."""
+    """Records of a JSON list or JSON-lines file, each labelled by its id for error messages.
+
+    A record whose id is missing or unusable is named by its position instead: `#3` in a
+    JSON list, `line 4` in JSON lines."""
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(source, f"cannot read file: {exc.strerror}") from exc
-    try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise InputError(source, f"not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    text = read_text(path, MAX_FILE_BYTES)
+    if text.lstrip().startswith("["):
+        records = _parse_json(source, text)
+        positions = [f"#{index}" for index in range(len(records))]
+    else:
+        numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = [_parse_json(source, line, n) for n, line in numbered]
+        positions = [f"line {n}" for n, _ in numbered]
     labelled = []
-    for index, record in enumerate(records):
+    for position, record in zip(positions, records, strict=True):
         if not isinstance(record, dict):
-            raise InputError(source, "expected an object", record=f"#{index}")
-        label = str(record.get("id", f"#{index}"))
+            raise InputError(source, f"expected an object, got {kind_of(record)}", record=position)
         if "id" not in record:
-            raise InputError(source, "missing", record=label, field="id")
-        labelled.append((label, record))
+            raise InputError(source, "missing", record=position, field="id")
+        record_id = record["id"]
+        if isinstance(record_id, bool) or not isinstance(record_id, str | int):
+            raise InputError(source, f"expected a string or an integer, got {kind_of(record_id)}",
+                             record=position, field="id")  # fmt: skip
+        if record_id == "" or len(str(record_id)) > MAX_ID_CHARS:
+            raise InputError(source, f"expected 1 to {MAX_ID_CHARS} characters, got "
+                             f"{len(str(record_id))}", record=position, field="id")  # fmt: skip
+        if isinstance(record_id, str):
+            _check_text(source, position, "id", record_id)
+        labelled.append((str(record_id), record))
     if not labelled:
         raise InputError(source, "the file holds no records")
     return labelled
+
+
+def read_text(path: Path, max_bytes: int) -> str:
+    """A UTF-8 text file (a BOM allowed) of at most `max_bytes`; errors name the file."""
+    source = str(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InputError(source, f"{size} bytes, over the {max_bytes}-byte cap for one file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(source, f"cannot read file: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(
+            source,
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (save it as UTF-8)",
+        ) from exc
+
+
+def _parse_json(source: str, text: str, line: int | None = None) -> Any:
+    """`text` parsed: the whole file, or (JSON lines) its line number `line`."""
+    at = f" (line {line})" if line is not None else ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f" (line {exc.lineno if line is None else line})"
+        raise InputError(source, f"not valid JSON{at}: {exc.msg}") from exc
+    except RecursionError as exc:  # nesting far deeper than any record of these formats
+        raise InputError(source, f"not valid IPR/ETO JSON{at}: nested too deeply") from exc
+    except ValueError as exc:  # an integer of thousands of digits
+        raise InputError(source, f"not valid JSON{at}: a number too long") from exc
 
 
 def load_sft_file(path: Path, env_id: str, split: str) -> list[Trajectory]:
@@ -68,11 +124,16 @@ def load_sft_file(path: Path, env_id: str, split: str) -> list[Trajectory]:
 def load_pair_file(path: Path) -> list[dict[str, Any]]:
     """Pairs as `{id, prompt, chosen, rejected}` with every side as a list of messages."""
     pairs = []
+    seen: set[str] = set()
     for label, record in read_records(path):
+        if label in seen:
+            raise InputError(str(path), "duplicate id", record=label, field="id")
+        seen.add(label)
         pair: dict[str, Any] = {"id": label}
         for field in ("prompt", "chosen", "rejected"):
             value = record.get(field)
             if isinstance(value, str):
+                _check_text(str(path), label, field, value)
                 role = "user" if field == "prompt" else "assistant"
                 pair[field] = [{"role": role, "content": value}]
             else:
@@ -120,24 +181,57 @@ def to_turns(messages: Sequence[Message]) -> list[dict[str, str]]:
 def _turns(source: str, label: str, record: dict[str, Any], field: str) -> list[Message]:
     turns = record.get(field)
     if not isinstance(turns, list) or not turns:
-        raise InputError(source, "expected a non-empty list of turns", record=label, field=field)
+        got = "an empty list" if turns == [] else kind_of(turns)
+        raise InputError(source, f"expected a non-empty list of turns, got {got}",
+                         record=label, field=field)  # fmt: skip
+    if len(turns) > MAX_TURNS:
+        raise InputError(source, f"{len(turns)} turns, over the cap of {MAX_TURNS} "
+                         "(longer than any env's episodes)", record=label, field=field)  # fmt: skip
     messages = []
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise InputError(source, "expected an object", record=label, field=where)
+            raise InputError(source, f"expected an object, got {kind_of(turn)}", record=label,
+                             field=where)  # fmt: skip
         speaker, value = turn.get("from"), turn.get("value")
-        if speaker not in _ROLE_OF:
+        if not isinstance(speaker, str) or speaker not in _ROLE_OF:
             raise InputError(
                 source,
-                f"expected one of {sorted(_ROLE_OF)}, got {speaker!r}",
+                f"expected one of {sorted(_ROLE_OF)}, got {_shown(speaker)}",
                 record=label,
                 field=f"{where}.from",
             )
         if not isinstance(value, str):
-            raise InputError(source, "expected a string", record=label, field=f"{where}.value")
+            raise InputError(source, f"expected a string, got {kind_of(value)}", record=label,
+                             field=f"{where}.value")  # fmt: skip
+        _check_text(source, label, f"{where}.value", value)
         messages.append({"role": _ROLE_OF[speaker], "content": value})
     return messages
+
+
+def _check_text(source: str, label: str, field: str, value: str) -> None:
+    """A string the store and a tokenizer can take: bounded, and encodable as UTF-8."""
+    if len(value) > MAX_TURN_CHARS:
+        raise InputError(source, f"{len(value)} characters, over the cap of {MAX_TURN_CHARS} "
+                         "(no training context holds it)", record=label, field=field)  # fmt: skip
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(source, f"not Unicode text: a lone surrogate at character {exc.start}",
+                         record=label, field=field) from exc  # fmt: skip
+
+
+def kind_of(value: object) -> str:
+    """The JSON (and YAML) name of a value's type, for messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A value as a message shows it: its repr, cut short (one line, a bounded length)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _trajectory(
@@ -179,7 +273,11 @@ def _trajectory(
     if not steps:
         raise InputError(source, "no 'gpt' turn", record=label, field="conversations")
     reward = record.get("reward", 1.0)
-    if not isinstance(reward, int | float) or not 0.0 <= reward <= 1.0:
-        raise InputError(source, "expected a number in [0, 1]", record=label, field="reward")
+    if isinstance(reward, bool) or not isinstance(reward, int | float):
+        raise InputError(source, f"expected a number in [0, 1], got {kind_of(reward)}",
+                         record=label, field="reward")  # fmt: skip
+    if not 0.0 <= reward <= 1.0:  # NaN and the infinities too
+        raise InputError(source, f"expected a number in [0, 1], got {_shown(reward)}",
+                         record=label, field="reward")  # fmt: skip
     task = EnvTask(env_id, label, split, messages[0]["content"], initial_observation="")
     return Trajectory(task=task, steps=tuple(steps), outcome_reward=float(reward))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ipr_core.config import RunConfig
 from ipr_core.context import EXPERT_ITERATION, Log
 from ipr_core.envs import make_env
+from ipr_core.errors import InputError
 from ipr_core.expert import Rejected, gold_trajectories
 from ipr_core.explore import Exploration
 from ipr_core.step_rewards import StepQuery, expert_queries
@@ -55,10 +56,36 @@ def ingest_gold(store: Store, env_id: str, split: str, limit: int) -> GoldExpert
     return gold
 
 
-def ingest_file(store: Store, trajectories: Sequence[Trajectory], source: str) -> int:
-    """Store imported expert trajectories (already validated whole) in one transaction."""
+def ingest_file(
+    store: Store, trajectories: Sequence[Trajectory], source: str, replace: bool = False
+) -> tuple[int, int]:
+    """Store imported expert trajectories (already validated whole) in one transaction;
+    returns (written, replaced).
+
+    Ids the store already holds for the env are refused unless `replace`: a silent
+    overwrite would change what every later run of the env trains on."""
     rows = [expert_to_row(t, source=source) for t in trajectories]
-    return store.write({"expert_trajectories": rows})["expert_trajectories"]
+    if not rows:
+        return 0, 0
+    with store.transaction() as con:
+        existing = [
+            task_id
+            for (task_id,) in con.execute(
+                "SELECT task_id FROM expert_trajectories WHERE env_id = ? "
+                "AND list_contains(?, task_id) ORDER BY task_id",
+                [rows[0]["env_id"], [row["task_id"] for row in rows]],
+            ).fetchall()
+        ]
+        if existing and not replace:
+            shown = ", ".join(repr(task_id) for task_id in existing[:5])
+            more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+            raise InputError(
+                source,
+                f"the store already holds {len(existing)} of these ids for "
+                f"{rows[0]['env_id']} ({shown}{more}); pass --replace to replace them",
+                field="id",
+            )
+        return upsert(con, "expert_trajectories", rows), len(existing)
 
 
 def missing_expert_rows(store: Store, config: RunConfig, log: Log) -> list[Row]:

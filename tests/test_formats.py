@@ -98,3 +98,28 @@ def test_shipped_expert_file_loads():
     trajectories = load_sft_file(path, "twx/cookingworld", "train")
     assert len(trajectories) == 20
     assert all(t.steps and all(s.action for s in t.steps) for t in trajectories)
+
+
+def test_eto_extras_integer_ids_and_a_bom_are_accepted(tmp_path):
+    record = json.loads(json.dumps(GOOD))
+    record["id"] = 7
+    record["game_file"] = "cook/7.z8"  # fields the format does not define are ignored
+    for turn in record["conversations"]:
+        turn["loss"] = turn["from"] == "gpt"  # as in ETO's SFT files
+    path = tmp_path / "eto.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
+    [trajectory] = load_sft_file(path, "twx/cookingworld", "train")
+    assert trajectory.task.task_id == "7"
+
+
+def test_jsonl_records_without_a_usable_id_are_named_by_line(tmp_path):
+    path = tmp_path / "experts.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "id": None}) + "\n")
+    with pytest.raises(InputError, match="record 'line 3', field 'id': .* got null"):
+        load_sft_file(path, "twx/cookingworld", "train")
+
+
+def test_integer_and_string_spellings_of_one_id_are_duplicates(tmp_path):
+    path = write(tmp_path, [{**GOOD, "id": 5}, {**GOOD, "id": "5"}])
+    with pytest.raises(InputError, match="record '5', field 'id': duplicate id"):
+        load_sft_file(path, "twx/cookingworld", "train")

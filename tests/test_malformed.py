@@ -1,0 +1,226 @@
+"""The malformed-input corpus (tests/data/malformed/): each file, handed to the real CLI,
+ends in exit code 2 and one line naming the file, the record and the field, and the
+store's rows stay as they were."""
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from flows.cli import main
+from ipr_core import formats
+from ipr_core.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "data" / "malformed"
+ENV = "twx/cookingworld"
+GOOD = {
+    "id": "cook-1",
+    "conversations": [
+        {"from": "human", "value": "Cook a meal. You are in the kitchen."},
+        {"from": "gpt", "value": "Thought: I need the recipe.\nAction: read cookbook"},
+        {"from": "human", "value": "Observation: The recipe says: eat apple."},
+        {"from": "gpt", "value": "Thought: done.\nAction: eat apple"},
+    ],
+}
+
+# file -> what its one-line error must contain besides the file name
+SFT_CASES = {
+    "sft-not-utf8.json": ["not UTF-8", "line 36"],
+    "sft-deep-nesting.json": ["nested too deeply"],
+    "sft-huge-number.json": ["not valid JSON", "too long"],
+    "sft-truncated.json": ["not valid JSON", "line 22"],
+    "sft-bad-line.jsonl": ["not valid JSON", "line 3"],
+    "sft-empty.json": ["no records"],
+    "sft-record-not-object.json": ["record '#1'", "expected an object"],
+    "sft-id-object.json": ["record '#1'", "field 'id'", "got an object"],
+    "sft-id-bool.jsonl": ["record 'line 2'", "field 'id'", "got a boolean"],
+    "sft-id-missing.json": ["record '#1'", "field 'id'", "missing"],
+    "sft-id-too-long.json": ["record '#0'", "field 'id'", "256"],
+    "sft-duplicate-id.json": ["record 'cook-1'", "field 'id'", "duplicate"],
+    "sft-reward-true.json": ["record 'cook-2'", "field 'reward'", "got a boolean"],
+    "sft-reward-string.json": ["record 'cook-2'", "field 'reward'", "got a string"],
+    "sft-reward-nan.json": ["record 'cook-2'", "field 'reward'", "nan"],
+    "sft-reward-out-of-range.json": ["record 'cook-2'", "field 'reward'", "[0, 1]"],
+    "sft-conversations-object.json": ["record 'cook-2'", "field 'conversations'", "an object"],
+    "sft-conversations-empty.json": ["record 'cook-2'", "field 'conversations'", "empty"],
+    "sft-turn-not-object.json": ["record 'cook-2'", "field 'conversations[2]'"],
+    "sft-role-unknown.json": ["record 'cook-2'", "field 'conversations[1].from'", "'robot'"],
+    "sft-role-not-string.json": ["record 'cook-2'", "field 'conversations[1].from'"],
+    "sft-first-turn-gpt.json": ["record 'cook-2'", "field 'conversations[0].from'"],
+    "sft-value-number.json": ["record 'cook-2'", "field 'conversations[3].value'", "integer"],
+    "sft-no-action.json": ["record 'cook-2'", "field 'conversations[3].value'", "Action"],
+    "sft-lone-surrogate.json": ["record 'cook-2'", "field 'conversations[2].value'"],
+}
+PAIR_CASES = {
+    "pairs-not-utf8.json": ["not UTF-8", "line 1"],
+    "pairs-id-object.json": ["record '#1'", "field 'id'", "got an object"],
+    "pairs-duplicate-id.json": ["record 'p-1'", "field 'id'", "duplicate"],
+    "pairs-chosen-null.json": ["record 'p-2'", "field 'chosen'", "got null"],
+    "pairs-prompt-number.json": ["record 'p-2'", "field 'prompt'", "got an integer"],
+    "pairs-rejected-role.json": ["record 'p-2'", "field 'rejected[0].from'", "'assistant'"],
+}
+CONFIG_CASES = {
+    "config-not-utf8.yaml": ["not UTF-8", "line 2"],
+    "config-list.yaml": ["expected a mapping", "got a list"],
+    "config-bad-yaml.yaml": ["not valid YAML", "line 3"],
+    "config-deep-nesting.yaml": ["nested too deeply"],
+    "config-unknown-field.yaml": ["field 'itterations'"],
+    "config-wrong-type.yaml": ["field 'monte_carlo.n_samples'", "integer"],
+    "config-bool-for-number.yaml": ["field 'monte_carlo.n_samples'", "got a boolean"],
+    "config-unknown-env.yaml": ["field 'env'", "unknown env id"],
+}
+
+
+def _record(record_id: str, **fields: object) -> dict:
+    return {**json.loads(json.dumps(GOOD)), "id": record_id, **fields}
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> Path:
+    """A store holding two imported expert trajectories, built once and copied per test."""
+    folder = tmp_path_factory.mktemp("seed")
+    source = _write(folder / "experts.json", [GOOD, _record("cook-2")])
+    store = folder / "seed.duckdb"
+    assert main(["ingest", "--env", ENV, "--source", str(source), "--store", str(store)]) == 0
+    return store
+
+
+@pytest.fixture
+def store(seeded, tmp_path) -> Path:
+    return Path(shutil.copy(seeded, tmp_path / "store.duckdb"))
+
+
+def row_counts(store: Path) -> dict[str, int]:
+    with duckdb.connect(str(store), read_only=True) as con:
+        found = con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        tables = [table for (table,) in found]
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+
+
+def assert_one_named_line(err: str, name: str, fragments: list[str]) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    assert name in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def ingest(store: Path, source: Path, *flags: str) -> int:
+    return main(["ingest", "--env", ENV, "--source", str(source), "--store", str(store), *flags])
+
+
+def test_every_corpus_file_has_its_expected_error():
+    assert {p.name for p in CORPUS.iterdir()} == {*SFT_CASES, *PAIR_CASES, *CONFIG_CASES}
+
+
+@pytest.mark.parametrize("name", sorted(SFT_CASES))
+def test_malformed_sft_file_is_one_named_line_and_writes_nothing(name, store, capsys):
+    before = row_counts(store)
+    assert ingest(store, CORPUS / name) == 2
+    captured = capsys.readouterr()
+    assert_one_named_line(captured.err, name, SFT_CASES[name])
+    assert "imported" not in captured.out
+    assert row_counts(store) == before
+
+
+def _turn_over_the_cap(path: Path) -> list[str]:
+    value = "Observation: " + "x" * formats.MAX_TURN_CHARS
+    turns = [*GOOD["conversations"][:2], {"from": "human", "value": value}]
+    _write(path, [GOOD, _record("cook-3", conversations=turns)])
+    return ["record 'cook-3'", "field 'conversations[2].value'", "no training context"]
+
+
+def _turns_over_the_cap(path: Path) -> list[str]:
+    step = GOOD["conversations"][1:3]
+    turns = [GOOD["conversations"][0], *step * (formats.MAX_TURNS // 2 + 1)]
+    _write(path, [_record("cook-3", conversations=turns)])
+    return ["record 'cook-3'", "field 'conversations'", f"cap of {formats.MAX_TURNS}"]
+
+
+def _file_over_the_cap(path: Path) -> list[str]:
+    with path.open("wb") as f:
+        f.truncate(formats.MAX_FILE_BYTES + 1)  # sparse: nothing is written, nothing is read
+    return [f"{formats.MAX_FILE_BYTES}-byte cap"]
+
+
+@pytest.mark.parametrize("build", [_turn_over_the_cap, _turns_over_the_cap, _file_over_the_cap])
+def test_records_over_the_size_caps_are_refused(
+    build: Callable[[Path], list[str]], store, tmp_path, capsys
+):
+    path = tmp_path / "big.json"
+    fragments = build(path)
+    before = row_counts(store)
+    assert ingest(store, path) == 2
+    assert_one_named_line(capsys.readouterr().err, "big.json", fragments)
+    assert row_counts(store) == before
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_CASES))
+def test_malformed_pair_file_is_one_named_line(name):
+    # no command imports pair files yet: the loader is the entry a caller uses
+    with pytest.raises(InputError) as info:
+        formats.load_pair_file(CORPUS / name)
+    assert_one_named_line(f"error: {info.value}\n", name, PAIR_CASES[name])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CASES))
+def test_malformed_config_is_one_named_line_and_writes_nothing(name, store, capsys):
+    before = row_counts(store)
+    assert main(["run", "--config", str(CORPUS / name), "--store", str(store)]) == 2
+    assert_one_named_line(capsys.readouterr().err, name, CONFIG_CASES[name])
+    assert row_counts(store) == before
+
+
+def test_the_installed_entry_prints_one_line_without_a_traceback(store):
+    before = row_counts(store)
+    args = ["ingest", "--env", ENV, "--source", str(CORPUS / "sft-not-utf8.json")]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, "--store", str(store)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert_one_named_line(done.stderr, "sft-not-utf8.json", ["not UTF-8"])
+    assert row_counts(store) == before
+
+
+def _stored(store: Path, task_id: str) -> tuple[str, int]:
+    with duckdb.connect(str(store), read_only=True) as con:
+        query = "SELECT source, n_steps FROM expert_trajectories WHERE task_id = ?"
+        return con.execute(query, [task_id]).fetchone()
+
+
+def test_reimport_of_stored_ids_is_refused_naming_the_ids_and_the_flag(store, tmp_path, capsys):
+    kept = _stored(store, "cook-1")
+    shorter = _record("cook-1", conversations=GOOD["conversations"][:2])
+    source = _write(tmp_path / "again.json", [shorter, _record("cook-9")])
+    before = row_counts(store)
+    assert ingest(store, source) == 2
+    err = capsys.readouterr().err
+    assert_one_named_line(err, "again.json", ["'cook-1'", "--replace", "field 'id'"])
+    assert "cook-9" not in err
+    assert row_counts(store) == before
+    assert _stored(store, "cook-1") == kept
+
+
+def test_replace_flag_replaces_and_reports_how_many(store, tmp_path, capsys):
+    shorter = _record("cook-1", conversations=GOOD["conversations"][:2])
+    source = _write(tmp_path / "again.json", [shorter, _record("cook-9")])
+    before = row_counts(store)
+    assert ingest(store, source, "--replace") == 0
+    out = capsys.readouterr().out
+    assert "imported 2 expert trajectories" in out and "(replaced 1)" in out
+    assert row_counts(store)["expert_trajectories"] == before["expert_trajectories"] + 1
+    assert _stored(store, "cook-1") == (str(source), 1)
