@@ -67,25 +67,17 @@ def ingest_file(
     rows = [expert_to_row(t, source=source) for t in trajectories]
     if not rows:
         return 0, 0
-    with store.transaction() as con:
-        existing = [
-            task_id
-            for (task_id,) in con.execute(
-                "SELECT task_id FROM expert_trajectories WHERE env_id = ? "
-                "AND list_contains(?, task_id) ORDER BY task_id",
-                [rows[0]["env_id"], [row["task_id"] for row in rows]],
-            ).fetchall()
-        ]
-        if existing and not replace:
-            shown = ", ".join(repr(task_id) for task_id in existing[:5])
-            more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
-            raise InputError(
-                source,
-                f"the store already holds {len(existing)} of these ids for "
-                f"{rows[0]['env_id']} ({shown}{more}); pass --replace to replace them",
-                field="id",
-            )
-        return upsert(con, "expert_trajectories", rows), len(existing)
+    written, existing = store.import_experts(rows, replace)
+    if existing and not replace:
+        shown = ", ".join(repr(task_id) for task_id in existing[:5])
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        raise InputError(
+            source,
+            f"the store already holds {len(existing)} of these ids for "
+            f"{rows[0]['env_id']} ({shown}{more}); pass --replace to replace them",
+            field="id",
+        )
+    return written, len(existing)
 
 
 def missing_expert_rows(store: Store, config: RunConfig, log: Log) -> list[Row]:

@@ -263,6 +263,23 @@ class Store:
         with self.transaction() as con:
             return {table: upsert(con, table, rows) for table, rows in rows_by_table.items()}
 
+    def import_experts(self, rows: Sequence[Row], replace: bool) -> tuple[int, list[str]]:
+        """Upsert expert rows of one env unless some of their ids are stored and not
+        `replace`; returns (rows written, stored ids among them). The check and the write
+        share one transaction, so a concurrent import cannot slip between them."""
+        with self.transaction() as con:
+            existing = [
+                task_id
+                for (task_id,) in con.execute(
+                    "SELECT task_id FROM expert_trajectories WHERE env_id = ? "
+                    "AND list_contains(?, task_id) ORDER BY task_id",
+                    [rows[0]["env_id"], [row["task_id"] for row in rows]],
+                ).fetchall()
+            ]
+            if existing and not replace:
+                return 0, existing
+            return upsert(con, "expert_trajectories", rows), existing
+
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> pd.DataFrame:
