@@ -19,8 +19,14 @@ from ipr_core.training.distributed import METRICS_FILE
 def main(job: Path) -> None:
     fit = pickle.loads(job.read_bytes())
     metrics = fit(job.parent)
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         (job.parent / METRICS_FILE).write_text(json.dumps(metrics))
+    # Tear the process group down before the interpreter does: a gloo group left to exit
+    # aborted one rank now and then ("terminate called without an active exception",
+    # SIGABRT), failing a training that had finished.
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
