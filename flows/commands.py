@@ -133,8 +133,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     experiment.set_defaults(handler=cmd_experiment)
 
     tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
-    tokens.add_argument("--config", type=Path, required=True, help="run config (env, model)")
+    tokens.add_argument(
+        "--config", type=Path, required=True, help="run or experiment config (env, model, prompt)"
+    )
     tokens.add_argument("--store", type=Path, help="overrides the config's store")
+    tokens.add_argument(
+        "--history-window", type=int, help="overrides the config's prompt.history_window"
+    )
     tokens.set_defaults(handler=cmd_tokens)
 
     report = commands.add_parser("report", help="write an experiment's results as markdown")
@@ -320,15 +325,35 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from ipr_core.context import RunContext
     from ipr_core.pipeline import ensure_experts
     from ipr_core.store import Store
-    from ipr_core.tokens import token_table
+    from ipr_core.tokens import token_table, turn_table
     from ipr_core.training.runtime import load_tokenizer
 
-    config = config_from_args(args)
+    config = tokens_config(args)
     ctx = RunContext(config, Store(config.store))
     experts = ensure_experts(ctx.store, config, print)
     tokenizer = load_tokenizer(ctx.base_path())
-    print(token_table(experts, ctx.prompt.action_hint, tokenizer).to_string(index=False))
+    print(f"history window: {config.prompt.history_window}; {len(experts)} expert conversations")
+    print(token_table(experts, ctx.prompt, tokenizer).to_string(index=False))
+    print()
+    print(turn_table(experts, ctx.prompt, tokenizer).to_string(index=False))
     return 0
+
+
+def tokens_config(args: argparse.Namespace):
+    """A run config, or an experiment config's shared `run:` settings, with the command's
+    overrides applied before validation (a bad window names `prompt.history_window`)."""
+    from ipr_core.config import RunConfig, read_yaml_mapping, validate_config
+
+    data = read_yaml_mapping(args.config)
+    if isinstance(data.get("run"), dict):
+        data = data["run"]
+    if args.store is not None:
+        data["store"] = str(args.store)
+    if args.history_window is not None:
+        prompt = data.setdefault("prompt", {})
+        if isinstance(prompt, dict):
+            prompt["history_window"] = args.history_window
+    return validate_config(RunConfig, data, args.config)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
