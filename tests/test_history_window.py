@@ -1,5 +1,6 @@
 """The history window: SFT examples, rollout prompts and pair prompts of a step agree."""
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ipr_core.errors import InputError
 from ipr_core.expert import build_expert_trajectory
 from ipr_core.explore import Exploration
 from ipr_core.mining import MiningConfig, mine_pairs
+from ipr_core.pipeline import ensure_experts
 from ipr_core.prompts import PromptFormat
 from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
 from ipr_core.store import Store
@@ -101,3 +103,15 @@ def test_the_window_is_validated_and_reaches_the_keys_and_the_scorer_id(
     assert Engines(plain).windowed("m") != Engines(windowed).windowed("m")
     sharded = Engines(windowed).scorer_id(tiny_model_path)  # what scale-out workers check
     assert sharded == Engines(windowed).windowed(model_id(tiny_model_path))
+
+
+def test_a_windowed_run_gives_its_engines_the_prompt_sft_and_mining_build(tmp_path: Path) -> None:
+    config = RunConfig(
+        env=ENV, store=tmp_path / "s.duckdb", train_limit=1, prompt={"history_window": WINDOW}
+    )
+    ctx = RunContext(config, Store(config.store))
+    ensure_experts(ctx.store, config, lambda message: None)
+    with ExitStack() as stack:  # what exploration, Monte Carlo and evaluation run with
+        engine = ctx.engines.open(stack, RecordingBackend())
+        assert engine.prompt == ctx.prompt  # what SFT and mining are given
+    assert ctx.prompt.history_window == WINDOW and ctx.prompt.action_hint
