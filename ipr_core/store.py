@@ -599,7 +599,8 @@ class Store:
         if not self.table_exists("estimates") or not self.table_exists("stage_costs"):
             return pd.DataFrame()
         return self.query(
-            "SELECT e.run_id, e.predicted_s, e.unmeasured_stages, sum(c.wall_s) AS measured_s, "
+            "SELECT e.run_id, e.created_at, e.predicted_s, e.unmeasured_stages, "
+            "sum(c.wall_s) AS measured_s, "
             "count(*) AS measured_stages FROM estimates e JOIN stage_costs c USING (run_id) "
             "GROUP BY ALL ORDER BY e.created_at DESC LIMIT 1"
         )
