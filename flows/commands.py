@@ -200,15 +200,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     store = Store(config.store)
-    if not store.path.exists():
-        print(
-            f"{store.path}: no store, so no measurements to estimate from; run a small "
-            "config first (e.g. ipr run --config configs/smoke.yaml)"
-        )
-        return 1
     made = estimate(store, config)
     print(format_estimate(made, store.previous_estimate()))
-    record_estimate(store, config, made)
+    if len(made.unmeasured) < len(made.table):  # a prediction without a rate is not kept
+        record_estimate(store, config, made)
     return 0
 
 

@@ -167,16 +167,21 @@ def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
     return work
 
 
-def measured_rates(store: Store) -> pd.DataFrame:
+def measured_rates(store: Store, like: RunConfig | None = None) -> pd.DataFrame:
     """Seconds per unit of each stage, from the store's computed (not copied) stages:
     per rollout where a stage rolls out, per task x epoch (from the run's config) for
     training, per run or iteration otherwise; with the measured s per env step and per
-    trained token beside them."""
+    trained token beside them. With `like`, only runs of its model and env count when
+    the store holds any."""
     costs = store.measured_stage_costs()
+    configs = {run: _config(text) for run, text in store.run_configs().items()}
+    if like is not None and not costs.empty:
+        same = {run for run, c in configs.items() if c and (c.model, c.env) == _model(like)}
+        if costs["run_id"].isin(same).any():
+            costs = costs[costs["run_id"].isin(same)].copy()
     if costs.empty:
         return pd.DataFrame(columns=["stage", "rate_s", "measured_s", "units", "runs"])
     costs["stage"] = costs["stage"].map(stage_kind)
-    configs = {run: _config(text) for run, text in store.run_configs().items()}
     costs["units"] = [
         _measured_units(row, configs.get(row["run_id"])) for row in costs.to_dict("records")
     ]
@@ -194,6 +199,10 @@ def measured_rates(store: Store) -> pd.DataFrame:
         rates["trained_tokens"] > 0
     )
     return rates.reset_index()
+
+
+def _model(config: RunConfig) -> tuple[str, str]:
+    return config.model, config.env
 
 
 def _config(text: str) -> RunConfig | None:
@@ -223,6 +232,9 @@ class Estimate:
     predicted_s: float
     unmeasured: list[str]
     steps_source: str
+    sources: str
+    """The measured runs the rates come from, and a warning when their model or env is
+    not the config's (rates carry over between models only roughly)."""
 
 
 def estimate(store: Store, config: RunConfig) -> Estimate:
@@ -234,16 +246,36 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     else:
         steps_per_task = DEFAULT_STEPS_PER_TASK
         steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"
-    rates = measured_rates(store).set_index("stage")["rate_s"].to_dict()
+    rates = measured_rates(store, config).set_index("stage")["rate_s"].to_dict()
+    sources = _sources(store, config)
     rows = []
     for work in planned_work(config, steps_per_task):
-        rate = rates.get(work.stage)
-        seconds = None if rate is None else work.runs * work.units * rate
-        rows.append({**work.__dict__, "rate_s": rate, "seconds": seconds})
+        rate = rates.get(work.stage, float("nan"))
+        rows.append({**work.__dict__, "rate_s": rate, "seconds": work.runs * work.units * rate})
     table = pd.DataFrame(rows)
     unmeasured = table.loc[table["rate_s"].isna(), "stage"].tolist()
     predicted = float(table["seconds"].fillna(0).sum())
-    return Estimate(config.run_id, table, predicted, unmeasured, steps_source)
+    return Estimate(config.run_id, table, predicted, unmeasured, steps_source, sources)
+
+
+def _sources(store: Store, config: RunConfig) -> str:
+    measured = set(store.measured_stage_costs().get("run_id", []))
+    runs = {run: _config(text) for run, text in store.run_configs().items() if run in measured}
+    if not runs:
+        return "no measured run in the store"
+    same = {run: c for run, c in runs.items() if c is not None and _model(c) == _model(config)}
+    runs = same or runs
+    named = [
+        f"{run} ({'?' if c is None else c.model}, {'?' if c is None else c.env})"
+        for run, c in sorted(runs.items())
+    ]
+    line = f"rates measured in runs {', '.join(named)}"
+    if not same:
+        line += (
+            f"; NOTE: none of them ran model {config.model} on {config.env}, so the "
+            "prediction carries their rates over (a first run of this config measures its own)"
+        )
+    return line
 
 
 def record_estimate(store: Store, config: RunConfig, made: Estimate) -> None:
@@ -265,10 +297,19 @@ def record_estimate(store: Store, config: RunConfig, made: Estimate) -> None:
 
 def format_estimate(made: Estimate, previous: pd.DataFrame) -> str:
     """The prediction, how it was made, and how far the last measured prediction was off."""
+    if len(made.unmeasured) == len(made.table):
+        headline = f"run {made.run_id!r}: no prediction: the store has measured no stage"
+    else:
+        headline = (
+            f"run {made.run_id!r}: predicted {made.predicted_s:,.0f} s "
+            f"({made.predicted_s / 60:.1f} min) on this machine"
+        )
+        if made.unmeasured:
+            headline += f", without the {len(made.unmeasured)} stages it has no rate for"
     lines = [
-        f"run {made.run_id!r}: predicted {made.predicted_s:,.0f} s "
-        f"({made.predicted_s / 60:.1f} min) on this machine",
-        f"from {made.steps_source} and the store's measured seconds per unit:",
+        headline,
+        f"from {made.steps_source} and the store's measured seconds per unit;",
+        made.sources + ":",
         made.table.to_string(index=False, na_rep="NULL", float_format=lambda v: f"{v:.3g}"),
     ]
     if made.unmeasured:
