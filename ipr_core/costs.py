@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ def measured_rates(store: Store, like: RunConfig | None = None) -> pd.DataFrame:
     costs = store.measured_stage_costs()
     configs = {run: _config(text) for run, text in store.run_configs().items()}
     if like is not None and not costs.empty:
-        same = {run for run, c in configs.items() if c and (c.model, c.env) == _model(like)}
+        same = {run for run, c in configs.items() if c and _model(c) == _model(like)}
         if costs["run_id"].isin(same).any():
             costs = costs[costs["run_id"].isin(same)].copy()
     if costs.empty:
@@ -228,7 +228,8 @@ def _measured_units(row: Mapping[str, Any], config: RunConfig | None) -> float:
 class Estimate:
     run_id: str
     table: pd.DataFrame
-    """Per stage: runs, units, unit, rate_s (NULL: never measured), seconds."""
+    """Per stage: runs, units, unit, rate_s (seconds per unit; NaN: never measured),
+    seconds, and the measured seconds per env step and per trained token beside them."""
     predicted_s: float
     unmeasured: list[str]
     steps_source: str
@@ -246,12 +247,21 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     else:
         steps_per_task = DEFAULT_STEPS_PER_TASK
         steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"
-    rates = measured_rates(store, config).set_index("stage")["rate_s"].to_dict()
+    rates = measured_rates(store, config).set_index("stage")
     sources = _sources(store, config)
     rows = []
     for work in planned_work(config, steps_per_task):
-        rate = rates.get(work.stage, float("nan"))
-        rows.append({**work.__dict__, "rate_s": rate, "seconds": work.runs * work.units * rate})
+        measured = rates.loc[work.stage] if work.stage in rates.index else {}
+        rate = measured.get("rate_s", float("nan"))
+        rows.append(
+            {
+                **asdict(work),
+                "rate_s": rate,
+                "seconds": work.runs * work.units * rate,
+                "s_per_env_step": measured.get("s_per_env_step", float("nan")),
+                "s_per_trained_token": measured.get("s_per_trained_token", float("nan")),
+            }
+        )
     table = pd.DataFrame(rows)
     unmeasured = table.loc[table["rate_s"].isna(), "stage"].tolist()
     predicted = float(table["seconds"].fillna(0).sum())
