@@ -58,6 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     cli.print_table(summary, max_rows=len(summary))
+    from ipr_core.store import Store
+
+    costs = Store(config.store).iteration_costs(config.run_id, config.dev_split)
+    print("cost by iteration (ipr_core.costs; s_per_dev_point: seconds per 0.01 dev reward):")
+    cli.print_table(costs, max_rows=len(costs))
     return 0
 
 

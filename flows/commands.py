@@ -83,6 +83,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     mixture.add_argument("--config", type=Path, required=True)
     mixture.add_argument("--store", type=Path, help="overrides the config's store")
     mixture.add_argument("--iteration", type=int, required=True, help="whose pairs to train on")
+    mixture.add_argument("--run-id", help="whose pairs (default: the config's run id)")
     mixture.add_argument("--sft-model", type=Path, required=True, help="reference model folder")
     mixture.add_argument("--policy", type=Path, help="model to train (default: --sft-model)")
     mixture.set_defaults(handler=cmd_train_mixture)
@@ -147,7 +148,88 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     report.add_argument("--out", type=Path, required=True, help="e.g. docs/results.md")
     report.add_argument("--store", type=Path, default=DEFAULT_STORE)
     report.set_defaults(handler=cmd_report)
+    add_research_commands(commands)
     return parser, commands
+
+
+def add_research_commands(commands: argparse._SubParsersAction) -> None:
+    """`import-pairs`, `estimate` and `show`: your own data, a run's cost, one episode."""
+    pairs = commands.add_parser("import-pairs", help="store an IPR/ETO pair file's pairs")
+    pairs.add_argument("file", type=Path, help="JSON list or JSON lines of {id, prompt, ...}")
+    pairs.add_argument("--run-id", required=True, help="the run to store them under")
+    pairs.add_argument("--iteration", type=int, required=True, help="the iteration to store")
+    pairs.add_argument("--env", help="env id of records without an env_id field")
+    pairs.add_argument("--replace", action="store_true", help="replace the iteration's pairs")
+    pairs.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    pairs.set_defaults(handler=cmd_import_pairs)
+
+    estimate = commands.add_parser("estimate", help="predict a run's time from measured costs")
+    estimate.add_argument("--config", type=Path, required=True)
+    estimate.add_argument(
+        "--store", type=Path, help="where the measurements are (default: the config's store)"
+    )
+    estimate.set_defaults(handler=cmd_estimate)
+
+    show = commands.add_parser("show", help="a stored rollout or pair as a transcript")
+    show.add_argument("what", choices=["rollout", "pair"])
+    show.add_argument("id", help="the short id (rollout_ids / pair_ids views, ipr report)")
+    show.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    show.set_defaults(handler=cmd_show)
+
+
+def cmd_import_pairs(args: argparse.Namespace) -> int:
+    from ipr_core.envs import canonical_env_id
+    from ipr_core.formats import pair_rows_of_file
+    from ipr_core.store import At, Store
+
+    env_id = None if args.env is None else canonical_env_id(args.env)
+    rows = pair_rows_of_file(args.file, args.run_id, args.iteration, env_id)
+    written, held = Store(args.store).import_pairs(
+        rows, At(args.run_id, args.iteration), args.replace
+    )
+    if held and not args.replace:
+        raise IprError(
+            f"{args.store}: run {args.run_id!r} iteration {args.iteration} holds "
+            f"{held} pairs; pass --replace to replace them"
+        )
+    print(
+        f"imported {written} pairs from {args.file} into run {args.run_id!r} iteration "
+        f"{args.iteration} of {args.store} (replaced {held})"
+    )
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from ipr_core.costs import estimate, format_estimate, record_estimate
+    from ipr_core.store import Store
+
+    config = config_from_args(args)
+    store = Store(config.store)
+    made = estimate(store, config)
+    print(format_estimate(made, store.previous_estimate()))
+    if len(made.unmeasured) < len(made.table):  # a prediction without a rate is not kept
+        record_estimate(store, config, made)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ipr_core.store import Store
+    from ipr_core.transcripts import pair_transcript, rollout_transcript
+
+    store = Store(args.store)
+    if args.what == "pair":
+        row = store.pair_by_id(args.id)
+        if row is None:
+            raise IprError(f"{args.store}: no pair with id {args.id!r} (see the pair_ids view)")
+        print(pair_transcript(row, store.pair_mc_samples(args.id)))
+        return 0
+    row = store.rollout_by_id(args.id)
+    if row is None:
+        raise IprError(f"{args.store}: no rollout with id {args.id!r} (see the rollout_ids view)")
+    experts = {t.task.task_id: t for t in store.expert_trajectories(row["env_id"])}
+    rewards = store.task_step_rewards(row["run_id"], row["task_id"])
+    print(rollout_transcript(row, experts.get(row["task_id"]), rewards))
+    return 0
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
@@ -372,12 +454,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         env.close()
         records = export_sft(store.expert_trajectories(env_id, args.split), hint)
     else:
-        sql = "SELECT * FROM pairs WHERE run_id = ?"
-        params: list[object] = [args.run_id]
-        if args.iteration is not None:
-            sql += " AND iteration = ?"
-            params.append(args.iteration)
-        records = [stored_pair_record(row) for row in store.query(sql, params).to_dict("records")]
+        rows = store.pair_rows(args.run_id, args.iteration)
+        records = [stored_pair_record(row) for row in rows]
     args.out.write_text(json.dumps(records, indent=1), encoding="utf-8")
     print(f"wrote {len(records)} records to {args.out}")
     return 0
@@ -403,11 +481,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def stored_pair_record(row: dict) -> dict:
-    from ipr_core.formats import pair_record
+    from ipr_core.formats import PAIR_REWARDS, pair_record
 
     key = f"{row['run_id']}/{row['iteration']}/{row['level']}/{row['task_id']}/{row['prefix_len']}"
     sides = [json.loads(row[side]) for side in ("prompt", "chosen", "rejected")]
-    return pair_record(key, *sides)
+    names = ("level", "task_id", "prefix_len", "env_id", "mode", "chosen_actor", *PAIR_REWARDS)
+    return pair_record(key, sides, {name: row[name] for name in names})
 
 
 def print_table(frame: pd.DataFrame, max_rows: int) -> None:

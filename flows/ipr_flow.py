@@ -27,6 +27,7 @@ from ipr_core import loop  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.context import RunContext  # noqa: E402
 from ipr_core.loop import Iteration, IterationResult  # noqa: E402
+from ipr_core.transcripts import pair_transcript  # noqa: E402
 from tasks import stages  # noqa: E402
 
 
@@ -70,6 +71,31 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+EXAMPLE_PAIRS = 2
+EXAMPLE_CHARS = 3000
+"""A pair transcript in the artifact is cut to this length (`ipr show pair` prints it all)."""
+
+
+def cost_markdown(ctx: RunContext, number: int) -> str:
+    """The iteration's cost row and the run's total (`Store.iteration_costs`)."""
+    costs = summary_records(ctx.store.iteration_costs(ctx.run_id, ctx.config.dev_split))
+    return markdown_table([r for r in costs if r["iteration"] in (str(number), "total")])
+
+
+def example_pairs_markdown(ctx: RunContext, number: int) -> str:
+    """A few of the iteration's pairs as transcripts, each with its `ipr show pair` id."""
+    examples = ctx.store.example_pairs(ctx.run_id, number, EXAMPLE_PAIRS)
+    if not examples:
+        return "(no pairs mined)"
+    parts = []
+    for pair in examples:
+        text = pair_transcript(pair, ctx.store.pair_mc_samples(pair["id"]))
+        if len(text) > EXAMPLE_CHARS:
+            text = text[:EXAMPLE_CHARS] + f"\n... (ipr show pair {pair['id']} prints the rest)"
+        parts.append(f"```text\n{text}\n```")
+    return "\n\n".join(parts)
+
+
 @flow(name="iteration", flow_run_name="iteration-{it.number}", log_prints=True)
 def iteration(config: RunConfig, it: Iteration) -> IterationResult:
     """One IPR iteration (`loop.run_iteration`); publishes its summary as an artifact."""
@@ -95,6 +121,10 @@ def iteration(config: RunConfig, it: Iteration) -> IterationResult:
                 f"success {metrics.success_rate}, steps {metrics.avg_steps}",
                 "## Summary row",
                 markdown_table(row),
+                "## Cost (this iteration and the run so far)",
+                cost_markdown(ctx, it.number),
+                "## Example pairs (what the model is taught)",
+                example_pairs_markdown(ctx, it.number),
                 "## Dev reward and average steps by iteration",
                 plot_markdown(summary, config.run_id),
             ]

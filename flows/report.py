@@ -127,6 +127,80 @@ GROUP BY i.method, i.iteration
 ORDER BY list_position({PAPER_ORDER}, i.method), i.iteration
 """
 
+COSTS_SQL = f"""
+WITH member AS (
+    SELECT x.method, x.run_id, json_extract_string(e.config, '$.run.dev_split') AS dev_split
+    FROM experiment_runs x JOIN experiments e USING (experiment_id)
+    WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
+c AS (
+    SELECT m.method, m.run_id, s.wall_s, s.cpu_s, s.donor_run_id IS NOT NULL AS copied,
+           CASE WHEN s.stage = 'expert-step-rewards' THEN 1 ELSE s.iteration END AS iteration,
+           CASE WHEN s.stage IN ('expert-step-rewards', 'agent-step-rewards') THEN 'mc'
+                WHEN s.stage = 'explore' THEN 'explore'
+                WHEN s.stage IN ('sft', 'train-mixture') THEN 'train'
+                WHEN s.stage LIKE 'evaluate-%' THEN 'eval' ELSE 'other' END AS work
+    FROM member m JOIN stage_costs s USING (run_id)),
+cost AS (
+    SELECT method, iteration, count(DISTINCT run_id) AS seeds, sum(wall_s) AS wall_s,
+           sum(cpu_s) AS cpu_s, count(*) FILTER (WHERE copied) AS copied_stages,
+           sum(wall_s) FILTER (WHERE work = 'mc') AS mc_s,
+           sum(wall_s) FILTER (WHERE work = 'explore') AS explore_s,
+           sum(wall_s) FILTER (WHERE work = 'train') AS train_s,
+           sum(wall_s) FILTER (WHERE work = 'eval') AS eval_s
+    FROM c GROUP BY method, iteration),
+mined AS (
+    SELECT m.method, p.iteration, count(*) AS pairs
+    FROM member m JOIN pairs p USING (run_id) GROUP BY m.method, p.iteration),
+dev AS (
+    SELECT m.method, m.run_id, d.iteration, d.avg_reward
+    FROM member m JOIN evaluations d ON d.run_id = m.run_id AND d.split = m.dev_split),
+gain AS (
+    SELECT method, iteration,
+           sum(avg_reward - prev) AS dev_gain_sum, avg(avg_reward - prev) AS dev_gain
+    FROM (SELECT *, lag(avg_reward) OVER (PARTITION BY run_id ORDER BY iteration) AS prev
+          FROM dev)
+    GROUP BY method, iteration)
+SELECT k.method, k.iteration, k.seeds, round(k.wall_s, 1) AS wall_s, round(k.cpu_s, 1) AS cpu_s,
+       coalesce(p.pairs, 0) AS pairs, round(k.wall_s / nullif(p.pairs, 0), 2) AS s_per_pair,
+       round(g.dev_gain, 3) AS dev_gain,
+       CASE WHEN g.dev_gain_sum > 0 THEN round(k.wall_s / (100 * g.dev_gain_sum), 1) END
+           AS s_per_dev_point,
+       round(100 * coalesce(k.mc_s, 0) / nullif(k.wall_s, 0)) AS mc_pct,
+       round(100 * coalesce(k.explore_s, 0) / nullif(k.wall_s, 0)) AS explore_pct,
+       round(100 * coalesce(k.train_s, 0) / nullif(k.wall_s, 0)) AS train_pct,
+       round(100 * coalesce(k.eval_s, 0) / nullif(k.wall_s, 0)) AS eval_pct,
+       k.copied_stages
+FROM cost k
+LEFT JOIN mined p USING (method, iteration)
+LEFT JOIN gain g USING (method, iteration)
+ORDER BY list_position({PAPER_ORDER}, k.method), k.iteration
+"""
+
+STEP_REWARD_DISTRIBUTION_SQL = f"""
+WITH member AS (
+    SELECT method, run_id FROM experiment_runs
+    WHERE experiment_id = {{exp}} AND status = 'finished'),
+expert AS (
+    SELECT m.method, s.* FROM member m
+    JOIN step_rewards s ON s.run_id = m.run_id AND s.actor = 'expert' AND s.iteration = 0),
+agent AS (
+    SELECT m.method, a.mean_reward AS agent, e.mean_reward AS expert FROM member m
+    JOIN step_rewards a ON a.run_id = m.run_id AND a.actor = 'agent'
+    JOIN expert e ON e.run_id = a.run_id AND e.scorer_id = a.scorer_id
+         AND e.task_id = a.task_id AND e.prefix_len = a.prefix_len),
+v AS (
+    SELECT method, 'expert' AS reward, mean_reward AS value FROM expert
+    UNION ALL SELECT method, 'agent', agent FROM agent
+    UNION ALL SELECT method, 'margin', expert - agent FROM agent)
+SELECT method, reward, count(value) AS n, round(quantile_cont(value, 0.1), 3) AS p10,
+       round(quantile_cont(value, 0.25), 3) AS p25, round(median(value), 3) AS p50,
+       round(quantile_cont(value, 0.75), 3) AS p75, round(quantile_cont(value, 0.9), 3) AS p90,
+       round(avg(value), 3) AS mean
+FROM v GROUP BY method, reward
+ORDER BY list_position({PAPER_ORDER}, method), list_position(['expert', 'agent', 'margin'], reward)
+"""
+
+
 STEP_ACCURACY_SQL = f"""
 WITH member AS (
     SELECT method, run_id FROM experiment_runs
@@ -297,6 +371,8 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     curve = run_query(store, DEV_CURVE_SQL, experiment_id)
     pairs = run_query(store, PAIRS_SQL, experiment_id)
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
+    costs = run_query(store, COSTS_SQL, experiment_id)
+    distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     per_task = run_query(store, PER_TASK_SQL, experiment_id)
     diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
@@ -331,6 +407,20 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "method's loss used (ETO drops step pairs, as its loss has no step term). Iteration "
         "1's pairs are shared by every method of a seed.",
         pairs.markdown(),
+        "## Cost per iteration",
+        "Wall and CPU seconds of the stages (`stage_costs`, summed over seeds), per pair "
+        "mined and per point (0.01) of mean dev reward gained over the previous iteration, "
+        "and the shares of the time spent on Monte Carlo step rewards, exploration, "
+        "training and evaluation. The expert steps' Monte Carlo scoring, stored under "
+        "iteration 0, counts in iteration 1. `copied_stages` were copied from another "
+        "method's run of the same seed: their cost is the donor's, counted once.",
+        costs.markdown(),
+        "## Step rewards: expert, agent and margin",
+        "Quantiles of the Monte Carlo step rewards of the expert steps and of the agent's "
+        "first own actions, and of the margin between them at the same prefix (expert "
+        "minus agent), which mining compares with the step margin. "
+        "`ipr show pair ID` prints a pair and the samples behind its two rewards.",
+        distribution.markdown(),
         "## Step-reward accuracy against gold actions",
         "Where the env gives gold actions: for every step at which the agent's action "
         "differed from the gold action after the same gold history, does the Monte Carlo "

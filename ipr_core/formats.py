@@ -22,7 +22,8 @@ from ipr_core.envs.base import EnvTask
 from ipr_core.errors import InputError
 from ipr_core.prompts import OBSERVATION_PREFIX, PromptFormat, build_conversation, step_messages
 from ipr_core.react import parse_react
-from ipr_core.types import Step, Trajectory
+from ipr_core.store import Row, pair_row
+from ipr_core.types import Pair, Step, Trajectory
 
 _ROLE_OF = {"human": "user", "gpt": "assistant", "system": "system"}
 _FROM_OF = {role: name for name, role in _ROLE_OF.items()}
@@ -138,8 +139,99 @@ def load_pair_file(path: Path) -> list[dict[str, Any]]:
                 pair[field] = [{"role": role, "content": value}]
             else:
                 pair[field] = _turns(str(path), label, record, field)
+        pair.update(_pair_fields(str(path), label, record, pair))
         pairs.append(pair)
     return pairs
+
+
+PAIR_LEVELS = ("trajectory", "step")
+PAIR_ACTORS = ("expert", "agent")
+PAIR_MODES = ("suffix", "action", "trajectory")
+PAIR_REWARDS = ("chosen_reward", "rejected_reward", "chosen_outcome", "rejected_outcome")
+PAIR_DEFAULTS = {
+    "chosen_reward": 1.0,
+    "rejected_reward": 0.0,
+    "chosen_outcome": 1.0,
+    "rejected_outcome": 0.0,
+    "chosen_actor": "expert",
+}
+"""What a pair file without rewards is taken to say: chosen is the better side."""
+
+
+def _pair_fields(
+    source: str, label: str, record: dict[str, Any], pair: dict[str, Any]
+) -> dict[str, Any]:
+    """The store's fields of a pair: given in the record (`ipr export pairs` writes them
+    all) or derived from its sides: `level` is 'trajectory' when the prompt holds no
+    assistant turn, else 'step'; `prefix_len` counts the prompt's assistant turns;
+    `task_id` is the id."""
+    if pair["prompt"][-1]["role"] != "user":
+        raise InputError(
+            source, "the prompt must end with a 'human' turn", record=label, field="prompt"
+        )
+    for side in ("chosen", "rejected"):
+        if pair[side][0]["role"] != "assistant":
+            raise InputError(
+                source, "expected the side to start with a 'gpt' turn", record=label, field=side
+            )
+    assistant_turns = sum(message["role"] == "assistant" for message in pair["prompt"])
+    fields: dict[str, Any] = {
+        "level": "step" if assistant_turns else "trajectory",
+        "task_id": label,
+        "prefix_len": assistant_turns,
+        "env_id": None,
+        "mode": None,
+        **PAIR_DEFAULTS,
+    }
+    choices = {"level": PAIR_LEVELS, "chosen_actor": PAIR_ACTORS, "mode": PAIR_MODES}
+    for name, allowed in choices.items():
+        if name in record:
+            value = record[name]
+            if value not in allowed:
+                raise InputError(
+                    source,
+                    f"expected one of {list(allowed)}, got {_shown(value)}",
+                    record=label,
+                    field=name,
+                )
+            fields[name] = value
+    for name in ("task_id", "env_id"):
+        if name in record:
+            value = record[name]
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+                raise InputError(
+                    source,
+                    f"expected a string of 1 to {MAX_ID_CHARS} characters, got {kind_of(value)}",
+                    record=label,
+                    field=name,
+                )
+            _check_text(source, label, name, value)
+            fields[name] = value
+    if "prefix_len" in record:
+        value = record["prefix_len"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(
+                source,
+                f"expected an integer >= 0, got {_shown(value)}",
+                record=label,
+                field="prefix_len",
+            )
+        fields["prefix_len"] = value
+    for name in PAIR_REWARDS:
+        if name in record:
+            value = record[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InputError(
+                    source, f"expected a number, got {kind_of(value)}", record=label, field=name
+                )
+            if value != value or value in (float("inf"), float("-inf")):
+                raise InputError(
+                    source, f"expected a finite number, got {value}", record=label, field=name
+                )
+            fields[name] = float(value)
+    if fields["mode"] is None:
+        fields["mode"] = "trajectory" if fields["level"] == "trajectory" else "suffix"
+    return fields
 
 
 def export_sft(trajectories: Sequence[Trajectory], action_hint: str) -> list[dict[str, Any]]:
@@ -152,23 +244,22 @@ def export_sft(trajectories: Sequence[Trajectory], action_hint: str) -> list[dic
 
 
 def pair_record(
-    pair_id: str, prompt: Sequence[Message], chosen: Sequence[Message], rejected: Sequence[Message]
+    pair_id: str, sides: Sequence[Sequence[Message]], fields: dict[str, Any]
 ) -> dict[str, Any]:
-    """One pair in the IPR/ETO pair format."""
-    return {
-        "id": pair_id,
-        "prompt": to_turns(prompt),
-        "chosen": to_turns(chosen),
-        "rejected": to_turns(rejected),
-    }
+    """One pair in the IPR/ETO pair format: `sides` are prompt, chosen and rejected, with
+    a system message kept as a "system" turn (so `ipr import-pairs` gets the same prompt
+    back); `fields` are the store's columns the format leaves out (level, rewards, ...)."""
+    prompt, chosen, rejected = (to_turns(side, fold_system=False) for side in sides)
+    return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, **fields}
 
 
-def to_turns(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """Chat messages as IPR turns; a system message is folded into the first human turn."""
+def to_turns(messages: Sequence[Message], fold_system: bool = True) -> list[dict[str, str]]:
+    """Chat messages as IPR turns; a system message is folded into the first human turn
+    unless `fold_system` is False."""
     turns: list[dict[str, str]] = []
     system = ""
     for message in messages:
-        if message["role"] == "system":
+        if message["role"] == "system" and fold_system:
             system = message["content"] + "\n\n"
             continue
         value = message["content"]
@@ -281,3 +372,29 @@ def _trajectory(
                          record=label, field="reward")  # fmt: skip
     task = EnvTask(env_id, label, split, messages[0]["content"], initial_observation="")
     return Trajectory(task=task, steps=tuple(steps), outcome_reward=float(reward))
+
+
+def pair_rows_of_file(path: Path, run_id: str, iteration: int, env_id: str | None) -> list[Row]:
+    """The `pairs` rows of a pair file, stored under (`run_id`, `iteration`); `env_id`
+    stands in for records without one. Validated whole: a bad record raises, naming it."""
+    rows = []
+    seen: dict[tuple[str, str, int], str] = {}
+    for pair in load_pair_file(path):
+        label = pair["id"]
+        key = (pair["level"], pair["task_id"], pair["prefix_len"])
+        if key in seen:
+            raise InputError(
+                str(path),
+                f"the same level, task_id and prefix_len as record {seen[key]!r}",
+                record=label,
+                field="task_id",
+            )
+        seen[key] = label
+        env = pair["env_id"] or env_id
+        if env is None:
+            raise InputError(str(path), "missing (or pass --env)", record=label, field="env_id")
+        sides = {side: tuple(pair[side]) for side in ("prompt", "chosen", "rejected")}
+        fields = {name: pair[name] for name in ("level", "task_id", "prefix_len", "chosen_actor")}
+        stored = Pair(**fields, **sides, **{name: pair[name] for name in PAIR_REWARDS})
+        rows.append(pair_row(stored, run_id, iteration, env, pair["mode"]))
+    return rows

@@ -11,8 +11,9 @@ a stage (a plain call, or a cached Prefect task around the same call).
 
 One resume rule (`run_stage`): a stage is done when the store holds its completion record
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
-are still there. The record is written in the transaction that writes the stage's rows,
-so a stage killed mid-write left neither and is redone. A stage whose fingerprint matches
+are still there. The record is written in the transaction that writes the stage's rows
+and its cost (`stage_costs`, `ipr_core.costs`), so a stage killed mid-write left none of
+them and is redone. A stage whose fingerprint matches
 another run's record copies that run's rows instead of recomputing them (an experiment's
 methods of one seed share iteration 1; a greedy evaluation of a model is done once).
 """
@@ -32,6 +33,7 @@ import pandas as pd
 from ipr_core import pipeline, scopes
 from ipr_core.backends import release_engines
 from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
+from ipr_core.costs import Meter, cost_row, training_figures
 from ipr_core.evaluate import Evaluation, evaluate
 from ipr_core.explore import explore
 from ipr_core.mining import mine_pairs
@@ -132,6 +134,8 @@ class Output(Generic[R]):
 
     result: R
     rows: dict[str, list[Row]] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+    """What the compute measured itself for its cost row (`ipr_core.costs.cost_row`)."""
 
 
 @dataclass(frozen=True)
@@ -185,14 +189,16 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
     if record is not None and _holds(stage, ctx, it, record, fingerprint):
         ctx.log(f"{stage.label(it)}: done before (run {at.run_id}, fingerprint {fingerprint})")
         return stage.result_type(**record.result)
+    meter = Meter()
     donor = _donor(stage, ctx, it, fingerprint) if stage.reusable else None
     new = StageRecord(at.run_id, at.iteration, name, fingerprint, {}, [])
     if donor is not None:
         result = stage.result_type(**donor.result)
         theirs = stage.scopes(At(donor.run_id, donor.iteration), ctx, it, result)
         ours = stage.scopes(at, ctx, it, result)
+        cost = {"stage_costs": [cost_row(new, meter.figures(), {}, donor)]}
         ctx.store.copy_stage(
-            donor, replace(new, result=donor.result), list(zip(theirs, ours, strict=True))
+            donor, replace(new, result=donor.result), list(zip(theirs, ours, strict=True)), cost
         )
         ctx.log(
             f"{name} [iteration {at.iteration}]: rows of run {donor.run_id} (iteration "
@@ -203,9 +209,9 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
         release_engines()  # a GPU inference engine would hold the memory training needs
     output = stage.compute(ctx, it)
     scopes = stage.scopes(at, ctx, it, output.result)
-    ctx.store.commit_stage(
-        replace(new, result=_json(output.result)), scopes, output.rows, stage.replace
-    )
+    cost = cost_row(new, {**meter.figures(), **output.figures}, output.rows)
+    rows = {**output.rows, "stage_costs": [cost]}
+    ctx.store.commit_stage(replace(new, result=_json(output.result)), scopes, rows, stage.replace)
     return output.result
 
 
@@ -365,7 +371,9 @@ def _sft(ctx: RunContext, it: Iteration) -> Output[Trained]:
 
 def _trained_output(ctx: RunContext, it: Iteration, result: TrainResult) -> Output[Trained]:
     row = checkpoint_row(result, ctx.run_id, it.number)
-    return Output(Trained(str(result.path), result.checkpoint_id), {"checkpoints": [row]})
+    trained = Trained(str(result.path), result.checkpoint_id)
+    figures = {} if result.skipped else training_figures(result.metrics)
+    return Output(trained, {"checkpoints": [row]}, figures)
 
 
 def _checkpoint_scope(at: At, ctx: RunContext, it: Iteration, r: Trained) -> list[Scope]:

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +148,74 @@ SCHEMA: dict[str, str] = {
         row_counts VARCHAR NOT NULL,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, iteration, stage)""",
+    "stage_costs": """
+        run_id VARCHAR NOT NULL,
+        iteration INTEGER NOT NULL,
+        stage VARCHAR NOT NULL,
+        wall_s DOUBLE NOT NULL,
+        cpu_s DOUBLE NOT NULL,
+        gpu_s DOUBLE,
+        peak_rss_mb DOUBLE,
+        prefill_tokens BIGINT NOT NULL,
+        generated_tokens BIGINT NOT NULL,
+        trained_tokens BIGINT NOT NULL,
+        rollouts INTEGER NOT NULL,
+        env_steps BIGINT NOT NULL,
+        donor_run_id VARCHAR,
+        donor_iteration INTEGER,
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (run_id, iteration, stage)""",
+    "estimates": """
+        run_id VARCHAR PRIMARY KEY,
+        config VARCHAR NOT NULL,
+        predicted_s DOUBLE NOT NULL,
+        unmeasured_stages INTEGER NOT NULL,
+        stages VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
 }
 """`stage_runs` is the completion record of the loop's stages (see `ipr_core.loop`): written
 in the transaction that writes the stage's rows, with the fingerprint of what it read."""
+"""`stage_costs` is what a stage's completion cost (`ipr_core.costs`), keyed like its
+`stage_runs` record and written in the same transaction; a stage copied from a donor run
+records the copy's own cost and names the donor. `estimates` holds the last `ipr
+estimate` of each run id, which the next estimate compares with the measured costs."""
+
+PAIR_KEY = "run_id, iteration, level, task_id, prefix_len"
+ROLLOUT_KEY = "run_id, iteration, kind, policy_id, task_id, prefix_len, actor, sample_idx"
+
+
+def key_id(key: str, alias: str = "") -> str:
+    """SQL for a row's short id: the first 12 hex digits of the SHA-256 of its natural key
+    columns joined by '/' (for a pair, the record id `ipr export pairs` writes)."""
+    columns = ", ".join(alias + column for column in key.split(", "))
+    return f"substr(sha256(concat_ws('/', {columns})), 1, 12)"
+
+
+PAIR_ID = key_id(PAIR_KEY)
+ROLLOUT_ID = key_id(ROLLOUT_KEY)
+
+VIEWS: dict[str, str] = {
+    "pair_ids": f"SELECT {PAIR_ID} AS pair_id, * FROM pairs",
+    "rollout_ids": f"SELECT {ROLLOUT_ID} AS rollout_id, * FROM rollouts",
+    "pair_mc_samples": f"""
+        SELECT {key_id(PAIR_KEY, "p.")} AS pair_id, s.actor, s.iteration, s.scorer_id,
+               s.action, s.mean_reward, s.n_samples, s.n_failed,
+               {key_id(ROLLOUT_KEY, "r.")} AS rollout_id, r.sample_idx, r.status,
+               r.outcome_reward, r.n_steps
+        FROM pairs p
+        JOIN step_rewards s ON s.run_id = p.run_id AND s.task_id = p.task_id
+             AND s.prefix_len = p.prefix_len
+             AND ((s.actor = 'expert' AND s.iteration = 0)
+                  OR (s.actor = 'agent' AND s.iteration = p.iteration))
+        JOIN rollouts r ON r.run_id = s.run_id AND r.iteration = s.iteration
+             AND r.kind = 'mc' AND r.policy_id = s.scorer_id AND r.task_id = s.task_id
+             AND r.prefix_len = s.prefix_len AND r.actor = s.actor
+        WHERE p.level = 'step'""",
+}
+"""Views over the tables (created on every write): `pair_ids` and `rollout_ids` add the
+short ids `ipr show` takes; `pair_mc_samples` is every Monte Carlo sample behind both
+step rewards of a step pair (its expert step's, scored under iteration 0, and its agent
+step's, scored in the pair's iteration)."""
 
 Row = Mapping[str, Any]
 
@@ -249,6 +314,8 @@ class Store:
             for table, columns in SCHEMA.items():
                 con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
             _add_missing_columns(con)
+            for view, select in VIEWS.items():
+                con.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -342,10 +409,15 @@ class Store:
             return _write_record(con, record, scopes)
 
     def copy_stage(
-        self, donor: StageRecord, record: StageRecord, scopes: Sequence[tuple[Scope, Scope]]
+        self,
+        donor: StageRecord,
+        record: StageRecord,
+        scopes: Sequence[tuple[Scope, Scope]],
+        rows: Mapping[str, Sequence[Row]],
     ) -> StageRecord:
         """Copy a donor's scoped rows, relabelled to `record`'s run and iteration, and write
-        `record`, in one transaction. `scopes` pairs each donor scope with its own."""
+        `record` and `rows` (its cost), in one transaction. `scopes` pairs each donor scope
+        with its own."""
         relabel = "* REPLACE (?::VARCHAR AS run_id, ?::INTEGER AS iteration)"
         with self.transaction() as con:
             for theirs, ours in scopes:
@@ -355,6 +427,8 @@ class Store:
                     f"WHERE {theirs.where}",
                     [record.run_id, record.iteration, *theirs.params],
                 )
+            for table, table_rows in rows.items():
+                upsert(con, table, table_rows)
             return _write_record(con, record, [ours for _, ours in scopes])
 
     def record_checkpoint(
@@ -502,6 +576,121 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [expert_from_row(row) for row in self.query(sql, params).to_dict("records")]
 
+    # -- costs, estimates, pair import and transcripts (`ipr_core.costs`, `ipr show`) -------
+    def measured_stage_costs(self) -> pd.DataFrame:
+        """The cost rows of stages computed here (not copied from a donor run)."""
+        if not self.table_exists("stage_costs"):
+            return pd.DataFrame()
+        return self.query(
+            "SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens "
+            "FROM stage_costs WHERE donor_run_id IS NULL ORDER BY ALL"
+        )
+
+    def run_configs(self) -> dict[str, str]:
+        """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
+        if not self.table_exists("runs"):
+            return {}
+        frame = self.query("SELECT run_id, config FROM runs")
+        return dict(zip(frame["run_id"], frame["config"], strict=True))
+
+    def previous_estimate(self) -> pd.DataFrame:
+        """The newest stored estimate of a run that has measured costs, with the measured
+        wall seconds of that run (one row, or none)."""
+        if not self.table_exists("estimates") or not self.table_exists("stage_costs"):
+            return pd.DataFrame()
+        return self.query(
+            "SELECT e.run_id, e.created_at, e.predicted_s, e.unmeasured_stages, "
+            "sum(c.wall_s) AS measured_s, "
+            "count(*) AS measured_stages FROM estimates e JOIN stage_costs c USING (run_id) "
+            "GROUP BY ALL ORDER BY e.created_at DESC LIMIT 1"
+        )
+
+    def iteration_costs(self, run_id: str, dev_split: str = "dev") -> pd.DataFrame:
+        """Per iteration and in total: what the stages cost, per pair mined and per point
+        (0.01) of dev reward gained, and the shares of time by kind of work."""
+        if not self.table_exists("stage_costs"):
+            return pd.DataFrame()
+        return self.query(COSTS_SQL, {"run": run_id, "dev": dev_split})
+
+    def step_reward_quantiles(self, run_id: str) -> pd.DataFrame:
+        """Quantiles of the expert and agent step rewards and of their margin (expert minus
+        agent at the same prefix), over the run's scored agent steps."""
+        if not self.table_exists("step_rewards"):
+            return pd.DataFrame()
+        return self.query(STEP_REWARD_QUANTILES_SQL, {"run": run_id})
+
+    def import_pairs(self, rows: Sequence[Row], at: At, replace: bool) -> tuple[int, int]:
+        """Upsert imported pair rows into (run, iteration) unless it holds pairs already
+        and not `replace` (then they are deleted first); returns (written, held before)."""
+        with self.transaction() as con:
+            held = _count(con, Scope("pairs", "run_id = ? AND iteration = ?", astuple(at)))
+            if held and not replace:
+                return 0, held
+            con.execute("DELETE FROM pairs WHERE run_id = ? AND iteration = ?", astuple(at))
+            return upsert(con, "pairs", rows), held
+
+    def pair_rows(self, run_id: str, iteration: int | None = None) -> list[dict[str, Any]]:
+        """The `pairs` rows of a run (one iteration, or all), in a stable order."""
+        if not self.table_exists("pairs"):
+            return []
+        sql = "SELECT * FROM pairs WHERE run_id = ?"
+        params: list[Any] = [run_id]
+        if iteration is not None:
+            sql += " AND iteration = ?"
+            params.append(iteration)
+        return self.query(sql + " ORDER BY iteration, level, task_id, prefix_len", params).to_dict(
+            "records"
+        )
+
+    def pair_by_id(self, pair_id: str) -> dict[str, Any] | None:
+        """The pair whose short id (`PAIR_ID`) is `pair_id`, with that id."""
+        return self._by_id("pairs", PAIR_ID, pair_id)
+
+    def rollout_by_id(self, rollout_id: str) -> dict[str, Any] | None:
+        """The rollout whose short id (`ROLLOUT_ID`) is `rollout_id`, with that id."""
+        return self._by_id("rollouts", ROLLOUT_ID, rollout_id)
+
+    def _by_id(self, table: str, id_sql: str, short_id: str) -> dict[str, Any] | None:
+        if not self.table_exists(table):
+            return None
+        found = self.query(
+            f"SELECT {id_sql} AS id, * FROM {table} WHERE {id_sql} = ?", [short_id]
+        ).to_dict("records")
+        return found[0] if found else None
+
+    def example_pairs(self, run_id: str, iteration: int, limit: int) -> list[dict[str, Any]]:
+        """A few of an iteration's pairs with their short ids: step pairs with the widest
+        reward gap first, then trajectory pairs."""
+        if not self.table_exists("pairs"):
+            return []
+        return self.query(
+            f"SELECT {PAIR_ID} AS id, * FROM pairs WHERE run_id = ? AND iteration = ? "
+            "ORDER BY level = 'trajectory', chosen_reward - rejected_reward DESC, task_id, "
+            "prefix_len LIMIT ?",
+            [run_id, iteration, limit],
+        ).to_dict("records")
+
+    def task_step_rewards(self, run_id: str, task_id: str) -> pd.DataFrame:
+        """Every step reward of a task in a run (all scorers, iterations and actors)."""
+        if not self.table_exists("step_rewards"):
+            return pd.DataFrame()
+        return self.query(
+            "SELECT iteration, actor, prefix_len, scorer_id, action, mean_reward, n_samples, "
+            "n_failed FROM step_rewards WHERE run_id = ? AND task_id = ? ORDER BY ALL",
+            [run_id, task_id],
+        )
+
+    def pair_mc_samples(self, pair_id: str) -> pd.DataFrame:
+        """The Monte Carlo samples behind both step rewards of a step pair (its rows of the
+        `pair_mc_samples` view)."""
+        if not self.table_exists("pair_mc_samples"):
+            return pd.DataFrame()
+        return self.query(
+            "SELECT * EXCLUDE (pair_id) FROM pair_mc_samples WHERE pair_id = ? "
+            "ORDER BY actor, sample_idx",
+            [pair_id],
+        )
+
 
 ADDED_COLUMNS = {"expert_trajectories": {"action_hint": "VARCHAR"}}
 """Columns added since the first schema: a store created before gets them (NULL) on its
@@ -592,6 +781,82 @@ FROM e FULL JOIN r USING (iteration) FULL JOIN s USING (iteration)
      FULL JOIN p USING (iteration)
 ORDER BY iteration
 """
+
+
+COSTS_SQL = """
+WITH c AS (
+    SELECT CASE WHEN stage = 'expert-step-rewards' THEN 1 ELSE iteration END AS iteration,
+           wall_s, cpu_s, gpu_s, peak_rss_mb, prefill_tokens, generated_tokens,
+           trained_tokens, rollouts, env_steps,
+           CASE WHEN stage IN ('expert-step-rewards', 'agent-step-rewards') THEN 'mc'
+                WHEN stage = 'explore' THEN 'explore'
+                WHEN stage IN ('sft', 'train-mixture') THEN 'train'
+                WHEN stage LIKE 'evaluate-%' THEN 'eval' ELSE 'other' END AS work
+    FROM stage_costs WHERE run_id = $run),
+by_iteration AS (
+    SELECT iteration, sum(wall_s) AS wall_s, sum(cpu_s) AS cpu_s, sum(gpu_s) AS gpu_s,
+           max(peak_rss_mb) AS peak_rss_mb,
+           CAST(sum(prefill_tokens) AS BIGINT) AS prefill_tokens,
+           CAST(sum(generated_tokens) AS BIGINT) AS generated_tokens,
+           CAST(sum(trained_tokens) AS BIGINT) AS trained_tokens,
+           CAST(sum(rollouts) AS BIGINT) AS rollouts, CAST(sum(env_steps) AS BIGINT) AS env_steps,
+           sum(wall_s) FILTER (WHERE work = 'mc') AS mc_s,
+           sum(wall_s) FILTER (WHERE work = 'explore') AS explore_s,
+           sum(wall_s) FILTER (WHERE work = 'train') AS train_s,
+           sum(wall_s) FILTER (WHERE work = 'eval') AS eval_s
+    FROM c GROUP BY GROUPING SETS ((iteration), ())),
+p AS (SELECT iteration, count(*) AS pairs FROM pairs WHERE run_id = $run
+      GROUP BY GROUPING SETS ((iteration), ())),
+d AS (SELECT iteration, avg(avg_reward) AS dev_reward FROM evaluations
+      WHERE run_id = $run AND split = $dev GROUP BY iteration),
+gain AS (
+    SELECT iteration, dev_reward - lag(dev_reward) OVER (ORDER BY iteration) AS dev_gain
+    FROM d
+    UNION ALL
+    SELECT NULL, arg_max(dev_reward, iteration) - arg_min(dev_reward, iteration) FROM d)
+SELECT coalesce(CAST(b.iteration AS VARCHAR), 'total') AS iteration,
+       round(b.wall_s, 1) AS wall_s, round(b.cpu_s, 1) AS cpu_s, round(b.gpu_s, 1) AS gpu_s,
+       round(b.peak_rss_mb) AS peak_rss_mb, b.prefill_tokens, b.generated_tokens,
+       b.trained_tokens, b.rollouts, b.env_steps, coalesce(p.pairs, 0) AS pairs,
+       round(b.wall_s / nullif(p.pairs, 0), 2) AS s_per_pair,
+       round(g.dev_gain, 3) AS dev_gain,
+       CASE WHEN g.dev_gain > 0 THEN round(b.wall_s / (100 * g.dev_gain), 1) END
+           AS s_per_dev_point,
+       round(100 * coalesce(b.mc_s, 0) / nullif(b.wall_s, 0)) AS mc_pct,
+       round(100 * coalesce(b.explore_s, 0) / nullif(b.wall_s, 0)) AS explore_pct,
+       round(100 * coalesce(b.train_s, 0) / nullif(b.wall_s, 0)) AS train_pct,
+       round(100 * coalesce(b.eval_s, 0) / nullif(b.wall_s, 0)) AS eval_pct
+FROM by_iteration b
+LEFT JOIN p ON p.iteration IS NOT DISTINCT FROM b.iteration
+LEFT JOIN gain g ON g.iteration IS NOT DISTINCT FROM b.iteration
+ORDER BY b.iteration NULLS LAST
+"""
+"""`ipr_core.costs`' table of a run. The expert steps' Monte Carlo scoring (stored under
+iteration 0, done once) counts in iteration 1, the iteration that runs it; a point of dev
+reward is 0.01 (the total's gain is the last iteration's dev reward minus the first's)."""
+
+STEP_REWARD_QUANTILES_SQL = """
+WITH a AS (
+    SELECT a.mean_reward AS agent, e.mean_reward AS expert
+    FROM step_rewards a
+    JOIN step_rewards e ON e.run_id = a.run_id AND e.scorer_id = a.scorer_id
+         AND e.iteration = 0 AND e.actor = 'expert' AND e.task_id = a.task_id
+         AND e.prefix_len = a.prefix_len
+    WHERE a.run_id = $run AND a.actor = 'agent'),
+v AS (
+    SELECT 'expert' AS reward, mean_reward AS value FROM step_rewards
+    WHERE run_id = $run AND actor = 'expert'
+    UNION ALL SELECT 'agent', agent FROM a
+    UNION ALL SELECT 'margin (expert - agent)', expert - agent FROM a)
+SELECT reward, count(value) AS n, round(min(value), 3) AS min,
+       round(quantile_cont(value, 0.1), 3) AS p10, round(quantile_cont(value, 0.25), 3) AS p25,
+       round(median(value), 3) AS p50, round(quantile_cont(value, 0.75), 3) AS p75,
+       round(quantile_cont(value, 0.9), 3) AS p90, round(max(value), 3) AS max,
+       round(avg(value), 3) AS mean
+FROM v GROUP BY reward ORDER BY list_position(['expert', 'agent'], reward) NULLS LAST
+"""
+"""Every expert step reward, every agent step reward and the margin at each agent step
+(the expert's step reward at the same prefix minus the agent's)."""
 
 
 # -- row conversion ----------------------------------------------------------------------

@@ -140,10 +140,17 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     text = out.read_text()
     assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
-    # settings, results, per seed, dev curve, pairs, 2 x step accuracy, 2 x per task
-    assert len(blocks) == 9
+    # settings, results, per seed, dev curve, pairs, costs, step reward distribution,
+    # 2 x step accuracy, 2 x per task
+    assert len(blocks) == 11
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
+    costs = store.query(blocks[5][1])
+    assert set(costs["method"]) == {"sft", "eto", "ipr"}
+    # a seed's second method copies iteration 1's shared stages from the first
+    assert costs.loc[costs["iteration"] == 1, "copied_stages"].sum() > 0
+    distribution = store.query(blocks[6][1])
+    assert set(distribution["reward"]) == {"expert", "agent", "margin"}
     results_table = blocks[1][0]
     rows = [line.split("|")[1].strip() for line in results_table.strip().splitlines()[2:]]
     assert rows == ["sft", "eto", "ipr"]

@@ -109,6 +109,10 @@ def test_the_run_publishes_tables_a_plot_and_progress(smoke_flow):
     assert "| iteration | trajectory_pairs | step_pairs |" in markdown
     encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown).group(1)
     assert base64.b64decode(encoded).startswith(b"\x89PNG")
+    assert "| iteration | wall_s | cpu_s |" in markdown and "| total |" in markdown
+    config, store, _ = smoke_flow
+    [example] = store.example_pairs(config.run_id, 1, 1)
+    assert f"pair {example['id']}: run {config.run_id}, iteration 1" in markdown
     assert by_key["smoke-summary"].type == "table"
     labels = {a.description.split(":")[0] for a in progress}
     assert {"expert step rewards", "explore[1]", "agent step rewards[1]"} <= labels

@@ -14,7 +14,6 @@ import pytest
 
 from flows.cli import main
 from ipr_core import formats
-from ipr_core.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "malformed"
@@ -64,6 +63,8 @@ PAIR_CASES = {
     "pairs-chosen-null.json": ["record 'p-2'", "field 'chosen'", "got null"],
     "pairs-prompt-number.json": ["record 'p-2'", "field 'prompt'", "got an integer"],
     "pairs-rejected-role.json": ["record 'p-2'", "field 'rejected[0].from'", "'assistant'"],
+    "pairs-level-unknown.json": ["record 'p-2'", "field 'level'", "got 'turn'"],
+    "pairs-chosen-from-human.json": ["record 'p-2'", "field 'chosen'", "'gpt' turn"],
 }
 CONFIG_CASES = {
     "config-not-utf8.yaml": ["not UTF-8", "line 2"],
@@ -167,11 +168,12 @@ def test_records_over_the_size_caps_are_refused(
 
 
 @pytest.mark.parametrize("name", sorted(PAIR_CASES))
-def test_malformed_pair_file_is_one_named_line(name):
-    # no command imports pair files yet: the loader is the entry a caller uses
-    with pytest.raises(InputError) as info:
-        formats.load_pair_file(CORPUS / name)
-    assert_one_named_line(f"error: {info.value}\n", name, PAIR_CASES[name])
+def test_malformed_pair_file_is_one_named_line_and_writes_nothing(name, store, capsys):
+    before = row_counts(store)
+    args = ["import-pairs", str(CORPUS / name), "--run-id", "r", "--iteration", "1"]
+    assert main([*args, "--env", ENV, "--store", str(store)]) == 2
+    assert_one_named_line(capsys.readouterr().err, name, PAIR_CASES[name])
+    assert row_counts(store) == before
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CASES))

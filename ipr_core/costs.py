@@ -1,0 +1,342 @@
+"""What each stage cost, and what a run will cost: the `stage_costs` rows and `ipr estimate`.
+
+`loop.run_stage` measures a stage while it computes (`Meter`) and commits the cost row
+with the stage's rows and completion record. Measured here: wall seconds, CPU seconds
+(this process and the child processes it waited for, e.g. launched training ranks), peak
+resident memory (Linux resets the peak per stage through /proc/self/clear_refs; elsewhere
+it is the process's peak so far) and GPU seconds (the wall seconds of a stage during which
+this process allocated CUDA memory; NULL when it allocated none: on CPU, or when the GPU
+belongs to a server or an engine's child process). Counted, not re-measured: tokens
+prefilled and generated, rollouts and env steps from the stage's `rollouts` rows, tokens
+trained from the training stage's own figures. A stage copied from a donor run records
+the copy's cost and names the donor, so summing a run's rows counts the donor's work once.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ipr_core.config import RunConfig
+from ipr_core.store import Row, StageRecord, Store
+
+CATEGORIES = {
+    "expert-step-rewards": "monte_carlo",
+    "agent-step-rewards": "monte_carlo",
+    "explore": "exploration",
+    "sft": "training",
+    "train-mixture": "training",
+    "evaluate": "evaluation",
+}
+"""Where a stage's time goes in the report's shares; other stages (ingest, mining) are
+'other'. An evaluation's record name carries its split (`evaluate-dev`)."""
+
+
+def stage_kind(stage: str) -> str:
+    """The stage of a record name: `evaluate-dev` is an `evaluate`."""
+    return "evaluate" if stage.startswith("evaluate-") else stage
+
+
+class Meter:
+    """Wall, CPU and GPU seconds and peak memory from construction to `figures()`."""
+
+    def __init__(self) -> None:
+        with suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS
+        self._cuda = _cuda()
+        if self._cuda is not None:
+            self._cuda.reset_peak_memory_stats()
+        self._cpu = _cpu_seconds()
+        self._start = time.perf_counter()
+
+    def figures(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self._start
+        used_gpu = self._cuda is not None and self._cuda.max_memory_allocated() > 0
+        return {
+            "wall_s": wall,
+            "cpu_s": _cpu_seconds() - self._cpu,
+            "gpu_s": wall if used_gpu else None,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+
+
+def _cuda() -> Any:
+    """torch.cuda when torch is loaded and a GPU is there (never imports torch itself)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    with suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cost_row(
+    record: StageRecord,
+    figures: Mapping[str, float | None],
+    rows: Mapping[str, Sequence[Row]],
+    donor: StageRecord | None = None,
+) -> dict[str, Any]:
+    """A `stage_costs` row: the measured `figures` (training's own figures may add
+    `trained_tokens` and a larger `peak_rss_mb`) and the counts of the stage's rollouts."""
+    rollouts = rows.get("rollouts", [])
+    peaks = [p for p in (figures["peak_rss_mb"], figures.get("train_peak_rss_mb")) if p]
+    return {
+        "run_id": record.run_id,
+        "iteration": record.iteration,
+        "stage": record.stage,
+        "wall_s": figures["wall_s"],
+        "cpu_s": figures["cpu_s"],
+        "gpu_s": figures["gpu_s"],
+        "peak_rss_mb": max(peaks) if peaks else None,
+        "prefill_tokens": sum(int(r["prefill_tokens"]) for r in rollouts),
+        "generated_tokens": sum(int(r["generated_tokens"]) for r in rollouts),
+        "trained_tokens": int(figures.get("trained_tokens") or 0),
+        "rollouts": len(rollouts),
+        "env_steps": sum(int(r["env_steps"]) for r in rollouts),
+        "donor_run_id": None if donor is None else donor.run_id,
+        "donor_iteration": None if donor is None else donor.iteration,
+    }
+
+
+def training_figures(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A training stage's own figures for its cost row: tokens trained and peak memory
+    (of the training ranks when training was launched in other processes)."""
+    return {"trained_tokens": metrics["tokens"], "train_peak_rss_mb": metrics["peak_rss_mb"]}
+
+
+# -- ipr estimate ------------------------------------------------------------------------------
+DEFAULT_STEPS_PER_TASK = 8.0
+"""Expert steps per task when the store holds no expert trajectory of the env yet (TWC's
+gold paths are 6-9 steps); labelled as a default wherever it is used."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """One stage of the planned run: how many times it runs and its units each time."""
+
+    stage: str
+    runs: int
+    units: float
+    unit: str
+
+
+def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
+    """The stages `loop.run_ipr` runs for `config` and their work: rollouts for the stages
+    that roll out (MC: up to one per step and sample), task x epoch for training."""
+    tasks, dev = config.train_limit, config.dev_limit
+    steps = tasks * steps_per_task
+    samples = config.monte_carlo.n_samples
+    work = [Work("ingest", 1, 1, "run")]
+    evaluations = 1
+    if config.sft is not None:
+        evaluations += int(config.evaluate_base)
+        work.append(Work("sft", 1, tasks * config.sft.epochs, "task x epoch"))
+    mixture = config.mixture_settings
+    if mixture is not None:
+        k = config.iterations
+        evaluations += k
+        work += [
+            Work("expert-step-rewards", 1, steps * samples, "rollout"),
+            Work("explore", k, steps, "rollout"),
+            Work("agent-step-rewards", k, steps * samples, "rollout"),
+            Work("mine-pairs", k, 1, "iteration"),
+            Work("train-mixture", k, tasks * mixture.epochs, "task x epoch"),
+        ]
+    work.insert(1, Work("evaluate", evaluations, dev, "rollout"))
+    return work
+
+
+def measured_rates(store: Store, like: RunConfig | None = None) -> pd.DataFrame:
+    """Seconds per unit of each stage, from the store's computed (not copied) stages:
+    per rollout where a stage rolls out, per task x epoch (from the run's config) for
+    training, per run or iteration otherwise; with the measured s per env step and per
+    trained token beside them. With `like`, only runs of its model and env count when
+    the store holds any."""
+    costs = store.measured_stage_costs()
+    configs = {run: _config(text) for run, text in store.run_configs().items()}
+    if like is not None and not costs.empty:
+        same = {run for run, c in configs.items() if c and _model(c) == _model(like)}
+        if costs["run_id"].isin(same).any():
+            costs = costs[costs["run_id"].isin(same)].copy()
+    if costs.empty:
+        return pd.DataFrame(columns=["stage", "rate_s", "measured_s", "units", "runs"])
+    costs["stage"] = costs["stage"].map(stage_kind)
+    costs["units"] = [
+        _measured_units(row, configs.get(row["run_id"])) for row in costs.to_dict("records")
+    ]
+    costs = costs[costs["units"] > 0]
+    rates = costs.groupby("stage").agg(
+        measured_s=("wall_s", "sum"),
+        units=("units", "sum"),
+        env_steps=("env_steps", "sum"),
+        trained_tokens=("trained_tokens", "sum"),
+        runs=("run_id", "nunique"),
+    )
+    rates["rate_s"] = rates["measured_s"] / rates["units"]
+    rates["s_per_env_step"] = rates["measured_s"] / rates["env_steps"].where(rates["env_steps"] > 0)
+    rates["s_per_trained_token"] = rates["measured_s"] / rates["trained_tokens"].where(
+        rates["trained_tokens"] > 0
+    )
+    return rates.reset_index()
+
+
+def _model(config: RunConfig) -> tuple[str, str]:
+    return config.model, config.env
+
+
+def _config(text: str) -> RunConfig | None:
+    try:
+        return RunConfig.model_validate_json(text)
+    except ValueError:  # a config of an older schema: its training rows have no units
+        return None
+
+
+def _measured_units(row: Mapping[str, Any], config: RunConfig | None) -> float:
+    kind = row["stage"]
+    if kind in ("sft", "train-mixture"):
+        if config is None:
+            return 0.0
+        settings = config.sft if kind == "sft" else config.mixture_settings
+        return float(config.train_limit * settings.epochs) if settings is not None else 0.0
+    if kind in ("ingest", "mine-pairs"):
+        return 1.0
+    return float(row["rollouts"])
+
+
+@dataclass(frozen=True)
+class Estimate:
+    run_id: str
+    table: pd.DataFrame
+    """Per stage: runs, units, unit, rate_s (seconds per unit; NaN: never measured),
+    seconds, and the measured seconds per env step and per trained token beside them."""
+    predicted_s: float
+    unmeasured: list[str]
+    steps_source: str
+    sources: str
+    """The measured runs the rates come from, and a warning when their model or env is
+    not the config's (rates carry over between models only roughly)."""
+
+
+def estimate(store: Store, config: RunConfig) -> Estimate:
+    """The predicted seconds of `config`'s run from the store's measured rates."""
+    experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
+    if experts:
+        steps_per_task = sum(len(e.steps) for e in experts) / len(experts)
+        steps_source = f"{steps_per_task:.1f} expert steps per task (stored experts)"
+    else:
+        steps_per_task = DEFAULT_STEPS_PER_TASK
+        steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"
+    rates = measured_rates(store, config).set_index("stage")
+    sources = _sources(store, config)
+    rows = []
+    for work in planned_work(config, steps_per_task):
+        measured = rates.loc[work.stage] if work.stage in rates.index else {}
+        rate = measured.get("rate_s", float("nan"))
+        rows.append(
+            {
+                **asdict(work),
+                "rate_s": rate,
+                "seconds": work.runs * work.units * rate,
+                "s_per_env_step": measured.get("s_per_env_step", float("nan")),
+                "s_per_trained_token": measured.get("s_per_trained_token", float("nan")),
+            }
+        )
+    table = pd.DataFrame(rows)
+    unmeasured = table.loc[table["rate_s"].isna(), "stage"].tolist()
+    predicted = float(table["seconds"].fillna(0).sum())
+    return Estimate(config.run_id, table, predicted, unmeasured, steps_source, sources)
+
+
+def _sources(store: Store, config: RunConfig) -> str:
+    measured = set(store.measured_stage_costs().get("run_id", []))
+    runs = {run: _config(text) for run, text in store.run_configs().items() if run in measured}
+    if not runs:
+        return "no measured run in the store"
+    same = {run: c for run, c in runs.items() if c is not None and _model(c) == _model(config)}
+    runs = same or runs
+    named = [
+        f"{run} ({'?' if c is None else c.model}, {'?' if c is None else c.env})"
+        for run, c in sorted(runs.items())
+    ]
+    line = f"rates measured in runs {', '.join(named)}"
+    if not same:
+        line += (
+            f"; NOTE: none of them ran model {config.model} on {config.env}, so the "
+            "prediction carries their rates over (a first run of this config measures its own)"
+        )
+    return line
+
+
+def record_estimate(store: Store, config: RunConfig, made: Estimate) -> None:
+    stages = made.table.astype(object).where(made.table.notna(), None).to_dict("records")
+    store.write(
+        {
+            "estimates": [
+                {
+                    "run_id": made.run_id,
+                    "config": config.model_dump_json(),
+                    "predicted_s": made.predicted_s,
+                    "unmeasured_stages": len(made.unmeasured),
+                    "stages": json.dumps(stages),
+                }
+            ]
+        }
+    )
+
+
+def format_estimate(made: Estimate, previous: pd.DataFrame) -> str:
+    """The prediction, how it was made, and how far the last measured prediction was off."""
+    if len(made.unmeasured) == len(made.table):
+        headline = f"run {made.run_id!r}: no prediction: the store has measured no stage"
+    else:
+        headline = (
+            f"run {made.run_id!r}: predicted {made.predicted_s:,.0f} s "
+            f"({made.predicted_s / 60:.1f} min) on this machine"
+        )
+        if made.unmeasured:
+            headline += f", without the {len(made.unmeasured)} stages it has no rate for"
+    lines = [
+        headline,
+        f"from {made.steps_source} and the store's measured seconds per unit;",
+        made.sources + ":",
+        made.table.to_string(index=False, na_rep="NULL", float_format=lambda v: f"{v:.3g}"),
+    ]
+    if made.unmeasured:
+        lines.append(
+            f"no measurement of {', '.join(made.unmeasured)} in the store: those stages are "
+            "left out of the total (run a small config first, e.g. configs/smoke.yaml)"
+        )
+    if previous.empty:
+        lines.append("no earlier prediction of a measured run to compare with")
+    else:
+        last = previous.iloc[0]
+        off = last["measured_s"] - last["predicted_s"]
+        share = f", {off / last['predicted_s']:+.0%}" if last["predicted_s"] > 0 else ""
+        lines.append(
+            f"last prediction of a measured run: {last['run_id']!r} predicted "
+            f"{last['predicted_s']:,.0f} s ({last['unmeasured_stages']} stages unpredicted), "
+            f"measured {last['measured_s']:,.0f} s over {last['measured_stages']} stages: "
+            f"off by {off:+,.0f} s{share}"
+        )
+    return "\n".join(lines)
