@@ -620,9 +620,12 @@ def paired_statements(paired: pd.DataFrame) -> list[str]:
     for a, b in COMPARISONS[:2]:
         row = rows.get((f"{a} - {b}", "steps"))
         if row is not None:
-            reading = {"below 0": f"{a.upper()} needs fewer steps",
-                       "above 0": f"{a.upper()} takes more steps",
-                       "contains 0": "no difference in steps shown"}[row.ci]  # fmt: skip
+            readings = {
+                "below 0": f"{a.upper()} needs fewer steps",
+                "above 0": f"{a.upper()} takes more steps",
+                "contains 0": "no difference in steps shown",
+            }
+            reading = readings[row.ci]
             lines.append(
                 f"- Action efficiency: {_interval(row, a.upper(), b.upper(), 'average steps')}"
                 f" ({reading})."
@@ -631,9 +634,12 @@ def paired_statements(paired: pd.DataFrame) -> list[str]:
         row = rows.get((f"{ablation} - ipr", "reward"))
         if row is None:
             continue
-        reading = {"below 0": f"removing {term} costs reward, as in the paper",
-                   "contains 0": f"no evidence here that {term} matters",
-                   "above 0": f"better without {term}, against the paper"}[row.ci]  # fmt: skip
+        readings = {
+            "below 0": f"removing {term} costs reward, as in the paper",
+            "contains 0": f"no evidence here that {term} matters",
+            "above 0": f"better without {term}, against the paper",
+        }
+        reading = readings[row.ci]
         lines.append(f"- {_interval(row, ablation, 'IPR', 'test reward')}: {reading}.")
     return lines
 
