@@ -205,7 +205,7 @@ def _write_bench_report(report: dict, table: str, out: Path) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from ipr_core.store import Store
 
-    frame = Store(args.store).query(args.query)
+    frame = Store(args.store).user_query(args.query)
     print_table(frame, args.max_rows)
     return 0
 
