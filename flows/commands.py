@@ -62,7 +62,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ingest.add_argument("--limit", type=int, default=10, help="trajectories to keep")
     ingest.add_argument("--source", type=Path, help="an IPR/ETO SFT JSON file to import")
     ingest.add_argument(
-        "--replace", action="store_true", help="with --source: replace ids the store holds"
+        "--replace", action="store_true", help="replace expert ids the store holds already"
     )
     ingest.add_argument("--store", type=Path, default=DEFAULT_STORE)
     ingest.set_defaults(handler=cmd_ingest)
@@ -169,7 +169,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             f" (replaced {replaced})"
         )
         return 0
-    report = ingest_gold(store, env_id, args.split, args.limit)
+    report = ingest_gold(store, env_id, args.split, args.limit, args.replace)
     for rejected in report.rejected:
         print(f"skipped {rejected.task_id}: {rejected.reason}")
     print(f"wrote {report.written} expert trajectories of {env_id} {args.split} to {args.store}")
