@@ -130,6 +130,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     )
     experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
     experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
+    experiment.add_argument(
+        "--allow-manifest-change",
+        action="store_true",
+        help="resume runs whose packages, model, splits or prompt differ from their manifest",
+    )
     experiment.set_defaults(handler=cmd_experiment)
 
     tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
@@ -362,7 +367,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from flows.experiment import load_experiment_config, run_experiment
 
     config = load_experiment_config(args.config, store=args.store)
-    runs = run_experiment(config)
+    runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
     print_table(runs, max_rows=len(runs))
     unfinished = runs[runs["status"] != "finished"]
     return 1 if len(unfinished) else 0

@@ -234,6 +234,23 @@ ORDER BY list_position({PAPER_ORDER}, method), task_id
 """Per (method, test task): outcomes of the tested model averaged over the seeds whose
 episode finished; `failed` counts the seeds whose episode failed (left out, not 0)."""
 
+MANIFESTS_SQL = f"""
+SELECT x.method, x.seed, x.run_id,
+       strftime(m.created_at, '%Y-%m-%d %H:%M') AS recorded,
+       json_extract_string(m.manifest, '$.model_id') AS model_id,
+       CAST(json_extract(m.manifest, '$.packages') AS VARCHAR) AS packages,
+       CAST(json_extract(m.manifest, '$.splits') AS VARCHAR) AS splits,
+       json_extract_string(m.manifest, '$.prompt_hash') AS prompt_hash,
+       CAST(json_extract(m.manifest, '$.machine') AS VARCHAR) AS machine,
+       json_extract_string(m.manifest, '$.git_commit') AS git_commit
+FROM experiment_runs x
+JOIN run_manifests m USING (run_id)
+WHERE x.experiment_id = {{exp}}
+ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at
+"""
+"""Each run's manifests (`ipr_core.manifest`): one row per distinct setup it ran with, so a
+run resumed with `--allow-manifest-change` shows both."""
+
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("ipr", "sft"),
     ("ipr", "eto"),
@@ -299,6 +316,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     per_task = run_query(store, PER_TASK_SQL, experiment_id)
+    manifests = run_query(store, MANIFESTS_SQL, experiment_id)
     diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
     mismatches = episode_mismatches(per_task.frame, results.frame)
     paired = pd.DataFrame() if mismatches else paired_comparisons(per_task.frame)
@@ -356,6 +374,11 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "\n\n</details>",
         "## What the numbers show",
         analysis(settings.frame, results.frame, per_seed.frame, overall.frame, paired),
+        "## Run manifests",
+        "What shaped each run's numbers besides its config: package versions, the base "
+        "model's content id, the task ids of each split (count and hash), the prompt "
+        "builder's output for a fixed probe (hash), the machine and the project's commit.",
+        manifests.markdown(),
     ]
     out.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return plot

@@ -149,9 +149,17 @@ SCHEMA: dict[str, str] = {
         row_counts VARCHAR NOT NULL,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, iteration, stage)""",
+    "run_manifests": """
+        run_id VARCHAR NOT NULL,
+        manifest_id VARCHAR NOT NULL,
+        manifest VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (run_id, manifest_id)""",
 }
 """`stage_runs` is the completion record of the loop's stages (see `ipr_core.loop`): written
 in the transaction that writes the stage's rows, with the fingerprint of what it read."""
+"""`run_manifests`: what shaped a run's numbers besides its config (`ipr_core.manifest`),
+one row per distinct manifest the run was started or resumed with."""
 
 Row = Mapping[str, Any]
 
@@ -522,6 +530,16 @@ class Store:
             except duckdb.Error as exc:
                 raise IprError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
+    # -- run manifests -----------------------------------------------------------------
+    def run_manifests(self, run_id: str) -> list[dict[str, Any]]:
+        """The manifests a run was started and resumed with, oldest first."""
+        if not self.table_exists("run_manifests"):
+            return []
+        found = self.query(
+            "SELECT manifest FROM run_manifests WHERE run_id = ? ORDER BY created_at", [run_id]
+        )
+        return [json.loads(text) for text in found["manifest"]]
+
 
 SANDBOX: dict[str, Any] = {
     "enable_external_access": False,
@@ -667,6 +685,11 @@ def _digest(*parts: Any) -> str:
 
 def _is_null(value: object) -> bool:
     return value is None or (isinstance(value, float) and value != value)
+
+
+def manifest_row(run_id: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    text = json.dumps(manifest, sort_keys=True)
+    return {"run_id": run_id, "manifest_id": _digest(text), "manifest": text}
 
 
 def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str, Any]:
