@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except IprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: engines and env processes were closed on the way out
+        print(
+            "error: interrupted; the same command resumes from the finished stages", file=sys.stderr
+        )
+        return 130
 
 
 def quiet_libraries() -> None:
