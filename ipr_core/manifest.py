@@ -41,9 +41,9 @@ ENV_PACKAGES = {
 BACKEND_PACKAGES = {"vllm": ("vllm",), "openai": ("openai",)}
 
 RESULT_FIELDS = ("packages", "model_id", "splits", "prompt_hash")
-"""Manifest fields whose change changes a run's numbers: a resume is refused unless allowed."""
-INFO_FIELDS = ("machine", "git_commit")
-"""Reported when they change; the run resumes (same inputs, other hardware or code state)."""
+"""Manifest fields whose change changes a run's numbers: a resume is refused unless allowed.
+The others (`machine`, `git_commit`) are reported when they change and the run resumes:
+the same inputs on other hardware, or code whose effect on results these fields cover."""
 
 PROBE_TASK = EnvTask(
     env_id="probe",
@@ -170,14 +170,17 @@ def check_resume(
     changed = changes(before, now)
     if not changed:
         return
-    shown = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())
-    results = [key for key in changed if key.split(".")[0] in RESULT_FIELDS]
+    results = {key: v for key, v in changed.items() if key.split(".")[0] in RESULT_FIELDS}
     if results and not allow:
         raise ManifestChanged(
-            f"run {run_id!r} was started with another setup ({shown}); these change results "
-            "(use a new run id, or pass --allow-manifest-change to resume anyway)"
+            f"run {run_id!r} was started with a setup that gives other results "
+            f"({_shown(results)}); use a new run id, or pass --allow-manifest-change"
         )
-    log(f"run {run_id!r}: manifest changed since it started ({shown}); resuming")
+    log(f"run {run_id!r}: manifest changed since it started ({_shown(changed)}); resuming")
+
+
+def _shown(changed: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())
 
 
 def _digest(value: Any) -> str:
