@@ -316,7 +316,11 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     per_task = run_query(store, PER_TASK_SQL, experiment_id)
-    manifests = run_query(store, MANIFESTS_SQL, experiment_id)
+    manifests = (
+        run_query(store, MANIFESTS_SQL, experiment_id).markdown()
+        if store.table_exists("run_manifests")
+        else "(none: the store's runs predate run manifests)"
+    )
     diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
     mismatches = episode_mismatches(per_task.frame, results.frame)
     paired = pd.DataFrame() if mismatches else paired_comparisons(per_task.frame)
@@ -378,7 +382,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "What shaped each run's numbers besides its config: package versions, the base "
         "model's content id, the task ids of each split (count and hash), the prompt "
         "builder's output for a fixed probe (hash), the machine and the project's commit.",
-        manifests.markdown(),
+        manifests,
     ]
     out.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return plot
