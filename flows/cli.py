@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--no-prefect", action="store_true", help="run the stages as plain functions, no flow"
     )
+    run.add_argument(
+        "--allow-manifest-change",
+        action="store_true",
+        help="resume a run whose packages, model, splits or prompt differ from its manifest",
+    )
     run.set_defaults(handler=cmd_run)
 
     serve = commands.add_parser(
@@ -44,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_prefect:
         from ipr_core.run import run_pipeline
 
-        summary = run_pipeline(config)
+        summary = run_pipeline(config, allow_manifest_change=args.allow_manifest_change)
     else:
         from tasks.settings import configure_prefect_env
 
@@ -53,7 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tasks import StageFailed
 
         try:
-            summary = pd.DataFrame(ipr(config))  # ephemeral Prefect unless PREFECT_API_URL is set
+            # ephemeral Prefect unless PREFECT_API_URL is set
+            summary = pd.DataFrame(ipr(config, args.allow_manifest_change))
         except StageFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except IprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: engines and env processes were closed on the way out
+        print(
+            "error: interrupted; the same command resumes from the finished stages", file=sys.stderr
+        )
+        return 130
 
 
 def quiet_libraries() -> None:
@@ -62,7 +67,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ingest.add_argument("--limit", type=int, default=10, help="trajectories to keep")
     ingest.add_argument("--source", type=Path, help="an IPR/ETO SFT JSON file to import")
     ingest.add_argument(
-        "--replace", action="store_true", help="with --source: replace ids the store holds"
+        "--replace", action="store_true", help="replace expert ids the store holds already"
     )
     ingest.add_argument("--store", type=Path, default=DEFAULT_STORE)
     ingest.set_defaults(handler=cmd_ingest)
@@ -131,6 +136,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     )
     experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
     experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
+    experiment.add_argument(
+        "--allow-manifest-change",
+        action="store_true",
+        help="resume runs whose packages, model, splits or prompt differ from their manifest",
+    )
     experiment.set_defaults(handler=cmd_experiment)
 
     tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
@@ -256,7 +266,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             f" (replaced {replaced})"
         )
         return 0
-    report = ingest_gold(store, env_id, args.split, args.limit)
+    report = ingest_gold(store, env_id, args.split, args.limit, args.replace)
     for rejected in report.rejected:
         print(f"skipped {rejected.task_id}: {rejected.reason}")
     print(f"wrote {report.written} expert trajectories of {env_id} {args.split} to {args.store}")
@@ -292,7 +302,7 @@ def _write_bench_report(report: dict, table: str, out: Path) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from ipr_core.store import Store
 
-    frame = Store(args.store).query(args.query)
+    frame = Store(args.store).user_query(args.query)
     print_table(frame, args.max_rows)
     return 0
 
@@ -465,7 +475,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from flows.experiment import load_experiment_config, run_experiment
 
     config = load_experiment_config(args.config, store=args.store)
-    runs = run_experiment(config)
+    runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
     print_table(runs, max_rows=len(runs))
     unfinished = runs[runs["status"] != "finished"]
     return 1 if len(unfinished) else 0

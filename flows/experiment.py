@@ -32,7 +32,15 @@ from ipr_core.backends import release_engines
 from ipr_core.config import RunConfig, read_yaml_mapping, validate_config
 from ipr_core.context import Log, RunContext
 from ipr_core.errors import InputError, IprError
-from ipr_core.loop import BASE_ITERATION, EVALUATE, Iteration, Split, run_iteration, run_stage
+from ipr_core.loop import (
+    BASE_ITERATION,
+    EVALUATE,
+    Iteration,
+    Split,
+    checked_manifest,
+    run_iteration,
+    run_stage,
+)
 from ipr_core.pipeline import ensure_experts
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id
@@ -114,18 +122,24 @@ def load_experiment_config(path: Path, store: Path | None = None) -> ExperimentC
 
 @dataclass(frozen=True)
 class Shared:
-    """What every run of an experiment uses: the base and the one SFT model."""
+    """What every run of an experiment uses: the base and the one SFT model, the base
+    model's id (for the runs' manifests) and whether a changed manifest may resume."""
 
     base_path: Path
     sft_path: Path
+    base_id: str
+    allow_manifest_change: bool
 
 
-def run_experiment(config: ExperimentConfig, log: Log = print) -> pd.DataFrame:
-    """Run every (method, seed) not finished yet; returns the experiment's per-run table."""
+def run_experiment(
+    config: ExperimentConfig, log: Log = print, allow_manifest_change: bool = False
+) -> pd.DataFrame:
+    """Run every (method, seed) not finished yet; returns the experiment's per-run table.
+    `allow_manifest_change`: resume runs whose manifest changed results (`ipr_core.manifest`)."""
     store = Store(config.run.store)
     register(store, config)
     started = time.perf_counter()
-    shared = prepare(store, config, log)
+    shared = prepare(store, config, log, allow_manifest_change)
     for seed in config.seeds:
         for method in config.methods:
             run_method(store, config, shared, method, seed, log)
@@ -163,12 +177,15 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
+def prepare(
+    store: Store, config: ExperimentConfig, log: Log, allow_manifest_change: bool
+) -> Shared:
     """Experts, base model and the one SFT checkpoint (trained here only if missing)."""
     ctx = RunContext(config.run, store, log)
     experts = ensure_experts(store, config.run, log)
     base_path = ctx.base_path()
-    store.record_checkpoint(base_checkpoint(base_path))
+    base = base_checkpoint(base_path)
+    store.record_checkpoint(base)
     sft_path = base_path
     if config.run.sft is not None:
         release_engines()  # a GPU inference engine would hold the memory training needs
@@ -177,7 +194,7 @@ def prepare(store: Store, config: ExperimentConfig, log: Log) -> Shared:
         store.record_checkpoint(sft, iteration=0)
         log(f"shared SFT checkpoint {sft.checkpoint_id} ({sft.summary()})")
         sft_path = sft.path
-    return Shared(base_path, sft_path)
+    return Shared(base_path, sft_path, base.checkpoint_id, allow_manifest_change)
 
 
 def run_method(
@@ -194,13 +211,21 @@ def run_method(
         log(f"[{run.run_id}] {message}")
 
     started = time.perf_counter()
+    ctx = RunContext(
+        run,
+        store,
+        run_log,
+        explore_limit=config.explore_limit,
+        allow_manifest_change=shared.allow_manifest_change,
+    )
+    splits = (run.train_split, run.dev_split, config.test_split)
     store.write(
         {
             "runs": [{"run_id": run.run_id, "config": run.model_dump_json()}],
             "experiment_runs": [{**key, "run_id": run.run_id, "status": "running"}],
+            "run_manifests": [checked_manifest(ctx, shared.base_id, splits)],
         }
     )
-    ctx = RunContext(run, store, run_log, explore_limit=config.explore_limit)
     sft = shared.sft_path
     if run.evaluate_base and run.sft is not None:
         run_stage(EVALUATE, ctx, Iteration(BASE_ITERATION, sft, shared.base_path))

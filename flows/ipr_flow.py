@@ -139,10 +139,12 @@ def iterate(ctx: RunContext, it: Iteration, run: loop.Runner) -> IterationResult
 
 
 @flow(name="ipr", flow_run_name="ipr-{config.run_id}", log_prints=True)
-def ipr(config: RunConfig) -> list[dict[str, Any]]:
-    """Train an agent with IPR for `config`; returns the per-iteration summary rows."""
+def ipr(config: RunConfig, allow_manifest_change: bool = False) -> list[dict[str, Any]]:
+    """Train an agent with IPR for `config`; returns the per-iteration summary rows.
+    `allow_manifest_change`: resume even if the run's manifest changed results."""
     config = absolute(config)
     ctx = flow_context(config)
+    ctx.allow_manifest_change = allow_manifest_change
     loop.run_ipr(ctx, stages.run_task, iterate)
     rows = summary_records(ctx.store.iteration_summary(config.run_id, config.dev_split))
     create_table_artifact(

@@ -308,6 +308,23 @@ ORDER BY list_position({PAPER_ORDER}, method), task_id
 """Per (method, test task): outcomes of the tested model averaged over the seeds whose
 episode finished; `failed` counts the seeds whose episode failed (left out, not 0)."""
 
+MANIFESTS_SQL = f"""
+SELECT x.method, x.seed, x.run_id,
+       strftime(m.created_at, '%Y-%m-%d %H:%M') AS recorded,
+       json_extract_string(m.manifest, '$.model_id') AS model_id,
+       CAST(json_extract(m.manifest, '$.packages') AS VARCHAR) AS packages,
+       CAST(json_extract(m.manifest, '$.splits') AS VARCHAR) AS splits,
+       json_extract_string(m.manifest, '$.prompt_hash') AS prompt_hash,
+       CAST(json_extract(m.manifest, '$.machine') AS VARCHAR) AS machine,
+       json_extract_string(m.manifest, '$.git_commit') AS git_commit
+FROM experiment_runs x
+JOIN run_manifests m USING (run_id)
+WHERE x.experiment_id = {{exp}}
+ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at
+"""
+"""Each run's manifests (`ipr_core.manifest`): one row per distinct setup it ran with, so a
+run resumed with `--allow-manifest-change` shows both."""
+
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("ipr", "sft"),
     ("ipr", "eto"),
@@ -375,6 +392,11 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     per_task = run_query(store, PER_TASK_SQL, experiment_id)
+    manifests = (
+        run_query(store, MANIFESTS_SQL, experiment_id).markdown()
+        if store.table_exists("run_manifests")
+        else "(none: the store's runs predate run manifests)"
+    )
     diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
     mismatches = episode_mismatches(per_task.frame, results.frame)
     paired = pd.DataFrame() if mismatches else paired_comparisons(per_task.frame)
@@ -446,6 +468,11 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "\n\n</details>",
         "## What the numbers show",
         analysis(settings.frame, results.frame, per_seed.frame, overall.frame, paired),
+        "## Run manifests",
+        "What shaped each run's numbers besides its config: package versions, the base "
+        "model's content id, the task ids of each split (count and hash), the prompt "
+        "builder's output for a fixed probe (hash), the machine and the project's commit.",
+        manifests,
     ]
     out.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return plot
@@ -710,9 +737,12 @@ def paired_statements(paired: pd.DataFrame) -> list[str]:
     for a, b in COMPARISONS[:2]:
         row = rows.get((f"{a} - {b}", "steps"))
         if row is not None:
-            reading = {"below 0": f"{a.upper()} needs fewer steps",
-                       "above 0": f"{a.upper()} takes more steps",
-                       "contains 0": "no difference in steps shown"}[row.ci]  # fmt: skip
+            readings = {
+                "below 0": f"{a.upper()} needs fewer steps",
+                "above 0": f"{a.upper()} takes more steps",
+                "contains 0": "no difference in steps shown",
+            }
+            reading = readings[row.ci]
             lines.append(
                 f"- Action efficiency: {_interval(row, a.upper(), b.upper(), 'average steps')}"
                 f" ({reading})."
@@ -721,9 +751,12 @@ def paired_statements(paired: pd.DataFrame) -> list[str]:
         row = rows.get((f"{ablation} - ipr", "reward"))
         if row is None:
             continue
-        reading = {"below 0": f"removing {term} costs reward, as in the paper",
-                   "contains 0": f"no evidence here that {term} matters",
-                   "above 0": f"better without {term}, against the paper"}[row.ci]  # fmt: skip
+        readings = {
+            "below 0": f"removing {term} costs reward, as in the paper",
+            "contains 0": f"no evidence here that {term} matters",
+            "above 0": f"better without {term}, against the paper",
+        }
+        reading = readings[row.ci]
         lines.append(f"- {_interval(row, ablation, 'IPR', 'test reward')}: {reading}.")
     return lines
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -238,7 +239,10 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The mapping at the top of a UTF-8 YAML file; every error is one line naming the file."""
     text = read_text(path, MAX_CONFIG_BYTES)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        message = f"duplicate key (line {exc.line}); a YAML mapping names each key once"
+        raise InputError(str(path), message, field=exc.key) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -252,6 +256,30 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(str(path), f"expected a mapping of settings, got {kind_of(data)}")
     return data
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key written twice in one mapping is an error: YAML
+    would keep the last silently, and a setting the user wrote would be ignored."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class names the unhashable key
+            if key in seen:
+                raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def validate_config(model: type[ConfigT], data: Any, path: Path) -> ConfigT:

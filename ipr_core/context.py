@@ -183,6 +183,8 @@ class RunContext:
     scoring: StepScoring = score_in_process
     explore_limit: int | None = None
     """Explore from the first `explore_limit` experts only (an experiment's setting)."""
+    allow_manifest_change: bool = False
+    """Resume a run whose packages, model, splits or prompt changed (`ipr_core.manifest`)."""
     engines: Engines = field(init=False)
     _task_ids: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 

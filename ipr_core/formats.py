@@ -62,11 +62,11 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             raise InputError(source, "missing", record=position, field="id")
         record_id = record["id"]
         if isinstance(record_id, bool) or not isinstance(record_id, str | int):
-            raise InputError(source, f"expected a string or an integer, got {kind_of(record_id)}",
-                             record=position, field="id")  # fmt: skip
+            message = f"expected a string or an integer, got {kind_of(record_id)}"
+            raise InputError(source, message, record=position, field="id")
         if record_id == "" or len(str(record_id)) > MAX_ID_CHARS:
-            raise InputError(source, f"expected 1 to {MAX_ID_CHARS} characters, got "
-                             f"{len(str(record_id))}", record=position, field="id")  # fmt: skip
+            message = f"expected 1 to {MAX_ID_CHARS} characters, got {len(str(record_id))}"
+            raise InputError(source, message, record=position, field="id")
         if isinstance(record_id, str):
             _check_text(source, position, "id", record_id)
         labelled.append((str(record_id), record))
@@ -273,17 +273,19 @@ def _turns(source: str, label: str, record: dict[str, Any], field: str) -> list[
     turns = record.get(field)
     if not isinstance(turns, list) or not turns:
         got = "an empty list" if turns == [] else kind_of(turns)
-        raise InputError(source, f"expected a non-empty list of turns, got {got}",
-                         record=label, field=field)  # fmt: skip
+        message = f"expected a non-empty list of turns, got {got}"
+        raise InputError(source, message, record=label, field=field)
     if len(turns) > MAX_TURNS:
-        raise InputError(source, f"{len(turns)} turns, over the cap of {MAX_TURNS} "
-                         "(longer than any env's episodes)", record=label, field=field)  # fmt: skip
+        message = (
+            f"{len(turns)} turns, over the cap of {MAX_TURNS} (longer than any env's episodes)"
+        )
+        raise InputError(source, message, record=label, field=field)
     messages = []
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise InputError(source, f"expected an object, got {kind_of(turn)}", record=label,
-                             field=where)  # fmt: skip
+            message = f"expected an object, got {kind_of(turn)}"
+            raise InputError(source, message, record=label, field=where)
         speaker, value = turn.get("from"), turn.get("value")
         if not isinstance(speaker, str) or speaker not in _ROLE_OF:
             raise InputError(
@@ -293,8 +295,8 @@ def _turns(source: str, label: str, record: dict[str, Any], field: str) -> list[
                 field=f"{where}.from",
             )
         if not isinstance(value, str):
-            raise InputError(source, f"expected a string, got {kind_of(value)}", record=label,
-                             field=f"{where}.value")  # fmt: skip
+            message = f"expected a string, got {kind_of(value)}"
+            raise InputError(source, message, record=label, field=f"{where}.value")
         _check_text(source, label, f"{where}.value", value)
         messages.append({"role": _ROLE_OF[speaker], "content": value})
     return messages
@@ -303,20 +305,29 @@ def _turns(source: str, label: str, record: dict[str, Any], field: str) -> list[
 def _check_text(source: str, label: str, field: str, value: str) -> None:
     """A string the store and a tokenizer can take: bounded, and encodable as UTF-8."""
     if len(value) > MAX_TURN_CHARS:
-        raise InputError(source, f"{len(value)} characters, over the cap of {MAX_TURN_CHARS} "
-                         "(no training context holds it)", record=label, field=field)  # fmt: skip
+        message = f"{len(value)} characters, over the cap of {MAX_TURN_CHARS}"
+        raise InputError(source, f"{message} (no training context holds it)", label, field)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InputError(source, f"not Unicode text: a lone surrogate at character {exc.start}",
-                         record=label, field=field) from exc  # fmt: skip
+        message = f"not Unicode text: a lone surrogate at character {exc.start}"
+        raise InputError(source, message, record=label, field=field) from exc
 
 
 def kind_of(value: object) -> str:
     """The JSON (and YAML) name of a value's type, for messages."""
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "an integer", float: "a number", type(None): "null"}  # fmt: skip
-    return names.get(type(value), type(value).__name__)
+    return _KIND_NAMES.get(type(value), type(value).__name__)
+
+
+_KIND_NAMES: dict[type, str] = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -365,11 +376,11 @@ def _trajectory(
         raise InputError(source, "no 'gpt' turn", record=label, field="conversations")
     reward = record.get("reward", 1.0)
     if isinstance(reward, bool) or not isinstance(reward, int | float):
-        raise InputError(source, f"expected a number in [0, 1], got {kind_of(reward)}",
-                         record=label, field="reward")  # fmt: skip
+        got = kind_of(reward)
+        raise InputError(source, f"expected a number in [0, 1], got {got}", label, "reward")
     if not 0.0 <= reward <= 1.0:  # NaN and the infinities too
-        raise InputError(source, f"expected a number in [0, 1], got {_shown(reward)}",
-                         record=label, field="reward")  # fmt: skip
+        got = _shown(reward)
+        raise InputError(source, f"expected a number in [0, 1], got {got}", label, "reward")
     task = EnvTask(env_id, label, split, messages[0]["content"], initial_observation="")
     return Trajectory(task=task, steps=tuple(steps), outcome_reward=float(reward))
 

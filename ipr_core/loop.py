@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,6 +36,7 @@ from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, Scor
 from ipr_core.costs import Meter, cost_row, training_figures
 from ipr_core.evaluate import Evaluation, evaluate
 from ipr_core.explore import explore
+from ipr_core.manifest import check_resume, run_manifest
 from ipr_core.mining import mine_pairs
 from ipr_core.store import (
     At,
@@ -44,6 +45,7 @@ from ipr_core.store import (
     Scope,
     StageRecord,
     expert_from_row,
+    manifest_row,
     pair_row,
     rollout_row,
 )
@@ -284,11 +286,32 @@ def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_ite
 
 
 def prepare_run(ctx: RunContext) -> Path:
-    """Record the run and its base model (built once into the cache); the base model."""
+    """Record the run, its manifest and its base model (built once into the cache); the
+    base model. A resumed run whose manifest changes results is refused before this."""
     base = ctx.base_path()
+    checkpoint = base_checkpoint(base)
+    splits = (ctx.config.train_split, ctx.config.dev_split)
     row = {"run_id": ctx.run_id, "config": ctx.config.model_dump_json()}
-    ctx.store.write({"runs": [row], "checkpoints": [checkpoint_row(base_checkpoint(base))]})
+    ctx.store.write(
+        {
+            "runs": [row],
+            "checkpoints": [checkpoint_row(checkpoint)],
+            "run_manifests": [checked_manifest(ctx, checkpoint.checkpoint_id, splits)],
+        }
+    )
     return base
+
+
+def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Row:
+    """The run's manifest row (`ipr_core.manifest`), computed once where the run starts and
+    checked against the manifest the run was started with (`check_resume`)."""
+    config = ctx.config
+    split_ids = {split: ctx.task_ids(split) for split in splits}
+    now = run_manifest(config.env, config.backend, base_id, split_ids, ctx.prompt)
+    stored = ctx.store.run_manifests(ctx.run_id)
+    if stored:
+        check_resume(ctx.run_id, stored[-1], now, ctx.allow_manifest_change, ctx.log)
+    return manifest_row(ctx.run_id, now)
 
 
 def eval_split(ctx: RunContext, it: Iteration) -> Split:

@@ -49,10 +49,14 @@ def gold_experts(env_id: str, split: str, limit: int) -> GoldExperts:
     return GoldExperts([expert_to_row(t, source="gold") for t in kept], rejected)
 
 
-def ingest_gold(store: Store, env_id: str, split: str, limit: int) -> GoldExperts:
-    """Build and store `limit` verified expert trajectories of a split."""
+def ingest_gold(
+    store: Store, env_id: str, split: str, limit: int, replace: bool = False
+) -> GoldExperts:
+    """Build and store `limit` verified expert trajectories of a split; ids the store holds
+    already are refused unless `replace` (as for a file, see `ingest_file`)."""
     gold = gold_experts(env_id, split, limit)
-    store.write({"expert_trajectories": gold.rows})
+    if gold.rows:
+        import_experts(store, gold.rows, f"gold trajectories of {env_id} {split}", replace)
     return gold
 
 
@@ -60,13 +64,20 @@ def ingest_file(
     store: Store, trajectories: Sequence[Trajectory], source: str, replace: bool = False
 ) -> tuple[int, int]:
     """Store imported expert trajectories (already validated whole) in one transaction;
-    returns (written, replaced).
-
-    Ids the store already holds for the env are refused unless `replace`: a silent
-    overwrite would change what every later run of the env trains on."""
+    returns (written, replaced)."""
     rows = [expert_to_row(t, source=source) for t in trajectories]
     if not rows:
         return 0, 0
+    return import_experts(store, rows, source, replace)
+
+
+def import_experts(
+    store: Store, rows: Sequence[Row], source: str, replace: bool
+) -> tuple[int, int]:
+    """Write expert rows of one env in one transaction; returns (written, replaced).
+
+    Ids the store already holds for the env are refused unless `replace`: a silent
+    overwrite would change what every later run of the env trains on."""
     written, existing = store.import_experts(rows, replace)
     if existing and not replace:
         shown = ", ".join(repr(task_id) for task_id in existing[:5])
@@ -87,7 +98,8 @@ def missing_expert_rows(store: Store, config: RunConfig, log: Log) -> list[Row]:
         return []
     gold = gold_experts(config.env, config.train_split, config.train_limit)
     log(f"built {len(gold.rows)} expert trajectories ({len(gold.rejected)} rejected)")
-    return gold.rows
+    held = {t.task.task_id for t in store.expert_trajectories(config.env)}
+    return [row for row in gold.rows if row["task_id"] not in held]  # stored rows stay
 
 
 def ensure_experts(store: Store, config: RunConfig, log: Log) -> list[Trajectory]:

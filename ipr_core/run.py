@@ -13,8 +13,10 @@ from ipr_core.loop import run_ipr
 from ipr_core.store import Store
 
 
-def run_pipeline(config: RunConfig, log: Log = print) -> pd.DataFrame:
+def run_pipeline(
+    config: RunConfig, log: Log = print, allow_manifest_change: bool = False
+) -> pd.DataFrame:
     """Run every stage of `config`; returns the per-iteration summary table."""
-    ctx = RunContext(config, Store(config.store), log)
+    ctx = RunContext(config, Store(config.store), log, allow_manifest_change=allow_manifest_change)
     run_ipr(ctx)
     return ctx.store.iteration_summary(config.run_id, config.dev_split)

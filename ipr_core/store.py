@@ -9,6 +9,7 @@ stage never duplicates rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -22,7 +23,7 @@ import duckdb
 import pandas as pd
 
 from ipr_core.envs.base import EnvTask
-from ipr_core.errors import IprError
+from ipr_core.errors import InputError, IprError
 from ipr_core.explore import Exploration
 from ipr_core.rollout import RolloutResult, RolloutSpec
 from ipr_core.step_rewards import StepReward
@@ -172,13 +173,21 @@ SCHEMA: dict[str, str] = {
         unmeasured_stages INTEGER NOT NULL,
         stages VARCHAR NOT NULL,
         created_at TIMESTAMP DEFAULT current_timestamp""",
+    "run_manifests": """
+        run_id VARCHAR NOT NULL,
+        manifest_id VARCHAR NOT NULL,
+        manifest VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (run_id, manifest_id)""",
 }
 """`stage_runs` is the completion record of the loop's stages (see `ipr_core.loop`): written
 in the transaction that writes the stage's rows, with the fingerprint of what it read."""
 """`stage_costs` is what a stage's completion cost (`ipr_core.costs`), keyed like its
 `stage_runs` record and written in the same transaction; a stage copied from a donor run
 records the copy's own cost and names the donor. `estimates` holds the last `ipr
-estimate` of each run id, which the next estimate compares with the measured costs."""
+estimate` of each run id, which the next estimate compares with the measured costs.
+`run_manifests`: what shaped a run's numbers besides its config (`ipr_core.manifest`),
+one row per distinct manifest the run was started or resumed with."""
 
 PAIR_KEY = "run_id, iteration, level, task_id, prefix_len"
 ROLLOUT_KEY = "run_id, iteration, kind, policy_id, task_id, prefix_len, actor, sample_idx"
@@ -286,7 +295,9 @@ class Store:
 
     # -- connections -------------------------------------------------------------------
     @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(
+        self, read_only: bool, settings: Mapping[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.path.exists():
             raise IprError(f"store {self.path} does not exist")
         if not read_only:
@@ -295,11 +306,18 @@ class Store:
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only, config=settings or {})
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise StoreLocked(f"store {self.path}: {exc}") from exc
+                message = str(exc).splitlines()[0]
+                if "not a valid DuckDB database" in message:
+                    raise InputError(
+                        str(self.path), "not a DuckDB store (left as it is)", field="--store"
+                    ) from exc
+                if "lock" not in message.lower():
+                    raise IprError(f"store {self.path}: {message}") from exc
+                if time.monotonic() > deadline:
+                    raise StoreLocked(f"store {self.path}: {message}") from exc
                 time.sleep(delay)  # another process holds the file for a short write
                 delay = min(delay * 2, 0.5)
         try:
@@ -311,11 +329,7 @@ class Store:
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One short write transaction: all or nothing."""
         with self._connect(read_only=False) as con:
-            for table, columns in SCHEMA.items():
-                con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
-            _add_missing_columns(con)
-            for view, select in VIEWS.items():
-                con.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
+            _migrate(con, self.path)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -691,18 +705,87 @@ class Store:
             [pair_id],
         )
 
+    # -- a user's SQL (`ipr sql`) ------------------------------------------------------
+    def user_query(self, sql: str) -> pd.DataFrame:
+        """A user's query on a read-only connection that reaches nothing but the store: no
+        file reads or writes (COPY, read_csv, read_text, ATTACH), no extension install or
+        load, and the configuration locked so that SET cannot undo it. A failed query is
+        one line: DuckDB's message."""
+        with self._connect(read_only=True, settings=SANDBOX) as con:
+            try:
+                return con.execute(sql).df()
+            except duckdb.Error as exc:
+                raise IprError(f"query failed: {str(exc).splitlines()[0]}") from exc
+
+    # -- run manifests -----------------------------------------------------------------
+    def run_manifests(self, run_id: str) -> list[dict[str, Any]]:
+        """The manifests a run was started and resumed with, oldest first."""
+        if not self.table_exists("run_manifests"):
+            return []
+        found = self.query(
+            "SELECT manifest FROM run_manifests WHERE run_id = ? ORDER BY created_at", [run_id]
+        )
+        return [json.loads(text) for text in found["manifest"]]
+
+
+SANDBOX: dict[str, Any] = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "lock_configuration": True,
+}
+"""DuckDB's settings for untrusted SQL (docs: operations_manual/securing_duckdb): the store
+file opened at connect is the only file the connection reaches."""
+
 
 ADDED_COLUMNS = {"expert_trajectories": {"action_hint": "VARCHAR"}}
 """Columns added since the first schema: a store created before gets them (NULL) on its
 first write."""
 
 
-def _add_missing_columns(con: duckdb.DuckDBPyConnection) -> None:
-    for table, columns in ADDED_COLUMNS.items():
-        found = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
-        for name, kind in columns.items():
-            if name not in found:
+def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Bring a store up to SCHEMA where that is safe: missing tables are created and the
+    `ADDED_COLUMNS` added, the VIEWS (re)made. A table lacking any other column is refused before anything
+    is written (its rows could not be read back as this code expects)."""
+    found = _columns(con)
+    for table, expected in _schema_columns().items():
+        missing = sorted(expected - found[table] - set(ADDED_COLUMNS.get(table, {})))
+        if found[table] and missing:
+            raise InputError(
+                str(path),
+                f"a store of an older schema: table {table} lacks {', '.join(missing)}; "
+                "ipr adds only new tables and the columns it knows (use a new store)",
+                field="--store",
+            )
+    for table, columns in SCHEMA.items():
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+    for table, added in ADDED_COLUMNS.items():
+        for name, kind in added.items():
+            if found[table] and name not in found[table]:  # a table created before it
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    for view, select in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
+    rows = con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = 'main' AND table_catalog = current_database()"
+    ).fetchall()
+    found: dict[str, set[str]] = {table: set() for table in SCHEMA}
+    for table, column in rows:
+        found.setdefault(table, set()).add(column)
+    return found
+
+
+@functools.cache
+def _schema_columns() -> dict[str, set[str]]:
+    """Each SCHEMA table's columns, as DuckDB parses them."""
+    with duckdb.connect(":memory:") as con:
+        for table, columns in SCHEMA.items():
+            con.execute(f"CREATE TABLE {table} ({columns})")
+        return {table: found for table, found in _columns(con).items() if table in SCHEMA}
 
 
 def _count(con: duckdb.DuckDBPyConnection, scope: Scope) -> int:
@@ -867,6 +950,11 @@ def _digest(*parts: Any) -> str:
 
 def _is_null(value: object) -> bool:
     return value is None or (isinstance(value, float) and value != value)
+
+
+def manifest_row(run_id: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    text = json.dumps(manifest, sort_keys=True)
+    return {"run_id": run_id, "manifest_id": _digest(text), "manifest": text}
 
 
 def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str, Any]:

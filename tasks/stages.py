@@ -36,6 +36,13 @@ def context(config: RunConfig, scoring: StepScoring = score_in_process) -> RunCo
     return RunContext(config, Store(config.store), logger.info, StageProgress, scoring)
 
 
+def first_line(exc: BaseException) -> str:
+    """The cause as one line: the task's, the flow run's state message and `ipr run` show it
+    alike (the traceback is in the task's log)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _cache_key(stage: Stage[Any], config: RunConfig, it: Iteration) -> str:
     ctx = RunContext(config, Store(config.store), log=lambda _: None)
     at = stage.at(ctx, it)
@@ -53,7 +60,7 @@ def stage_task(stage: Stage[Any]) -> Task:
         except Exception as exc:
             message = (
                 f"stage {stage.name!r} failed (run {config.run_id!r}, iteration {it.number}): "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {first_line(exc)}"
             )
             get_run_logger().error(message)
             raise StageFailed(message) from exc

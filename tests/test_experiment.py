@@ -2,8 +2,10 @@
 iteration, then `ipr report`, whose every table must be what its printed query returns."""
 
 import re
+import shutil
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from flows.commands import main
@@ -16,7 +18,8 @@ from flows.report import (
     run_query,
 )
 from ipr_core.errors import InputError, IprError
-from ipr_core.store import Store
+from ipr_core.manifest import ManifestChanged
+from ipr_core.store import Store, manifest_row
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "experiment-smoke.yaml"
@@ -141,8 +144,8 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
     # settings, results, per seed, dev curve, pairs, costs, step reward distribution,
-    # 2 x step accuracy, 2 x per task
-    assert len(blocks) == 11
+    # 2 x step accuracy, 2 x per task, manifests
+    assert len(blocks) == 12
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
     costs = store.query(blocks[5][1])
@@ -159,6 +162,28 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     ipr_row = next(line for line in results_table.splitlines() if line.startswith("| ipr |"))
     assert float(ipr_row.split("|")[3]) == pytest.approx(ipr, abs=1e-3)
     assert "Does IPR beat ETO on mean test reward? " in text
+    manifests = blocks[-1][0].strip().splitlines()
+    assert manifests[0].startswith("| method | seed | run_id | recorded | model_id | packages")
+    assert len(manifests) == 2 + 6  # one manifest per run
+    assert all('"torch":' in line and '"test":' in line for line in manifests[2:])
+
+
+def test_a_run_resumed_with_another_package_version_is_refused(experiment, tmp_path):
+    config, store, *_ = experiment
+    copy = Store(shutil.copy(store.path, tmp_path / "x.duckdb"))
+    [stored] = copy.run_manifests("smoke-ipr-s0")
+    stored["packages"]["transformers"] = "4.0.0"
+    with duckdb.connect(str(copy.path)) as con:
+        con.execute("DELETE FROM run_manifests WHERE run_id = 'smoke-ipr-s0'")
+        con.execute("UPDATE experiment_runs SET status = 'running' WHERE run_id = 'smoke-ipr-s0'")
+    resumed = config.model_copy(update={"run": config.run.model_copy(update={"store": copy.path})})
+    moved = {"experiment_id": "smoke", "config": resumed.shared_settings()}  # the copy's path
+    copy.write({"run_manifests": [manifest_row("smoke-ipr-s0", stored)], "experiments": [moved]})
+    with pytest.raises(
+        ManifestChanged, match=r"'smoke-ipr-s0'.*packages\.transformers: 4\.0\.0 -> "
+    ):
+        run_experiment(resumed, log=lambda _: None)
+    assert copy.run_manifests("smoke-ipr-s0") == [stored]
 
 
 def test_report_pairs_methods_on_the_test_tasks_from_the_per_task_sql(experiment, tmp_path):

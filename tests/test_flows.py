@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ PREFECT_HOME = Path(tempfile.mkdtemp(prefix="ipr-prefect-"))
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 os.environ.pop("PREFECT_API_URL", None)
 
+import duckdb  # noqa: E402
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
@@ -211,6 +213,48 @@ def test_a_stage_interrupted_mid_write_is_redone_from_its_completion_record(
     assert after["explore"] == recorded["explore"] and "mine-pairs" in after
     for table, sql in RESULTS.items():
         assert rows_of(store, sql) == rows_of(reference, sql), table
+
+
+def test_a_failed_task_gives_the_flow_runs_its_one_line_cause(tmp_path, smoke_flow, monkeypatch):
+    """`explore` fails inside the iteration subflow: its task run, the subflow run and the
+    `ipr` flow run end with the same one-line cause (file, record and field named)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+
+    from ipr_core import loop
+    from ipr_core.errors import InputError
+
+    config, store, _ = smoke_flow
+    copy = Path(shutil.copy(store.path, tmp_path / "copy.duckdb"))
+    with duckdb.connect(str(copy)) as con:  # explore not done, and no run to copy it from
+        con.execute("DELETE FROM stage_runs WHERE stage = 'explore'")
+
+    def explodes(*args, **kwargs):
+        raise InputError("policy.json", "expected a number\nmore detail", "r1", "temperature")
+
+    monkeypatch.setattr(loop, "explore", explodes)
+    started = time.time()
+    state = ipr_flow.ipr(config.model_copy(update={"store": copy}), return_state=True)
+    assert state.is_failed()
+    cause = (
+        "stage 'explore' failed (run 'smoke', iteration 1): InputError: policy.json, "
+        "record 'r1', field 'temperature': expected a number"
+    )
+    after = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=_utc(started - 1)))
+    with get_client(sync_client=True) as client:
+        flows = {
+            run.name: run.state.message for run in client.read_flow_runs(flow_run_filter=after)
+        }
+    tasks = {run.name: run.state.message for run in task_runs_since(started - 1)}
+    messages = [state.message, flows["ipr-smoke"], flows["iteration-1"], tasks["explore[1]"]]
+    for message in messages:
+        assert message.endswith(cause) and "\n" not in message, message
+
+
+def _utc(timestamp: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC)
 
 
 def test_killed_run_resumes_to_the_same_pairs(tmp_path, cache_dir, smoke_flow):

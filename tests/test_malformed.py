@@ -75,6 +75,7 @@ CONFIG_CASES = {
     "config-wrong-type.yaml": ["field 'monte_carlo.n_samples'", "integer"],
     "config-bool-for-number.yaml": ["field 'monte_carlo.n_samples'", "got a boolean"],
     "config-unknown-env.yaml": ["field 'env'", "unknown env id"],
+    "config-duplicate-key.yaml": ["field 'n_samples'", "duplicate key", "line 4"],
 }
 
 
@@ -226,3 +227,45 @@ def test_replace_flag_replaces_and_reports_how_many(store, tmp_path, capsys):
     assert "imported 2 expert trajectories" in out and "(replaced 1)" in out
     assert row_counts(store)["expert_trajectories"] == before["expert_trajectories"] + 1
     assert _stored(store, "cook-1") == (str(source), 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragments"),
+    [
+        ("nope/x", ["unknown env id 'nope/x'", "known env ids"]),
+        ("twx/twc?items=abc", ["items=abc is not an integer"]),
+        ("twx/twc?items=9", ["items=9", "from 1 to 4"]),
+        ("twx/twc?bogus=1", ["unknown parameter 'bogus'", "its parameters"]),
+    ],
+)
+def test_bad_env_ids_and_parameters_are_one_line_through_the_cli(
+    env, fragments, store, tmp_path, capsys
+):
+    before = row_counts(store)
+    out = tmp_path / "export.json"
+    for argv in (
+        ["ingest", "--env", env, "--store", str(store)],
+        ["ingest", "--env", env, "--source", str(CORPUS / "sft-empty.json"), "--store", str(store)],
+        ["export", "sft", "--env", env, "--out", str(out), "--store", str(store)],
+    ):
+        assert main(argv) == 2
+        assert_one_named_line(capsys.readouterr().err, env, fragments)
+    assert row_counts(store) == before and not out.exists()
+
+
+def test_gold_ingest_of_stored_ids_is_refused_unless_replace(tmp_path, capsys):
+    path = tmp_path / "gold.duckdb"
+    args = ["ingest", "--env", "twx/twc", "--limit", "1", "--store", str(path)]
+    assert main(args) == 0
+    with duckdb.connect(str(path)) as con:
+        [(task_id,)] = con.execute("SELECT task_id FROM expert_trajectories").fetchall()
+        con.execute("UPDATE expert_trajectories SET source = 'edited'")
+    capsys.readouterr()
+    before = row_counts(path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert_one_named_line(err, "gold trajectories of twx/twc train", [repr(task_id), "--replace"])
+    assert row_counts(path) == before
+    assert _stored(path, task_id)[0] == "edited"
+    assert main([*args, "--replace"]) == 0
+    assert _stored(path, task_id)[0] == "gold"

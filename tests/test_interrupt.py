@@ -1,0 +1,97 @@
+"""Ctrl-C stops `ipr run` cleanly: a SIGINT mid-iteration ends the command with one line and
+exit code 130, and no process it started (the ephemeral Prefect server, the env's JVM,
+engines) outlives it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from ipr_core.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def alive(processes: list[psutil.Process]) -> list[str]:
+    """The processes still running (a zombie has exited), as 'pid name'."""
+    left = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{process.pid} {process.name()}")
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def command_of(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def descendants_with_a_jvm(run: subprocess.Popen, log: Path) -> list[psutil.Process]:
+    """Every descendant of `run`, taken once a JVM is among them (an env is stepping)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert run.poll() is None, log.read_text()[-3000:]
+        found = psutil.Process(run.pid).children(recursive=True)
+        if any("java" in command_of(p) for p in found):
+            return found
+        time.sleep(0.1)
+    raise AssertionError("no JVM under the run in time")
+
+
+@pytest.mark.parametrize("orchestrated", [True, False], ids=["prefect", "no-prefect"])
+def test_sigint_mid_iteration_leaves_no_process_behind(orchestrated, tmp_path, tiny_model_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-llama").symlink_to(tiny_model_path)
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data.update(store=str(tmp_path / "run.duckdb"), cache_dir=str(tmp_path))
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config)]
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            cmd if orchestrated else [*cmd, "--no-prefect"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the test's own process group is not signalled
+        )
+    try:
+        store = Store(tmp_path / "run.duckdb", lock_timeout_s=30)
+        deadline = time.monotonic() + 600
+        while store.count("rollouts", "kind = 'explore' AND iteration = 1") == 0:
+            assert run.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no exploration of iteration 1 in time"
+            time.sleep(0.5)
+        children = descendants_with_a_jvm(run, log)
+        commands = [command_of(p) for p in children]
+        run.send_signal(signal.SIGINT)  # to the command only: it must stop its children
+        code = run.wait(timeout=180)
+        deadline = time.monotonic() + 30  # a child may take a moment to see its parent gone
+        while alive(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive(children) == [], log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert code == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "error: interrupted; the same command resumes from the finished stages" in text
+    assert "Traceback" not in text
+    assert any("java" in c for c in commands)
+    assert any("uvicorn" in c for c in commands) == orchestrated  # the ephemeral server
