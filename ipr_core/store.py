@@ -745,9 +745,10 @@ first write."""
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """Bring a store up to SCHEMA where that is safe: missing tables are created and the
-    `ADDED_COLUMNS` added, the VIEWS (re)made. A table lacking any other column is refused before anything
-    is written (its rows could not be read back as this code expects)."""
+    """Bring a store up to SCHEMA where that is safe: missing tables are created, the
+    `ADDED_COLUMNS` added and the VIEWS (re)made. A table lacking any other column is
+    refused before anything is written (its rows could not be read back as this code
+    expects)."""
     found = _columns(con)
     for table, expected in _schema_columns().items():
         missing = sorted(expected - found[table] - set(ADDED_COLUMNS.get(table, {})))
