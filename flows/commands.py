@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipr_core.errors import IprError
+from ipr_core.errors import IprError, raised_by_interrupt
 
 DEFAULT_STORE = Path(".ipr/ipr.duckdb")
 
@@ -22,14 +22,16 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except IprError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C: engines and env processes were closed on the way out
-        print(
-            "error: interrupted; the same command resumes from the finished stages", file=sys.stderr
-        )
-        return 130
+        pass
+    except Exception as exc:
+        if not raised_by_interrupt(exc):  # else a library's clean-up failed on the way out
+            if not isinstance(exc, IprError):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print("error: interrupted; the same command resumes from the finished stages", file=sys.stderr)
+    return 130
 
 
 def quiet_libraries() -> None:

@@ -26,3 +26,16 @@ class UnknownEnvError(IprError):
 
 class EnvParamError(UnknownEnvError):
     """An env id whose game parameters are unknown, malformed or out of range."""
+
+
+def raised_by_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` came up while a Ctrl-C was being handled (a library's clean-up failing
+    on the way out): such an error is the interruption, not a failure of the stage."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -19,6 +19,7 @@ from prefect.tasks import Task
 from ipr_core import loop
 from ipr_core.config import RunConfig
 from ipr_core.context import RunContext, StepScoring, score_in_process
+from ipr_core.errors import raised_by_interrupt
 from ipr_core.loop import Iteration, Stage
 from ipr_core.store import Store
 from tasks.progress import StageProgress
@@ -58,6 +59,8 @@ def stage_task(stage: Stage[Any]) -> Task:
         try:
             return loop.run_stage(stage, context(config), it)
         except Exception as exc:
+            if raised_by_interrupt(exc):
+                raise KeyboardInterrupt from exc
             message = (
                 f"stage {stage.name!r} failed (run {config.run_id!r}, iteration {it.number}): "
                 f"{type(exc).__name__}: {first_line(exc)}"

@@ -2,6 +2,7 @@
 exit code 130, and no process it started (the ephemeral Prefect server, the env's JVM,
 engines) outlives it."""
 
+import argparse
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import psutil
 import pytest
 import yaml
 
+from ipr_core.envs.jvm import _interrupt_held_back
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +97,35 @@ def test_sigint_mid_iteration_leaves_no_process_behind(orchestrated, tmp_path, t
     assert "Traceback" not in text
     assert any("java" in c for c in commands)
     assert any("uvicorn" in c for c in commands) == orchestrated  # the ephemeral server
+
+
+def test_a_ctrl_c_during_a_jvm_command_is_raised_when_the_command_returns():
+    finished = []
+    with pytest.raises(KeyboardInterrupt), _interrupt_held_back():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs between bytecodes: give it the chance
+        finished.append("command")
+    assert finished == ["command"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_error_of_a_clean_up_after_ctrl_c_ends_the_command_as_interrupted(capsys):
+    from flows.commands import main
+
+    def clean_up_fails(_args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("no attribute 'shutdown_socket'")  # noqa: B904 (py4j's way)
+
+    def plain_bug(_args):
+        raise AttributeError("a bug")
+
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    commands.add_parser("interrupted").set_defaults(handler=clean_up_fails)
+    commands.add_parser("bug").set_defaults(handler=plain_bug)
+    assert main(["interrupted"], parser) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted;")
+    with pytest.raises(AttributeError, match="a bug"):
+        main(["bug"], parser)

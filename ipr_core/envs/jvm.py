@@ -5,15 +5,23 @@ packages start one JVM per env instance (75 MB to 2 GB each); the rollout engine
 of ~32 instances, so the adapters instead start one JVM per process and give every instance
 its own interface object in it. The JVM stops when the last instance releases it, and a JVM
 that died is replaced on the next `acquire`.
+
+A Ctrl-C is held back for the length of one py4j command and raised when it returns: py4j's
+own clean-up of an interrupted command fails (`AttributeError: ... shutdown_socket`) and
+replaces the KeyboardInterrupt, which would end an interrupted run as a failed stage.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
-from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
+from py4j.java_gateway import GatewayClient, GatewayParameters, JavaGateway, launch_gateway
 from py4j.protocol import Py4JError
 
 from ipr_core.envs.base import EnvCrashed
@@ -57,9 +65,47 @@ class SharedJvm:
             )
         except (OSError, ValueError, Py4JError) as e:
             raise EnvCrashed(f"could not start the {self.name} JVM: {e}") from e
-        return JavaGateway(
+        return _Gateway(
             gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc
         )
+
+
+class _Client(GatewayClient):
+    def send_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _interrupt_held_back():
+            return super().send_command(*args, **kwargs)
+
+
+class _Gateway(JavaGateway):
+    def _create_gateway_client(self) -> GatewayClient:
+        return _Client(gateway_parameters=self.gateway_parameters)
+
+
+_holding = threading.local()
+
+
+@contextmanager
+def _interrupt_held_back() -> Iterator[None]:
+    """Defer SIGINT to the end of the block (main thread only: signals go there alone)."""
+    if threading.current_thread() is not threading.main_thread() or getattr(
+        _holding, "active", False
+    ):
+        yield
+        return
+    caught: list[int] = []
+
+    def remember(signum: int, _frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, remember)
+    _holding.active = True
+    try:
+        yield
+    finally:
+        _holding.active = False
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # now, to whatever handler was there
 
 
 def _stop(gateway: JavaGateway) -> None:
