@@ -71,6 +71,9 @@ def test_sigint_mid_iteration_leaves_no_process_behind(orchestrated, tmp_path, t
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the test's own process group is not signalled
+            # A job started in the background inherits SIGINT ignored, and Python then keeps
+            # it ignored: give the command the disposition a terminal's Ctrl-C meets.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         store = Store(tmp_path / "run.duckdb", lock_timeout_s=30)
@@ -100,13 +103,18 @@ def test_sigint_mid_iteration_leaves_no_process_behind(orchestrated, tmp_path, t
 
 
 def test_a_ctrl_c_during_a_jvm_command_is_raised_when_the_command_returns():
+    # Python's own Ctrl-C handler: absent when the suite was started with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = []
-    with pytest.raises(KeyboardInterrupt), _interrupt_held_back():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler runs between bytecodes: give it the chance
-        finished.append("command")
-    assert finished == ["command"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt), _interrupt_held_back():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs between bytecodes: give it the chance
+            finished.append("command")
+        assert finished == ["command"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_error_of_a_clean_up_after_ctrl_c_ends_the_command_as_interrupted(capsys):
