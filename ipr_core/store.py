@@ -292,6 +292,7 @@ class Store:
     def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
+        self._migrated = False  # once per Store: the schema only ever grows
 
     # -- connections -------------------------------------------------------------------
     @contextmanager
@@ -329,7 +330,9 @@ class Store:
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One short write transaction: all or nothing."""
         with self._connect(read_only=False) as con:
-            _migrate(con, self.path)
+            if not self._migrated:
+                _migrate(con, self.path)
+                self._migrated = True
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
