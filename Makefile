@@ -25,7 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=15
+	# Two workers, a test module per worker (its module fixtures run once): most of the slow
+	# tests wait on subprocesses, servers and JVMs, so the suite takes about half the time.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
