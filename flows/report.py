@@ -134,12 +134,8 @@ WITH member AS (
     WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
 c AS (
     SELECT m.method, m.run_id, s.wall_s, s.cpu_s, s.donor_run_id IS NOT NULL AS copied,
-           CASE WHEN s.stage = 'expert-step-rewards' THEN 1 ELSE s.iteration END AS iteration,
-           CASE WHEN s.stage IN ('expert-step-rewards', 'agent-step-rewards') THEN 'mc'
-                WHEN s.stage = 'explore' THEN 'explore'
-                WHEN s.stage IN ('sft', 'train-mixture') THEN 'train'
-                WHEN s.stage LIKE 'evaluate-%' THEN 'eval' ELSE 'other' END AS work
-    FROM member m JOIN stage_costs s USING (run_id)),
+           s.cost_iteration AS iteration, s.work
+    FROM member m JOIN stage_work s USING (run_id)),
 cost AS (
     SELECT method, iteration, count(DISTINCT run_id) AS seeds, sum(wall_s) AS wall_s,
            sum(cpu_s) AS cpu_s, count(*) FILTER (WHERE copied) AS copied_stages,

@@ -220,11 +220,23 @@ VIEWS: dict[str, str] = {
              AND r.kind = 'mc' AND r.policy_id = s.scorer_id AND r.task_id = s.task_id
              AND r.prefix_len = s.prefix_len AND r.actor = s.actor
         WHERE p.level = 'step'""",
+    "stage_work": """
+        SELECT *, CASE WHEN stage = 'expert-step-rewards' THEN 1 ELSE iteration END
+                      AS cost_iteration,
+               CASE WHEN stage IN ('expert-step-rewards', 'agent-step-rewards') THEN 'mc'
+                    WHEN stage = 'explore' THEN 'explore'
+                    WHEN stage IN ('sft', 'train-mixture') THEN 'train'
+                    WHEN stage LIKE 'evaluate-%' THEN 'eval' ELSE 'other' END AS work
+        FROM stage_costs""",
 }
 """Views over the tables (created on every write): `pair_ids` and `rollout_ids` add the
 short ids `ipr show` takes; `pair_mc_samples` is every Monte Carlo sample behind both
 step rewards of a step pair (its expert step's, scored under iteration 0, and its agent
-step's, scored in the pair's iteration)."""
+step's, scored in the pair's iteration); `stage_work` is `stage_costs` with the kind of
+work each stage is (Monte Carlo, exploration, training, evaluation) and the iteration its
+cost counts in (the expert steps' scoring, stored under iteration 0 and done once, counts
+in iteration 1, the iteration that runs it), for the cost tables of a run and of an
+experiment."""
 
 Row = Mapping[str, Any]
 
@@ -872,14 +884,9 @@ ORDER BY iteration
 
 COSTS_SQL = """
 WITH c AS (
-    SELECT CASE WHEN stage = 'expert-step-rewards' THEN 1 ELSE iteration END AS iteration,
-           wall_s, cpu_s, gpu_s, peak_rss_mb, prefill_tokens, generated_tokens,
-           trained_tokens, rollouts, env_steps,
-           CASE WHEN stage IN ('expert-step-rewards', 'agent-step-rewards') THEN 'mc'
-                WHEN stage = 'explore' THEN 'explore'
-                WHEN stage IN ('sft', 'train-mixture') THEN 'train'
-                WHEN stage LIKE 'evaluate-%' THEN 'eval' ELSE 'other' END AS work
-    FROM stage_costs WHERE run_id = $run),
+    SELECT cost_iteration AS iteration, wall_s, cpu_s, gpu_s, peak_rss_mb, prefill_tokens,
+           generated_tokens, trained_tokens, rollouts, env_steps, work
+    FROM stage_work WHERE run_id = $run),
 by_iteration AS (
     SELECT iteration, sum(wall_s) AS wall_s, sum(cpu_s) AS cpu_s, sum(gpu_s) AS gpu_s,
            max(peak_rss_mb) AS peak_rss_mb,
@@ -918,9 +925,8 @@ LEFT JOIN p ON p.iteration IS NOT DISTINCT FROM b.iteration
 LEFT JOIN gain g ON g.iteration IS NOT DISTINCT FROM b.iteration
 ORDER BY b.iteration NULLS LAST
 """
-"""`ipr_core.costs`' table of a run. The expert steps' Monte Carlo scoring (stored under
-iteration 0, done once) counts in iteration 1, the iteration that runs it; a point of dev
-reward is 0.01 (the total's gain is the last iteration's dev reward minus the first's)."""
+"""`ipr_core.costs`' table of a run (over the `stage_work` view); a point of dev reward is
+0.01 (the total's gain is the last iteration's dev reward minus the first's)."""
 
 STEP_REWARD_QUANTILES_SQL = """
 WITH a AS (
