@@ -5,7 +5,8 @@ import os
 # OpenMP threads that wait at a barrier sleep instead of spinning. When other processes
 # share the cores (tests, a second run, a Prefect server), a spinning thread holds the
 # core its descheduled partner needs: a SmolLM2 decode step of 32 rows took 5.7 s with 2
-# spinning threads beside another job and 0.51 s with passive waiting (README, "Measured").
+# spinning threads beside another job and 0.51 s with passive waiting (docs/benchmarks.md,
+# "Measured on this machine").
 # Read when torch loads its OpenMP runtime, so it is set before anything imports torch;
 # an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

