@@ -29,17 +29,6 @@ import pandas as pd
 from ipr_core.config import RunConfig
 from ipr_core.store import Row, StageRecord, Store
 
-CATEGORIES = {
-    "expert-step-rewards": "monte_carlo",
-    "agent-step-rewards": "monte_carlo",
-    "explore": "exploration",
-    "sft": "training",
-    "train-mixture": "training",
-    "evaluate": "evaluation",
-}
-"""Where a stage's time goes in the report's shares; other stages (ingest, mining) are
-'other'. An evaluation's record name carries its split (`evaluate-dev`)."""
-
 
 def stage_kind(stage: str) -> str:
     """The stage of a record name: `evaluate-dev` is an `evaluate`."""
