@@ -62,9 +62,6 @@ class ExperimentConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
     trainer's seed; the SFT checkpoint is the same for all."""
-    explore_limit: int | None = Field(None, gt=0)
-    """IPR explores the first `explore_limit` of the `run.train_limit` SFT tasks (all when
-    unset): SFT is cheap next to exploration and Monte Carlo scoring on a CPU."""
     test_split: str = "test"
     test_limit: int = Field(8, gt=0)
     run: RunConfig
@@ -215,7 +212,6 @@ def run_method(
         run,
         store,
         run_log,
-        explore_limit=config.explore_limit,
         allow_manifest_change=shared.allow_manifest_change,
     )
     splits = (run.train_split, run.dev_split, config.test_split)

@@ -155,6 +155,10 @@ class RunConfig(_Strict):
     cache_dir: Path = Path(".ipr")
     train_split: str = "train"
     train_limit: int = Field(8, gt=0)
+    """Expert trajectories of `train_split` that SFT trains on."""
+    explore_limit: int | None = Field(None, gt=0)
+    """Explore from (and score the steps of) the first `explore_limit` of those experts; all
+    when unset. SFT is cheap next to exploration and Monte Carlo scoring on a CPU."""
     dev_split: str = "dev"
     dev_limit: int = Field(8, gt=0)
     evaluate_base: bool = True

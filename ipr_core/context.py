@@ -181,8 +181,6 @@ class RunContext:
     progress: ProgressFactory | None = None
     """Default: a terminal bar plus lines through `log`."""
     scoring: StepScoring = score_in_process
-    explore_limit: int | None = None
-    """Explore from the first `explore_limit` experts only (an experiment's setting)."""
     allow_manifest_change: bool = False
     """Resume a run whose packages, model, splits or prompt changed (`ipr_core.manifest`)."""
     engines: Engines = field(init=False)
@@ -216,7 +214,7 @@ class RunContext:
 
     def explored(self) -> list[Trajectory]:
         """The experts exploration starts from (and whose steps are scored)."""
-        return self.experts()[: self.explore_limit]
+        return self.experts()[: self.config.explore_limit]
 
     @functools.cached_property
     def prompt(self) -> PromptFormat:

@@ -90,6 +90,23 @@ def test_the_action_hint_travels_with_the_expert_rows(tmp_path, monkeypatch):
     assert context.RunContext(config, store).prompt.action_hint == "Actions: take X."
 
 
+def test_explore_limit_explores_the_first_of_the_sft_experts(tmp_path):
+    """SFT trains on `train_limit` experts; exploration and scoring start from the first
+    `explore_limit` of them, and from all when it is unset."""
+    from ipr_core.config import RunConfig
+    from ipr_core.context import RunContext
+
+    store = Store(tmp_path / "s.duckdb")
+    store.write(
+        {"expert_trajectories": [expert_to_row(expert(f"train-{i}"), "gold") for i in range(4)]}
+    )
+    limited = RunContext(RunConfig(env="twx/coin", train_limit=3, explore_limit=2), store)
+    assert [t.task.task_id for t in limited.experts()] == ["train-0", "train-1", "train-2"]
+    assert [t.task.task_id for t in limited.explored()] == ["train-0", "train-1"]
+    unlimited = RunContext(RunConfig(env="twx/coin", train_limit=3), store)
+    assert unlimited.explored() == unlimited.experts()
+
+
 def test_a_store_from_before_the_hint_column_gets_it_on_its_first_write(tmp_path):
     import duckdb
 
