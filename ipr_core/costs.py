@@ -133,8 +133,8 @@ class Work:
 def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
     """The stages `loop.run_ipr` runs for `config` and their work: rollouts for the stages
     that roll out (MC: up to one per step and sample), task x epoch for training."""
-    tasks, dev = config.train_limit, config.dev_limit
-    steps = tasks * steps_per_task
+    tasks, dev, explored = config.train_limit, config.dev_limit, explored_tasks(config)
+    steps = explored * steps_per_task
     samples = config.monte_carlo.n_samples
     work = [Work("ingest", 1, 1, "run")]
     evaluations = 1
@@ -150,10 +150,17 @@ def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
             Work("explore", k, steps, "rollout"),
             Work("agent-step-rewards", k, steps * samples, "rollout"),
             Work("mine-pairs", k, 1, "iteration"),
-            Work("train-mixture", k, tasks * mixture.epochs, "task x epoch"),
+            Work("train-mixture", k, explored * mixture.epochs, "task x epoch"),
         ]
     work.insert(1, Work("evaluate", evaluations, dev, "rollout"))
     return work
+
+
+def explored_tasks(config: RunConfig) -> int:
+    """The tasks IPR explores per iteration: the first `explore_limit` of the SFT tasks."""
+    if config.explore_limit is None:
+        return config.train_limit
+    return min(config.explore_limit, config.train_limit)
 
 
 def measured_rates(store: Store, like: RunConfig | None = None) -> pd.DataFrame:
@@ -206,8 +213,11 @@ def _measured_units(row: Mapping[str, Any], config: RunConfig | None) -> float:
     if kind in ("sft", "train-mixture"):
         if config is None:
             return 0.0
-        settings = config.sft if kind == "sft" else config.mixture_settings
-        return float(config.train_limit * settings.epochs) if settings is not None else 0.0
+        if kind == "sft":
+            settings, tasks = config.sft, config.train_limit
+        else:
+            settings, tasks = config.mixture_settings, explored_tasks(config)
+        return float(tasks * settings.epochs) if settings is not None else 0.0
     if kind in ("ingest", "mine-pairs"):
         return 1.0
     return float(row["rollouts"])
