@@ -188,6 +188,21 @@ class RunConfig(_Strict):
             raise ValueError(f"max_lora_rank {value.max_lora_rank} is below the LoRA rank {rank}")
         return value
 
+    @field_validator("mixture")
+    @classmethod
+    def _weights_belong_to_custom(cls, value: MixtureSettings, info: ValidationInfo):
+        """A method other than `custom` brings its own weights: silently training with
+        them instead of the ones the config spells out would mislabel an ablation."""
+        method = info.data.get("method", "ipr")
+        if method != "custom" and "weights" in value.model_fields_set:
+            preset = PRESETS.get(method)
+            if preset is None or value.weights != preset:
+                raise ValueError(
+                    f"weights are fixed by method {method!r}; set method: custom to train "
+                    "with these"
+                )
+        return value
+
     @field_validator("compute")
     @classmethod
     def _stages_fit_the_processes(

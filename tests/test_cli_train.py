@@ -8,6 +8,7 @@ from flows.commands import main
 from ipr_core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())["env"]
 
 
 def write_config(tmp_path: Path, tiny_model_path: Path, **changes) -> Path:
@@ -24,7 +25,7 @@ def test_train_sft_then_evaluate(tmp_path, tiny_model_path, capsys):
     store = Store(tmp_path / "s.duckdb")
     assert main(["train", "sft", "--config", str(config)]) == 2  # nothing ingested yet
     assert "ipr ingest" in capsys.readouterr().err
-    ingest = ["ingest", "--env", "twx/twc", "--limit", "2", "--store", str(store.path)]
+    ingest = ["ingest", "--env", ENV, "--limit", "2", "--store", str(store.path)]
     assert main(ingest) == 0
     assert main(["train", "sft", "--config", str(config)]) == 0
     sft_path = capsys.readouterr().out.strip().split(": ")[-1]
@@ -54,14 +55,14 @@ def test_sft_method_trains_no_mixture(tmp_path, tiny_model_path, capsys):
 def test_train_reward_model_from_stored_step_rewards(tmp_path, tiny_model_path, capsys):
     config = write_config(tmp_path, tiny_model_path)
     store = Store(tmp_path / "s.duckdb")
-    ingest = ["ingest", "--env", "twx/twc", "--limit", "3", "--store", str(store.path)]
+    ingest = ["ingest", "--env", ENV, "--limit", "3", "--store", str(store.path)]
     assert main(ingest) == 0
     rows = [
         {
             "run_id": "smoke",
             "scorer_id": "sft-x",
             "iteration": 0,
-            "env_id": "twx/twc",
+            "env_id": ENV,
             "task_id": expert.task.task_id,
             "prefix_len": t,
             "actor": "expert",
@@ -73,7 +74,7 @@ def test_train_reward_model_from_stored_step_rewards(tmp_path, tiny_model_path, 
             "n_failed": 0,
             "terminal": t == len(expert.steps) - 1,
         }  # fmt: skip
-        for expert in store.expert_trajectories("twx/twc")
+        for expert in store.expert_trajectories(ENV)
         for t, step in enumerate(expert.steps)
     ]
     store.write({"step_rewards": rows})

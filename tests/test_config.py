@@ -20,6 +20,10 @@ def test_method_sets_the_mixture_weights(tmp_path):
     assert (settings.weights.step_dpo, settings.weights.sft, settings.beta) == (0.0, 0.0, 0.3)
     path.write_text("env: twx/coin\nmethod: sft\n")
     assert load_config(path).mixture_settings is None
+    path.write_text("env: twx/coin\nmethod: custom\nmixture: {weights: {sft: 0.0}}\n")
+    assert load_config(path).mixture_settings.weights.sft == 0.0
+    path.write_text("env: twx/coin\nmethod: eto\nmixture: {weights: {step_dpo: 0, sft: 0}}\n")
+    assert load_config(path).mixture_settings.weights.trajectory_dpo == 1.0  # = the preset
 
 
 @pytest.mark.parametrize(
@@ -29,6 +33,7 @@ def test_method_sets_the_mixture_weights(tmp_path):
         ("env: twx/coin\nmonte_carlo: {n_samples: 0}\n", "monte_carlo.n_samples"),
         ("env: twx/coin\nmining: {step_mode: sideways}\n", "mining.step_mode"),
         ("env: twx/coin\nitterations: 2\n", "itterations"),
+        ("env: twx/coin\nmixture: {weights: {sft: 0.0}}\n", "mixture"),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path, text, field):

@@ -46,7 +46,7 @@ def test_unknown_env_is_a_clear_error(tmp_path, capsys):
 
 def test_pipeline_fills_every_table(smoke_run):
     config, store, summary = smoke_run
-    experts = store.expert_trajectories(ENV, "train")
+    experts = store.expert_trajectories(config.env, "train")
     total_steps = sum(len(e.steps) for e in experts)
     explorations = store.count("rollouts", "kind = 'explore'")
     assert explorations == total_steps  # one greedy episode per expert prefix j = 0..K-1
@@ -205,7 +205,7 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     config, store, _ = smoke_run
     [mc_scorer] = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"]
     steps = store.scored_steps(config.run_id, mc_scorer)
-    examples = step_reward_examples(steps, PromptFormat(action_hint(ENV)))
+    examples = step_reward_examples(steps, PromptFormat(action_hint(config.env)))
     settings = RewardModelSettings(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
     trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
     rm_config = config.model_copy(update={"step_reward_model": trained.path})
@@ -214,8 +214,8 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     assert scorer_id == model_id(trained.path) != mc_scorer
 
     fresh = Store(tmp_path / "rm.duckdb")
-    ingest_gold(fresh, ENV, "train", 2)
-    experts = fresh.expert_trajectories(ENV, "train")
+    ingest_gold(fresh, config.env, "train", 2)
+    experts = fresh.expert_trajectories(config.env, "train")
     rm_run = rm_config.model_copy(update={"run_id": "rm-run", "train_limit": 2})
     ctx = RunContext(rm_run, fresh, log=lambda _: None)
     it = loop.Iteration(1, tiny_model_path, tiny_model_path)
@@ -233,7 +233,7 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
             assert row.mean_reward == expert.outcome_reward and row.n_samples == 1
             continue
         messages = build_conversation(
-            expert.task, expert.steps[: row.prefix_len], PromptFormat(action_hint(ENV))
+            expert.task, expert.steps[: row.prefix_len], PromptFormat(action_hint(config.env))
         )
         predicted = reward_model.score(
             [[*messages, {"role": "assistant", "content": row.step_text}]]
