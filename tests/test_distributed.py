@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli_train import write_config
+from test_cli_train import ENV, write_config
 from test_training import PROMPT, _expert, _pairs
 
 from flows.commands import main
@@ -178,7 +178,7 @@ def test_ipr_train_sft_on_two_processes_writes_the_same_store_row(
         folder.mkdir()
         config = write_config(folder, tiny_model_path, compute=compute)
         store = Store(folder / "s.duckdb")
-        assert main(["ingest", "--env", "twx/twc", "--limit", "2", "--store", str(store.path)]) == 0
+        assert main(["ingest", "--env", ENV, "--limit", "2", "--store", str(store.path)]) == 0
         assert main(["train", "sft", "--config", str(config)]) == 0
         rows.append(store.query("SELECT * FROM checkpoints WHERE kind = 'sft'").iloc[0])
     one, two = rows

@@ -284,7 +284,7 @@ def test_analysis_answers_from_the_numbers():
     [
         (lambda t: t.replace("methods: [sft, eto, ipr]", "methods: [sft, dpo]"), "methods.1"),
         (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, 0]"), "seeds"),
-        (lambda t: t.replace("  env: twx/twc", "  env: twx/twc\n  seed: 3"), "run.seed"),
+        (lambda t: t.replace("  model: tiny-llama", "  model: tiny-llama\n  seed: 3"), "run.seed"),
         (lambda t: t.replace("test_limit: 2", "test_limit: 0"), "test_limit"),
     ],
 )
