@@ -190,7 +190,9 @@ class RunConfig(_Strict):
 
     @field_validator("mixture")
     @classmethod
-    def _weights_belong_to_custom(cls, value: MixtureSettings, info: ValidationInfo):
+    def _weights_belong_to_custom(
+        cls, value: MixtureSettings, info: ValidationInfo
+    ) -> MixtureSettings:
         """A method other than `custom` brings its own weights: silently training with
         them instead of the ones the config spells out would mislabel an ablation."""
         method = info.data.get("method", "ipr")
