@@ -9,6 +9,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from ipr_core.envs.sql_server import DEFAULT_ROOT, ROOT_ENV_VAR  # noqa: E402
+
+# A MariaDB server per pytest-xdist worker: some tests kill the server on purpose, which must
+# not break the queries of a module that another worker runs at that moment.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[ROOT_ENV_VAR] = f"{os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT}-{worker}"
+
 from ipr_core.models import build_tiny_llama  # noqa: E402
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -137,3 +139,23 @@ def test_a_dead_jvm_raises_env_crashed_and_a_new_instance_gets_a_new_jvm(
     env.close()
     fresh.close()
     assert twx._JVM.gateway is None
+
+
+def test_objects_of_a_dead_jvm_are_collected_without_reaching_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    jvm = SharedJvm("TextWorldExpress", classpath=twx.JAR_PATH, cwd=twx.BASEPATH)
+    gateway = jvm.acquire()
+    held = [gateway.jvm.java.util.ArrayList() for _ in range(3)]  # objects living in the JVM
+    gateway.java_process.kill()
+    gateway.java_process.wait(timeout=10)
+    replacement = jvm.acquire()  # the dead JVM is replaced ...
+    assert replacement is not gateway
+    with caplog.at_level(logging.DEBUG, logger="py4j"):
+        del held
+        gc.collect()  # ... and its objects' finalizers no longer try to connect to it
+        jvm.release(gateway)
+        jvm.release(replacement)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert not any("connect" in r.getMessage() for r in caplog.records)
+    assert replacement.java_process.wait(timeout=10) is not None

@@ -39,7 +39,10 @@ class SharedJvm:
 
     def acquire(self) -> JavaGateway:
         with self._lock:
-            if self.gateway is None or self.gateway.java_process.poll() is not None:
+            if self.gateway is not None and self.gateway.java_process.poll() is not None:
+                _disconnect(self.gateway)
+                self.gateway = None
+            if self.gateway is None:
                 self.gateway, self._users = self._launch(), 0
             self._users += 1
             return self.gateway
@@ -108,9 +111,20 @@ def _interrupt_held_back() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)  # now, to whatever handler was there
 
 
+def _disconnect(gateway: JavaGateway) -> None:
+    """Mark a dead JVM's client closed: py4j's finalizers of the objects that lived in it
+    then no longer try to reach it (each try logged an ERROR with a traceback)."""
+    client = gateway._gateway_client  # py4j has no public handle on its client
+    client.close()
+    client.is_connected = False
+
+
 def _stop(gateway: JavaGateway) -> None:
-    gateway.shutdown()
     proc = gateway.java_process
+    if proc.poll() is not None:
+        _disconnect(gateway)  # died: a shutdown command would only log a refused connection
+        return
+    gateway.shutdown()
     if proc.poll() is None:
         # With --die-on-broken-pipe the py4j server exits on a line on its stdin.
         try:
