@@ -25,7 +25,14 @@ def experiment_run(path: Path):
 
 LOADERS = {"bench.yaml": load_bench_config, "bench-training.yaml": load_training_bench_config}
 LOADERS |= dict.fromkeys(
-    ["experiment-smoke.yaml", "repro.yaml", "repro-gpu.yaml", "tune-twc.yaml"], experiment_run
+    [
+        "experiment-smoke.yaml",
+        "repro.yaml",
+        "repro-ablations.yaml",
+        "repro-gpu.yaml",
+        "tune-twc.yaml",
+    ],
+    experiment_run,
 )
 """Files that are not run configs, with their own loaders; the rest are run configs."""
 
