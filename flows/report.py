@@ -10,6 +10,7 @@ those tables, never written by hand.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +28,15 @@ from ipr_core.types import FAILED_STATUSES
 PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
 """Rows in the order of the paper's table: SFT, ETO, IPR, then the ablations."""
 
-SETTINGS_SQL = """
+SETTINGS_SQL = f"""
 SELECT json_extract_string(e.config, '$.run.env') AS env,
        json_extract_string(e.config, '$.run.model') AS model,
-       (SELECT string_agg(DISTINCT method, ', ') FROM experiment_runs
-        WHERE experiment_id = e.experiment_id) AS methods,
-       (SELECT string_agg(DISTINCT CAST(seed AS VARCHAR), ', ') FROM experiment_runs
-        WHERE experiment_id = e.experiment_id) AS seeds,
+       (SELECT string_agg(method, ', ' ORDER BY list_position({PAPER_ORDER}, method))
+        FROM (SELECT DISTINCT method FROM experiment_runs
+              WHERE experiment_id = e.experiment_id)) AS methods,
+       (SELECT string_agg(CAST(seed AS VARCHAR), ', ' ORDER BY seed)
+        FROM (SELECT DISTINCT seed FROM experiment_runs
+              WHERE experiment_id = e.experiment_id)) AS seeds,
        CAST(json_extract(e.config, '$.run.iterations') AS INTEGER) AS iterations,
        CAST(json_extract(e.config, '$.run.train_limit') AS INTEGER) AS sft_tasks,
        coalesce(CAST(json_extract(e.config, '$.run.explore_limit') AS INTEGER),
@@ -45,7 +48,7 @@ SELECT json_extract_string(e.config, '$.run.env') AS env,
         WHERE env_id = json_extract_string(e.config, '$.run.env')
           AND split = json_extract_string(e.config, '$.run.train_split')) AS expert_reward
 FROM experiments e
-WHERE e.experiment_id = {exp}
+WHERE e.experiment_id = {{exp}}
 """
 
 RUN_ROWS = """
@@ -635,10 +638,16 @@ def paired_section(
         "```python\n"
         f"from {paired_comparisons.__module__} import PER_TASK_SQL, paired_comparisons, "
         "run_query\nfrom ipr_core.store import Store\n\n"
-        f"per_task = run_query(Store({str(store.path)!r}), PER_TASK_SQL, {experiment_id!r})\n"
+        f"per_task = run_query(Store({_literal(str(store.path))}), PER_TASK_SQL, "
+        f"{_literal(experiment_id)})\n"
         "print(paired_comparisons(per_task.frame))\n```"
     )
     return "\n\n".join(text)
+
+
+def _literal(text: str) -> str:
+    """A double-quoted Python string literal, as ruff formats it, for the code the report prints."""
+    return json.dumps(text)
 
 
 # -- analysis ------------------------------------------------------------------------------

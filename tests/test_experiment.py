@@ -3,6 +3,8 @@ iteration, then `ipr report`, whose every table must be what its printed query r
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -148,6 +150,8 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert len(blocks) == 12
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
+    settings = store.query(blocks[0][1])  # methods in the paper's order, seeds ascending
+    assert settings[["methods", "seeds"]].values.tolist() == [["sft, eto, ipr", "0, 1"]]
     costs = store.query(blocks[5][1])
     assert set(costs["method"]) == {"sft", "eto", "ipr"}
     # a seed's second method copies iteration 1's shared stages from the first
@@ -219,6 +223,12 @@ def test_report_pairs_methods_on_the_test_tasks_from_the_per_task_sql(experiment
     assert claim.endswith(f": {ipr_eto['ci'].iloc[0]}.")
     assert ("does not beat" in claim) == (ipr_eto["ci"].iloc[0] != "above 0")
     assert "0 of 12 test episodes failed" in section
+    # the printed code regenerates the comparison table and is as ruff formats it
+    [code] = re.findall(r"```python\n(.*?)```", section, re.S)
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "ipr - sft" in ran.stdout
+    ruff = [str(Path(sys.executable).with_name("ruff")), "format", "--diff", "-"]
+    subprocess.run(ruff, input=code, capture_output=True, text=True, check=True)
 
 
 def test_per_task_sql_leaves_failed_episodes_out_and_averages_the_rest(experiment, tmp_path):
