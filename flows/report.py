@@ -638,15 +638,17 @@ def paired_section(
         "```python\n"
         f"from {paired_comparisons.__module__} import PER_TASK_SQL, paired_comparisons, "
         "run_query\nfrom ipr_core.store import Store\n\n"
-        f"per_task = run_query(Store({_literal(str(store.path))}), PER_TASK_SQL, "
-        f"{_literal(experiment_id)})\n"
+        f"store_path = {_literal(str(store.path))}\n"
+        f"experiment_id = {_literal(experiment_id)}\n"
+        "per_task = run_query(Store(store_path), PER_TASK_SQL, experiment_id)\n"
         "print(paired_comparisons(per_task.frame))\n```"
     )
     return "\n\n".join(text)
 
 
 def _literal(text: str) -> str:
-    """A double-quoted Python string literal, as ruff formats it, for the code the report prints."""
+    """A double-quoted string literal: the printed code is as ruff formats it, and a literal
+    assigned alone stays on its line however long the path is."""
     return json.dumps(text)
 
 
