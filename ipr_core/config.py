@@ -312,7 +312,7 @@ def validate_config(model: type[ConfigT], data: Any, path: Path) -> ConfigT:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
+        field = ".".join(str(part) for part in first["loc"] if part != "[key]")  # a bad key
         raise InputError(str(path), first["msg"], field=field) from exc
 
 

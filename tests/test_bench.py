@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
+
+from flows.bench_training import load_training_bench_config
+from ipr_core.errors import InputError
 
 
 def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path):
@@ -56,6 +60,7 @@ def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_mod
                 "batch_size": 2,
                 "max_length": 4096,  # the tiny model's tokenizer spends more tokens
                 "modes": ["lora"],
+                "micro_batch_size": {"lora": 2},  # both conversations in one forward pass
                 "limit_batch_shapes": [1, 2],
             }
         )
@@ -74,9 +79,22 @@ def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_mod
         assert row["optimizer_steps"] == 1  # 2 examples (pairs), batches of 2, one epoch
         assert 0 < row["scored_tokens"] < row["tokens"]
         assert row["fraction_of_limit"] == row["tokens_per_s"] / row["limit_tokens_per_s"]
-    assert sft["padding_tokens"] == 0  # micro-batches of 1 conversation pad nothing
-    # a pair's two sides share a forward pass: the shorter one is padded, nothing more
+    assert sft["micro_batch_size"] == mixture["micro_batch_size"] == 2
+    # the mode's micro-batch reached the trainer: the shorter conversation is padded
+    assert 0 < sft["padding_tokens"] < sft["tokens"]
     assert 0 < mixture["padding_tokens"] < mixture["tokens"]
     # a pair trains both sides: at least the two SFT conversations' worth of tokens
     assert mixture["tokens"] > sft["tokens"]
     assert "fraction_of_limit" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("micro", "field"),
+    [({"qlora": 2}, "micro_batch_size.qlora"), ({"full": 0}, "micro_batch_size.full")],
+)
+def test_bench_training_refuses_a_bad_micro_batch_size(tmp_path, micro, field):
+    config = tmp_path / "bench-training.yaml"
+    config.write_text(yaml.safe_dump({"micro_batch_size": micro}))
+    with pytest.raises(InputError) as caught:
+        load_training_bench_config(config)
+    assert caught.value.field == field

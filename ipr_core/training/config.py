@@ -40,7 +40,8 @@ class SFTSettings(_Strict):
     batch_size: int = Field(4, gt=0)
     micro_batch_size: int = Field(1, gt=0)
     """Examples per forward pass; `batch_size` is reached by accumulating micro-batches.
-    1 pads nothing, and on CPU a longer batch does not raise tokens/s (`ipr bench training`)."""
+    1 pads nothing; full fine-tuning on CPUs with AMX trains ~10-20% more tokens/s with 4
+    (`ipr bench training`, docs/benchmarks.md)."""
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(2048, gt=0)
     """Tokens per conversation; longer ones lose their oldest turns (see training.data)."""
@@ -67,7 +68,8 @@ class MixtureSettings(_Strict):
     """Pairs per step (each is two sequences: chosen and rejected)."""
     micro_batch_size: int = Field(1, gt=0)
     """Pairs per forward pass; `batch_size` is reached by accumulating micro-batches.
-    1 pads nothing, and on CPU a longer batch does not raise tokens/s (`ipr bench training`)."""
+    1 pads least; full fine-tuning on CPUs with AMX trains ~10-20% more tokens/s with 4, at
+    twice the memory (`ipr bench training`, docs/benchmarks.md)."""
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(2048, gt=0)
     lora: LoraSettings = LoraSettings()
