@@ -10,6 +10,8 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer import utils as trl_utils
+from trl.trainer.utils import add_fused_lm_head
 
 from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
@@ -37,6 +39,7 @@ from ipr_core.training.mixture import (
     train_mixture,
 )
 from ipr_core.training.precision import CPU_FLOAT32
+from ipr_core.training.runtime import project_only_scored_positions
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Pair, Step, Trajectory
 
@@ -140,8 +143,43 @@ def test_presets_follow_the_paper_rows() -> None:
 
 
 # -- (b) the trainer's loss on a real batch --------------------------------------------------
+@pytest.fixture
+def compact_lm_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainers' LM head set-up, undone after the test."""
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+    project_only_scored_positions()
+
+
+def test_the_fused_lm_head_projects_only_the_scored_positions(
+    tiny_model_path: Path, compact_lm_head: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    projected = []
+    kernel = trl_utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            projected.append(hidden.shape[0])
+            return kernel.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    add_fused_lm_head(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :8] = labels[1, :5] = -100  # prompts: 7 and 4 of the 11 shifted targets masked
+    with torch.no_grad():
+        fused = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        logits = model(input_ids=ids).logits[:, :-1]
+    scored = labels[:, 1:] != -100
+    assert projected == [int(scored.sum())] == [11]
+    expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(fused[scored], expected[scored], atol=1e-5, rtol=1e-5)
+    assert (fused[~scored] == 0).all()
+
+
 def test_trainer_loss_equals_mixture_loss_of_plain_forward(
-    tiny_model_path: Path, tmp_path: Path
+    tiny_model_path: Path, tmp_path: Path, compact_lm_head: None
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)

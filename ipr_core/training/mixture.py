@@ -43,6 +43,7 @@ from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
     lora_config,
+    project_only_scored_positions,
     run_training,
     save_trained,
     trainer_arguments,
@@ -248,6 +249,7 @@ def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     args = mixture_config(settings, work, job.precision)  # first: it sets up the processes
+    project_only_scored_positions()
     trainer = MixtureTrainer(
         model=load_model(start),
         ref_model=load_model(job.sft_model_path) if job.separate_reference else None,

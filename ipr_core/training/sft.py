@@ -26,6 +26,7 @@ from ipr_core.training.runtime import (
     load_model,
     load_tokenizer,
     lora_config,
+    project_only_scored_positions,
     run_training,
     save_trained,
     trainer_arguments,
@@ -74,6 +75,7 @@ def fit_sft(
         max_length=settings.max_length,
         gradient_checkpointing=settings.gradient_checkpointing,
     )
+    project_only_scored_positions()
     trainer = SFTTrainer(
         model=load_model(model_path),
         args=args,
