@@ -6,8 +6,9 @@ LoRA and for full fine-tuning:
   b. mixture  -- `train_mixture`, exactly as the pipeline calls it, on pairs cut from the
                  same trajectories (see `bench_pairs`);
   c. limit    -- the bare model (the same LoRA wrapping, the same precision) doing plain
-                 forward + backward passes over as many tokens, in the best of a few
-                 batch shapes without padding: what the machine can do at best.
+                 forward + backward passes over as many tokens, the loss on the same
+                 share of them, in the best of a few batch shapes without padding: what
+                 the machine can do at best.
 `fraction_of_limit` is a trainer's real tokens per second over the limit's.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -138,7 +140,8 @@ def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]
         for name, result, wall, sequences in runs:
             metrics = result.metrics
             length = round(metrics["tokens"] / sequences)
-            limit = bare_limit(model_path, lora, metrics["tokens"], length, config, log)
+            scored = metrics["scored_tokens"] / metrics["tokens"]
+            limit = bare_limit(model_path, lora, metrics["tokens"], length, scored, config, log)
             row = {
                 "trainer": name,
                 "mode": mode,
@@ -166,27 +169,32 @@ def bare_limit(
     lora: LoraSettings,
     tokens: int,
     length: int,
+    scored: float,
     config: TrainingBenchConfig,
     log,
 ) -> dict[str, Any]:
     """Plain forward + backward passes over `tokens` random tokens, best batch shape.
 
-    Rows are `length` tokens (the trainer's mean sequence); no optimizer step, no data
-    pipeline, no padding.
+    Rows are `length` tokens (the trainer's mean sequence); the loss scores each row's last
+    `scored` share of positions, the LM head projecting only those (`logits_to_keep`), as
+    the trainers' head does; no optimizer step, no data pipeline, no padding.
     """
     precision = detect_precision(IN_PROCESS)
     model = load_model(model_path)
     if lora.enabled:
         model = get_peft_model(model, lora_config(lora))
     model.train()
+    keep = max(1, min(length - 1, round(scored * length)))
     best: dict[str, Any] = {}
     for rows in config.limit_batch_shapes:
         passes = max(1, math.ceil(tokens / (rows * length)))
         ids = torch.randint(0, model.config.vocab_size, (rows, length))
+        targets = ids[:, -keep:]
         start = time.perf_counter()
         for _ in range(passes):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.bf16):
-                loss = model(input_ids=ids, labels=ids).loss
+                logits = model(input_ids=ids, logits_to_keep=keep + 1).logits[:, :-1]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             loss.backward()
             model.zero_grad(set_to_none=True)
         rate = passes * rows * length / (time.perf_counter() - start)
