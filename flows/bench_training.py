@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from peft import get_peft_model
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from trl.trainer.utils import add_fused_lm_head
 
 from flows.bench import gold_trajectories
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
@@ -39,11 +39,17 @@ from ipr_core.training.config import (
 )
 from ipr_core.training.mixture import train_mixture
 from ipr_core.training.precision import detect_precision
-from ipr_core.training.runtime import load_model, lora_config, peak_rss_mb
+from ipr_core.training.runtime import (
+    load_model,
+    lora_config,
+    peak_rss_mb,
+    project_only_scored_positions,
+)
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Pair, Trajectory
 
 Mode = Literal["lora", "full"]
+TrainerName = Literal["sft", "mixture"]
 
 
 class TrainingBenchConfig(BaseModel):
@@ -57,15 +63,16 @@ class TrainingBenchConfig(BaseModel):
     pairs: int = Field(8, gt=0)
     batch_size: int = Field(4, gt=0)
     """Examples (SFT) or pairs (mixture) per optimizer step; one epoch over each set."""
-    micro_batch_size: dict[Mode, PositiveInt] = {"lora": 1, "full": 1}
-    """Examples (pairs) per forward pass, per mode, as a run config would set them: 1 (the
-    trainers' default) pads nothing; full fine-tuning on AMX trains ~10-20% more tokens/s
-    with 4, at twice the memory in the mixture (docs/benchmarks.md). A mode left out gets 1."""
+    micro_batch_size: dict[Mode, dict[TrainerName, PositiveInt]] = {}
+    """Examples (SFT) or pairs (mixture) per forward pass, per mode and trainer, as a run
+    config's `sft.micro_batch_size` and `mixture.micro_batch_size` would set them; left
+    out: 1, the trainers' default. A pair is two rows (its two sides)."""
     max_length: int = Field(1024, gt=0)
     lora_rank: int = Field(16, gt=0)
     modes: tuple[Mode, ...] = ("lora", "full")
-    limit_batch_shapes: tuple[int, ...] = (1, 4)
-    """Rows per forward pass tried for the limit (each row as long as a mean example)."""
+    limit_batch_shapes: tuple[int, ...] = (1, 2, 4)
+    """Rows per forward pass tried for the limit (each row as long as a mean example); 2 is
+    the mixture's own shape (a pair's two sides)."""
     seed: int = 0
 
 
@@ -124,17 +131,24 @@ def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]
             "epochs": 1,
             "lr": 1e-4,
             "batch_size": config.batch_size,
-            "micro_batch_size": config.micro_batch_size.get(mode, 1),
             "max_length": config.max_length,
             "lora": lora,
             "seed": config.seed,
         }
+        micro = {"sft": 1, "mixture": 1, **config.micro_batch_size.get(mode, {})}
+        sft_settings = SFTSettings(**shared, micro_batch_size=micro["sft"])
+        mixture_settings = MixtureSettings(**shared, micro_batch_size=micro["mixture"])
         with tempfile.TemporaryDirectory() as tmp:
+            # One untimed optimizer step first: the first trainer of a mode pays first-call
+            # set-up (oneDNN primitives, TRL), which a real run's many steps amortize and the
+            # two timed steps here would not.
+            warm_up = sft_settings.model_copy(update={"batch_size": micro["sft"]})
+            train_sft(model_path, experts[: micro["sft"]], hint, warm_up, Path(tmp) / "w")
             start = time.perf_counter()
-            sft = train_sft(model_path, experts, hint, SFTSettings(**shared), Path(tmp) / "sft")
+            sft = train_sft(model_path, experts, hint, sft_settings, Path(tmp) / "sft")
             sft_wall = time.perf_counter() - start
             start = time.perf_counter()
-            mix = train_mixture(model_path, pairs, MixtureSettings(**shared), Path(tmp) / "mix")
+            mix = train_mixture(model_path, pairs, mixture_settings, Path(tmp) / "mix")
             mix_wall = time.perf_counter() - start
         runs = (("sft", sft, sft_wall, len(experts)), ("mixture", mix, mix_wall, 2 * len(pairs)))
         for name, result, wall, sequences in runs:
@@ -145,7 +159,7 @@ def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]
             row = {
                 "trainer": name,
                 "mode": mode,
-                "micro_batch_size": shared["micro_batch_size"],
+                "micro_batch_size": micro[name],
                 "optimizer_steps": metrics["steps"],
                 "tokens": metrics["tokens"],
                 "scored_tokens": metrics["scored_tokens"],
@@ -175,12 +189,16 @@ def bare_limit(
 ) -> dict[str, Any]:
     """Plain forward + backward passes over `tokens` random tokens, best batch shape.
 
-    Rows are `length` tokens (the trainer's mean sequence); the loss scores each row's last
-    `scored` share of positions, the LM head projecting only those (`logits_to_keep`), as
-    the trainers' head does; no optimizer step, no data pipeline, no padding.
+    Rows are `length` tokens (the trainer's mean sequence); the loss is the summed log-prob
+    of each row's last `scored` share of positions through the trainers' own LM head (TRL's
+    fused head, projecting only scored positions), so the limit does the trainers' model
+    work and nothing else: no optimizer step, no data pipeline, no padding, no metrics.
+    Each shape runs one untimed pass first (oneDNN's first-call set-up is not the limit's).
     """
     precision = detect_precision(IN_PROCESS)
+    project_only_scored_positions()
     model = load_model(model_path)
+    add_fused_lm_head(model)
     if lora.enabled:
         model = get_peft_model(model, lora_config(lora))
     model.train()
@@ -189,14 +207,15 @@ def bare_limit(
     for rows in config.limit_batch_shapes:
         passes = max(1, math.ceil(tokens / (rows * length)))
         ids = torch.randint(0, model.config.vocab_size, (rows, length))
-        targets = ids[:, -keep:]
-        start = time.perf_counter()
-        for _ in range(passes):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.bf16):
-                logits = model(input_ids=ids, logits_to_keep=keep + 1).logits[:, :-1]
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+        labels = ids.clone()
+        labels[:, : length - keep] = -100
+        for timed in (False, True):
+            start = time.perf_counter()
+            for _ in range(passes if timed else 1):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.bf16):
+                    out = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False)
+                (-out.log_probs.sum()).backward()
+                model.zero_grad(set_to_none=True)
         rate = passes * rows * length / (time.perf_counter() - start)
         log(f"  limit {rows} x {length}: {rate:.0f} tokens/s")
         if rate > best.get("tokens_per_s", 0):

@@ -60,7 +60,8 @@ def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_mod
                 "batch_size": 2,
                 "max_length": 4096,  # the tiny model's tokenizer spends more tokens
                 "modes": ["lora"],
-                "micro_batch_size": {"lora": 2},  # both conversations in one forward pass
+                # both conversations (pairs) in one forward pass
+                "micro_batch_size": {"lora": {"sft": 2, "mixture": 2}},
                 "limit_batch_shapes": [1, 2],
             }
         )
@@ -90,7 +91,11 @@ def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_mod
 
 @pytest.mark.parametrize(
     ("micro", "field"),
-    [({"qlora": 2}, "micro_batch_size.qlora"), ({"full": 0}, "micro_batch_size.full")],
+    [
+        ({"qlora": {"sft": 2}}, "micro_batch_size.qlora"),
+        ({"full": {"sft": 0}}, "micro_batch_size.full.sft"),
+        ({"full": {"ppo": 2}}, "micro_batch_size.full.ppo"),
+    ],
 )
 def test_bench_training_refuses_a_bad_micro_batch_size(tmp_path, micro, field):
     config = tmp_path / "bench-training.yaml"

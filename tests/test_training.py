@@ -39,7 +39,11 @@ from ipr_core.training.mixture import (
     train_mixture,
 )
 from ipr_core.training.precision import CPU_FLOAT32
-from ipr_core.training.runtime import project_only_scored_positions
+from ipr_core.training.runtime import (
+    load_model,
+    load_training_model,
+    project_only_scored_positions,
+)
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Pair, Step, Trajectory
 
@@ -365,3 +369,29 @@ def test_the_training_summary_says_what_did_not_fit(tmp_path: Path):
     fitting = TrainResult("c5f6", "ee5e", "sft", tmp_path, {}, metrics | {"n_truncated": 0})
     assert fitting.summary().endswith("16.0 s/step")
     assert TrainResult("c5f6", "ee5e", "sft", tmp_path, {}, {}, skipped=True).summary() == "reused"
+
+
+def test_a_right_padded_batch_is_attended_causally_with_the_same_scored_log_probs(
+    tiny_model_path: Path,
+) -> None:
+    plain = load_model(tiny_model_path).eval()
+    trained = load_training_model(tiny_model_path).eval()
+    masks_seen: list[torch.Tensor | None] = []
+    trained.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: masks_seen.append(kwargs.get("attention_mask")),
+        with_kwargs=True,
+    )
+    ids = torch.randint(0, plain.config.vocab_size, (2, 10))
+    right = torch.ones(2, 10, dtype=torch.long)
+    right[1, 6:] = 0
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=right).logits
+        got = trained(input_ids=ids, attention_mask=right).logits
+    assert masks_seen == [None]
+    real = right.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+    left = right.flip(1)  # left padding: the mask is what keeps real tokens off the pads
+    with torch.no_grad():
+        trained(input_ids=ids, attention_mask=left)
+    assert masks_seen[-1] is not None and torch.equal(masks_seen[-1], left)

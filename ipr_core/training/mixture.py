@@ -40,8 +40,8 @@ from ipr_core.training.data import build_pair_examples, pairs_data_hash
 from ipr_core.training.distributed import launched, shared_dataset
 from ipr_core.training.precision import Precision, detect_precision
 from ipr_core.training.runtime import (
-    load_model,
     load_tokenizer,
+    load_training_model,
     lora_config,
     project_only_scored_positions,
     run_training,
@@ -251,8 +251,8 @@ def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
     args = mixture_config(settings, work, job.precision)  # first: it sets up the processes
     project_only_scored_positions()
     trainer = MixtureTrainer(
-        model=load_model(start),
-        ref_model=load_model(job.sft_model_path) if job.separate_reference else None,
+        model=load_training_model(start),
+        ref_model=load_training_model(job.sft_model_path) if job.separate_reference else None,
         args=args,
         train_dataset=shared_dataset(rows, work),
         processing_class=tokenizer,

@@ -34,6 +34,30 @@ def load_model(path: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+def load_training_model(path: Path) -> PreTrainedModel:
+    """The model a trainer trains: `load_model`, its decoder attending causally without a
+    mask when a batch is right-padded (`attend_causally_when_right_padded`)."""
+    model = load_model(path)
+    decoder = model.get_decoder()
+    decoder.register_forward_pre_hook(attend_causally_when_right_padded, with_kwargs=True)
+    return model
+
+
+def attend_causally_when_right_padded(
+    decoder: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """Drop the attention mask of a right-padded batch: in a causal model a real token sees
+    only earlier positions, all real, and the pads after it are never scored, so the mask
+    changes no scored log-prob. Without it attention runs its causal kernel instead of a
+    masked one: 4 rows of ~800 tokens with 6% padding trained ~20% faster on 2 CPU cores
+    (docs/benchmarks.md). The trainers pad on the right; a left-padded mask is kept."""
+    mask = kwargs.get("attention_mask")
+    per_token = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    if per_token and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # ones, then only zeros
+        kwargs["attention_mask"] = None
+    return args, kwargs
+
+
 def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 

@@ -23,8 +23,8 @@ from ipr_core.training.data import build_sft_examples, sft_data_hash
 from ipr_core.training.distributed import launched
 from ipr_core.training.precision import Precision, detect_precision
 from ipr_core.training.runtime import (
-    load_model,
     load_tokenizer,
+    load_training_model,
     lora_config,
     project_only_scored_positions,
     run_training,
@@ -77,7 +77,7 @@ def fit_sft(
     )
     project_only_scored_positions()
     trainer = SFTTrainer(
-        model=load_model(model_path),
+        model=load_training_model(model_path),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
