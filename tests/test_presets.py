@@ -4,6 +4,7 @@ paper's settings. Env ids are plain strings to the loader, so this needs no env 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.bench import load_bench_config
 from flows.bench_training import load_training_bench_config
@@ -24,22 +25,14 @@ def experiment_run(path: Path):
 
 
 LOADERS = {"bench.yaml": load_bench_config, "bench-training.yaml": load_training_bench_config}
-LOADERS |= dict.fromkeys(
-    [
-        "experiment-smoke.yaml",
-        "repro.yaml",
-        "repro-ablations.yaml",
-        "repro-gpu.yaml",
-        "tune-twc.yaml",
-    ],
-    experiment_run,
-)
-"""Files that are not run configs, with their own loaders; the rest are run configs."""
+"""Files that are not run configs, with their own loaders; experiment configs (those with
+an `experiment_id`) load with the experiment loader; the rest are run configs."""
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
-    load = LOADERS.get(path.name, load_config)
+    is_experiment = "experiment_id" in yaml.safe_load(path.read_text())
+    load = LOADERS.get(path.name, experiment_run if is_experiment else load_config)
     assert load(path).env  # a broken preset raises InputError naming file and field
 
 
