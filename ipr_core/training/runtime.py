@@ -49,8 +49,9 @@ def attend_causally_when_right_padded(
     """Drop the attention mask of a right-padded batch: in a causal model a real token sees
     only earlier positions, all real, and the pads after it are never scored, so the mask
     changes no scored log-prob. Without it attention runs its causal kernel instead of a
-    masked one: 4 rows of ~800 tokens with 6% padding trained ~20% faster on 2 CPU cores
-    (docs/benchmarks.md). The trainers pad on the right; a left-padded mask is kept."""
+    masked one: a forward + backward of 4 rows of ~870 tokens with 6% padding ran at 477
+    tokens/s against 391 with the mask on 2 CPU cores (docs/benchmarks.md). The trainers pad
+    on the right; a left-padded mask is kept."""
     mask = kwargs.get("attention_mask")
     per_token = isinstance(mask, torch.Tensor) and mask.dim() == 2
     if per_token and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # ones, then only zeros
