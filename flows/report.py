@@ -434,7 +434,9 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "and the shares of the time spent on Monte Carlo step rewards, exploration, "
         "training and evaluation. The expert steps' Monte Carlo scoring, stored under "
         "iteration 0, counts in iteration 1. `copied_stages` were copied from another "
-        "method's run of the same seed: their cost is the donor's, counted once.",
+        "run with the same inputs (the expert steps' scoring and iteration 1's exploration "
+        "from any run, iteration 1's agent steps and pairs from the same seed's): their "
+        "cost is the donor's, counted once.",
         costs.markdown(),
         "## Step rewards: expert, agent and margin",
         "Quantiles of the Monte Carlo step rewards of the expert steps and of the agent's "

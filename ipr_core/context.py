@@ -43,6 +43,11 @@ ProgressFactory = Callable[[str], ProgressFn]
 EXPERT_ITERATION = 0
 """Expert step rewards depend only on the fixed scorer: stored once, under iteration 0."""
 
+EXPERT_SEED = 0
+"""The sampling seed of the expert steps' Monte Carlo rollouts, the same for every run: the
+scorer (the SFT model) and the expert steps decide what they estimate, so the runs of an
+experiment, whatever their seed, compare against one estimate, sampled once and copied."""
+
 
 class MissingSettings(IprError):
     """A stage needs a config section the run does not have (e.g. `openai`, `mixture`)."""
@@ -200,11 +205,10 @@ class RunContext:
         return self.scoring(self.engines, job, label)
 
     def seed(self, iteration: int) -> int:
-        """The sampling seed of an iteration: the run's seed for the expert steps (scored
-        once, under iteration 0), `seed * 1000 + k` for iteration k's exploration and
-        agent steps."""
+        """The sampling seed of an iteration: `EXPERT_SEED` for the expert steps (scored
+        once, under iteration 0), `seed * 1000 + k` for iteration k's agent steps."""
         if iteration == EXPERT_ITERATION:
-            return self.config.seed
+            return EXPERT_SEED
         return self.config.seed * 1000 + iteration
 
     def experts(self) -> list[Trajectory]:

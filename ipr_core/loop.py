@@ -14,8 +14,10 @@ One resume rule (`run_stage`): a stage is done when the store holds its completi
 are still there. The record is written in the transaction that writes the stage's rows
 and its cost (`stage_costs`, `ipr_core.costs`), so a stage killed mid-write left none of
 them and is redone. A stage whose fingerprint matches
-another run's record copies that run's rows instead of recomputing them (an experiment's
-methods of one seed share iteration 1; a greedy evaluation of a model is done once).
+another run's record copies that run's rows instead of recomputing them (every run of an
+experiment shares the expert step rewards and the SFT model's greedy exploration, the
+methods of one seed share iteration 1's agent step rewards and pairs; a greedy evaluation
+of a model is done once).
 """
 
 from __future__ import annotations
@@ -515,7 +517,9 @@ EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
 def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
-        explorations = explore(engine, ctx.explored(), temperature=0.0, seed=ctx.seed(it.number))
+        # greedy: the policy alone decides the episodes, so no seed is passed or fingerprinted
+        # and the runs of every seed copy iteration 1's exploration of the SFT model
+        explorations = explore(engine, ctx.explored(), temperature=0.0)
     policy_id = engine.backend.policy_id
     ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
     rows = [
@@ -535,7 +539,6 @@ EXPLORE: Stage[Explored] = Stage(
         model_id(it.policy_path),
         experts_hash(ctx),
         it.number,
-        ctx.seed(it.number),
         config_fields(ctx, *ROLLOUT_FIELDS),
     ),
     scopes=_run_scope(scopes.explorations),

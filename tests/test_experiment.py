@@ -86,18 +86,26 @@ def test_one_sft_checkpoint_serves_every_run(experiment):
 
 def test_methods_of_a_seed_share_iteration_one_data_and_differ_in_training(experiment):
     _, store, _, _, _, first_log, _ = experiment
-    sampled = [
-        "expert-step-rewards [iteration 0]",
-        "explore [iteration 1]",
-        "agent-step-rewards [iteration 1]",
-    ]
-    for stage in [*sampled, "mine-pairs [iteration 1]"]:
-        shared = [line for line in first_log if f"{stage}: rows of run" in line]
-        runs = [line.split("]")[0] for line in shared]
-        assert {"[smoke-ipr-s0", "[smoke-ipr-s1"} <= set(runs)
-        if stage in sampled:  # mining reads no seed: another seed's equal inputs count too
-            assert runs == ["[smoke-ipr-s0", "[smoke-ipr-s1"]
-            assert "smoke-eto-s0" in shared[0] and "smoke-eto-s1" in shared[1]
+
+    def donors(stage: str) -> dict[str, str]:
+        """run -> the run whose rows of `stage` it copied."""
+        lines = [line for line in first_log if f"{stage}: rows of run" in line]
+        return {line.split("]")[0][1:]: line.split("rows of run ")[1].split()[0] for line in lines}
+
+    # the expert steps' scores and the SFT model's greedy exploration: one donor for all
+    for stage in ["expert-step-rewards [iteration 0]", "explore [iteration 1]"]:
+        copied = donors(stage)
+        assert len(copied) == 3 and len(set(copied.values())) == 1
+        assert {"smoke-ipr-s0", "smoke-ipr-s1"} <= set(copied)
+    # the agent steps are sampled with the run's seed: shared by the methods of a seed only
+    copied = donors("agent-step-rewards [iteration 1]")
+    assert copied["smoke-ipr-s0"].endswith("-s0") and copied["smoke-ipr-s1"].endswith("-s1")
+    assert (
+        store.query("SELECT count(DISTINCT run_id) AS n FROM step_rewards WHERE actor = 'expert'")[
+            "n"
+        ].item()
+        == 4
+    )
     pairs = store.query(
         "SELECT run_id, count(*) AS n, md5(string_agg(concat_ws('|', level, task_id, "
         "prefix_len, prompt, chosen, rejected), '#' ORDER BY level, task_id, prefix_len)) AS h "
