@@ -26,7 +26,7 @@ from flows.plots import iteration_plot_png  # noqa: E402
 from ipr_core import loop  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.context import RunContext  # noqa: E402
-from ipr_core.loop import Iteration, IterationResult  # noqa: E402
+from ipr_core.loop import Iteration, IterationResult, Scored  # noqa: E402
 from ipr_core.transcripts import pair_transcript  # noqa: E402
 from tasks import stages  # noqa: E402
 
@@ -76,6 +76,12 @@ EXAMPLE_CHARS = 3000
 """A pair transcript in the artifact is cut to this length (`ipr show pair` prints it all)."""
 
 
+def agent_steps_line(agent: Scored | None) -> str:
+    if agent is None:
+        return "- agent steps scored: none (the mixture reads no step pair)"
+    return f"- agent steps scored: {agent.queries} (scorer `{agent.scorer_id}`)"
+
+
 def cost_markdown(ctx: RunContext, number: int) -> str:
     """The iteration's cost row and the run's total (`Store.iteration_costs`)."""
     costs = summary_records(ctx.store.iteration_costs(ctx.run_id, ctx.config.dev_split))
@@ -113,7 +119,7 @@ def iteration(config: RunConfig, it: Iteration) -> IterationResult:
                 f"# Run `{config.run_id}`, iteration {it.number}",
                 f"- explorations: {result.explored.explorations} "
                 f"(policy `{result.explored.policy_id}`)",
-                f"- agent steps scored: {result.agent.queries} (scorer `{result.agent.scorer_id}`)",
+                agent_steps_line(result.agent),
                 f"- pairs: {result.mined.trajectory} trajectory-level, {result.mined.step} "
                 "step-level",
                 f"- checkpoint: `{result.trained.checkpoint_id}`",

@@ -145,10 +145,15 @@ def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
     if mixture is not None:
         k = config.iterations
         evaluations += k
+        if mixture.weights.uses_step_pairs:
+            work += [
+                Work("expert-step-rewards", 1, steps * samples, "rollout"),
+                Work("explore", k, steps, "rollout"),
+                Work("agent-step-rewards", k, steps * samples, "rollout"),
+            ]
+        else:  # trajectory pairs only (ETO): each task explored from its start
+            work.append(Work("explore", k, explored, "rollout"))
         work += [
-            Work("expert-step-rewards", 1, steps * samples, "rollout"),
-            Work("explore", k, steps, "rollout"),
-            Work("agent-step-rewards", k, steps * samples, "rollout"),
             Work("mine-pairs", k, 1, "iteration"),
             Work("train-mixture", k, explored * mixture.epochs, "task x epoch"),
         ]

@@ -38,12 +38,15 @@ def explore(
     experts: Sequence[Trajectory],
     temperature: float = 0.0,
     seed: int = 0,
+    from_start_only: bool = False,
 ) -> list[Exploration]:
+    """The policy's episodes after every prefix of each expert trajectory (prefix 0 is its
+    own whole episode); `from_start_only`: prefix 0 alone, all that trajectory pairs use."""
     specs: list[RolloutSpec] = []
     owners: list[tuple[Trajectory, int]] = []
     for expert in experts:
         texts = tuple(step.text for step in expert.steps)
-        for j in range(len(texts)):
+        for j in range(1 if from_start_only else len(texts)):
             specs.append(RolloutSpec(task_id=expert.task.task_id, prefix=texts[:j]))
             owners.append((expert, j))
     results = engine.run(specs, temperature=temperature, seed=seed)

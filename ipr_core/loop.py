@@ -124,9 +124,10 @@ class Mined:
 
 @dataclass(frozen=True)
 class IterationResult:
-    expert: Scored
+    expert: Scored | None
+    """None (and `agent` too) when the mixture reads no step pair (`scores_steps`)."""
     explored: Explored
-    agent: Scored
+    agent: Scored | None
     mined: Mined
     trained: Trained
     evaluated: Evaluation
@@ -255,10 +256,12 @@ def _json(result: Any) -> dict[str, Any]:
 
 # -- the loop ------------------------------------------------------------------------------
 def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
-    """One IPR iteration: THE list of its stages, in order."""
-    expert = run(EXPERT_STEP_REWARDS, ctx, it)
+    """One IPR iteration: THE list of its stages, in order. A mixture that reads no step
+    pair (ETO) skips the Monte Carlo stages and explores from the start of each task only."""
+    steps = scores_steps(ctx)
+    expert = run(EXPERT_STEP_REWARDS, ctx, it) if steps else None
     explored = run(EXPLORE, ctx, it)
-    agent = run(AGENT_STEP_REWARDS, ctx, it)
+    agent = run(AGENT_STEP_REWARDS, ctx, it) if steps else None
     mined = run(MINE_PAIRS, ctx, it)
     trained = run(TRAIN_MIXTURE, ctx, it)
     evaluated = run(EVALUATE, ctx, replace(it, policy_path=Path(trained.path)))
@@ -266,6 +269,12 @@ def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> It
 
 
 Iterate = Callable[[RunContext, Iteration, Runner], IterationResult]
+
+
+def scores_steps(ctx: RunContext) -> bool:
+    """Whether the run's mixture trains on step pairs, and so needs step rewards."""
+    mixture = ctx.config.mixture_settings
+    return mixture is not None and mixture.weights.uses_step_pairs
 
 
 def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_iteration) -> Path:
@@ -519,7 +528,9 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
         engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
         # greedy: the policy alone decides the episodes, so no seed is passed or fingerprinted
         # and the runs of every seed copy iteration 1's exploration of the SFT model
-        explorations = explore(engine, ctx.explored(), temperature=0.0)
+        explorations = explore(
+            engine, ctx.explored(), temperature=0.0, from_start_only=not scores_steps(ctx)
+        )
     policy_id = engine.backend.policy_id
     ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
     rows = [
@@ -539,6 +550,7 @@ EXPLORE: Stage[Explored] = Stage(
         model_id(it.policy_path),
         experts_hash(ctx),
         it.number,
+        scores_steps(ctx),
         config_fields(ctx, *ROLLOUT_FIELDS),
     ),
     scopes=_run_scope(scopes.explorations),

@@ -84,7 +84,7 @@ def test_one_sft_checkpoint_serves_every_run(experiment):
     assert len(copied) == 5 and all("copied: same inputs" in line for line in copied)
 
 
-def test_methods_of_a_seed_share_iteration_one_data_and_differ_in_training(experiment):
+def test_runs_share_what_their_inputs_decide_and_eto_scores_no_steps(experiment):
     _, store, _, _, _, first_log, _ = experiment
 
     def donors(stage: str) -> dict[str, str]:
@@ -92,29 +92,35 @@ def test_methods_of_a_seed_share_iteration_one_data_and_differ_in_training(exper
         lines = [line for line in first_log if f"{stage}: rows of run" in line]
         return {line.split("]")[0][1:]: line.split("rows of run ")[1].split()[0] for line in lines}
 
-    # the expert steps' scores and the SFT model's greedy exploration: one donor for all
-    for stage in ["expert-step-rewards [iteration 0]", "explore [iteration 1]"]:
-        copied = donors(stage)
-        assert len(copied) == 3 and len(set(copied.values())) == 1
-        assert {"smoke-ipr-s0", "smoke-ipr-s1"} <= set(copied)
-    # the agent steps are sampled with the run's seed: shared by the methods of a seed only
-    copied = donors("agent-step-rewards [iteration 1]")
-    assert copied["smoke-ipr-s0"].endswith("-s0") and copied["smoke-ipr-s1"].endswith("-s1")
-    assert (
-        store.query("SELECT count(DISTINCT run_id) AS n FROM step_rewards WHERE actor = 'expert'")[
-            "n"
-        ].item()
-        == 4
+    # the expert steps' scores (one fixed scorer and seed) and the SFT model's greedy
+    # exploration are computed once and copied by the other seed
+    assert donors("expert-step-rewards [iteration 0]") == {"smoke-ipr-s1": "smoke-ipr-s0"}
+    assert donors("explore [iteration 1]") == {
+        "smoke-eto-s1": "smoke-eto-s0",
+        "smoke-ipr-s1": "smoke-ipr-s0",
+    }
+    # the agent steps are sampled with the run's seed: each IPR run scores its own
+    assert donors("agent-step-rewards [iteration 1]") == {}
+    scored = store.query("SELECT DISTINCT run_id FROM step_rewards ORDER BY run_id")
+    assert scored["run_id"].tolist() == ["smoke-ipr-s0", "smoke-ipr-s1"]
+    # ETO trains on trajectory pairs only: it explores each task from the start, and its
+    # pairs are exactly IPR's trajectory pairs of the same seed
+    prefixes = store.query(
+        "SELECT DISTINCT prefix_len FROM rollouts WHERE kind = 'explore' AND run_id LIKE '%eto%'"
     )
+    assert prefixes["prefix_len"].tolist() == [0]
     pairs = store.query(
-        "SELECT run_id, count(*) AS n, md5(string_agg(concat_ws('|', level, task_id, "
-        "prefix_len, prompt, chosen, rejected), '#' ORDER BY level, task_id, prefix_len)) AS h "
-        "FROM pairs WHERE iteration = 1 GROUP BY run_id"
+        "SELECT run_id, level, count(*) AS n, md5(string_agg(concat_ws('|', task_id, "
+        "prefix_len, prompt, chosen, rejected), '#' ORDER BY task_id, prefix_len)) AS h "
+        "FROM pairs WHERE iteration = 1 GROUP BY run_id, level"
     )
-    by_run = {r.run_id: (r.n, r.h) for r in pairs.itertuples()}
-    assert by_run["smoke-eto-s0"][0] > 0
-    assert by_run["smoke-eto-s0"] == by_run["smoke-ipr-s0"]
-    assert by_run["smoke-eto-s1"] == by_run["smoke-ipr-s1"]
+    by_run = {(r.run_id, r.level): (r.n, r.h) for r in pairs.itertuples()}
+    assert by_run[("smoke-eto-s0", "trajectory")][0] > 0
+    assert by_run[("smoke-ipr-s0", "step")][0] > 0
+    for seed in (0, 1):
+        eto, ipr = f"smoke-eto-s{seed}", f"smoke-ipr-s{seed}"
+        assert by_run[(eto, "trajectory")] == by_run[(ipr, "trajectory")]
+        assert (eto, "step") not in by_run
     assert store.count("pairs", "run_id LIKE 'smoke-sft-%'") == 0
     mixtures = store.query(
         "SELECT run_id, json_extract(config, '$.weights.step_dpo')::DOUBLE AS w_step, "

@@ -58,6 +58,13 @@ class MixtureWeights(_Strict):
     step_dpo: float = Field(1.0, ge=0)
     sft: float = Field(1.0, ge=0)
 
+    @property
+    def uses_step_pairs(self) -> bool:
+        """Whether a term reads step pairs (s-DPO, or the SFT term on their chosen sides).
+        Without one (ETO) an iteration needs no step rewards: its trajectory pairs compare
+        outcomes of episodes explored from the start."""
+        return self.step_dpo > 0 or self.sft > 0
+
 
 class MixtureSettings(_Strict):
     epochs: float = Field(3.0, gt=0)
