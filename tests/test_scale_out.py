@@ -23,7 +23,7 @@ from ipr_core.config import (  # noqa: E402
     ScaleOutConfig,
     load_config,
 )
-from ipr_core.context import Engines, RunContext, ScoringJob  # noqa: E402
+from ipr_core.context import EXPERT_SEED, Engines, RunContext, ScoringJob  # noqa: E402
 from ipr_core.errors import InputError  # noqa: E402
 from ipr_core.loop import (  # noqa: E402
     AGENT_STEP_REWARDS,
@@ -76,7 +76,7 @@ def expert_job(store: Store, config: RunConfig, scorer: Path) -> ScoringJob:
     experts = store.expert_trajectories(ENV, "train", config.train_limit)
     scorer_id = Engines(config).scorer_id(scorer)
     queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
-    return ScoringJob(At(config.run_id, 0), "expert", scorer, tuple(queries), config.seed)
+    return ScoringJob(At(config.run_id, 0), "expert", scorer, tuple(queries), EXPERT_SEED)
 
 
 @pytest.fixture(scope="module")
