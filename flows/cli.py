@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="resume a run whose packages, model, splits or prompt differ from its manifest",
     )
+    cli.add_overrides_argument(run)
     run.set_defaults(handler=cmd_run)
 
     serve = commands.add_parser(

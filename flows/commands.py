@@ -85,6 +85,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     sft = methods.add_parser("sft", help="SFT on the store's expert trajectories")
     sft.add_argument("--config", type=Path, required=True, help="run config (model, env, sft)")
     sft.add_argument("--store", type=Path, help="overrides the config's store")
+    add_overrides_argument(sft)
     sft.set_defaults(handler=cmd_train_sft)
     mixture = methods.add_parser("mixture", help="o-DPO + s-DPO + SFT on an iteration's pairs")
     mixture.add_argument("--config", type=Path, required=True)
@@ -93,6 +94,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     mixture.add_argument("--run-id", help="whose pairs (default: the config's run id)")
     mixture.add_argument("--sft-model", type=Path, required=True, help="reference model folder")
     mixture.add_argument("--policy", type=Path, help="model to train (default: --sft-model)")
+    add_overrides_argument(mixture)
     mixture.set_defaults(handler=cmd_train_mixture)
 
     reward = methods.add_parser("reward-model", help="regress MC step rewards (paper 5.5)")
@@ -101,6 +103,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     reward.add_argument("--scorer-id", help="whose step rewards (default: the run's SFT model)")
     reward.add_argument("--epochs", type=float, default=3.0)
     reward.add_argument("--lora", action="store_true", help="train a LoRA adapter + head")
+    add_overrides_argument(reward)
     reward.set_defaults(handler=cmd_train_reward_model)
 
     evaluate = commands.add_parser("evaluate", help="greedy episodes of a model on a split")
@@ -110,6 +113,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=int, default=20)
     evaluate.add_argument("--iteration", type=int, default=0, help="label for the row")
+    add_overrides_argument(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     export = commands.add_parser("export", help="write IPR/ETO JSON from the store")
@@ -138,6 +142,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     )
     experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
     experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
+    add_overrides_argument(experiment)
     experiment.add_argument(
         "--allow-manifest-change",
         action="store_true",
@@ -180,6 +185,7 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     estimate.add_argument(
         "--store", type=Path, help="where the measurements are (default: the config's store)"
     )
+    add_overrides_argument(estimate)
     estimate.set_defaults(handler=cmd_estimate)
 
     show = commands.add_parser("show", help="a stored rollout or pair as a transcript")
@@ -309,10 +315,23 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_args(args: argparse.Namespace, **overrides: object):
-    """The config of `--config`, with `--store` / `--run-id` overrides where given."""
-    from ipr_core.config import load_config
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one setting of the config, a dotted key and a YAML value, e.g. "
+        "mixture.lr=5.0e-5 (repeatable)",
+    )
 
+
+def config_from_args(args: argparse.Namespace):
+    """The config of `--config`, with `--set`, `--store` and `--run-id` where given."""
+    from ipr_core.config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
     if getattr(args, "store", None) is not None:
         overrides["store"] = str(args.store)
     if getattr(args, "run_id", None) is not None:
@@ -476,7 +495,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from flows.experiment import load_experiment_config, run_experiment
 
-    config = load_experiment_config(args.config, store=args.store)
+    config = load_experiment_config(args.config, args.overrides, store=args.store)
     runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
     print_table(runs, max_rows=len(runs))
     unfinished = runs[runs["status"] != "finished"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,13 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ipr_core.backends import release_engines
-from ipr_core.config import RunConfig, read_yaml_mapping, validate_config
+from ipr_core.config import (
+    RunConfig,
+    parse_overrides,
+    read_yaml_mapping,
+    validate_config,
+    with_overrides,
+)
 from ipr_core.context import Log, RunContext
 from ipr_core.errors import InputError, IprError
 from ipr_core.loop import (
@@ -109,11 +116,15 @@ class ExperimentConfig(BaseModel):
         return self.model_dump_json(exclude={"methods", "seeds"})
 
 
-def load_experiment_config(path: Path, store: Path | None = None) -> ExperimentConfig:
-    """Read an experiment YAML (`store` overrides `run.store`); errors name file and field."""
-    data = read_yaml_mapping(path)
-    if store is not None and isinstance(data.get("run"), dict):
-        data["run"]["store"] = str(store)
+def load_experiment_config(
+    path: Path, overrides: Sequence[str] = (), store: Path | None = None
+) -> ExperimentConfig:
+    """Read an experiment YAML with the command line's `--set` items (`run.mixture.lr=...`)
+    and `store` (`run.store`) applied; errors name file and field."""
+    settings = parse_overrides(overrides)
+    if store is not None:
+        settings["run.store"] = str(store)
+    data = with_overrides(read_yaml_mapping(path), settings, path)
     return validate_config(ExperimentConfig, data, path)
 
 

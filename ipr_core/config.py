@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -245,11 +245,44 @@ class RunConfig(_Strict):
         return self.cache_dir / "checkpoints"
 
 
-def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML preset; errors name the file and the offending field."""
-    data = read_yaml_mapping(path)
-    data.update(overrides or {})
+def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML preset with `overrides` set (`with_overrides`); errors name the file and
+    the offending field."""
+    data = with_overrides(read_yaml_mapping(path), overrides or {}, path)
     return validate_config(RunConfig, data, path)
+
+
+def with_overrides(
+    data: dict[str, Any], overrides: Mapping[str, Any], path: Path
+) -> dict[str, Any]:
+    """`data` with each setting of `overrides` set, a dotted key reaching into sections
+    (`mixture.lr`); validation of the result then names a misspelt key like one in the file."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1], start=1):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                section = ".".join(parts[:depth])
+                raise InputError(str(path), f"{section} is not a section of settings", field=key)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """The command line's `--set KEY=VALUE` items: dotted keys, values read as YAML
+    (`5.0e-5`, `[0, 1]`, `null`, `{enabled: false}`)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not all(key.split(".")):
+            raise InputError("--set", f"expected KEY=VALUE with a dotted KEY, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InputError("--set", f"{text!r} is not a YAML value", field=key) from exc
+    return overrides
 
 
 MAX_CONFIG_BYTES = 1 << 20

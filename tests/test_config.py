@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
-from ipr_core.config import load_config
+from flows.commands import main
+from flows.experiment import load_experiment_config
+from ipr_core.config import load_config, parse_overrides
 from ipr_core.errors import InputError
 
 
@@ -79,3 +83,45 @@ def test_backend_settings(tmp_path):
     # The LoRA rank is checked only where vLLM serves the adapters.
     path.write_text("env: twx/coin\nvllm: {max_lora_rank: 8}\nsft: {lora: {enabled: true}}\n")
     assert load_config(path).lora_rank == 16
+
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "experiment-smoke.yaml"
+
+
+def test_set_items_override_nested_settings_of_run_and_experiment_configs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("env: twx/coin\nmixture: {beta: 0.3}\n")
+    overrides = parse_overrides(["mixture.lr=5.0e-5", "iterations=3", "mining.step_mode=action"])
+    config = load_config(path, overrides)
+    assert (config.mixture.lr, config.mixture.beta) == (5e-5, 0.3)  # the file's beta stays
+    assert (config.iterations, config.mining.step_mode) == (3, "action")
+    items = ["experiment_id=tune-e", "seeds=[3, 4]", "run.mixture.lr=1.0e-4"]
+    experiment = load_experiment_config(EXPERIMENT, items, store=tmp_path / "x.duckdb")
+    assert (experiment.experiment_id, experiment.seeds) == ("tune-e", [3, 4])
+    assert experiment.run.mixture.lr == 1e-4 and experiment.run.store == tmp_path / "x.duckdb"
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("mixture.lr", r"--set: expected KEY=VALUE"),
+        ("mixture..lr=1", r"--set: expected KEY=VALUE"),
+        ("mixture.lrr=1", r"c.yaml, field 'mixture.lrr': Extra inputs"),
+        ("mixture.lr=fast", r"c.yaml, field 'mixture.lr': Input should be a valid number"),
+        ("env.game=coin", r"c.yaml, field 'env.game': env is not a section"),
+        ("iterations=[1", r"--set, field 'iterations': '\[1' is not a YAML value"),
+    ],
+)
+def test_a_bad_set_item_is_a_named_error(tmp_path, item, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("env: twx/coin\n")
+    with pytest.raises(InputError, match=message):
+        load_config(path, parse_overrides([item]))
+
+
+def test_the_command_line_reports_a_bad_set_item_in_one_line_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("env: twx/coin\n")
+    assert main(["estimate", "--config", str(path), "--set", "mixture.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "field 'mixture.lrr'" in err
