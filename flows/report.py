@@ -679,7 +679,9 @@ def analysis(
         holds = means["ipr"] > means["eto"] > means["sft"]
         lines.append(
             "- The paper's ordering IPR > ETO > SFT on mean test reward holds here: "
-            + ("yes." if holds else "no.")
+            + ("yes" if holds else "no")
+            + _ordering_evidence(paired)
+            + "."
         )
     for ablation, what in (
         ("ipr-no-odpo", "without o-DPO"),
@@ -725,6 +727,22 @@ def analysis(
 
 
 ABLATED = {"ipr-no-odpo": "o-DPO", "ipr-no-sdpo": "s-DPO", "ipr-no-sft": "the SFT term"}
+
+
+def _ordering_evidence(paired: pd.DataFrame | None) -> str:
+    """Which steps of IPR > ETO > SFT the paired intervals show (means alone can be noise)."""
+    if paired is None or paired.empty:
+        return ""
+    rows = {(r.comparison, r.metric): r for r in paired.itertuples()}
+    steps = [rows.get((f"{a} - {b}", "reward")) for a, b in (("ipr", "eto"), ("eto", "sft"))]
+    if any(row is None for row in steps):
+        return ""
+    weak = [row.comparison.upper() for row in steps if row.ci != "above 0"]
+    if not weak:
+        return " (both steps with paired intervals above 0)"
+    return (
+        f" on the means, but the paired interval of {' and of '.join(weak)} contains or is below 0"
+    )
 
 
 def paired_statements(paired: pd.DataFrame) -> list[str]:

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from flows.report import (
+    analysis,
     episode_mismatches,
     paired_bootstrap,
     paired_comparisons,
@@ -137,3 +138,41 @@ def test_episode_mismatches_name_methods_with_too_many_or_too_few_episodes():
     assert episode_mismatches(per_task, results) == ["ipr: 0 test episodes, expected 6"]
     results["test_tasks"] = 2
     assert episode_mismatches(per_task, results)[0] == "sft: 6 test episodes, expected 4"
+
+
+def test_the_ordering_statement_says_which_of_its_steps_the_intervals_show():
+    def row(comparison, low, high):
+        ci = "above 0" if low > 0 else "below 0" if high < 0 else "contains 0"
+        return {"comparison": comparison, "metric": "reward", "tasks": 50, "a_mean": 0.47,
+                "b_mean": 0.45, "mean_diff": 0.02, "ci_low": low, "ci_high": high,
+                "ci": ci, "a_higher": 11, "a_lower": 11, "equal": 28}  # fmt: skip
+
+    results = pd.DataFrame(
+        {
+            "method": ["sft", "eto", "ipr"],
+            "seeds": [3, 3, 3],
+            "reward_mean": [0.41, 0.457, 0.47],
+            "reward_min": [0.41, 0.445, 0.455],
+            "reward_max": [0.41, 0.465, 0.49],
+            "success_mean": [0.22, 0.207, 0.2],
+            "test_tasks": [50, 50, 50],
+        }
+    )
+    weak = pd.DataFrame([row("ipr - eto", -0.015, 0.043), row("eto - sft", -0.005, 0.098)])
+    assert analysis_line(results, weak).endswith(
+        "holds here: yes on the means, but the paired interval of IPR - ETO and of ETO - SFT "
+        "contains or is below 0."
+    )
+    strong = pd.DataFrame([row("ipr - eto", 0.07, 0.15), row("eto - sft", 0.01, 0.08)])
+    assert "holds here: yes (both steps with paired intervals above 0)." in analysis_line(
+        results, strong
+    )
+
+
+def analysis_line(results: pd.DataFrame, paired: pd.DataFrame) -> str:
+    """The ordering line of the report's closing statements for these means and intervals."""
+    per_seed = pd.DataFrame({"method": [], "seed": [], "test_reward": []})
+    text = analysis(
+        pd.DataFrame({"expert_reward": [1.0]}), results, per_seed, pd.DataFrame(), paired
+    )
+    return next(line for line in text.splitlines() if "IPR > ETO > SFT" in line)
