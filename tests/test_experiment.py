@@ -14,7 +14,6 @@ from flows.commands import main
 from flows.experiment import load_experiment_config, run_experiment
 from flows.report import (
     PER_TASK_SQL,
-    analysis,
     markdown_table,
     paired_comparisons,
     run_query,
@@ -266,41 +265,6 @@ def test_per_task_sql_leaves_failed_episodes_out_and_averages_the_rest(experimen
     paired = paired_comparisons(frame, n_resamples=100)
     reward = paired[(paired["comparison"] == "ipr - sft") & (paired["metric"] == "reward")].iloc[0]
     assert (reward.mean_diff, reward.a_higher, reward.equal) == (0.5, 1, 1)
-
-
-def test_analysis_answers_from_the_numbers():
-    import pandas as pd
-
-    results = pd.DataFrame(
-        {
-            "method": ["sft", "eto", "ipr"],
-            "seeds": [2, 2, 2],
-            "reward_mean": [0.2, 0.4, 0.35],
-            "reward_min": [0.2, 0.3, 0.3],
-            "reward_max": [0.2, 0.5, 0.4],
-            "success_mean": [0.0, 0.25, 0.25],
-            "test_tasks": [4, 4, 4],
-        }
-    )
-    per_seed = pd.DataFrame(
-        {
-            "method": ["sft", "sft", "eto", "eto", "ipr", "ipr"],
-            "seed": [0, 1, 0, 1, 0, 1],
-            "test_reward": [0.2, 0.2, 0.3, 0.5, 0.3, 0.4],
-        }
-    )
-    settings = pd.DataFrame({"expert_reward": [1.0]})
-    accuracy = pd.DataFrame(
-        {"compared_steps": [10], "gold_higher": [7], "tied": [2], "gold_lower": [1],
-         "step_reward_accuracy": [0.7]}
-    )  # fmt: skip
-    text = analysis(settings, results, per_seed, accuracy)
-    assert "Does IPR beat ETO on mean test reward? no: 0.350 vs 0.400 (-0.050)" in text
-    assert "higher on 0 of 2 seeds (1 tied)" in text
-    assert "Does ETO beat SFT on mean test reward? yes: 0.400 vs 0.200 (+0.200)" in text
-    assert "IPR > ETO > SFT on mean test reward holds here: no." in text
-    assert "moves a run's success rate by 0.250" in text
-    assert "ranked the gold action higher in 7 (0.700), tied in 2 and ranked it lower in 1" in text
 
 
 @pytest.mark.parametrize(

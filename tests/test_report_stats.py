@@ -140,6 +140,55 @@ def test_episode_mismatches_name_methods_with_too_many_or_too_few_episodes():
     assert episode_mismatches(per_task, results)[0] == "sft: 6 test episodes, expected 4"
 
 
+SETTINGS = pd.DataFrame({"expert_reward": [1.0]})
+ACCURACY = pd.DataFrame(
+    {"compared_steps": [10], "gold_higher": [7], "tied": [2], "gold_lower": [1],
+     "step_reward_accuracy": [0.7]}
+)  # fmt: skip
+
+
+def statements(
+    rewards: dict[str, list[float]],
+    success: dict[str, float],
+    tasks: int,
+    paired: pd.DataFrame | None = None,
+) -> str:
+    """The report's closing statements for these per-seed test rewards of each method."""
+    results = pd.DataFrame(
+        {
+            "method": list(rewards),
+            "seeds": [len(r) for r in rewards.values()],
+            "reward_mean": [float(np.mean(r)) for r in rewards.values()],
+            "reward_min": [min(r) for r in rewards.values()],
+            "reward_max": [max(r) for r in rewards.values()],
+            "success_mean": [success[m] for m in rewards],
+            "test_tasks": [tasks] * len(rewards),
+        }
+    )
+    per_seed = pd.DataFrame(
+        [
+            {"method": method, "seed": seed, "test_reward": reward}
+            for method, by_seed in rewards.items()
+            for seed, reward in enumerate(by_seed)
+        ]
+    )
+    return analysis(SETTINGS, results, per_seed, ACCURACY, paired)
+
+
+def test_analysis_answers_from_the_numbers():
+    text = statements(
+        {"sft": [0.2, 0.2], "eto": [0.3, 0.5], "ipr": [0.3, 0.4]},
+        {"sft": 0.0, "eto": 0.25, "ipr": 0.25},
+        tasks=4,
+    )
+    assert "Does IPR beat ETO on mean test reward? no: 0.350 vs 0.400 (-0.050)" in text
+    assert "higher on 0 of 2 seeds (1 tied)" in text
+    assert "Does ETO beat SFT on mean test reward? yes: 0.400 vs 0.200 (+0.200)" in text
+    assert "IPR > ETO > SFT on mean test reward holds here: no." in text
+    assert "moves a run's success rate by 0.250" in text
+    assert "ranked the gold action higher in 7 (0.700), tied in 2 and ranked it lower in 1" in text
+
+
 def test_the_ordering_statement_says_which_of_its_steps_the_intervals_show():
     def row(comparison, low, high):
         ci = "above 0" if low > 0 else "below 0" if high < 0 else "contains 0"
@@ -147,32 +196,14 @@ def test_the_ordering_statement_says_which_of_its_steps_the_intervals_show():
                 "b_mean": 0.45, "mean_diff": 0.02, "ci_low": low, "ci_high": high,
                 "ci": ci, "a_higher": 11, "a_lower": 11, "equal": 28}  # fmt: skip
 
-    results = pd.DataFrame(
-        {
-            "method": ["sft", "eto", "ipr"],
-            "seeds": [3, 3, 3],
-            "reward_mean": [0.41, 0.457, 0.47],
-            "reward_min": [0.41, 0.445, 0.455],
-            "reward_max": [0.41, 0.465, 0.49],
-            "success_mean": [0.22, 0.207, 0.2],
-            "test_tasks": [50, 50, 50],
-        }
-    )
+    rewards = {"sft": [0.41] * 3, "eto": [0.465, 0.445, 0.46], "ipr": [0.455, 0.49, 0.465]}
+    success = {"sft": 0.22, "eto": 0.207, "ipr": 0.2}
     weak = pd.DataFrame([row("ipr - eto", -0.015, 0.043), row("eto - sft", -0.005, 0.098)])
-    assert analysis_line(results, weak).endswith(
+    assert (
         "holds here: yes on the means, but the paired interval of IPR - ETO and of ETO - SFT "
-        "contains or is below 0."
+        "contains or is below 0." in statements(rewards, success, 50, weak)
     )
     strong = pd.DataFrame([row("ipr - eto", 0.07, 0.15), row("eto - sft", 0.01, 0.08)])
-    assert "holds here: yes (both steps with paired intervals above 0)." in analysis_line(
-        results, strong
+    assert "holds here: yes (both steps with paired intervals above 0)." in statements(
+        rewards, success, 50, strong
     )
-
-
-def analysis_line(results: pd.DataFrame, paired: pd.DataFrame) -> str:
-    """The ordering line of the report's closing statements for these means and intervals."""
-    per_seed = pd.DataFrame({"method": [], "seed": [], "test_reward": []})
-    text = analysis(
-        pd.DataFrame({"expert_reward": [1.0]}), results, per_seed, pd.DataFrame(), paired
-    )
-    return next(line for line in text.splitlines() if "IPR > ETO > SFT" in line)
