@@ -455,18 +455,17 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 def tokens_config(args: argparse.Namespace):
     """A run config, or an experiment config's shared `run:` settings, with the command's
     overrides applied before validation (a bad window names `prompt.history_window`)."""
-    from ipr_core.config import RunConfig, read_yaml_mapping, validate_config
+    from ipr_core.config import RunConfig, read_yaml_mapping, validate_config, with_overrides
 
     data = read_yaml_mapping(args.config)
     if isinstance(data.get("run"), dict):
         data = data["run"]
+    overrides: dict[str, object] = {}
     if args.store is not None:
-        data["store"] = str(args.store)
+        overrides["store"] = str(args.store)
     if args.history_window is not None:
-        prompt = data.setdefault("prompt", {})
-        if isinstance(prompt, dict):
-            prompt["history_window"] = args.history_window
-    return validate_config(RunConfig, data, args.config)
+        overrides["prompt.history_window"] = args.history_window
+    return validate_config(RunConfig, with_overrides(data, overrides, args.config), args.config)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

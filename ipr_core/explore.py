@@ -36,12 +36,11 @@ class Exploration:
 def explore(
     engine: RolloutEngine,
     experts: Sequence[Trajectory],
-    temperature: float = 0.0,
-    seed: int = 0,
     from_start_only: bool = False,
 ) -> list[Exploration]:
-    """The policy's episodes after every prefix of each expert trajectory (prefix 0 is its
-    own whole episode); `from_start_only`: prefix 0 alone, all that trajectory pairs use."""
+    """The policy's greedy episodes (the method's exploration; the policy alone decides
+    them, so they take no seed) after every prefix of each expert trajectory (prefix 0 is
+    its own whole episode); `from_start_only`: prefix 0 alone, all trajectory pairs use."""
     specs: list[RolloutSpec] = []
     owners: list[tuple[Trajectory, int]] = []
     for expert in experts:
@@ -49,7 +48,7 @@ def explore(
         for j in range(1 if from_start_only else len(texts)):
             specs.append(RolloutSpec(task_id=expert.task.task_id, prefix=texts[:j]))
             owners.append((expert, j))
-    results = engine.run(specs, temperature=temperature, seed=seed)
+    results = engine.run(specs, temperature=0.0)
     return [
         Exploration(expert, j, result) for (expert, j), result in zip(owners, results, strict=True)
     ]

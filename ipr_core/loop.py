@@ -526,11 +526,9 @@ EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
 def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
-        # greedy: the policy alone decides the episodes, so no seed is passed or fingerprinted
+        # greedy: the policy alone decides the episodes, so the seed is not fingerprinted
         # and the runs of every seed copy iteration 1's exploration of the SFT model
-        explorations = explore(
-            engine, ctx.explored(), temperature=0.0, from_start_only=not scores_steps(ctx)
-        )
+        explorations = explore(engine, ctx.explored(), from_start_only=not scores_steps(ctx))
     policy_id = engine.backend.policy_id
     ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
     rows = [
