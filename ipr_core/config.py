@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
 )
 
+from ipr_core.backends.base import DtypeSetting
 from ipr_core.envs import canonical_env_id
 from ipr_core.errors import InputError, UnknownEnvError
 from ipr_core.formats import kind_of, read_text
@@ -58,6 +59,11 @@ class GenerationConfig(_Strict):
     """Sequences per forward pass of the transformers backend."""
     max_live_episodes: int = Field(32, gt=0)
     """Episodes in lock-step at once (one env instance each)."""
+    prefill_dtype: DtypeSetting = "float32"
+    """The transformers backend's prefill dtype; `auto` measures float32 and bfloat16 on the
+    loaded model at startup (bfloat16 prefill is ~2x faster on a CPU with AVX512-BF16)."""
+    decode_dtype: DtypeSetting = "float32"
+    """The same for decode steps (bfloat16 decode measured slower than float32 on one)."""
 
 
 class MonteCarloConfig(_Strict):

@@ -107,7 +107,12 @@ class Engines:
             base = resolve_model(config.model, config.cache_dir)
             served = config.openai.model if path.resolve() == base.resolve() else None
             return {"settings": config.openai, "served_model": served}
-        return {"max_batch_size": config.generation.max_batch_size}
+        gen = config.generation
+        return {
+            "max_batch_size": gen.max_batch_size,
+            "prefill_dtype": gen.prefill_dtype,
+            "decode_dtype": gen.decode_dtype,
+        }
 
     def engine(self, stack: ExitStack, path: Path, label: str | None = None) -> RolloutEngine:
         """A rollout engine on the model at `path`, closed with `stack`."""

@@ -23,6 +23,9 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
                 "n_samples": 2,
                 "max_steps": 3,
                 "max_new_tokens": 6,
+                "prefill_dtype": "bfloat16",
+                "sweep_rows": [2, 4],
+                "sweep_context": 16,
             }
         )
     )
@@ -43,9 +46,25 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
     # the limit replays exactly the engine's prefill passes
     assert limit["prefill_tokens"] == engine["prefill_tokens"]
     assert report["fraction_of_limit"] == limit["wall_s"] / engine["wall_s"]
+    # the hardware limit: the sweep's best rates applied to the engine's tokens
+    hardware = report["hardware"]
+    assert {(r["phase"], r["dtype"], r["rows"]) for r in hardware["sweep"]} == {
+        (phase, dtype, rows)
+        for dtype in ("float32", "bfloat16")
+        for phase, rows in (("prefill", 1), ("prefill", 8), ("decode", 2), ("decode", 4))
+    }
+    prefill, decode = hardware["best_prefill"], hardware["best_decode"]
+    assert prefill["tokens_per_s"] == max(
+        r["tokens_per_s"] for r in hardware["sweep"] if r["phase"] == "prefill"
+    )
+    assert hardware["wall_s"] == pytest.approx(
+        engine["prefill_tokens"] / prefill["tokens_per_s"]
+        + engine["generated_tokens"] / decode["tokens_per_s"]
+    )
+    assert report["fraction_of_hardware"] == hardware["wall_s"] / engine["wall_s"]
     assert 0.0 <= report["greedy_outcome_agreement"] <= 1.0
     assert report["greedy_rollouts"] == 2
-    assert "prefill_tokens_ratio" in done.stdout  # the printed table
+    assert "fraction_of_hardware" in done.stdout  # the printed table
 
 
 def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_model_path):

@@ -187,6 +187,42 @@ def test_engine_runs_more_episodes_than_live_slots_in_order(tiny_model_path):
     assert all(r.status in ("ok", "max_steps") for r in results)
 
 
+@dataclass
+class RoundRecorder:
+    """The real backend, logging each round's number of episodes beside finished ones."""
+
+    inner: object
+    events: list[int]
+    """Rows of a generate call, or 0 for an episode that finished."""
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, conversations, params: SamplingParams, seeds=None):
+        self.events.append(len(conversations))
+        return self.inner.generate(conversations, params, seeds)
+
+
+def test_finished_episodes_free_their_slot_for_the_next_round(tiny_model_path):
+    """Continuous admission: each round runs min(max_live, not yet finished) episodes, so
+    the batch does not drain while rollouts are pending."""
+    events: list[int] = []
+    backend = RoundRecorder(make_backend(tiny_model_path), events)
+    settings = EpisodeSettings(max_live=3, max_new_tokens=8, max_steps=3)
+    with RolloutEngine(ENV, backend, settings, progress=lambda *_: events.append(0)) as engine:
+        specs = [RolloutSpec(engine.task_ids("dev")[0], (), k) for k in range(7)]
+        results = engine.run(specs, temperature=1.0, seed=3)
+    finished, rounds = 0, 0
+    for rows in events:
+        if rows == 0:
+            finished += 1
+        else:
+            rounds += 1
+            assert rows == min(3, len(specs) - finished)
+    assert finished == len(specs) and rounds > 3
+    assert sum(events) == sum(len(r.policy_steps) for r in results)  # one row per policy step
+
+
 def test_replay_reaches_the_expert_outcome(tmp_path, tiny_model_path):
     store = Store(tmp_path / "s.duckdb")
     ingest_gold(store, ENV, "train", 1)

@@ -9,6 +9,9 @@ from typing import Literal, Protocol
 Message = dict[str, str]
 """A chat message: {"role": "system" | "user" | "assistant", "content": str}."""
 
+DtypeSetting = Literal["auto", "float32", "bfloat16"]
+"""A phase's dtype in the transformers backend; `auto` measures both at startup."""
+
 FinishReason = Literal["stop", "length", "context"]
 """stop: a stop string or EOS; length: hit max_new_tokens; context: the prompt did not fit."""
 

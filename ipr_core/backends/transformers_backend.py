@@ -32,12 +32,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
-from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
+from ipr_core.backends.base import (
+    Completion,
+    DtypeSetting,
+    FinishReason,
+    Message,
+    SamplingParams,
+)
 from ipr_core.backends.chat import (
     context_overflow,
     conversation_seeds,
@@ -62,7 +67,6 @@ loaded machine's noise does not flip the choice between runs."""
 
 CONTIGUOUS = torch.contiguous_format
 """Rows copied out of a batch own exactly their tokens (the prefix cache's bound)."""
-DtypeSetting = Literal["auto", "float32", "bfloat16"]
 log = logging.getLogger(__name__)
 
 
