@@ -29,8 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import DynamicCache, StaticCache
 
-from ipr_core.backends.throughput import DTYPES, Rate, decode_rate, in_dtype, prefill_rate
 from ipr_core.backends.base import DtypeSetting
+from ipr_core.backends.throughput import DTYPES, Rate, decode_rate, in_dtype, prefill_rate
 from ipr_core.backends.transformers_backend import TransformersBackend, WorkLog
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
 from ipr_core.envs import make_env
