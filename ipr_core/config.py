@@ -69,6 +69,10 @@ class GenerationConfig(_Strict):
 class MonteCarloConfig(_Strict):
     n_samples: int = Field(5, gt=0)
     temperature: float = Field(1.0, ge=0)
+    early_stop: bool = False
+    """Sample an agent step one sample per wave and stop once the remaining samples cannot
+    change its pair decision (`mining.pair_decided`, outcomes in [0, 1]): the same pairs
+    from fewer rollouts; its stored step reward is the mean of the samples drawn."""
 
 
 class VLLMSettings(_Strict):
@@ -180,6 +184,10 @@ class RunConfig(_Strict):
     step_reward_model: Path | None = None
     """A step reward model folder (`ipr train reward-model`) whose predictions replace the
     Monte Carlo step rewards (paper 5.5); unset: MC with the SFT model as scorer."""
+    step_reward_model_from: int = Field(1, ge=1)
+    """The first iteration the step reward model scores; earlier ones use MC. Paper 5.5's
+    use: run iteration 1 with MC, `ipr train reward-model` on its rows, then resume with
+    `step_reward_model` set and this at 2 (iteration 1's results stay valid)."""
     mining: MiningConfig = MiningConfig()
     vllm: VLLMSettings = Field(VLLMSettings(), validate_default=True)
     openai: OpenAISettings | None = Field(None, validate_default=True)

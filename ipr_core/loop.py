@@ -37,9 +37,9 @@ from ipr_core.backends import release_engines
 from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
 from ipr_core.costs import Meter, cost_row, training_figures
 from ipr_core.evaluate import Evaluation, evaluate
-from ipr_core.explore import explore
+from ipr_core.explore import Exploration, explore
 from ipr_core.manifest import check_resume, run_manifest
-from ipr_core.mining import mine_pairs
+from ipr_core.mining import PairContext, mine_pairs
 from ipr_core.store import (
     At,
     Row,
@@ -359,7 +359,7 @@ def experts_hash(ctx: RunContext, explored: bool = True) -> str:
 
 
 def _scorer_fields(ctx: RunContext, it: Iteration) -> list[Any]:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    scorer_id = ctx.engines.scorer_id(it.sft_path, it.number)
     return [model_id(it.sft_path), scorer_id, config_fields(ctx, *ROLLOUT_FIELDS, "monte_carlo")]
 
 
@@ -477,10 +477,10 @@ EVALUATE: Stage[Evaluation] = Stage(
 
 # -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
 def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    scorer_id = ctx.engines.scorer_id(it.sft_path, it.number)
     queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
     at = At(ctx.run_id, EXPERT_ITERATION)
-    job = ScoringJob(at, "expert", it.sft_path, tuple(queries), ctx.seed(at.iteration))
+    job = ScoringJob(at, "expert", it.sft_path, tuple(queries), ctx.seed(at.iteration), it.number)
     rows = ctx.score(job, "expert step rewards") if queries else {}
     ctx.log(f"scored {len(queries)} expert steps")
     return Output(Scored(len(queries), scorer_id), rows)
@@ -562,10 +562,36 @@ def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     queries = pipeline.agent_queries(explorations)
     at = At(ctx.run_id, it.number)
-    job = ScoringJob(at, "agent", it.sft_path, tuple(queries), ctx.seed(at.iteration))
+    scorer_id = ctx.engines.scorer_id(it.sft_path, it.number)
+    pairs = _pair_contexts(ctx, it, explorations, scorer_id) if _stops_early(ctx) else None
+    seed = ctx.seed(at.iteration)
+    job = ScoringJob(at, "agent", it.sft_path, tuple(queries), seed, it.number, pairs)
     rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
     ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
-    return Output(Scored(len(queries), ctx.engines.scorer_id(it.sft_path)), rows)
+    return Output(Scored(len(queries), scorer_id), rows)
+
+
+def _stops_early(ctx: RunContext) -> bool:
+    return ctx.config.monte_carlo.early_stop
+
+
+def _pair_contexts(
+    ctx: RunContext, it: Iteration, explorations: Sequence[Exploration], scorer_id: str
+) -> tuple[PairContext, ...]:
+    """What each agent query's pair decision knows before sampling (`pipeline.agent_queries`
+    order): the expert step's reward, both outcomes, whether a step pair is mined there."""
+    experts = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, "expert")
+    suffix = ctx.config.mining.step_mode == "suffix"
+    return tuple(
+        PairContext(
+            expert_reward=experts.get((e.expert.task.task_id, e.prefix_len)),
+            expert_outcome=e.expert.outcome_reward,
+            agent_outcome=e.rollout.outcome_reward,
+            makes_step_pair=not (suffix and e.prefix_len == 0),
+        )
+        for e in explorations
+        if e.agent_step_query() is not None
+    )
 
 
 AGENT_STEP_REWARDS: Stage[Scored] = Stage(
@@ -577,6 +603,7 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
         ctx.store.explorations_hash(At(ctx.run_id, it.number)),
         it.number,
         ctx.seed(it.number),
+        *(_early_stop_inputs(ctx, it) if _stops_early(ctx) else ()),
     ),
     scopes=_step_reward_scopes("agent"),
     result_type=Scored,
@@ -585,9 +612,17 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
 )
 
 
+def _early_stop_inputs(ctx: RunContext, it: Iteration) -> list[Any]:
+    """What early stopping reads besides the explorations: the mining rule and the expert
+    step rewards."""
+    scorer_id = ctx.engines.scorer_id(it.sft_path, it.number)
+    expert = ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), "expert", scorer_id)
+    return [config_fields(ctx, "mining"), expert]
+
+
 # -- pairs ---------------------------------------------------------------------------------
 def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    scorer_id = ctx.engines.scorer_id(it.sft_path, it.number)
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, "expert")
     agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, "agent")
@@ -604,7 +639,7 @@ def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
 
 
 def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    scorer_id = ctx.engines.scorer_id(it.sft_path, it.number)
     return digest(
         "mine-pairs",
         scorer_id,
