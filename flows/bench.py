@@ -18,6 +18,7 @@ agree, up to a rare batching near-tie.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from ipr_core.backends.throughput import DTYPES, Rate, decode_rate, in_dtype, pr
 from ipr_core.backends.transformers_backend import TransformersBackend, WorkLog
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
 from ipr_core.envs import make_env
-from ipr_core.errors import InputError
+from ipr_core.errors import InputError, IprError
 from ipr_core.expert import build_expert_trajectory
 from ipr_core.models import resolve_model
 from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutResult
@@ -85,8 +86,15 @@ class Measurement:
         return (self.prefill_tokens + self.generated_tokens) / self.wall_s
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+COMPARE_ENGINES = ("ctranslate2",)
+
+
+def run_bench(
+    config: BenchConfig, compare: str | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     torch.manual_seed(config.seed)
+    if compare is not None:
+        check_engine(compare)
     model_path = resolve_model(config.model, config.cache_dir)
     queries = _queries(config)
     log(f"{len(queries)} step-reward queries x N={config.n_samples} on {config.env}")
@@ -113,6 +121,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     hardware_s = a.prefill_tokens / prefill.tokens_per_s + a.generated_tokens / decode.tokens_per_s
     log(f"d. hardware: {hardware_s:.1f} s (prefill {prefill}, decode {decode})")
 
+    compared = None
+    if compare is not None:
+        compared = ctranslate2_replay(model_path, config, work)
+        log(f"e. {compare} int8: {compared['wall_s']:.1f} s")
     agree = [x.outcome_reward == y.outcome_reward for x, y in zip(a_greedy, b_greedy, strict=True)]
     same_actions = [
         [s.action for s in x.trajectory.steps] == [s.action for s in y.trajectory.steps]
@@ -134,6 +146,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "wall_s": hardware_s,
         },
         "fraction_of_hardware": hardware_s / a.wall_s,
+        "compare": compared,
+        "engine_speedup_over_compare": None if compared is None else compared["wall_s"] / a.wall_s,
         "greedy_outcome_agreement": sum(agree) / len(agree),
         "greedy_action_agreement": sum(same_actions) / len(same_actions),
         "greedy_rollouts": len(agree),
@@ -245,6 +259,57 @@ def best(rates: Sequence[Rate], phase: str) -> Rate:
     return max((rate for rate in rates if rate.phase == phase), key=lambda rate: rate.tokens_per_s)
 
 
+def check_engine(name: str) -> None:
+    """Refuse at once (before minutes of measuring) an engine that is not installed."""
+    if name not in COMPARE_ENGINES:
+        raise IprError(f"--compare: unknown engine {name!r}; expected one of {COMPARE_ENGINES}")
+    if importlib.util.find_spec(name) is None:
+        raise IprError(f"--compare {name}: {name} is not installed (pip install 'ipr[bench]')")
+
+
+def ctranslate2_replay(model_path: Path, config: BenchConfig, work: WorkLog) -> dict[str, Any]:
+    """a's generate calls through CTranslate2 int8: every row's prompt, and exactly as many
+    sampled tokens as a generated for it. CTranslate2 keeps no cache across calls, so it
+    encodes each whole prompt: what it would cost as this engine's backend."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from transformers import AutoTokenizer
+
+    converted = config.cache_dir / "ctranslate2" / f"{model_path.name}-int8"
+    if not (converted / "model.bin").exists():
+        TransformersConverter(str(model_path), low_cpu_mem_usage=True).convert(
+            str(converted), quantization="int8", force=True
+        )
+    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    prompt_tokens = generated = 0
+    wall = 0.0
+    for call in work.calls:
+        for start in range(0, len(call), config.max_batch_size):
+            rows = call[start : start + config.max_batch_size]
+            longest = max(n for _, n in rows)
+            prompts = [tokenizer.convert_ids_to_tokens(ids) for ids, _ in rows]
+            started = time.perf_counter()
+            results = generator.generate_batch(
+                prompts,
+                max_length=longest,
+                min_length=longest,
+                sampling_temperature=config.temperature,
+                sampling_topk=0,
+                include_prompt_in_result=False,
+            )
+            wall += time.perf_counter() - started
+            prompt_tokens += sum(len(ids) for ids, _ in rows)
+            generated += sum(len(r.sequences_ids[0]) for r in results)
+    return {
+        "engine": f"ctranslate2 {ctranslate2.__version__} int8",
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "tokens_per_s": (prompt_tokens + generated) / wall,
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{'':<10} {'prefill tok':>12} {'gen tok':>9} {'env steps':>10} {'wall s':>8} {'tok/s':>8}"
@@ -263,4 +328,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"greedy outcome agreement {report['greedy_outcome_agreement']:.2f} "
         f"(actions {report['greedy_action_agreement']:.2f}, {report['greedy_rollouts']} rollouts)"
     )
+    if report["compare"] is not None:
+        other = report["compare"]
+        lines.append(
+            f"{other['engine']}: {other['prompt_tokens']} prompt + {other['generated_tokens']} "
+            f"generated tokens in {other['wall_s']:.1f} s; the engine is "
+            f"{report['engine_speedup_over_compare']:.2f}x as fast"
+        )
     return "\n".join(lines)

@@ -122,3 +122,31 @@ def test_bench_training_refuses_a_bad_micro_batch_size(tmp_path, micro, field):
     with pytest.raises(InputError) as caught:
         load_training_bench_config(config)
     assert caught.value.field == field
+
+
+def test_bench_compare_refuses_an_engine_it_cannot_run(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.commands", "bench", "rollouts", "--compare", "llama.cpp",
+         "--out", out],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        "error: --compare: unknown engine 'llama.cpp'; expected one of ('ctranslate2',)"
+    ]
+
+
+def test_ctranslate2_replays_the_engine_calls_int8(tmp_path, tiny_model_path):
+    """The comparison engine gets every row's prompt and exactly as many tokens as the
+    engine generated for the longest row of its batch."""
+    from flows.bench import BenchConfig, ctranslate2_replay
+    from ipr_core.backends.transformers_backend import WorkLog
+
+    work = WorkLog(calls=[[([1, 5, 9, 12], 3), ([1, 5, 7], 5)], [([1, 2, 3, 4, 5, 6], 2)]])
+    config = BenchConfig(model=str(tiny_model_path), cache_dir=tmp_path, max_batch_size=2)
+    report = ctranslate2_replay(tiny_model_path, config, work)
+    assert report["engine"].startswith("ctranslate2") and report["engine"].endswith("int8")
+    assert report["prompt_tokens"] == 13
+    assert report["generated_tokens"] == 2 * 5 + 2
+    assert (tmp_path / "ctranslate2" / f"{tiny_model_path.name}-int8" / "model.bin").exists()

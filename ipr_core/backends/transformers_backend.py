@@ -182,6 +182,9 @@ class WorkLog:
     compute) per batched prefill pass."""
     decodes: list[tuple[int, int]] = field(default_factory=list)
     """(rows, mean context length) per decode step."""
+    calls: list[list[tuple[list[int], int]]] = field(default_factory=list)
+    """Per generate call, each row's (prompt token ids, tokens generated): the same work for
+    another engine (`ipr bench rollouts --compare`)."""
 
 
 class TransformersBackend:
@@ -282,6 +285,10 @@ class TransformersBackend:
         ordered = sorted(rows, key=lambda item: len(item[1].prompt.tokens))
         for start in range(0, len(ordered), self.max_batch_size):
             self._decode([row for _, row in ordered[start : start + self.max_batch_size]], params)
+        if self.work_log is not None:
+            self.work_log.calls.append(
+                [(row.prompt.tokens.tolist(), len(row.generated)) for _, row in rows]
+            )
         counted: set[int] = set()
         for i, row in rows:
             first = id(row.prompt) not in counted
