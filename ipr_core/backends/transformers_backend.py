@@ -490,6 +490,7 @@ class TransformersBackend:
             return logits.argmax(dim=-1).tolist()
         cdf = torch.softmax(logits / params.temperature, dim=-1).cumsum(dim=-1)
         draws = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+        draws = draws.to(cdf.device)  # CPU generators: the same draws on any device
         targets = (draws * cdf[:, -1])[:, None]  # cdf[:, -1] is 1 up to rounding
         tokens = torch.searchsorted(cdf, targets, right=True)[:, 0]
         return tokens.clamp(max=cdf.shape[-1] - 1).tolist()
