@@ -4,7 +4,7 @@ Needs only torch, transformers and PEFT (and this repository): the GPU machines 
 vLLM, maybe no TRL, DuckDB or Prefect, and no package registry, so nothing here imports
 them; which of them import is reported, with what that skipped. Covers:
   hardware  -- the bare model's prefill and decode tokens/s over batch sizes and dtypes
-               (`ipr_core.backends.throughput`, the bench's sweep);
+               (`ipr_core.engine.backends.throughput`, the bench's sweep);
   rollouts  -- the transformers backend (dtypes `auto`: bfloat16 on a GPU) running
                multi-turn sampled conversations, and its `fraction_of_hardware`: the time
                the sweep's best rates need for its prefilled and generated tokens, over its
@@ -37,10 +37,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ipr_core.backends.base import SamplingParams  # noqa: E402
-from ipr_core.backends.throughput import DTYPES, decode_rate, in_dtype, prefill_rate  # noqa: E402
-from ipr_core.backends.transformers_backend import TransformersBackend  # noqa: E402
-from ipr_core.models import build_tiny_llama  # noqa: E402
+from ipr_core.engine.backends.base import SamplingParams  # noqa: E402
+from ipr_core.engine.backends.throughput import (  # noqa: E402
+    DTYPES,
+    decode_rate,
+    in_dtype,
+    prefill_rate,
+)
+from ipr_core.engine.backends.transformers_backend import TransformersBackend  # noqa: E402
+from ipr_core.engine.models import build_tiny_llama  # noqa: E402
 
 OPTIONAL = {
     "trl": "the project's SFT and mixture trainers (the steps below are written out in torch)",

@@ -141,7 +141,7 @@ def test_ctranslate2_replays_the_engine_calls_int8(tmp_path, tiny_model_path):
     """The comparison engine gets every row's prompt and exactly as many tokens as the
     engine generated for the longest row of its batch."""
     from flows.bench import BenchConfig, ctranslate2_replay
-    from ipr_core.backends.transformers_backend import WorkLog
+    from ipr_core.engine.backends.transformers_backend import WorkLog
 
     work = WorkLog(calls=[[([1, 5, 9, 12], 3), ([1, 5, 7], 5)], [([1, 2, 3, 4, 5, 6], 2)]])
     config = BenchConfig(model=str(tiny_model_path), cache_dir=tmp_path, max_batch_size=2)

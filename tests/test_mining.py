@@ -2,12 +2,13 @@
 
 import pytest
 
+from ipr_core.agent.prompts import PromptFormat
+from ipr_core.agent.react import format_turn
+from ipr_core.config import MiningConfig
+from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
-from ipr_core.explore import Exploration
-from ipr_core.mining import MiningConfig, mine_pairs
-from ipr_core.prompts import PromptFormat
-from ipr_core.react import format_turn
-from ipr_core.rollout import RolloutResult, RolloutSpec
+from ipr_core.method.explore import Exploration
+from ipr_core.method.mining import mine_pairs
 from ipr_core.types import Step, Trajectory
 
 TASK = EnvTask("twx/test", "train-1", "train", "Make a meal.", "You are in the kitchen.")
@@ -126,7 +127,7 @@ def test_early_stopping_is_exact_against_every_completion_of_the_samples():
     failing or any outcome in [0, 1], checked on a grid) gives the full run's decision."""
     import itertools
 
-    from ipr_core.mining import PairContext, pair_decided, step_winner
+    from ipr_core.method.mining import PairContext, pair_decided, step_winner
 
     config = MiningConfig(step_margin=0.1, both_directions=True)
     grid = [None, 0.0, 0.25, 0.5, 1.0]  # None: a failed sample

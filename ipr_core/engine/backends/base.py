@@ -6,11 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Message = dict[str, str]
-"""A chat message: {"role": "system" | "user" | "assistant", "content": str}."""
-
-DtypeSetting = Literal["auto", "float32", "bfloat16"]
-"""A phase's dtype in the transformers backend; `auto` measures both at startup."""
+from ipr_core.types import Message
 
 FinishReason = Literal["stop", "length", "context"]
 """stop: a stop string or EOS; length: hit max_new_tokens; context: the prompt did not fit."""
