@@ -26,6 +26,7 @@ from ipr_core.training.config import (
     PRESETS,
     ComputeSettings,
     MixtureSettings,
+    Seed,
     SFTSettings,
     check_layout,
 )
@@ -167,7 +168,7 @@ class RunConfig(_Strict):
     step_timeout_s: float = Field(60.0, gt=0)
     """An env step running longer fails its rollout (env_error) instead of hanging the run."""
     iterations: int = Field(1, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     generation: GenerationConfig = GenerationConfig()
     prompt: PromptConfig = PromptConfig()
     monte_carlo: MonteCarloConfig = MonteCarloConfig()

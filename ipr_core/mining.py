@@ -16,8 +16,9 @@ whose pair it would duplicate.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.types import Pair, Step, is_failed, same_action
@@ -29,11 +30,14 @@ StepKey = tuple[str, int]
 """(task_id, prefix_len)"""
 
 
-@dataclass(frozen=True)
-class MiningConfig:
-    step_margin: float = 0.1
-    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper."""
-    trajectory_margin: float = 0.0
+class MiningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_margin: float = Field(0.1, ge=0, lt=1)
+    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper. Rewards lie in [0, 1]:
+    below 0 it would mine steps the agent did better, from 1 it mines none."""
+    trajectory_margin: float = Field(0.0, ge=0, lt=1)
+    """Outcomes differing by no more than this make no pair (from 1: none would)."""
     both_directions: bool = False
     step_mode: Literal["suffix", "action"] = "suffix"
 

@@ -76,6 +76,7 @@ CONFIG_CASES = {
     "config-bool-for-number.yaml": ["field 'monte_carlo.n_samples'", "got a boolean"],
     "config-unknown-env.yaml": ["field 'env'", "unknown env id"],
     "config-duplicate-key.yaml": ["field 'n_samples'", "duplicate key", "line 4"],
+    "config-negative-margin.yaml": ["field 'mining.step_margin'", "greater than or equal to 0"],
 }
 
 
