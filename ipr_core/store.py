@@ -22,8 +22,9 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from ipr_core.envs import canonical_env_id
 from ipr_core.envs.base import EnvTask
-from ipr_core.errors import InputError, IprError
+from ipr_core.errors import InputError, IprError, UnknownEnvError
 from ipr_core.explore import Exploration
 from ipr_core.rollout import RolloutResult, RolloutSpec
 from ipr_core.step_rewards import StepReward
@@ -179,6 +180,13 @@ SCHEMA: dict[str, str] = {
         manifest VARCHAR NOT NULL,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, manifest_id)""",
+    "store_migrations": """
+        name VARCHAR PRIMARY KEY,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
+    "env_id_renames": """
+        old_id VARCHAR PRIMARY KEY,
+        env_id VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
 }
 """`stage_runs` is the completion record of the loop's stages (see `ipr_core.loop`): written
 in the transaction that writes the stage's rows, with the fingerprint of what it read."""
@@ -187,7 +195,9 @@ in the transaction that writes the stage's rows, with the fingerprint of what it
 records the copy's own cost and names the donor. `estimates` holds the last `ipr
 estimate` of each run id, which the next estimate compares with the measured costs.
 `run_manifests`: what shaped a run's numbers besides its config (`ipr_core.manifest`),
-one row per distinct manifest the run was started or resumed with."""
+one row per distinct manifest the run was started or resumed with. `store_migrations`
+names each data migration done to the store (done once); `env_id_renames` maps an env id's
+spelling before the full-id migration to its full id (`migrate_to_full_env_ids`)."""
 
 PAIR_KEY = "run_id, iteration, level, task_id, prefix_len"
 ROLLOUT_KEY = "run_id, iteration, kind, policy_id, task_id, prefix_len, actor, sample_idx"
@@ -313,6 +323,9 @@ class Store:
     ) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.path.exists():
             raise IprError(f"store {self.path} does not exist")
+        if read_only and not self._migrated:
+            with self.transaction():  # a store is brought up to date when it is opened
+                pass
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
@@ -395,6 +408,18 @@ class Store:
         if not self.table_exists(table):
             return 0
         return int(self.query(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)["n"][0])
+
+    def fingerprint_env_id(self, env_id: str) -> str:
+        """The spelling of `env_id` that stage fingerprints hash: the one this store first
+        held it under (its spelling before `migrate_to_full_env_ids`, where it has one), so
+        stages finished before the migration stay done. A default that changes later
+        changes the full id, which then has no old spelling: no stage is taken for done."""
+        if not self.path.exists():
+            return env_id
+        found = self.query(
+            "SELECT min(old_id) AS old_id FROM env_id_renames WHERE env_id = ?", [env_id]
+        )["old_id"].iloc[0]
+        return found if isinstance(found, str) else env_id
 
     # -- stage completion records ------------------------------------------------------
     def stage_record(self, run_id: str, iteration: int, stage: str) -> StageRecord | None:
@@ -782,6 +807,72 @@ def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
     for view, select in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
+    migrate_to_full_env_ids(con)
+
+
+FULL_ENV_IDS = "full-env-ids"
+ENV_ID_COLUMNS = ("expert_trajectories", "rollouts", "step_rewards", "pairs")
+"""Tables with an `env_id` column."""
+ENV_ID_IN_CONFIGS = {"runs": "$.env", "estimates": "$.env", "experiments": "$.run.env"}
+"""Tables whose JSON `config` holds an env id, and where."""
+
+
+def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Rewrite the env ids of a store written when ids left parameters at their default
+    out (`twx/twc?locations=1`) to the full canonical id, in every table that holds one,
+    in one transaction, once. Each old spelling is kept in `env_id_renames`: stage
+    fingerprints hash it (`Store.fingerprint_env_id`), so finished stages stay done. An id
+    the registry does not know is left as it is."""
+    done = "SELECT count(*) FROM store_migrations WHERE name = ?"
+    if con.execute(done, [FULL_ENV_IDS]).fetchone()[0]:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        configs = {
+            table: con.execute(f"SELECT rowid, config FROM {table}").fetchall()
+            for table in ENV_ID_IN_CONFIGS
+        }
+        stored = {
+            old
+            for table in ENV_ID_COLUMNS
+            for (old,) in con.execute(f"SELECT DISTINCT env_id FROM {table}").fetchall()
+        }
+        for table, path in ENV_ID_IN_CONFIGS.items():
+            keys = path.removeprefix("$.").split(".")
+            stored |= {_dig(json.loads(config), keys) for _, config in configs[table]}
+        renames = {old: new for old in stored if (new := _full_env_id(old)) not in (None, old)}
+        for old, new in sorted(renames.items()):
+            for table in ENV_ID_COLUMNS:
+                con.execute(f"UPDATE {table} SET env_id = ? WHERE env_id = ?", [new, old])
+            con.execute("INSERT INTO env_id_renames (old_id, env_id) VALUES (?, ?)", [old, new])
+        for table, path in ENV_ID_IN_CONFIGS.items():
+            keys = path.removeprefix("$.").split(".")
+            for rowid, config in configs[table]:
+                data = json.loads(config)
+                if _dig(data, keys) in renames:
+                    _dig(data, keys[:-1])[keys[-1]] = renames[_dig(data, keys)]
+                    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+                    con.execute(f"UPDATE {table} SET config = ? WHERE rowid = ?", [text, rowid])
+        con.execute("INSERT INTO store_migrations (name) VALUES (?)", [FULL_ENV_IDS])
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _full_env_id(env_id: Any) -> str | None:
+    """The canonical id of a stored one; None for an id the registry does not know."""
+    try:
+        return canonical_env_id(env_id) if isinstance(env_id, str) else None
+    except UnknownEnvError:
+        return None
+
+
+def _dig(data: Any, keys: Sequence[str]) -> Any:
+    """`data[k1][k2]...`, or None where a key is missing."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
