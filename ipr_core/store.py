@@ -621,7 +621,7 @@ class Store:
         if not self.table_exists("expert_trajectories"):
             return []
         sql = "SELECT * FROM expert_trajectories WHERE env_id = ?"
-        params: list[Any] = [env_id]
+        params: list[Any] = [stored_env_id(env_id)]
         if split is not None:
             sql += " AND split = ?"
             params.append(split)
@@ -840,7 +840,8 @@ def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
         for table, path in ENV_ID_IN_CONFIGS.items():
             keys = path.removeprefix("$.").split(".")
             stored |= {_dig(json.loads(config), keys) for _, config in configs[table]}
-        renames = {old: new for old in stored if (new := _full_env_id(old)) not in (None, old)}
+        found = {old for old in stored if isinstance(old, str)}
+        renames = {old: new for old in found if (new := stored_env_id(old)) != old}
         for old, new in sorted(renames.items()):
             for table in ENV_ID_COLUMNS:
                 con.execute(f"UPDATE {table} SET env_id = ? WHERE env_id = ?", [new, old])
@@ -860,12 +861,14 @@ def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("COMMIT")
 
 
-def _full_env_id(env_id: Any) -> str | None:
-    """The canonical id of a stored one; None for an id the registry does not know."""
+@functools.lru_cache(maxsize=256)
+def stored_env_id(env_id: str) -> str:
+    """The one spelling of an env id in the store (`canonical_env_id`), which every row
+    and query goes through; an id the registry does not know is kept as it is."""
     try:
-        return canonical_env_id(env_id) if isinstance(env_id, str) else None
+        return canonical_env_id(env_id)
     except UnknownEnvError:
-        return None
+        return env_id
 
 
 def _dig(data: Any, keys: Sequence[str]) -> Any:
@@ -1064,7 +1067,7 @@ def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str,
         "run_id": key.run_id,
         "iteration": key.iteration,
         "kind": key.kind,
-        "env_id": trajectory.task.env_id,
+        "env_id": stored_env_id(trajectory.task.env_id),
         "task_id": result.spec.task_id,
         "prefix_len": key.prefix_len,
         "actor": key.actor,
@@ -1099,7 +1102,7 @@ def step_reward_rows(
                 "run_id": at.run_id,
                 "scorer_id": scorer_id,
                 "iteration": at.iteration,
-                "env_id": env_id,
+                "env_id": stored_env_id(env_id),
                 "task_id": query.task_id,
                 "prefix_len": query.prefix_len,
                 "actor": query.actor,
@@ -1122,7 +1125,7 @@ def pair_row(pair: Pair, run_id: str, iteration: int, env_id: str, mode: str) ->
         "run_id": run_id,
         "iteration": iteration,
         "level": pair.level,
-        "env_id": env_id,
+        "env_id": stored_env_id(env_id),
         "task_id": pair.task_id,
         "prefix_len": pair.prefix_len,
         "mode": mode if pair.level == "step" else "trajectory",
@@ -1165,7 +1168,7 @@ def steps_from_json(text: str) -> tuple[Step, ...]:
 def expert_to_row(trajectory: Trajectory, source: str) -> dict[str, Any]:
     task = trajectory.task
     return {
-        "env_id": task.env_id,
+        "env_id": stored_env_id(task.env_id),
         "task_id": task.task_id,
         "split": task.split,
         "source": source,

@@ -207,7 +207,10 @@ def test_a_scienceworld_setting_runs_in_its_own_jvm_and_its_gold_path_reaches_re
     easy = make_env("scienceworld/find-animal")
     hard = make_env("scienceworld/find-animal?teleport=0&open_doors=0")
     try:
-        assert hard.env_id == "scienceworld/find-animal?teleport=0&open_doors=0"
+        assert hard.env_id == (
+            "scienceworld/find-animal?teleport=0&open_doors=0&open_containers=0"
+            "&self_watering=1&no_electrical=1"
+        )
         assert "teleport" in easy.action_hint and "teleport" not in hard.action_hint
         assert hard._gateway.java_process.pid != easy._gateway.java_process.pid
         assert sw.simplification_str(parse_env_id(hard.env_id)) == (
