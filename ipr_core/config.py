@@ -18,9 +18,7 @@ from pydantic import (
 )
 
 from ipr_core.envs import canonical_env_id
-from ipr_core.errors import InputError, UnknownEnvError
-from ipr_core.formats import kind_of, read_text
-from ipr_core.mining import MiningConfig
+from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.training.config import (
     IN_PROCESS,
     PRESETS,
@@ -139,11 +137,25 @@ class PromptConfig(_Strict):
     None: the whole history."""
 
 
+class MiningConfig(BaseModel):
+    """Contrastive pair mining (`ipr_core.method.mining`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_margin: float = Field(0.1, ge=0, lt=1)
+    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper. Rewards lie in [0, 1]:
+    below 0 it would mine steps the agent did better, from 1 it mines none."""
+    trajectory_margin: float = Field(0.0, ge=0, lt=1)
+    """Outcomes differing by no more than this make no pair (from 1: none would)."""
+    both_directions: bool = False
+    step_mode: Literal["suffix", "action"] = "suffix"
+
+
 class RunConfig(_Strict):
     run_id: str = "default"
     env: EnvId
     model: str = "smollm2-135m-instruct"
-    """The base model: a model spec (see ipr_core.models.resolve_model)."""
+    """The base model: a model spec (see ipr_core.engine.models.resolve_model)."""
     method: Method = "ipr"
     """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
     sft: SFTSettings | None = SFTSettings()

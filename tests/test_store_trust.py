@@ -11,10 +11,10 @@ import duckdb
 import pytest
 
 from flows.cli import main
-from ipr_core import loop
 from ipr_core.config import RunConfig
-from ipr_core.context import RunContext
-from ipr_core.store import ENV_ID_COLUMNS, SCHEMA, Store
+from ipr_core.run import loop
+from ipr_core.run.context import RunContext
+from ipr_core.store.store import ENV_ID_COLUMNS, SCHEMA, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,30 +16,17 @@ whose pair it would duplicate.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
+from ipr_core.config import MiningConfig
 from ipr_core.types import Pair, Step, is_failed, same_action
 
 if TYPE_CHECKING:
-    from ipr_core.explore import Exploration
+    from ipr_core.method.explore import Exploration
 
 StepKey = tuple[str, int]
 """(task_id, prefix_len)"""
-
-
-class MiningConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    step_margin: float = Field(0.1, ge=0, lt=1)
-    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper. Rewards lie in [0, 1]:
-    below 0 it would mine steps the agent did better, from 1 it mines none."""
-    trajectory_margin: float = Field(0.0, ge=0, lt=1)
-    """Outcomes differing by no more than this make no pair (from 1: none would)."""
-    both_directions: bool = False
-    step_mode: Literal["suffix", "action"] = "suffix"
 
 
 def mine_pairs(
