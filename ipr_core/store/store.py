@@ -799,8 +799,8 @@ def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
 FULL_ENV_IDS = "full-env-ids"
 ENV_ID_COLUMNS = ("expert_trajectories", "rollouts", "step_rewards", "pairs")
 """Tables with an `env_id` column."""
-ENV_ID_IN_CONFIGS = {"runs": "$.env", "estimates": "$.env", "experiments": "$.run.env"}
-"""Tables whose JSON `config` holds an env id, and where."""
+ENV_ID_IN_CONFIGS = {"runs": ("env",), "estimates": ("env",), "experiments": ("run", "env")}
+"""Tables whose JSON `config` holds an env id, and its keys there."""
 
 
 def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
@@ -823,8 +823,7 @@ def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
             for table in ENV_ID_COLUMNS
             for (old,) in con.execute(f"SELECT DISTINCT env_id FROM {table}").fetchall()
         }
-        for table, path in ENV_ID_IN_CONFIGS.items():
-            keys = path.removeprefix("$.").split(".")
+        for table, keys in ENV_ID_IN_CONFIGS.items():
             stored |= {_dig(json.loads(config), keys) for _, config in configs[table]}
         found = {old for old in stored if isinstance(old, str)}
         renames = {old: new for old in found if (new := stored_env_id(old)) != old}
@@ -832,8 +831,7 @@ def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
             for table in ENV_ID_COLUMNS:
                 con.execute(f"UPDATE {table} SET env_id = ? WHERE env_id = ?", [new, old])
             con.execute("INSERT INTO env_id_renames (old_id, env_id) VALUES (?, ?)", [old, new])
-        for table, path in ENV_ID_IN_CONFIGS.items():
-            keys = path.removeprefix("$.").split(".")
+        for table, keys in ENV_ID_IN_CONFIGS.items():
             for rowid, config in configs[table]:
                 data = json.loads(config)
                 if _dig(data, keys) in renames:
