@@ -180,12 +180,12 @@ def test_a_parameter_changes_the_game_and_its_rows_never_mix(tmp_path: Path) -> 
         default.close()
         easy.close()
     store = Store(tmp_path / "s.duckdb")
-    assert ingest_gold(store, "twx/twc?locations=2", "train", 2).written == 2
+    assert ingest_gold(store, "twx/twc?locations=1", "train", 2).written == 2
     args = ["ingest", "--env", "twx/twc?items=1&locations=1", "--limit", "2"]
     assert main([*args, "--store", str(tmp_path / "s.duckdb")]) == 0
     stored = store.query("SELECT env_id, count(*) AS n FROM expert_trajectories GROUP BY 1")
-    assert dict(zip(stored["env_id"], stored["n"], strict=True)) == {
-        "twx/twc?locations=2&items=2&doors=0&inventory_limit=0": 2,
+    assert dict(zip(stored["env_id"], stored["n"], strict=True)) == {  # defaults spelt too
+        "twx/twc?locations=1&items=2&doors=0&inventory_limit=0": 2,
         "twx/twc?locations=1&items=1&doors=0&inventory_limit=0": 2,
     }
     easy_id = "twx/twc?locations=1&items=1&doors=0&inventory_limit=0"

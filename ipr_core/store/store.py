@@ -368,7 +368,7 @@ class Store:
                 for (task_id,) in con.execute(
                     "SELECT task_id FROM expert_trajectories WHERE env_id = ? "
                     "AND list_contains(?, task_id) ORDER BY task_id",
-                    [rows[0]["env_id"], [row["task_id"] for row in rows]],
+                    [stored_env_id(rows[0]["env_id"]), [row["task_id"] for row in rows]],
                 ).fetchall()
             ]
             if existing and not replace:
@@ -848,7 +848,8 @@ def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
 @functools.lru_cache(maxsize=256)
 def stored_env_id(env_id: str) -> str:
     """The one spelling of an env id in the store (`canonical_env_id`), which every row
-    and query goes through; an id the registry does not know is kept as it is."""
+    written (`upsert`) and every query by env id goes through; an id the registry does not
+    know is kept as it is."""
     try:
         return canonical_env_id(env_id)
     except UnknownEnvError:
@@ -915,9 +916,12 @@ def _record(row: Any) -> StageRecord:
 
 
 def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> int:
+    """Insert or replace `rows`; every env id in them is written in its stored spelling."""
     if not rows:
         return 0
     frame = pd.DataFrame(list(rows))
+    if "env_id" in frame:
+        frame["env_id"] = frame["env_id"].map(stored_env_id)
     columns = ", ".join(frame.columns)
     con.register("_batch", frame)  # on failure the transaction and connection are dropped
     con.execute(f"INSERT OR REPLACE INTO {table} ({columns}) SELECT {columns} FROM _batch")
@@ -1051,7 +1055,7 @@ def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str,
         "run_id": key.run_id,
         "iteration": key.iteration,
         "kind": key.kind,
-        "env_id": stored_env_id(trajectory.task.env_id),
+        "env_id": trajectory.task.env_id,
         "task_id": result.spec.task_id,
         "prefix_len": key.prefix_len,
         "actor": key.actor,
@@ -1086,7 +1090,7 @@ def step_reward_rows(
                 "run_id": at.run_id,
                 "scorer_id": scorer_id,
                 "iteration": at.iteration,
-                "env_id": stored_env_id(env_id),
+                "env_id": env_id,
                 "task_id": query.task_id,
                 "prefix_len": query.prefix_len,
                 "actor": query.actor,
@@ -1109,7 +1113,7 @@ def pair_row(pair: Pair, run_id: str, iteration: int, env_id: str, mode: str) ->
         "run_id": run_id,
         "iteration": iteration,
         "level": pair.level,
-        "env_id": stored_env_id(env_id),
+        "env_id": env_id,
         "task_id": pair.task_id,
         "prefix_len": pair.prefix_len,
         "mode": mode if pair.level == "step" else "trajectory",
@@ -1152,7 +1156,7 @@ def steps_from_json(text: str) -> tuple[Step, ...]:
 def expert_to_row(trajectory: Trajectory, source: str) -> dict[str, Any]:
     task = trajectory.task
     return {
-        "env_id": stored_env_id(task.env_id),
+        "env_id": task.env_id,
         "task_id": task.task_id,
         "split": task.split,
         "source": source,
