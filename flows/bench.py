@@ -39,6 +39,7 @@ from ipr_core.envs import make_env
 from ipr_core.errors import InputError, IprError
 from ipr_core.method.expert import build_expert_trajectory
 from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards, expert_queries
+from ipr_core.training.config import Seed
 from ipr_core.types import Trajectory
 
 
@@ -61,7 +62,7 @@ class BenchConfig(BaseModel):
     prefill_dtype: DtypeSetting = "float32"
     decode_dtype: DtypeSetting = "float32"
     """The engine's dtypes (the reference stays float32); `auto` measures them at startup."""
-    seed: int = 0
+    seed: Seed = 0
     sweep_rows: tuple[int, ...] = (8, 32, 128)
     """Decode batch sizes of the hardware sweep (prefill: 1 and 8 prompts)."""
     sweep_context: int = Field(256, gt=0)
