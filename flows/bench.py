@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import DynamicCache, StaticCache
 
 from ipr_core.config import DtypeSetting, EnvId, read_yaml_mapping, validate_config
@@ -63,7 +63,7 @@ class BenchConfig(BaseModel):
     decode_dtype: DtypeSetting = "float32"
     """The engine's dtypes (the reference stays float32); `auto` measures them at startup."""
     seed: Seed = 0
-    sweep_rows: tuple[int, ...] = (8, 32, 128)
+    sweep_rows: tuple[PositiveInt, ...] = (8, 32, 128)
     """Decode batch sizes of the hardware sweep (prefill: 1 and 8 prompts)."""
     sweep_context: int = Field(256, gt=0)
     """Prompt length of the sweep's prefills and KV length of its decode steps."""
