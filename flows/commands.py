@@ -137,19 +137,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     training.add_argument("--out", type=Path, required=True, help="JSON report")
     training.set_defaults(handler=cmd_bench_training)
 
-    experiment = commands.add_parser(
-        "experiment", help="run every method x seed of an experiment config (resumable)"
-    )
-    experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
-    experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
-    add_overrides_argument(experiment)
-    experiment.add_argument(
-        "--allow-manifest-change",
-        action="store_true",
-        help="resume runs whose packages, model, splits or prompt differ from their manifest",
-    )
-    experiment.set_defaults(handler=cmd_experiment)
-
     tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
     tokens.add_argument(
         "--config", type=Path, required=True, help="run or experiment config (env, model, prompt)"
@@ -340,48 +327,39 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
+    """The run's SFT stage (`ipr_core.run.loop.SFT`): recorded, costed, skipped when done."""
+    from ipr_core.run import loop
     from ipr_core.run.context import RunContext
     from ipr_core.store.store import Store
-    from ipr_core.training.sft import train_sft
 
     config = config_from_args(args)
     if config.sft is None:
         raise IprError(f"{args.config}: the config has no sft settings")
     store = Store(config.store)
-    experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
-    if not experts:
+    if not store.expert_trajectories(config.env, config.train_split, config.train_limit):
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
     ctx = RunContext(config, store)
-    result = train_sft(
-        ctx.base_path(), experts, ctx.prompt, config.sft, config.checkpoints_dir, config.compute
-    )
-    store.record_checkpoint(result, config.run_id, iteration=0)
-    print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
+    base = ctx.base_path()
+    trained = loop.run_stage(loop.SFT, ctx, loop.Iteration(0, base, base))
+    print(f"SFT checkpoint {trained.checkpoint_id}: {trained.path}")
     return 0
 
 
 def cmd_train_mixture(args: argparse.Namespace) -> int:
+    """The run's mixture stage of `--iteration` (`ipr_core.run.loop.TRAIN_MIXTURE`)."""
+    from ipr_core.run import loop
+    from ipr_core.run.context import RunContext
     from ipr_core.store.store import Store
-    from ipr_core.training.mixture import train_mixture
 
     config = config_from_args(args)
-    settings = config.mixture_settings
-    if settings is None:
+    if config.mixture_settings is None:
         raise IprError(f"{args.config}: method 'sft' trains no mixture")
     store = Store(config.store)
-    pairs = store.pairs(config.run_id, args.iteration)
-    if not pairs:
+    if not store.pairs(config.run_id, args.iteration):
         raise IprError(f"{config.store}: run {config.run_id!r} has no pairs in {args.iteration}")
-    result = train_mixture(
-        args.sft_model,
-        pairs,
-        settings,
-        config.checkpoints_dir,
-        parent_path=args.policy,
-        compute=config.compute,
-    )
-    store.record_checkpoint(result, config.run_id, args.iteration)
-    print(f"mixture checkpoint {result.checkpoint_id}: {result.path}")
+    it = loop.Iteration(args.iteration, args.sft_model, args.policy or args.sft_model)
+    trained = loop.run_stage(loop.TRAIN_MIXTURE, RunContext(config, store), it)
+    print(f"mixture checkpoint {trained.checkpoint_id}: {trained.path}")
     return 0
 
 
@@ -489,16 +467,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(records, indent=1), encoding="utf-8")
     print(f"wrote {len(records)} records to {args.out}")
     return 0
-
-
-def cmd_experiment(args: argparse.Namespace) -> int:
-    from flows.experiment import load_experiment_config, run_experiment
-
-    config = load_experiment_config(args.config, args.overrides, store=args.store)
-    runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
-    print_table(runs, max_rows=len(runs))
-    unfinished = runs[runs["status"] != "finished"]
-    return 1 if len(unfinished) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.experiment import METHODS, ensure_known
 from flows.plots import plot_dev_curve
+from ipr_core.run.experiment import METHODS, ensure_known
 from ipr_core.store.store import Store
 from ipr_core.types import FAILED_STATUSES
 

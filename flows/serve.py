@@ -1,5 +1,6 @@
-"""`ipr serve`: a local Prefect server, the `ipr-local` process pool, deployment
-`ipr/iterate` (from prefect.yaml) and a worker, as child processes of one command.
+"""`ipr serve`: a local Prefect server, the `ipr-local` process pool, deployments
+`ipr/iterate` and `experiment/reproduce` (from prefect.yaml) and a worker, as child
+processes of one command.
 
 Readiness is polled (`/api/health`) against a deadline, never slept for. Ctrl-C or
 SIGTERM stops the worker first (it needs the server to finish cleanly), then the server.
@@ -21,6 +22,7 @@ from pathlib import Path
 from tasks.settings import REPO_ROOT, configure_prefect_env
 
 DEPLOYMENT = "ipr/iterate"
+EXPERIMENT_DEPLOYMENT = "experiment/reproduce"
 
 
 class ServeError(RuntimeError):
@@ -119,7 +121,8 @@ def serve(
         if ensure_pool(pool, env):
             print(f"created process work pool {pool!r}", flush=True)
         run_checked(prefect_cmd("--no-prompt", "deploy", "--all"), env)
-        print(f"deployed {DEPLOYMENT} (prefect.yaml) on pool {pool!r}", flush=True)
+        deployed = f"{DEPLOYMENT} and {EXPERIMENT_DEPLOYMENT}"
+        print(f"deployed {deployed} (prefect.yaml) on pool {pool!r}", flush=True)
         worker = subprocess.Popen(
             prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
             env=env,

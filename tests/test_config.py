@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 
 from flows.commands import main
-from flows.experiment import load_experiment_config
 from ipr_core.config import load_config, parse_overrides
 from ipr_core.errors import InputError
+from ipr_core.run.experiment import load_experiment_config
 
 
 def test_loads_preset_with_defaults(tmp_path):

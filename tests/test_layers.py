@@ -11,17 +11,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CORE_LAYERS: tuple[str, ...] = (
-    "errors",  # the errors a user's input raises
-    "envs",  # the environments: the world the agent acts in
-    "types",  # messages, steps, trajectories, pairs: the data stages pass
-    "agent",  # the ReAct turn format and the one prompt builder
-    "training",  # SFT, the mixture loss, the step reward model, checkpoints
-    "config",  # the typed settings of a run
-    "engine",  # policy backends and the lock-step rollout engine
-    "method",  # explore, step rewards, mining, evaluation: IPR's algorithm
-    "store",  # DuckDB: schema, SQL, row mapping, the JSON file formats
-    "run",  # the loop: the one stage list, run context, costs, shards
+CORE_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "digest"),  # the errors a user's input raises; the one content hash
+    ("envs",),  # the environments: the world the agent acts in
+    ("types",),  # messages, steps, trajectories, pairs: the data stages pass
+    ("agent",),  # the ReAct turn format and the one prompt builder
+    ("training",),  # SFT, the mixture loss, the step reward model, checkpoints
+    ("config",),  # the typed settings of a run
+    ("engine",),  # policy backends and the lock-step rollout engine
+    ("method",),  # explore, step rewards, mining, evaluation: IPR's algorithm
+    ("store",),  # DuckDB: schema, SQL, row mapping, the JSON file formats
+    ("run",),  # the loop: the one stage list, run context, costs, shards, experiments
 )
 """`ipr_core`'s layers, bottom first: a module imports its own layer or one below it."""
 
@@ -49,7 +49,7 @@ def _core_layer(name: str) -> int | None:
     parts = name.split(".")
     if parts[0] != "ipr_core" or len(parts) < 2:
         return None
-    return CORE_LAYERS.index(parts[1]) if parts[1] in CORE_LAYERS else None
+    return next((i for i, layer in enumerate(CORE_LAYERS) if parts[1] in layer), None)
 
 
 def upward_imports(package: str, root: Path = ROOT) -> list[str]:

@@ -16,8 +16,6 @@ file left by another job is never read.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -30,27 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipr_core.config import RunConfig
+from ipr_core.digest import digest
 from ipr_core.errors import IprError
 from ipr_core.method.step_rewards import StepQuery
 from ipr_core.run.context import Engines, ScoringJob, StepRows, score_steps
+from ipr_core.run.fingerprints import FINGERPRINT_CHARS, SCORING_FIELDS
 from ipr_core.store.store import SCHEMA, At, step_reward_rows
 from ipr_core.types import Actor
 
 TABLES = ("rollouts", "step_rewards")
 FINGERPRINT_KEY = b"ipr.shard_fingerprint"
-JOB_CONFIG_FIELDS = {
-    "run_id",
-    "env",
-    "backend",
-    "max_steps",
-    "step_timeout_s",
-    "generation",
-    "prompt",
-    "monte_carlo",
-    "vllm",
-    "openai",
-}
-"""The config fields a shard's rows depend on (with the scorer, seed and queries)."""
 
 
 class ShardError(IprError):
@@ -86,13 +73,13 @@ class ShardJob:
     @functools.cached_property
     def fingerprint(self) -> str:
         payload = [
-            self.config.model_dump(mode="json", include=JOB_CONFIG_FIELDS),
+            self.config.model_dump(mode="json", include={"run_id", *SCORING_FIELDS}),
             self.scorer_id,
             self.iteration,
             self.seed,
             [asdict(query) for query in self.queries],
         ]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        return digest(payload, FINGERPRINT_CHARS)
 
 
 def shard_directory(config: RunConfig, actor: Actor, iteration: int) -> Path:

@@ -10,7 +10,6 @@ stage never duplicates rows.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from ipr_core.digest import digest
 from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import InputError, IprError
@@ -456,9 +456,9 @@ class Store:
     def rows_hash(self, table: str, columns: str, where: str, params: list[Any]) -> str:
         """A hash of the selected rows in a stable order (an absent table hashes as empty)."""
         if not self.table_exists(table):
-            return _digest(table, [])
+            return digest([table, []], 32)
         frame = self.query(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY ALL", params)
-        return _digest(table, frame.to_json(orient="values", double_precision=15))
+        return digest([table, frame.to_json(orient="values", double_precision=15)], 32)
 
     def step_rewards_hash(self, at: At, actor: str, scorer_id: str) -> str:
         """What mining reads of a (run, iteration, actor, scorer)'s step rewards."""
@@ -939,18 +939,13 @@ FROM v GROUP BY reward ORDER BY list_position(['expert', 'agent'], reward) NULLS
 
 
 # -- row conversion ----------------------------------------------------------------------
-def _digest(*parts: Any) -> str:
-    payload = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
 def _is_null(value: object) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
 def manifest_row(run_id: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     text = json.dumps(manifest, sort_keys=True)
-    return {"run_id": run_id, "manifest_id": _digest(text), "manifest": text}
+    return {"run_id": run_id, "manifest_id": digest([text], 32), "manifest": text}
 
 
 def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from ipr_core.agent.prompts import PromptFormat, build_conversation
+from ipr_core.digest import digest
 from ipr_core.errors import IprError
 from ipr_core.training.checkpoints import (
     RESULT_FILE,
@@ -146,7 +147,7 @@ def split_by_task(
 
 def reward_data_hash(examples: Sequence[RewardExample]) -> str:
     payload = [[e.task_id, list(e.messages), e.target] for e in examples]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest(payload)
 
 
 # -- tokenisation ------------------------------------------------------------------------
