@@ -90,12 +90,8 @@ def run_command(config_path: Path) -> str:
     return f"prefect deployment run {DEPLOYMENT} --watch --params {shlex.quote(params)}"
 
 
-def serve(
-    port: int = 4200,
-    pool: str = "ipr-local",
-    config_path: Path = Path("configs/smoke.yaml"),
-    ready_timeout_s: float = 180.0,
-) -> int:
+def serve(port: int, pool: str, config_path: Path, ready_timeout_s: float) -> int:
+    """`ipr serve` (its options, in `flows.cli`, hold the defaults)."""
     configure_prefect_env()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_API_URL=api, IPR_WORK_POOL=pool, IPR_REPO=str(REPO_ROOT))

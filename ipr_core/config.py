@@ -11,7 +11,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -26,6 +25,7 @@ from ipr_core.training.config import (
     ComputeSettings,
     MixtureSettings,
     SFTSettings,
+    StrictConfig,
     check_layout,
 )
 
@@ -47,11 +47,7 @@ EnvId = Annotated[str, AfterValidator(_canonical_env_id)]
 the store for every spelling of one setting)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictConfig):
     max_new_tokens: int = Field(96, gt=0)
     max_batch_size: int = Field(16, gt=0)
     """Sequences per forward pass of the transformers backend."""
@@ -59,12 +55,12 @@ class GenerationConfig(_Strict):
     """Episodes in lock-step at once (one env instance each)."""
 
 
-class MonteCarloConfig(_Strict):
+class MonteCarloConfig(StrictConfig):
     n_samples: int = Field(5, gt=0)
     temperature: float = Field(1.0, ge=0)
 
 
-class VLLMSettings(_Strict):
+class VLLMSettings(StrictConfig):
     """The vLLM offline engine (`backend: vllm`, GPU): automatic prefix caching, `n` sampling,
     and LoRA checkpoints served as adapters on their base model's engine (never merged)."""
 
@@ -90,7 +86,7 @@ class VLLMSettings(_Strict):
     """Adapters resident on the GPU at once."""
 
 
-class OpenAISettings(_Strict):
+class OpenAISettings(StrictConfig):
     """An OpenAI-compatible server (`backend: openai`), e.g. a running `vllm serve`."""
 
     base_url: str = Field(pattern=r"^https?://")
@@ -113,7 +109,7 @@ def largest_lora_rank(*stages: SFTSettings | MixtureSettings | None) -> int | No
     return max(ranks, default=None)
 
 
-class ScaleOutConfig(_Strict):
+class ScaleOutConfig(StrictConfig):
     """Monte Carlo step rewards computed in shards on a Dask cluster (the Prefect flow only)."""
 
     shards: int = Field(2, gt=0)
@@ -129,7 +125,7 @@ class ScaleOutConfig(_Strict):
     workers when they run on other machines, like the checkpoints folder."""
 
 
-class PromptConfig(_Strict):
+class PromptConfig(StrictConfig):
     """The prompt every stage builds (SFT examples, rollouts, pairs): one setting for all."""
 
     history_window: int | None = Field(None, ge=1)
@@ -146,7 +142,7 @@ class MiningConfig:
     step_mode: Literal["suffix", "action"] = "suffix"
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictConfig):
     run_id: str = "default"
     env: EnvId
     model: str = "smollm2-135m-instruct"

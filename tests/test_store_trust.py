@@ -10,6 +10,7 @@ import duckdb
 import pytest
 
 from flows.cli import main
+from ipr_core.errors import InputError
 from ipr_core.store.store import SCHEMA, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,14 +146,16 @@ def _old_store(path: Path, rollouts: str) -> None:
         con.execute(f"CREATE TABLE rollouts ({rollouts})")
 
 
-def test_an_older_store_gains_the_new_tables_and_known_columns(tmp_path):
+def test_an_older_store_gains_the_new_tables_and_known_columns_when_it_opens(tmp_path):
     path = tmp_path / "old.duckdb"
     _old_store(path, SCHEMA["rollouts"])
+    with pytest.raises(InputError, match="older schema"):
+        Store(path, read_only=True)  # a reader never writes, so it cannot migrate
     store = Store(path)
-    store.write({"runs": [{"run_id": "r1", "config": "{}"}]})
-    assert store.table_exists("stage_runs")
+    assert store.count("stage_runs") == 0  # created when the store opened, before any write
     columns = store.query("DESCRIBE expert_trajectories")["column_name"].tolist()
     assert "action_hint" in columns
+    Store(path, read_only=True)  # current now
 
 
 def test_a_store_lacking_a_column_it_cannot_migrate_is_refused_unchanged(tmp_path, capsys):

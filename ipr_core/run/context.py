@@ -34,14 +34,11 @@ from ipr_core.method.step_rewards import (
 from ipr_core.store.store import At, Row, Store, step_reward_rows
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import RewardModelScorer
-from ipr_core.types import Actor, Trajectory
+from ipr_core.types import EXPERT_ITERATION, Actor, Trajectory
 
 Log = Callable[[str], None]
 ProgressFactory = Callable[[str], ProgressFn]
 """Makes the progress display of a stage from its label."""
-
-EXPERT_ITERATION = 0
-"""Expert step rewards depend only on the fixed scorer: stored once, under iteration 0."""
 
 EXPERT_SEED = 0
 """The sampling seed of the expert steps' Monte Carlo rollouts, the same for every run: the

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ipr_core.config import (
     RunConfig,
@@ -43,6 +43,7 @@ from ipr_core.run.context import Log, RunContext
 from ipr_core.run.loop import Iterate, Iteration, Runner, Split, run_iteration, run_stage
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
+from ipr_core.training.config import StrictConfig
 
 TableMethod = Literal["sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft"]
 METHODS: tuple[TableMethod, ...] = ("sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft")
@@ -56,9 +57,7 @@ LEGACY_SETTINGS: dict[str, Any] = {"sft_per_seed": False, "fixed_scorer": False}
 """What an experiment recorded before these settings existed ran with: one SFT model."""
 
 
-class ExperimentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ExperimentConfig(StrictConfig):
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     methods: list[TableMethod] = Field(default_factory=lambda: list(METHODS), min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
@@ -161,31 +160,28 @@ def run_experiment(
     scorer = train_scorer(config, store, log, run)
     for seed in config.seeds:
         for method in config.methods:
-            if run_status(store, config.experiment_id, method, seed) == FINISHED:
+            if store.experiment_run_status(config.experiment_id, method, seed) == FINISHED:
                 log(f"[{config.run_id(method, seed)}] finished before; skipped")
             elif run_one is None:
                 run_method(config, method, seed, scorer, log, allow_manifest_change)
             else:
                 run_one(config, method, seed, scorer)
     log(f"experiment {config.experiment_id}: done in {time.perf_counter() - started:.0f} s")
-    return experiment_runs(store, config.experiment_id)
+    return store.experiment_runs(config.experiment_id)
 
 
 def register(store: Store, config: ExperimentConfig) -> None:
     """Record the experiment; a resumed one must keep its shared settings."""
-    if store.table_exists("experiments"):
-        found = store.query(
-            "SELECT config FROM experiments WHERE experiment_id = ?", [config.experiment_id]
-        )
-        if len(found):
-            before = LEGACY_SETTINGS | flatten(json.loads(found["config"].iloc[0]))
-            now = flatten(json.loads(config.shared_settings()))
-            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-            if changed:
-                raise IprError(
-                    f"experiment {config.experiment_id!r} exists in {store.path} with other "
-                    f"settings ({', '.join(changed)}); use a new experiment_id"
-                )
+    recorded = store.experiment_settings(config.experiment_id)
+    if recorded is not None:
+        before = LEGACY_SETTINGS | flatten(json.loads(recorded))
+        now = flatten(json.loads(config.shared_settings()))
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            raise IprError(
+                f"experiment {config.experiment_id!r} exists in {store.path} with other "
+                f"settings ({', '.join(changed)}); use a new experiment_id"
+            )
     row = {"experiment_id": config.experiment_id, "config": config.shared_settings()}
     store.write({"experiments": [row]})
 
@@ -254,38 +250,6 @@ def run_method(
     )
 
 
-def run_status(store: Store, experiment_id: str, method: str, seed: int) -> str | None:
-    if not store.table_exists("experiment_runs"):
-        return None
-    found = store.query(
-        "SELECT status FROM experiment_runs WHERE experiment_id = ? AND method = ? AND seed = ?",
-        [experiment_id, method, seed],
-    )
-    return None if found.empty else str(found["status"].iloc[0])
-
-
-def experiment_runs(store: Store, experiment_id: str) -> pd.DataFrame:
-    """Per run: method, seed, status, best iteration, its dev and test reward."""
-    return store.query(
-        """
-        SELECT x.method, x.seed, x.run_id, x.status, x.best_iteration,
-               round(d.avg_reward, 3) AS dev_reward, round(t.avg_reward, 3) AS test_reward,
-               round(t.success_rate, 3) AS test_success, round(t.avg_steps, 2) AS test_steps
-        FROM experiment_runs x
-        JOIN experiments e USING (experiment_id)
-        LEFT JOIN runs r USING (run_id)
-        LEFT JOIN evaluations d ON d.run_id = x.run_id AND d.iteration = x.best_iteration
-             AND d.split = json_extract_string(r.config, '$.dev_split')
-        LEFT JOIN evaluations t ON t.run_id = x.run_id AND t.iteration = x.best_iteration
-             AND t.policy_id = x.test_policy_id
-             AND t.split = json_extract_string(e.config, '$.test_split')
-        WHERE x.experiment_id = ?
-        ORDER BY x.seed, x.method
-        """,
-        [experiment_id],
-    )
-
-
 def ensure_known(store: Store, experiment_id: str) -> None:
-    if store.count("experiments", "experiment_id = ?", [experiment_id]) == 0:
+    if store.experiment_settings(experiment_id) is None:
         raise InputError(str(store.path), "no such experiment", record=experiment_id)

@@ -37,7 +37,7 @@ from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import explore
 from ipr_core.method.mining import mine_pairs
 from ipr_core.run import pipeline
-from ipr_core.run.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
+from ipr_core.run.context import MissingSettings, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
 from ipr_core.run.fingerprints import FINGERPRINT_CHARS, ROLLOUT_FIELDS, SCORING_FIELDS
 from ipr_core.run.manifest import check_resume, run_manifest
@@ -63,10 +63,15 @@ from ipr_core.training.checkpoints import (
 from ipr_core.training.data import pairs_data_hash
 from ipr_core.training.mixture import train_mixture, trainable_pairs
 from ipr_core.training.sft import train_sft
-from ipr_core.types import Actor
-
-BASE_ITERATION = -1
-"""Evaluations of the base model are stored as iteration -1; the SFT model is iteration 0."""
+from ipr_core.types import (
+    AGENT,
+    BASE_ITERATION,
+    EXPERT,
+    EXPERT_ITERATION,
+    Actor,
+    RolloutKind,
+    StageName,
+)
 
 R = TypeVar("R")
 
@@ -409,7 +414,7 @@ def _ingest(ctx: RunContext, it: Iteration) -> Output[Ingested]:
 
 
 INGEST: Stage[Ingested] = Stage(
-    name="ingest",
+    name=StageName.INGEST,
     compute=_ingest,
     fingerprint=lambda ctx, it: digest(
         ["ingest", config_fields(ctx, "env", "train_split", "train_limit")], FINGERPRINT_CHARS
@@ -451,7 +456,7 @@ def _checkpoint_scope(at: At, ctx: RunContext, it: Iteration, r: Trained) -> lis
 
 
 SFT: Stage[Trained] = Stage(
-    name="sft",
+    name=StageName.SFT,
     compute=_sft,
     fingerprint=lambda ctx, it: digest(
         [
@@ -481,7 +486,7 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
         f"iteration {it.number}: {split.name} reward {result.avg_reward}, "
         f"success {result.success_rate}, steps {result.avg_steps} ({result.policy_id})"
     )
-    key = RowKey(ctx.run_id, it.number, "eval", 0, "agent")
+    key = RowKey(ctx.run_id, it.number, RolloutKind.EVAL, 0, AGENT)
     evaluation = {"run_id": ctx.run_id, "iteration": it.number, **asdict(result)}
     rows = {
         "rollouts": [rollout_row(r, key, result.policy_id) for r in rollouts],
@@ -497,7 +502,7 @@ def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) ->
 
 
 EVALUATE: Stage[Evaluation] = Stage(
-    name="evaluate",
+    name=StageName.EVALUATE,
     compute=_evaluate,
     # greedy episodes: the model, the split and the rollout settings decide them, so the
     # iteration (a label) and the seed are left out and equal evaluations are done once
@@ -522,7 +527,7 @@ def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path)
     queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
     at = At(ctx.run_id, EXPERT_ITERATION)
-    job = ScoringJob(at, "expert", it.scorer_path, tuple(queries), ctx.seed(at.iteration))
+    job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
     rows = ctx.score(job, "expert step rewards") if queries else {}
     ctx.log(f"scored {len(queries)} expert steps")
     return Output(Scored(len(queries), scorer_id), rows)
@@ -547,7 +552,7 @@ def _run_scope(owned: Callable[[At], Scope]) -> Callable[..., list[Scope]]:
 
 
 EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
-    name="expert-step-rewards",
+    name=StageName.EXPERT_STEP_REWARDS,
     compute=_expert_step_rewards,
     fingerprint=lambda ctx, it: digest(
         [
@@ -558,7 +563,7 @@ EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
         ],
         FINGERPRINT_CHARS,
     ),
-    scopes=_step_reward_scopes("expert"),
+    scopes=_step_reward_scopes(EXPERT),
     result_type=Scored,
     label=lambda it: "expert step rewards",
     replace=False,
@@ -578,7 +583,9 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
     ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
     rows = [
         rollout_row(
-            e.rollout, RowKey(ctx.run_id, it.number, "explore", e.prefix_len, "agent"), policy_id
+            e.rollout,
+            RowKey(ctx.run_id, it.number, RolloutKind.EXPLORE, e.prefix_len, AGENT),
+            policy_id,
         )
         for e in explorations
     ]
@@ -586,7 +593,7 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
 
 
 EXPLORE: Stage[Explored] = Stage(
-    name="explore",
+    name=StageName.EXPLORE,
     compute=_explore,
     fingerprint=lambda ctx, it: digest(
         [
@@ -610,14 +617,14 @@ def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     queries = pipeline.agent_queries(explorations)
     at = At(ctx.run_id, it.number)
-    job = ScoringJob(at, "agent", it.scorer_path, tuple(queries), ctx.seed(at.iteration))
+    job = ScoringJob(at, AGENT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
     rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
     ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
     return Output(Scored(len(queries), ctx.engines.scorer_id(it.scorer_path)), rows)
 
 
 AGENT_STEP_REWARDS: Stage[Scored] = Stage(
-    name="agent-step-rewards",
+    name=StageName.AGENT_STEP_REWARDS,
     compute=_agent_step_rewards,
     fingerprint=lambda ctx, it: digest(
         [
@@ -629,7 +636,7 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
         ],
         FINGERPRINT_CHARS,
     ),
-    scopes=_step_reward_scopes("agent"),
+    scopes=_step_reward_scopes(AGENT),
     result_type=Scored,
     label=lambda it: f"agent step rewards[{it.number}]",
     scores_steps=True,
@@ -640,8 +647,8 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
 def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path)
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
-    expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, "expert")
-    agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, "agent")
+    expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, EXPERT)
+    agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
     mining = ctx.config.mining
     pairs = mine_pairs(explorations, expert_rewards, agent_rewards, mining, ctx.prompt)
     counts = {"trajectory": 0, "step": 0}
@@ -663,8 +670,8 @@ def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
             it.number,
             experts_hash(ctx),
             ctx.store.explorations_hash(At(ctx.run_id, it.number)),
-            ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), "expert", scorer_id),
-            ctx.store.step_rewards_hash(At(ctx.run_id, it.number), "agent", scorer_id),
+            ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), EXPERT, scorer_id),
+            ctx.store.step_rewards_hash(At(ctx.run_id, it.number), AGENT, scorer_id),
             ctx.prompt.action_hint,
             config_fields(ctx, "env", "mining", "prompt"),
         ],
@@ -673,7 +680,7 @@ def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
 
 
 MINE_PAIRS: Stage[Mined] = Stage(
-    name="mine-pairs",
+    name=StageName.MINE_PAIRS,
     compute=_mine,
     fingerprint=_mine_fingerprint,
     scopes=_run_scope(scopes.pairs),
@@ -723,7 +730,7 @@ def _train_fingerprint(ctx: RunContext, it: Iteration) -> str:
 
 
 TRAIN_MIXTURE: Stage[Trained] = Stage(
-    name="train-mixture",
+    name=StageName.TRAIN_MIXTURE,
     compute=_train,
     fingerprint=_train_fingerprint,
     scopes=_checkpoint_scope,

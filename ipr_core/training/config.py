@@ -14,11 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ipr_core.errors import IprError
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
+    """The base of every typed config: an unknown key is an error, and values never change
+    after validation (a changed setting is a new config: `model_copy(update=...)`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictConfig):
     enabled: bool = False
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -34,7 +37,7 @@ class LoraSettings(_Strict):
     )
 
 
-class SFTSettings(_Strict):
+class SFTSettings(StrictConfig):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -51,7 +54,7 @@ class SFTSettings(_Strict):
     seed: int = 0
 
 
-class MixtureWeights(_Strict):
+class MixtureWeights(StrictConfig):
     """w_o, w_s, w_sft of L = w_o L_o-DPO + w_s L_s-DPO + w_sft L_SFT."""
 
     trajectory_dpo: float = Field(1.0, ge=0)
@@ -66,7 +69,7 @@ class MixtureWeights(_Strict):
         return self.step_dpo > 0 or self.sft > 0
 
 
-class MixtureSettings(_Strict):
+class MixtureSettings(StrictConfig):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(3e-6, gt=0)
     beta: float = Field(0.1, gt=0)
@@ -89,7 +92,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 
 
-class DistributedSettings(_Strict):
+class DistributedSettings(StrictConfig):
     """Training under `accelerate launch`, one process per device (per core group on CPU).
 
     `batch_size` stays the global batch: each process takes `batch_size / num_processes`
@@ -104,7 +107,7 @@ class DistributedSettings(_Strict):
     """The rendezvous port (accelerate's default 29500 when unset)."""
 
 
-class ComputeSettings(_Strict):
+class ComputeSettings(StrictConfig):
     """Where SFT and the mixture train; checkpoint ids leave it out (it changes no result
     beyond float rounding and bf16 autocast)."""
 

@@ -45,7 +45,7 @@ from ipr_core.training.checkpoints import (
     model_id,
     train_once,
 )
-from ipr_core.training.config import IN_PROCESS, LoraSettings, _Strict
+from ipr_core.training.config import IN_PROCESS, LoraSettings, StrictConfig
 from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.precision import detect_precision
 from ipr_core.training.runtime import (
@@ -61,7 +61,7 @@ from ipr_core.types import Message, ScoredStep
 REWARD_MODEL_KIND: CheckpointKind = "reward_model"
 
 
-class RewardModelSettings(_Strict):
+class RewardModelSettings(StrictConfig):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, gt=0)
