@@ -371,9 +371,9 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
     from ipr_core.run.context import RunContext
     from ipr_core.store.store import Store
-    from ipr_core.training.config import LoraSettings
+    from ipr_core.training.config import LoraConfig
     from ipr_core.training.reward_model import (
-        RewardModelSettings,
+        RewardModelConfig,
         step_reward_examples,
         train_reward_model,
     )
@@ -391,7 +391,7 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
     if not examples:
         raise IprError(f"{config.store}: no step rewards of run {config.run_id!r} to learn from")
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
-    settings = RewardModelSettings(**epochs, lora=LoraSettings(enabled=args.lora))
+    settings = RewardModelConfig(**epochs, lora=LoraConfig(enabled=args.lora))
     result = train_reward_model(ctx.base_path(), examples, settings, config.checkpoints_dir)
     store.record_checkpoint(result, config.run_id)
     metrics = result.metrics

@@ -27,7 +27,7 @@ from flows.report import markdown_table  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.run import loop  # noqa: E402
 from ipr_core.run.context import RunContext  # noqa: E402
-from ipr_core.run.loop import Iteration, IterationResult, Scored  # noqa: E402
+from ipr_core.run.loop import Iteration, IterationResult, StepsScored  # noqa: E402
 from ipr_core.store.transcripts import pair_transcript  # noqa: E402
 from tasks import stages  # noqa: E402
 
@@ -67,7 +67,7 @@ EXAMPLE_CHARS = 3000
 """A pair transcript in the artifact is cut to this length (`ipr show pair` prints it all)."""
 
 
-def agent_steps_line(agent: Scored | None) -> str:
+def agent_steps_line(agent: StepsScored | None) -> str:
     if agent is None:
         return "- agent steps scored: none (the mixture reads no step pair)"
     return f"- agent steps scored: {agent.queries} (scorer `{agent.scorer_id}`)"

@@ -22,9 +22,9 @@ from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.training.config import (
     IN_PROCESS,
     PRESETS,
-    ComputeSettings,
-    MixtureSettings,
-    SFTSettings,
+    ComputeConfig,
+    MixtureConfig,
+    SFTConfig,
     StrictConfig,
     check_layout,
 )
@@ -60,7 +60,7 @@ class MonteCarloConfig(StrictConfig):
     temperature: float = Field(1.0, ge=0)
 
 
-class VLLMSettings(StrictConfig):
+class VLLMConfig(StrictConfig):
     """The vLLM offline engine (`backend: vllm`, GPU): automatic prefix caching, `n` sampling,
     and LoRA checkpoints served as adapters on their base model's engine (never merged)."""
 
@@ -86,7 +86,7 @@ class VLLMSettings(StrictConfig):
     """Adapters resident on the GPU at once."""
 
 
-class OpenAISettings(StrictConfig):
+class OpenAIConfig(StrictConfig):
     """An OpenAI-compatible server (`backend: openai`), e.g. a running `vllm serve`."""
 
     base_url: str = Field(pattern=r"^https?://")
@@ -104,7 +104,7 @@ class OpenAISettings(StrictConfig):
     """Name of the environment variable holding a bearer token, if the server wants one."""
 
 
-def largest_lora_rank(*stages: SFTSettings | MixtureSettings | None) -> int | None:
+def largest_lora_rank(*stages: SFTConfig | MixtureConfig | None) -> int | None:
     ranks = [stage.lora.r for stage in stages if stage is not None and stage.lora.enabled]
     return max(ranks, default=None)
 
@@ -149,10 +149,10 @@ class RunConfig(StrictConfig):
     """The base model: a model spec (see ipr_core.engine.models.resolve_model)."""
     method: Method = "ipr"
     """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
-    sft: SFTSettings | None = SFTSettings()
+    sft: SFTConfig | None = SFTConfig()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
-    mixture: MixtureSettings = MixtureSettings()
-    compute: ComputeSettings = IN_PROCESS
+    mixture: MixtureConfig = MixtureConfig()
+    compute: ComputeConfig = IN_PROCESS
     """Where SFT and the mixture train: device, and processes under `accelerate launch`."""
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     store: Path = Path(".ipr/ipr.duckdb")
@@ -179,12 +179,12 @@ class RunConfig(StrictConfig):
     """A step reward model folder (`ipr train reward-model`) whose predictions replace the
     Monte Carlo step rewards (paper 5.5); unset: MC with the SFT model as scorer."""
     mining: MiningConfig = MiningConfig()
-    vllm: VLLMSettings = Field(VLLMSettings(), validate_default=True)
-    openai: OpenAISettings | None = Field(None, validate_default=True)
+    vllm: VLLMConfig = Field(VLLMConfig(), validate_default=True)
+    openai: OpenAIConfig | None = Field(None, validate_default=True)
 
     @field_validator("vllm")
     @classmethod
-    def _lora_rank_fits_vllm(cls, value: VLLMSettings, info: ValidationInfo) -> VLLMSettings:
+    def _lora_rank_fits_vllm(cls, value: VLLMConfig, info: ValidationInfo) -> VLLMConfig:
         if info.data.get("backend") != "vllm":
             return value
         rank = largest_lora_rank(info.data.get("sft"), info.data.get("mixture"))
@@ -194,9 +194,7 @@ class RunConfig(StrictConfig):
 
     @field_validator("mixture")
     @classmethod
-    def _weights_belong_to_custom(
-        cls, value: MixtureSettings, info: ValidationInfo
-    ) -> MixtureSettings:
+    def _weights_belong_to_custom(cls, value: MixtureConfig, info: ValidationInfo) -> MixtureConfig:
         """A method other than `custom` brings its own weights: silently training with
         them instead of the ones the config spells out would mislabel an ablation."""
         method = info.data.get("method", "ipr")
@@ -211,9 +209,7 @@ class RunConfig(StrictConfig):
 
     @field_validator("compute")
     @classmethod
-    def _stages_fit_the_processes(
-        cls, value: ComputeSettings, info: ValidationInfo
-    ) -> ComputeSettings:
+    def _stages_fit_the_processes(cls, value: ComputeConfig, info: ValidationInfo) -> ComputeConfig:
         for stage in (info.data.get("sft"), info.data.get("mixture")):
             if stage is not None:
                 check_layout(stage, value)
@@ -222,8 +218,8 @@ class RunConfig(StrictConfig):
     @field_validator("openai")
     @classmethod
     def _openai_needs_a_server(
-        cls, value: OpenAISettings | None, info: ValidationInfo
-    ) -> OpenAISettings | None:
+        cls, value: OpenAIConfig | None, info: ValidationInfo
+    ) -> OpenAIConfig | None:
         if value is None and info.data.get("backend") == "openai":
             raise ValueError("backend 'openai' needs this section with at least base_url")
         return value
@@ -237,7 +233,7 @@ class RunConfig(StrictConfig):
     """None: each step reward stage runs in the flow's process."""
 
     @property
-    def mixture_settings(self) -> MixtureSettings | None:
+    def mixture_settings(self) -> MixtureConfig | None:
         """The mixture of `method` (None for `sft`: no training after stage 1)."""
         if self.method == "custom":
             return self.mixture

@@ -35,6 +35,8 @@ EXPERT_ITERATION = 0
 class RolloutKind(StrEnum):
     """What a `rollouts` row is for."""
 
+    __repr__ = str.__repr__  # logs and messages show the name as the string it is
+
     EXPLORE = "explore"
     MC = "mc"
     """A Monte Carlo sample behind a step reward."""
@@ -44,6 +46,8 @@ class RolloutKind(StrEnum):
 class StageName(StrEnum):
     """The loop's stages as their completion records (`stage_runs`) and costs name them;
     an evaluation's record adds its split (`evaluate-dev`)."""
+
+    __repr__ = str.__repr__  # logs and messages show the name as the string it is
 
     INGEST = "ingest"
     SFT = "sft"
@@ -102,7 +106,7 @@ def same_action(a: str, b: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ScoredStep:
+class StoredStepReward:
     """A `step_rewards` row with the expert trajectory of its task."""
 
     task_id: str

@@ -18,7 +18,7 @@ from prefect.tasks import Task
 from ipr_core.config import RunConfig
 from ipr_core.errors import raised_by_interrupt
 from ipr_core.run import loop
-from ipr_core.run.context import RunContext, StepScoring, score_in_process
+from ipr_core.run.context import RunContext, ScoringRunner, score_in_process
 from ipr_core.run.loop import Iteration, Stage
 from ipr_core.store.store import Store
 from tasks.progress import StageProgress
@@ -30,7 +30,7 @@ class StageFailed(RuntimeError):
     """A stage's error, named by stage, run and iteration, with the cause chained."""
 
 
-def context(config: RunConfig, scoring: StepScoring = score_in_process) -> RunContext:
+def context(config: RunConfig, scoring: ScoringRunner = score_in_process) -> RunContext:
     """The run context of a flow or task: Prefect's logger, progress artifacts."""
     logger = get_run_logger()
     return RunContext(config, Store(config.store), logger.info, StageProgress, scoring)

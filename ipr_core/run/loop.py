@@ -37,7 +37,7 @@ from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import explore
 from ipr_core.method.mining import mine_pairs
 from ipr_core.run import pipeline
-from ipr_core.run.context import MissingSettings, RunContext, ScoringJob
+from ipr_core.run.context import MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
 from ipr_core.run.fingerprints import FINGERPRINT_CHARS, ROLLOUT_FIELDS, SCORING_FIELDS
 from ipr_core.run.manifest import check_resume, run_manifest
@@ -119,7 +119,7 @@ class Trained:
 
 
 @dataclass(frozen=True)
-class Scored:
+class StepsScored:
     queries: int
     scorer_id: str
 
@@ -138,10 +138,10 @@ class Mined:
 
 @dataclass(frozen=True)
 class IterationResult:
-    expert: Scored | None
+    expert: StepsScored | None
     """None (and `agent` too) when the mixture reads no step pair (`scores_steps`)."""
     explored: Explored
-    agent: Scored | None
+    agent: StepsScored | None
     mined: Mined
     trained: Trained
     evaluated: Evaluation
@@ -431,7 +431,7 @@ INGEST: Stage[Ingested] = Stage(
 def _sft(ctx: RunContext, it: Iteration) -> Output[Trained]:
     config = ctx.config
     if config.sft is None:
-        raise MissingSettings("the SFT stage needs the config's `sft` settings")
+        raise MissingConfig("the SFT stage needs the config's `sft` settings")
     result = train_sft(
         it.policy_path,
         ctx.experts(),
@@ -523,20 +523,22 @@ EVALUATE: Stage[Evaluation] = Stage(
 
 
 # -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
-def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
+def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path)
     queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
     at = At(ctx.run_id, EXPERT_ITERATION)
     job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
     rows = ctx.score(job, "expert step rewards") if queries else {}
     ctx.log(f"scored {len(queries)} expert steps")
-    return Output(Scored(len(queries), scorer_id), rows)
+    return Output(StepsScored(len(queries), scorer_id), rows)
 
 
-def _step_reward_scopes(actor: Actor) -> Callable[[At, RunContext, Iteration, Scored], list[Scope]]:
+def _step_reward_scopes(
+    actor: Actor,
+) -> Callable[[At, RunContext, Iteration, StepsScored], list[Scope]]:
     """The step rewards of `actor` by the stage's scorer, and the MC rollouts behind them."""
 
-    def owned(at: At, ctx: RunContext, it: Iteration, r: Scored) -> list[Scope]:
+    def owned(at: At, ctx: RunContext, it: Iteration, r: StepsScored) -> list[Scope]:
         return scopes.step_rewards(at, actor, r.scorer_id)
 
     return owned
@@ -551,7 +553,7 @@ def _run_scope(owned: Callable[[At], Scope]) -> Callable[..., list[Scope]]:
     return scope
 
 
-EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
+EXPERT_STEP_REWARDS: Stage[StepsScored] = Stage(
     name=StageName.EXPERT_STEP_REWARDS,
     compute=_expert_step_rewards,
     fingerprint=lambda ctx, it: digest(
@@ -564,7 +566,7 @@ EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
         FINGERPRINT_CHARS,
     ),
     scopes=_step_reward_scopes(EXPERT),
-    result_type=Scored,
+    result_type=StepsScored,
     label=lambda it: "expert step rewards",
     replace=False,
     scores_steps=True,
@@ -613,17 +615,17 @@ EXPLORE: Stage[Explored] = Stage(
 
 
 # -- Monte Carlo step rewards of the agent's own first actions -----------------------------
-def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
+def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     queries = pipeline.agent_queries(explorations)
     at = At(ctx.run_id, it.number)
     job = ScoringJob(at, AGENT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
     rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
     ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
-    return Output(Scored(len(queries), ctx.engines.scorer_id(it.scorer_path)), rows)
+    return Output(StepsScored(len(queries), ctx.engines.scorer_id(it.scorer_path)), rows)
 
 
-AGENT_STEP_REWARDS: Stage[Scored] = Stage(
+AGENT_STEP_REWARDS: Stage[StepsScored] = Stage(
     name=StageName.AGENT_STEP_REWARDS,
     compute=_agent_step_rewards,
     fingerprint=lambda ctx, it: digest(
@@ -637,7 +639,7 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
         FINGERPRINT_CHARS,
     ),
     scopes=_step_reward_scopes(AGENT),
-    result_type=Scored,
+    result_type=StepsScored,
     label=lambda it: f"agent step rewards[{it.number}]",
     scores_steps=True,
 )
@@ -695,7 +697,7 @@ def _train(ctx: RunContext, it: Iteration) -> Output[Trained]:
     reference = SFT. Without a pair the method's loss uses, the policy stays as it was."""
     settings = ctx.config.mixture_settings
     if settings is None:
-        raise MissingSettings(f"method {ctx.config.method!r} trains no mixture")
+        raise MissingConfig(f"method {ctx.config.method!r} trains no mixture")
     pairs = ctx.store.pairs(ctx.run_id, it.number)
     if not trainable_pairs(pairs, settings.weights):
         method = ctx.config.method

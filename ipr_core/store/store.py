@@ -37,8 +37,8 @@ from ipr_core.types import (
     TRAJECTORY,
     Pair,
     RolloutKind,
-    ScoredStep,
     Step,
+    StoredStepReward,
     Trajectory,
 )
 from ipr_core.types import StageName as S
@@ -253,7 +253,7 @@ VIEWS: dict[str, str] = {
                     ELSE 'other' END AS work
         FROM stage_costs""",
 }
-"""Views over the tables (created on every write): `pair_ids` and `rollout_ids` add the
+"""Views over the tables (made when a writer opens the store): `pair_ids` and `rollout_ids` add the
 short ids `ipr show` takes; `pair_mc_samples` is every Monte Carlo sample behind both
 step rewards of a step pair (its expert step's, scored under iteration 0, and its agent
 step's, scored in the pair's iteration); `stage_work` is `stage_costs` with the kind of
@@ -545,7 +545,7 @@ class Store:
         )
         return [pair_from_row(row) for row in frame.to_dict("records")]
 
-    def scored_steps(self, run_id: str, scorer_id: str) -> list[ScoredStep]:
+    def scored_steps(self, run_id: str, scorer_id: str) -> list[StoredStepReward]:
         """Every scored step of (`run_id`, `scorer_id`), all iterations and actors, stably
         ordered, with the expert trajectory of its task (None when the store has none)."""
         frame = self.query(
@@ -566,7 +566,7 @@ class Store:
                 expert = expert_from_row({**row, **expert_row, "outcome_reward": 0.0})
             reward = None if _is_null(row["mean_reward"]) else float(row["mean_reward"])
             steps.append(
-                ScoredStep(
+                StoredStepReward(
                     task_id=row["task_id"],
                     prefix_len=int(row["prefix_len"]),
                     actor=row["actor"],
@@ -753,8 +753,8 @@ file opened at connect is the only file the connection reaches."""
 
 
 ADDED_COLUMNS = {"expert_trajectories": {"action_hint": "VARCHAR"}}
-"""Columns added since the first schema: a store created before gets them (NULL) on its
-first write."""
+"""Columns added since the first schema: a store created before gets them (NULL) when a
+writer opens it."""
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
