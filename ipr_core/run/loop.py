@@ -161,7 +161,7 @@ class Output(Generic[R]):
 class Stage(Generic[R]):
     """One stage: what it reads (`fingerprint`), computes and owns in the store (`scopes`)."""
 
-    name: str
+    name: StageName
     compute: Callable[[RunContext, Iteration], Output[R]]
     fingerprint: Callable[[RunContext, Iteration], str]
     scopes: Callable[[At, RunContext, Iteration, R], list[Scope]]
