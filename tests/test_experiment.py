@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from flows.cli import main as cli_main
 from flows.commands import main
 from flows.report import (
     PER_TASK_SQL,
@@ -150,6 +151,15 @@ def test_rerun_skips_finished_runs_and_writes_nothing(experiment):
     assert {t: store.count(t) for t in TABLES} == counts
     assert sum("finished before; skipped" in line for line in second_log) == 6
     assert rerun.equals(runs)
+
+
+def test_ipr_experiment_no_prefect_finds_every_run_finished(experiment, capsys):
+    """The command CI runs: the same runs, as plain calls; a finished experiment exits 0."""
+    config, store, runs, *_ = experiment
+    args = ["experiment", "--config", str(CONFIG), "--store", str(store.path), "--no-prefect"]
+    assert cli_main([*args, "--set", f"run.cache_dir={config.run.cache_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished before; skipped") == len(runs) == 6
 
 
 def test_changed_shared_settings_are_refused(experiment):
