@@ -43,7 +43,7 @@ from ipr_core.run.context import Log, RunContext
 from ipr_core.run.loop import Iterate, Iteration, Runner, Split, run_iteration, run_stage
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
-from ipr_core.training.config import StrictConfig
+from ipr_core.training.config import Seed, StrictConfig
 
 TableMethod = Literal["sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft"]
 METHODS: tuple[TableMethod, ...] = ("sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft")
@@ -60,7 +60,7 @@ LEGACY_SETTINGS: dict[str, Any] = {"sft_per_seed": False, "fixed_scorer": False}
 class ExperimentConfig(StrictConfig):
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     methods: list[TableMethod] = Field(default_factory=lambda: list(METHODS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation), the mixture
     trainer's seed and, with `sft_per_seed`, the SFT trainer's."""
     sft_per_seed: bool = True
