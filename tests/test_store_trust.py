@@ -12,9 +12,11 @@ import pytest
 
 from flows.cli import main
 from ipr_core.config import RunConfig
+from ipr_core.digest import digest
 from ipr_core.errors import InputError
 from ipr_core.run import loop
 from ipr_core.run.context import RunContext
+from ipr_core.run.fingerprints import FINGERPRINT_CHARS
 from ipr_core.store.store import ENV_ID_COLUMNS, SCHEMA, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +212,7 @@ def _store_of_short_ids(path: Path) -> RunConfig:
                     "run_id": "r",
                     "iteration": 0,
                     "stage": "ingest",
-                    "fingerprint": loop.digest("ingest", settings),
+                    "fingerprint": digest(["ingest", settings], FINGERPRINT_CHARS),
                     "result": '{"experts": 1, "steps": 2}',
                     "row_counts": "[1]",
                 }
@@ -243,7 +245,11 @@ def test_a_store_of_short_env_ids_is_migrated_once_and_its_finished_stages_stay_
     # The ingest stage finished before the migration is still done on resume.
     here = Path("unused")
     assert config.env == FULL_ID
-    assert loop.is_done(loop.INGEST, RunContext(config, store), loop.Iteration(0, here, here))
+    log: list[str] = []
+    loop.run_stage(
+        loop.INGEST, RunContext(config, store, log.append), loop.Iteration(0, here, here)
+    )
+    assert len(log) == 1 and log[0].startswith("ingest: done before (run r")
     # Once: an id written in the short spelling after the migration stays as written.
     with duckdb.connect(str(path)) as con:
         con.execute("UPDATE expert_trajectories SET env_id = ?", [SHORT_ID])
