@@ -10,8 +10,6 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.trainer import utils as trl_utils
-from trl.trainer.utils import add_fused_lm_head
 
 from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
@@ -42,9 +40,9 @@ from ipr_core.training.precision import CPU_FLOAT32
 from ipr_core.training.runtime import (
     load_model,
     load_training_model,
-    project_only_scored_positions,
 )
 from ipr_core.training.sft import train_sft
+from ipr_core.training.trl_adapter import project_only_scored_positions
 from ipr_core.types import Pair, Step, Trajectory
 
 PROMPT = PromptFormat("Actions: go <direction>, take <item>, stop.")
@@ -121,19 +119,17 @@ def test_mixture_loss_matches_hand_computation() -> None:
     # Δ_traj = (−10+11) − (−12+11) = 2; Δ_step = (−5+5.5) − (−4+4.2) = 0.3; −log σ(x) = softplus(−x)
     o_dpo, s_dpo = _softplus(-beta * 2.0), _softplus(-beta * 0.3)
     expected = (0.7 * o_dpo + 1.3 * s_dpo) / 2 + 0.4 * 2.5
-    loss, metrics = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nll, beta, weights)
+    loss = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nll, beta, weights)
     assert loss.item() == pytest.approx(expected, abs=1e-5)
-    assert metrics["loss/o_dpo"] == pytest.approx(o_dpo, abs=1e-5)
-    assert metrics["loss/s_dpo"] == pytest.approx(s_dpo, abs=1e-5)
 
     # A zero weight removes its term, even when that term is not finite.
     nan_step = torch.tensor([-11.0, float("nan")])
     no_step = MixtureWeights(trajectory_dpo=0.7, step_dpo=0.0, sft=0.4)
-    loss, _ = mixture_loss(PairLogps(pc, pr, nan_step, rr), is_step, nll, beta, no_step)
+    loss = mixture_loss(PairLogps(pc, pr, nan_step, rr), is_step, nll, beta, no_step)
     assert loss.item() == pytest.approx(0.7 * o_dpo / 2 + 0.4 * 2.5, abs=1e-5)
     no_sft = MixtureWeights(trajectory_dpo=0.7, step_dpo=1.3, sft=0.0)
     nan_nll = torch.tensor(float("nan"))
-    loss, _ = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
+    loss = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
     assert loss.item() == pytest.approx((0.7 * o_dpo + 1.3 * s_dpo) / 2, abs=1e-5)
 
 
@@ -147,44 +143,10 @@ def test_presets_follow_the_paper_rows() -> None:
 
 
 # -- (b) the trainer's loss on a real batch --------------------------------------------------
-@pytest.fixture
-def compact_lm_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The trainers' LM head set-up, undone after the test."""
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
-    project_only_scored_positions()
-
-
-def test_the_fused_lm_head_projects_only_the_scored_positions(
-    tiny_model_path: Path, compact_lm_head: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    projected = []
-    kernel = trl_utils._ChunkedLogProbFunction
-
-    class Spy:
-        @staticmethod
-        def apply(hidden, *args):
-            projected.append(hidden.shape[0])
-            return kernel.apply(hidden, *args)
-
-    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-    add_fused_lm_head(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    labels = ids.clone()
-    labels[0, :8] = labels[1, :5] = -100  # prompts: 7 and 4 of the 11 shifted targets masked
-    with torch.no_grad():
-        fused = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
-        logits = model(input_ids=ids).logits[:, :-1]
-    scored = labels[:, 1:] != -100
-    assert projected == [int(scored.sum())] == [11]
-    expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(fused[scored], expected[scored], atol=1e-5, rtol=1e-5)
-    assert (fused[~scored] == 0).all()
-
-
 def test_trainer_loss_equals_mixture_loss_of_plain_forward(
-    tiny_model_path: Path, tmp_path: Path, compact_lm_head: None
+    tiny_model_path: Path, tmp_path: Path
 ) -> None:
+    project_only_scored_positions()  # as the trainers set their LM head up
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)
     assert [r["is_step_level"] for r in rows] == [False, True]
@@ -207,7 +169,7 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
     torch.testing.assert_close(batch["ref_rejected_logps"], rejected, atol=0, rtol=1e-6)
     nll = -chosen.sum() / counts.sum()
     logps = PairLogps(chosen, rejected, chosen, rejected)
-    expected, _ = mixture_loss(logps, torch.tensor([False, True]), nll, 0.3, settings.weights)
+    expected = mixture_loss(logps, torch.tensor([False, True]), nll, 0.3, settings.weights)
     assert trainer_loss == pytest.approx(expected.item(), abs=1e-5)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers.data.data_collator import DataCollatorMixin
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 from trl.trainer.utils import pad
 
 from ipr_core.errors import IprError
@@ -43,12 +43,12 @@ from ipr_core.training.runtime import (
     load_tokenizer,
     load_training_model,
     lora_config,
-    project_only_scored_positions,
     run_training,
     save_trained,
     trainer_arguments,
     training_metrics,
 )
+from ipr_core.training.trl_adapter import PretokenizedDPOTrainer, project_only_scored_positions
 from ipr_core.types import Pair
 
 
@@ -68,29 +68,55 @@ def mixture_loss(
     chosen_nll: torch.Tensor,
     beta: float,
     weights: MixtureWeights,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> torch.Tensor:
     """The batch loss of the module docstring; a zero weight removes its term entirely.
 
     `is_step_level` is boolean per pair; `chosen_nll` is the scalar token-mean NLL of the
     chosen sides.
     """
-    delta = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
-    per_pair = -F.logsigmoid(beta * delta)
+    per_pair = -F.logsigmoid(beta * implicit_margin(logps))
     w = torch.where(is_step_level, weights.step_dpo, weights.trajectory_dpo).to(per_pair.dtype)
     weighted = torch.where(w > 0, w * per_pair, torch.zeros_like(per_pair))
     loss = weighted.mean()
     if weights.sft > 0:
         loss = loss + weights.sft * chosen_nll
+    return loss
 
-    metrics = {
-        "loss/sft": chosen_nll.item(),
-        "rewards/margins": (beta * delta).mean().item(),
-        "rewards/accuracies": (delta > 0).float().mean().item(),
-    }
-    for name, mask in (("o_dpo", ~is_step_level), ("s_dpo", is_step_level)):
-        if mask.any():
-            metrics[f"loss/{name}"] = per_pair[mask].mean().item()
-    return loss, metrics
+
+def implicit_margin(logps: PairLogps) -> torch.Tensor:
+    """Δ per pair: the chosen side's log-ratio to the reference minus the rejected side's."""
+    return (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+
+
+LEVELS = {"o_dpo": False, "s_dpo": True}
+"""The DPO levels by their diagnostics prefix, and whether their pairs are step-level."""
+LEVEL_SUMS = ("pairs", "loss", "margin", "chosen_logratio", "rejected_logratio", "accuracy")
+"""What `level_sums` adds up per level; `MixtureTrainer.log` divides all but `pairs` by it."""
+
+
+def level_sums(logps: PairLogps, is_step_level: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per DPO level (rows in `LEVELS` order, columns in `LEVEL_SUMS` order) the pair count
+    and the sums over its pairs of the unweighted DPO loss -log σ(βΔ), the implicit reward
+    margin βΔ, the chosen and rejected log-ratios log πθ - log πref, and Δ > 0 (accuracy).
+    Sums, so micro-batches and processes add up to the step's means over its pairs."""
+    with torch.no_grad():
+        chosen = logps.policy_chosen - logps.ref_chosen
+        rejected = logps.policy_rejected - logps.ref_rejected
+        delta = chosen - rejected
+        per_pair = torch.stack(
+            [
+                torch.ones_like(delta),
+                -F.logsigmoid(beta * delta),
+                beta * delta,
+                chosen,
+                rejected,
+                (delta > 0).to(delta.dtype),
+            ],
+            dim=1,
+        )
+        return torch.stack(
+            [per_pair[is_step_level == step].sum(dim=0) for step in LEVELS.values()]
+        ).float()
 
 
 @dataclass
@@ -124,32 +150,40 @@ class PairCollator(DataCollatorMixin):
         return batch
 
 
-class MixtureTrainer(DPOTrainer):
-    """DPOTrainer with the IPR mixture loss and per-level weights.
+def step_diagnostics(sums: torch.Tensor, nll: torch.Tensor) -> dict[str, float]:
+    """A step's log entries from what its micro-batches added up: `sft/loss` (the mean of
+    their SFT terms) and per DPO level with pairs `<level>/pairs` and the means over them
+    of the other `LEVEL_SUMS`."""
+    logs = {"sft/loss": (nll[0] / nll[1]).item()}
+    for level, level_sum in zip(LEVELS, sums, strict=True):
+        pairs = level_sum[0].item()
+        if pairs:
+            logs[f"{level}/pairs"] = pairs
+            for name, total in zip(LEVEL_SUMS[1:], level_sum[1:], strict=True):
+                logs[f"{level}/{name}"] = (total / pairs).item()
+    return logs
+
+
+class MixtureTrainer(PretokenizedDPOTrainer):
+    """DPOTrainer with the IPR mixture loss and per-level weights, through TRL's public
+    hooks: `compute_loss` (the Trainer's own extension point), `compute_ref_log_probs`
+    and `log`.
+
+    TRL's `loss_type=["sigmoid", "sft"]` with `loss_weights` computes this loss only when
+    both DPO levels weigh the same: it has no per-pair weight, and the ablations weigh a
+    level 0 while its pairs stay for the SFT term. So the loss is `mixture_loss` here, on
+    TRL's fused LM head and its precomputed reference log-probs.
 
     Takes datasets from `training.data.build_pair_examples` (already tokenised with
-    assistant masks); TRL's own preparation would score every completion token.
+    assistant masks; see `trl_adapter`). Logs per optimizer step the SFT term and, per
+    DPO level, the diagnostics of `level_sums`.
     """
 
     def __init__(self, *args: Any, weights: MixtureWeights, **kwargs: Any):
         self.mixture_weights = weights
+        self.step_sums = torch.zeros(len(LEVELS), len(LEVEL_SUMS))
+        self.step_nll = torch.zeros(2)  # sum of micro-batch SFT terms, micro-batches
         super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = [
-                "prompt_ids",
-                "chosen_ids",
-                "rejected_ids",
-                "chosen_mask",
-                "rejected_mask",
-                "is_step_level",
-                "ref_chosen_logps",
-                "ref_rejected_logps",
-            ]
 
     def compute_ref_log_probs(self, model, inputs):
         inputs = {k: v for k, v in inputs.items() if k != "is_step_level"}
@@ -175,8 +209,9 @@ class MixtureTrainer(DPOTrainer):
         chosen_nll = -chosen_logps.sum() / (tokens / self.accelerator.num_processes)
         return chosen_logps, rejected_logps, chosen_nll
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise NotImplementedError("MixtureTrainer computes no logits to return")
         chosen_logps, rejected_logps, chosen_nll = self.sequence_logps(model, inputs)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -185,14 +220,21 @@ class MixtureTrainer(DPOTrainer):
                 self.ref_model or self.model, inputs
             )
         logps = PairLogps(chosen_logps, rejected_logps, ref_chosen, ref_rejected)
-        loss, metrics = mixture_loss(
-            logps, inputs["is_step_level"], chosen_nll, self.beta, self.mixture_weights
-        )
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
-        if return_outputs:
-            raise NotImplementedError("MixtureTrainer computes no logits to return")
-        return loss
+        is_step = inputs["is_step_level"]
+        if model.training:
+            sums = level_sums(logps, is_step, self.beta).to(self.accelerator.device)
+            nll = torch.stack([chosen_nll.detach().float(), torch.ones_like(chosen_nll).float()])
+            self.step_sums += self.accelerator.gather(sums[None]).sum(dim=0).cpu()
+            self.step_nll += self.accelerator.gather(nll[None]).sum(dim=0).cpu()
+        return mixture_loss(logps, is_step, chosen_nll, self.beta, self.mixture_weights)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """An optimizer step's log line gets the means of what its micro-batches added up."""
+        if "loss" in logs and self.step_nll[1] > 0:
+            logs.update(step_diagnostics(self.step_sums, self.step_nll))
+            self.step_sums.zero_()
+            self.step_nll.zero_()
+        super().log(logs, start_time)
 
 
 def train_mixture(
@@ -261,7 +303,7 @@ def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
         weights=settings.weights,
     )
     trainer.ref_model = None  # its log-probs are precomputed: free the copy
-    output, figures = run_training(trainer)
+    output, figures = run_training(trainer, work)
     save_trained(trainer, tokenizer, work)
     return {
         **training_metrics(trainer, output, figures),
@@ -279,6 +321,7 @@ def mixture_config(settings: MixtureSettings, work: Path, precision: Precision) 
         beta=settings.beta,
         precompute_ref_log_probs=True,
         gradient_checkpointing=settings.gradient_checkpointing,
+        remove_unused_columns=False,  # the collator reads the masks and levels
     )
 
 
