@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipr_core.envs.base import EnvTask
@@ -246,6 +247,52 @@ def test_mixture_raises_the_chosen_rejected_margin(tiny_model_path: Path, tmp_pa
     quick = MixtureSettings(epochs=1, batch_size=2, max_length=1024)
     second = train_mixture(tiny_model_path, pairs, quick, tmp_path, parent_path=result.path)
     assert second.parent_id == result.checkpoint_id != second.checkpoint_id
+
+
+MAIN_LOSSES = {"steps": 4, "first": 21.835464477539062, "last": 15.430133819580078,
+               "mean": 18.026995182037354}  # fmt: skip
+"""The run below as main's trainer (before `trl_adapter`) trained it, float32 on CPU."""
+
+
+def test_mixture_trains_as_before_and_logs_each_step_per_term_and_level(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    weights = MixtureWeights(trajectory_dpo=0.5, step_dpo=1.3, sft=2.0)
+    settings = MixtureSettings(
+        epochs=2, lr=1e-3, beta=0.3, batch_size=2, max_length=1024, weights=weights
+    )
+    fp32 = ComputeSettings(device="cpu", bf16=False)
+    result = train_mixture(tiny_model_path, _pairs(2), settings, tmp_path, compute=fp32)
+    metrics = result.metrics
+    assert metrics["steps"] == MAIN_LOSSES["steps"]
+    assert metrics["first_step_loss"] == pytest.approx(MAIN_LOSSES["first"], rel=1e-5)
+    assert metrics["last_step_loss"] == pytest.approx(MAIN_LOSSES["last"], rel=1e-5)
+    assert metrics["train_loss"] == pytest.approx(MAIN_LOSSES["mean"], rel=1e-5)
+
+    steps = result.training_steps()
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["loss"] > 0 and s["sft/loss"] > 0 for s in steps)
+    first = steps[0]  # before any update the policy is the reference: Δ = 0 on both levels
+    for level in ("o_dpo", "s_dpo"):
+        assert first[f"{level}/pairs"] == 1
+        assert first[f"{level}/loss"] == pytest.approx(math.log(2), abs=1e-6)
+        for name in ("margin", "chosen_logratio", "rejected_logratio", "accuracy"):
+            assert first[f"{level}/{name}"] == 0
+    # the first step's loss is its terms, weighted: (0.5 ln 2 + 1.3 ln 2) / 2 + 2 NLL
+    assert first["loss"] == pytest.approx(0.9 * math.log(2) + 2 * first["sft/loss"], rel=1e-5)
+    later = [s for s in steps[1:] if "s_dpo/margin" in s]
+    assert later and all(s["s_dpo/margin"] > 0 and s["s_dpo/accuracy"] == 1 for s in later)
+    for s in later:  # the margin is β times chosen minus rejected log-ratio
+        gap = s["s_dpo/chosen_logratio"] - s["s_dpo/rejected_logratio"]
+        assert s["s_dpo/margin"] == pytest.approx(0.3 * gap, rel=1e-4)
+
+    [events] = (result.path.parent / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    logged = accumulator.Scalars("train/s_dpo/margin")
+    assert [e.step for e in logged] == [s["step"] for s in steps if "s_dpo/margin" in s]
+    assert [e.value for e in accumulator.Scalars("train/sft/loss")] == pytest.approx(
+        [s["sft/loss"] for s in steps], rel=1e-6
+    )
 
 
 def test_eto_preset_trains_on_trajectory_pairs_only(tiny_model_path: Path, tmp_path: Path) -> None:
