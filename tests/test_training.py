@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.utils import add_fused_lm_head
 
 from ipr_core.envs.base import EnvTask
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
@@ -35,7 +36,9 @@ from ipr_core.training.mixture import (
     PairLogps,
     mixture_config,
     mixture_loss,
+    shared_prompt_logps,
     train_mixture,
+    two_row_logps,
 )
 from ipr_core.training.precision import CPU_FLOAT32
 from ipr_core.training.runtime import (
@@ -172,6 +175,30 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
     logps = PairLogps(chosen, rejected, chosen, rejected)
     expected = mixture_loss(logps, torch.tensor([False, True]), nll, 0.3, settings.weights)
     assert trainer_loss == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_a_shared_prompt_gives_the_two_row_log_probs(tiny_model_path: Path) -> None:
+    """Each pair's prompt run once for both sides: the sides' log-probs and the chosen
+    token count are those of a row per side, for a micro-batch of pairs whose prompts and
+    sides differ in length (so its rows are padded)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)
+    assert len({len(r["prompt_ids"]) for r in rows}) == 2
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    model = load_training_model(tiny_model_path)
+    add_fused_lm_head(model)
+    project_only_scored_positions()
+    results, gradients = [], []
+    for logps in (shared_prompt_logps, two_row_logps):
+        model.zero_grad()
+        chosen, rejected, tokens = logps(model, batch)
+        (rejected.sum() - chosen.sum()).backward()  # through the prompt's keys and values too
+        results.append((chosen, rejected, tokens))
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    for got, expected in zip(*gradients, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 # -- (c) SFT ---------------------------------------------------------------------------------

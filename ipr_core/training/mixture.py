@@ -22,6 +22,7 @@ precompute runs the loaded SFT model with the adapter disabled, i.e. the same re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel as unwrap_model
+from peft import PeftModel
+from transformers import DynamicCache
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig
 from trl.trainer.utils import pad
@@ -143,11 +147,60 @@ class PairCollator(DataCollatorMixin):
             ),
             "completion_mask": pad(masks, padding_value=0, padding_side="right"),
             "is_step_level": torch.tensor([bool(ex["is_step_level"]) for ex in examples]),
+            "prompt_lengths": torch.tensor([len(ex["prompt_ids"]) for ex in examples]),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([ex[key] for ex in examples])
         return batch
+
+
+def two_row_logps(model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of the chosen and rejected sides of each pair as TRL computes them: each
+    side a row of prompt + side; and the count of chosen tokens scored."""
+    completion_mask = inputs["completion_mask"]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    )
+    mask = completion_mask[:, 1:]
+    per_token = outputs.log_probs[:, -mask.size(1) :] * mask
+    chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)
+    return chosen_logps, rejected_logps, mask.chunk(2)[0].sum()
+
+
+def shared_prompt_logps(model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`two_row_logps` with each pair's prompt run once: its keys and values, kept with
+    their graph, serve both sides, which continue from its last token. The same sums up
+    to float rounding, for (2P + C + R) -> (P + C + R) tokens per pair of prompt P and
+    sides C, R (P is most of a step pair: the conversation up to the step)."""
+    ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+    lengths = inputs["attention_mask"].sum(dim=1)
+    pairs = len(inputs["prompt_lengths"])
+    config = unwrap_model(model).config
+    chosen, rejected, tokens = [], [], completion_mask.new_zeros(())
+    for i, prompt_length in enumerate(inputs["prompt_lengths"].tolist()):
+        rows = [i, pairs + i]
+        start = prompt_length - 1  # the prompt's last token starts both continuations
+        cache = DynamicCache(config=config)
+        if start > 0:
+            prompt = ids[i : i + 1, :start]
+            model(input_ids=prompt, labels=torch.full_like(prompt, -100), fused_lm_head=True,
+                  past_key_values=cache)  # fmt: skip
+            cache.batch_repeat_interleave(2)
+        end = int(lengths[rows].max())
+        sides, mask = ids[rows, start:end], completion_mask[rows, start:end]
+        outputs = model(input_ids=sides, labels=sides.masked_fill(mask == 0, -100),
+                        fused_lm_head=True, past_key_values=cache)  # fmt: skip
+        logps = (outputs.log_probs * mask[:, 1:]).sum(dim=1)
+        chosen.append(logps[0])
+        rejected.append(logps[1])
+        tokens = tokens + mask[0, 1:].sum()
+    return torch.stack(chosen), torch.stack(rejected), tokens
 
 
 def step_diagnostics(sums: torch.Tensor, nll: torch.Tensor) -> dict[str, float]:
@@ -162,6 +215,10 @@ def step_diagnostics(sums: torch.Tensor, nll: torch.Tensor) -> dict[str, float]:
             for name, total in zip(LEVEL_SUMS[1:], level_sum[1:], strict=True):
                 logs[f"{level}/{name}"] = (total / pairs).item()
     return logs
+
+
+PAIR_KEYS = ("is_step_level", "prompt_lengths")
+"""What `PairCollator` adds to TRL's batch layout for the loss (not model inputs)."""
 
 
 class MixtureTrainer(PretokenizedDPOTrainer):
@@ -186,28 +243,36 @@ class MixtureTrainer(PretokenizedDPOTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_ref_log_probs(self, model, inputs):
-        inputs = {k: v for k, v in inputs.items() if k != "is_step_level"}
-        return super().compute_ref_log_probs(model, inputs)
+        """The reference's log-probs, computed as the policy's are (`sequence_logps`), so
+        that before any update the two agree exactly (Δ = 0, not float noise)."""
+        if not self.shares_prompts:
+            inputs = {k: v for k, v in inputs.items() if k not in PAIR_KEYS}
+            return super().compute_ref_log_probs(model, inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        peft = isinstance(unwrapped, PeftModel)  # the reference: LoRA's base model
+        reference = unwrapped.disable_adapter() if peft else nullcontext()
+        with torch.no_grad(), reference, self.accelerator.autocast():
+            chosen_logps, rejected_logps, _ = shared_prompt_logps(model, inputs)
+        return chosen_logps, rejected_logps
 
     def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Policy log-probs of chosen and rejected sides, and the chosen token-mean NLL."""
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            labels=labels,
-            fused_lm_head=True,
-            use_cache=False,
-        )
-        mask = completion_mask[:, 1:]
-        per_token = outputs.log_probs[:, -mask.size(1) :] * mask
-        chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)
+        if self.shares_prompts:
+            chosen_logps, rejected_logps, chosen_tokens = shared_prompt_logps(model, inputs)
+        else:
+            chosen_logps, rejected_logps, chosen_tokens = two_row_logps(model, inputs)
         # Launched processes average their gradients: over the whole global batch's token
         # count (per process), the NLL stays the token mean of the global batch.
-        tokens = self.accelerator.gather(mask.chunk(2)[0].sum()[None]).sum().clamp(min=1)
+        tokens = self.accelerator.gather(chosen_tokens[None]).sum().clamp(min=1)
         chosen_nll = -chosen_logps.sum() / (tokens / self.accelerator.num_processes)
         return chosen_logps, rejected_logps, chosen_nll
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether a pair's prompt runs once for both sides (`shared_prompt_logps`): not
+        under gradient checkpointing, which drops the KV cache the sides read, nor in
+        launched processes, whose gradient sync expects one forward per backward."""
+        return not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
