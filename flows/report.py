@@ -22,7 +22,7 @@ import pandas as pd
 
 from flows.experiment import METHODS, ensure_known
 from flows.plots import plot_dev_curve
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 from ipr_core.types import FAILED_STATUSES
 
 PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
@@ -321,7 +321,7 @@ JOIN run_manifests m USING (run_id)
 WHERE x.experiment_id = {{exp}}
 ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at
 """
-"""Each run's manifests (`ipr_core.manifest`): one row per distinct setup it ran with, so a
+"""Each run's manifests (`ipr_core.run.manifest`): one row per distinct setup it ran with, so a
 run resumed with `--allow-manifest-change` shows both."""
 
 COMPARISONS: tuple[tuple[str, str], ...] = (
@@ -639,7 +639,7 @@ def paired_section(
     text.append(
         "```python\n"
         f"from {paired_comparisons.__module__} import PER_TASK_SQL, paired_comparisons, "
-        "run_query\nfrom ipr_core.store import Store\n\n"
+        "run_query\nfrom ipr_core.store.store import Store\n\n"
         f"store_path = {_literal(str(store.path))}\n"
         f"experiment_id = {_literal(experiment_id)}\n"
         "per_task = run_query(Store(store_path), PER_TASK_SQL, experiment_id)\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -18,9 +19,7 @@ from pydantic import (
 )
 
 from ipr_core.envs import canonical_env_id
-from ipr_core.errors import InputError, UnknownEnvError
-from ipr_core.formats import kind_of, read_text
-from ipr_core.mining import MiningConfig
+from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.training.config import (
     IN_PROCESS,
     PRESETS,
@@ -138,11 +137,20 @@ class PromptConfig(_Strict):
     None: the whole history."""
 
 
+@dataclass(frozen=True)
+class MiningConfig:
+    step_margin: float = 0.1
+    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper."""
+    trajectory_margin: float = 0.0
+    both_directions: bool = False
+    step_mode: Literal["suffix", "action"] = "suffix"
+
+
 class RunConfig(_Strict):
     run_id: str = "default"
     env: EnvId
     model: str = "smollm2-135m-instruct"
-    """The base model: a model spec (see ipr_core.models.resolve_model)."""
+    """The base model: a model spec (see ipr_core.engine.models.resolve_model)."""
     method: Method = "ipr"
     """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
     sft: SFTSettings | None = SFTSettings()

@@ -19,8 +19,8 @@ from flows.report import (
     run_query,
 )
 from ipr_core.errors import InputError, IprError
-from ipr_core.manifest import ManifestChanged
-from ipr_core.store import Store, manifest_row
+from ipr_core.run.manifest import ManifestChanged
+from ipr_core.store.store import Store, manifest_row
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "experiment-smoke.yaml"

@@ -13,9 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import checkpoint_id, model_id
 from ipr_core.training.config import (
     ComputeSettings,

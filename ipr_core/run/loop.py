@@ -12,7 +12,7 @@ a stage (a plain call, or a cached Prefect task around the same call).
 One resume rule (`run_stage`): a stage is done when the store holds its completion record
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
 are still there. The record is written in the transaction that writes the stage's rows
-and its cost (`stage_costs`, `ipr_core.costs`), so a stage killed mid-write left none of
+and its cost (`stage_costs`, `ipr_core.run.costs`), so a stage killed mid-write left none of
 them and is redone. A stage whose fingerprint matches
 another run's record copies that run's rows instead of recomputing them (every run of an
 experiment shares the expert step rewards and the SFT model's greedy exploration, the
@@ -32,15 +32,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 
-from ipr_core import pipeline, scopes
-from ipr_core.backends import release_engines
-from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
-from ipr_core.costs import Meter, cost_row, training_figures
-from ipr_core.evaluate import Evaluation, evaluate
-from ipr_core.explore import explore
-from ipr_core.manifest import check_resume, run_manifest
-from ipr_core.mining import mine_pairs
-from ipr_core.store import (
+from ipr_core.engine.backends import release_engines
+from ipr_core.method.evaluate import Evaluation, evaluate
+from ipr_core.method.explore import explore
+from ipr_core.method.mining import mine_pairs
+from ipr_core.run import pipeline
+from ipr_core.run.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
+from ipr_core.run.costs import Meter, cost_row, training_figures
+from ipr_core.run.manifest import check_resume, run_manifest
+from ipr_core.store import scopes
+from ipr_core.store.store import (
     At,
     Row,
     RowKey,
@@ -141,7 +142,7 @@ class Output(Generic[R]):
     result: R
     rows: dict[str, list[Row]] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
-    """What the compute measured itself for its cost row (`ipr_core.costs.cost_row`)."""
+    """What the compute measured itself for its cost row (`ipr_core.run.costs.cost_row`)."""
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,7 @@ def prepare_run(ctx: RunContext) -> Path:
 
 
 def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Row:
-    """The run's manifest row (`ipr_core.manifest`), computed once where the run starts and
+    """The run's manifest row (`ipr_core.run.manifest`), computed once where the run starts and
     checked against the manifest the run was started with (`check_resume`)."""
     config = ctx.config
     split_ids = {split: ctx.task_ids(split) for split in splits}
