@@ -14,9 +14,11 @@ together with their SFT term when w_sft is 0 too, so an `eto` run trains on traj
 pairs alone; with w_sft > 0 (ipr-no-odpo) they stay for the SFT term, and B counts them.
 
 Reference = the SFT model. Its log-probs are precomputed once before training
-(`precompute_ref_log_probs`): the reference is fixed, so one no-grad pass over the pairs
-replaces one per epoch, and full fine-tuning holds no second model copy. With LoRA the
-precompute runs the loaded SFT model with the adapter disabled, i.e. the same reference.
+(`precompute_ref_log_probs`) and kept with each pair: the reference is fixed, so one
+no-grad pass over the pairs replaces one per epoch, and full fine-tuning holds no second
+model copy. With LoRA the precompute runs the loaded SFT model with the adapter disabled,
+i.e. the same reference. Policy and reference run a pair's prompt once for both sides
+(`shared_prompt_logps`): the sides share the prompt's keys and values.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel as unwrap_model
 from peft import PeftModel
 from transformers import DynamicCache
 from transformers.data.data_collator import DataCollatorMixin
@@ -181,12 +182,11 @@ def shared_prompt_logps(model, inputs) -> tuple[torch.Tensor, torch.Tensor, torc
     ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
     lengths = inputs["attention_mask"].sum(dim=1)
     pairs = len(inputs["prompt_lengths"])
-    config = unwrap_model(model).config
     chosen, rejected, tokens = [], [], completion_mask.new_zeros(())
     for i, prompt_length in enumerate(inputs["prompt_lengths"].tolist()):
         rows = [i, pairs + i]
         start = prompt_length - 1  # the prompt's last token starts both continuations
-        cache = DynamicCache(config=config)
+        cache = DynamicCache(config=model.config)
         if start > 0:
             prompt = ids[i : i + 1, :start]
             model(input_ids=prompt, labels=torch.full_like(prompt, -100), fused_lm_head=True,
