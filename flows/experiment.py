@@ -51,6 +51,7 @@ from ipr_core.run.loop import (
 from ipr_core.run.pipeline import ensure_experts
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id
+from ipr_core.training.config import Seed
 from ipr_core.training.sft import train_sft
 
 TableMethod = Literal["sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft"]
@@ -66,7 +67,7 @@ class ExperimentConfig(BaseModel):
 
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     methods: list[TableMethod] = Field(default_factory=lambda: list(METHODS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
     trainer's seed; the SFT checkpoint is the same for all."""
     test_split: str = "test"
