@@ -281,14 +281,15 @@ MAIN_LOSSES = {"steps": 4, "first": 21.835464477539062, "last": 15.4301338195800
 """The run below as main's trainer (before `trl_adapter`) trained it, float32 on CPU."""
 
 
+@pytest.mark.parametrize("share_prompts", [False, True])
 def test_mixture_trains_as_before_and_logs_each_step_per_term_and_level(
-    tiny_model_path: Path, tmp_path: Path
+    tiny_model_path: Path, tmp_path: Path, share_prompts: bool
 ) -> None:
     weights = MixtureWeights(trajectory_dpo=0.5, step_dpo=1.3, sft=2.0)
     settings = MixtureSettings(
         epochs=2, lr=1e-3, beta=0.3, batch_size=2, max_length=1024, weights=weights
     )
-    fp32 = ComputeSettings(device="cpu", bf16=False)
+    fp32 = ComputeSettings(device="cpu", bf16=False, share_prompts=share_prompts)
     result = train_mixture(tiny_model_path, _pairs(2), settings, tmp_path, compute=fp32)
     metrics = result.metrics
     assert metrics["steps"] == MAIN_LOSSES["steps"]

@@ -17,8 +17,8 @@ Reference = the SFT model. Its log-probs are precomputed once before training
 (`precompute_ref_log_probs`) and kept with each pair: the reference is fixed, so one
 no-grad pass over the pairs replaces one per epoch, and full fine-tuning holds no second
 model copy. With LoRA the precompute runs the loaded SFT model with the adapter disabled,
-i.e. the same reference. Policy and reference run a pair's prompt once for both sides
-(`shared_prompt_logps`): the sides share the prompt's keys and values.
+i.e. the same reference. With `compute.share_prompts`, policy and reference run a pair's
+prompt once for both sides (`shared_prompt_logps`): the sides share its keys and values.
 """
 
 from __future__ import annotations
@@ -236,8 +236,11 @@ class MixtureTrainer(PretokenizedDPOTrainer):
     DPO level, the diagnostics of `level_sums`.
     """
 
-    def __init__(self, *args: Any, weights: MixtureWeights, **kwargs: Any):
+    def __init__(
+        self, *args: Any, weights: MixtureWeights, share_prompts: bool = False, **kwargs: Any
+    ):
         self.mixture_weights = weights
+        self.share_prompts = share_prompts
         self.step_sums = torch.zeros(len(LEVELS), len(LEVEL_SUMS))
         self.step_nll = torch.zeros(2)  # sum of micro-batch SFT terms, micro-batches
         super().__init__(*args, **kwargs)
@@ -269,10 +272,11 @@ class MixtureTrainer(PretokenizedDPOTrainer):
 
     @property
     def shares_prompts(self) -> bool:
-        """Whether a pair's prompt runs once for both sides (`shared_prompt_logps`): not
-        under gradient checkpointing, which drops the KV cache the sides read, nor in
-        launched processes, whose gradient sync expects one forward per backward."""
-        return not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
+        """Whether a pair's prompt runs once for both sides (`shared_prompt_logps`), as
+        asked: not under gradient checkpointing, which drops the KV cache the sides read,
+        nor in launched processes, whose gradient sync expects one forward per backward."""
+        single = self.accelerator.num_processes == 1
+        return self.share_prompts and not self.args.gradient_checkpointing and single
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -322,7 +326,10 @@ def train_mixture(
     ckpt_id = checkpoint_id(parent_id, data_hash, settings)
 
     precision = detect_precision(compute)
-    job = MixtureJob(start, sft_model_path, parent_path is not None, pairs, settings, precision)
+    job = MixtureJob(
+        start, sft_model_path, parent_path is not None, pairs, settings, precision,
+        compute.share_prompts,
+    )  # fmt: skip
     fit = partial(fit_mixture, job)
     return train_once(
         checkpoints_root, ckpt_id, parent_id, "mixture", settings, launched(fit, compute, precision)
@@ -342,6 +349,7 @@ class MixtureJob:
     pairs: Sequence[Pair]
     settings: MixtureSettings
     precision: Precision
+    share_prompts: bool = False
 
 
 def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
@@ -366,6 +374,7 @@ def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
         data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
         peft_config=lora_config(settings.lora),
         weights=settings.weights,
+        share_prompts=job.share_prompts,
     )
     trainer.ref_model = None  # its log-probs are precomputed: free the copy
     output, figures = run_training(trainer, work)
