@@ -28,7 +28,7 @@ from transformers import DynamicCache, StaticCache
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
 from ipr_core.engine.backends.transformers_backend import TransformersBackend, WorkLog
 from ipr_core.engine.models import resolve_model
-from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutResult
+from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.method.expert import build_expert_trajectory
@@ -135,7 +135,7 @@ def _estimate(
     config: BenchConfig, backend: TransformersBackend, max_live: int, queries: list[StepQuery]
 ) -> tuple[Measurement, list[RolloutResult]]:
     """Sampled MC estimates (measured), then greedy rollouts of the same queries."""
-    settings = EpisodeSettings(max_live, config.max_new_tokens, config.max_steps)
+    settings = EpisodeConfig(max_live, config.max_new_tokens, config.max_steps)
     with RolloutEngine(config.env, backend, settings) as engine:
         started = time.perf_counter()
         _, rollouts = estimate_step_rewards(

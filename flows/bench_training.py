@@ -33,10 +33,10 @@ from ipr_core.engine.models import resolve_model
 from ipr_core.errors import InputError
 from ipr_core.training.config import (
     IN_PROCESS,
-    LoraSettings,
-    MixtureSettings,
+    LoraConfig,
+    MixtureConfig,
     Seed,
-    SFTSettings,
+    SFTConfig,
 )
 from ipr_core.training.mixture import train_mixture
 from ipr_core.training.precision import detect_precision
@@ -127,7 +127,7 @@ def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]
         "results": [],
     }
     for mode in config.modes:
-        lora = LoraSettings(enabled=mode == "lora", r=config.lora_rank, alpha=2 * config.lora_rank)
+        lora = LoraConfig(enabled=mode == "lora", r=config.lora_rank, alpha=2 * config.lora_rank)
         shared = {
             "epochs": 1,
             "lr": 1e-4,
@@ -137,8 +137,8 @@ def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]
             "seed": config.seed,
         }
         micro = {"sft": 1, "mixture": 1, **config.micro_batch_size.get(mode, {})}
-        sft_settings = SFTSettings(**shared, micro_batch_size=micro["sft"])
-        mixture_settings = MixtureSettings(**shared, micro_batch_size=micro["mixture"])
+        sft_settings = SFTConfig(**shared, micro_batch_size=micro["sft"])
+        mixture_settings = MixtureConfig(**shared, micro_batch_size=micro["mixture"])
         with tempfile.TemporaryDirectory() as tmp:
             # One untimed optimizer step first: the first trainer of a mode pays first-call
             # set-up (oneDNN primitives, TRL), which a real run's many steps amortize and the
@@ -181,7 +181,7 @@ def run_training_bench(config: TrainingBenchConfig, log=print) -> dict[str, Any]
 
 def bare_limit(
     model_path: Path,
-    lora: LoraSettings,
+    lora: LoraConfig,
     tokens: int,
     length: int,
     scored: float,

@@ -29,6 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_overrides_argument(run)
     run.set_defaults(handler=cmd_run)
 
+    experiment = commands.add_parser(
+        "experiment",
+        help="run every method x seed of an experiment config as the `experiment` flow (resumable)",
+    )
+    experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
+    experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
+    experiment.add_argument(
+        "--no-prefect", action="store_true", help="run the stages as plain functions, no flow"
+    )
+    cli.add_overrides_argument(experiment)
+    experiment.add_argument(
+        "--allow-manifest-change",
+        action="store_true",
+        help="resume runs whose packages, model, splits or prompt differ from their manifest",
+    )
+    experiment.set_defaults(handler=cmd_experiment)
+
     serve = commands.add_parser(
         "serve", help="local Prefect server + worker + deployment ipr/iterate (Ctrl-C stops)"
     )
@@ -71,6 +88,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("cost by iteration (ipr_core.run.costs; s_per_dev_point: seconds per 0.01 dev reward):")
     cli.print_table(costs, max_rows=len(costs))
     return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from ipr_core.run.experiment import load_experiment_config, run_experiment
+
+    config = load_experiment_config(args.config, args.overrides, store=args.store)
+    if args.no_prefect:
+        runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
+    else:
+        from tasks.settings import configure_prefect_env
+
+        configure_prefect_env()  # before prefect is imported
+        from flows.experiment import experiment
+        from tasks import StageFailed
+
+        try:
+            # ephemeral Prefect unless PREFECT_API_URL is set
+            runs = pd.DataFrame(experiment(config, args.allow_manifest_change))
+        except StageFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    cli.print_table(runs, max_rows=len(runs))
+    return 1 if (runs["status"] != "finished").any() else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from ipr_core.config import RunConfig
 from ipr_core.errors import IprError, raised_by_interrupt
 
-DEFAULT_STORE = Path(".ipr/ipr.duckdb")
+RUN_DEFAULTS = RunConfig.model_fields
+"""The typed run config is the one source of defaults: a command's option that sets a run
+setting defaults to that setting's default."""
+DEFAULT_STORE: Path = RUN_DEFAULTS["store"].default
 
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
@@ -65,7 +69,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ingest.add_argument(
         "--env", required=True, help="env id, e.g. twx/cookingworld or 'twx/twc?items=1'"
     )
-    ingest.add_argument("--split", default="train")
+    ingest.add_argument("--split", default=RUN_DEFAULTS["train_split"].default)
     ingest.add_argument("--limit", type=int, default=10, help="trajectories to keep")
     ingest.add_argument("--source", type=Path, help="an IPR/ETO SFT JSON file to import")
     ingest.add_argument(
@@ -101,7 +105,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     reward.add_argument("--config", type=Path, required=True)
     reward.add_argument("--store", type=Path, help="overrides the config's store")
     reward.add_argument("--scorer-id", help="whose step rewards (default: the run's SFT model)")
-    reward.add_argument("--epochs", type=float, default=3.0)
+    reward.add_argument("--epochs", type=float, help="default: the reward model settings'")
     reward.add_argument("--lora", action="store_true", help="train a LoRA adapter + head")
     add_overrides_argument(reward)
     reward.set_defaults(handler=cmd_train_reward_model)
@@ -121,8 +125,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--store", type=Path, default=DEFAULT_STORE)
     export.add_argument("--env", help="sft: the env id")
-    export.add_argument("--split", default="train")
-    export.add_argument("--run-id", default="default", help="pairs: the run")
+    export.add_argument("--split", default=RUN_DEFAULTS["train_split"].default)
+    export.add_argument("--run-id", default=RUN_DEFAULTS["run_id"].default, help="pairs: the run")
     export.add_argument("--iteration", type=int, help="pairs: one iteration (default: all)")
     export.set_defaults(handler=cmd_export)
 
@@ -136,19 +140,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     training.add_argument("--config", type=Path, default=Path("configs/bench-training.yaml"))
     training.add_argument("--out", type=Path, required=True, help="JSON report")
     training.set_defaults(handler=cmd_bench_training)
-
-    experiment = commands.add_parser(
-        "experiment", help="run every method x seed of an experiment config (resumable)"
-    )
-    experiment.add_argument("--config", type=Path, required=True, help="e.g. configs/repro.yaml")
-    experiment.add_argument("--store", type=Path, help="overrides the config's run.store")
-    add_overrides_argument(experiment)
-    experiment.add_argument(
-        "--allow-manifest-change",
-        action="store_true",
-        help="resume runs whose packages, model, splits or prompt differ from their manifest",
-    )
-    experiment.set_defaults(handler=cmd_experiment)
 
     tokens = commands.add_parser("tokens", help="mean tokens per prompt part of expert episodes")
     tokens.add_argument(
@@ -234,7 +225,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ipr_core.store.store import Store
     from ipr_core.store.transcripts import pair_transcript, rollout_transcript
 
-    store = Store(args.store)
+    store = Store(args.store, read_only=True)
     if args.what == "pair":
         row = store.pair_by_id(args.id)
         if row is None:
@@ -264,17 +255,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ipr_core.store.store import Store
 
     env_id = canonical_env_id(args.env)  # a bad env id fails before the store is opened
-    store = Store(args.store)
     if args.source is not None:
         make_env(env_id).close()  # nor is anything read for an env that cannot start
-        trajectories = load_sft_file(args.source, env_id, args.split)
-        written, replaced = ingest_file(store, trajectories, str(args.source), args.replace)
+        trajectories = load_sft_file(args.source, env_id, args.split)  # a bad file: no store
+        written, replaced = ingest_file(
+            Store(args.store), trajectories, str(args.source), args.replace
+        )
         print(
             f"imported {written} expert trajectories from {args.source} into {args.store}"
             f" (replaced {replaced})"
         )
         return 0
-    report = ingest_gold(store, env_id, args.split, args.limit, args.replace)
+    report = ingest_gold(Store(args.store), env_id, args.split, args.limit, args.replace)
     for rejected in report.rejected:
         print(f"skipped {rejected.task_id}: {rejected.reason}")
     print(f"wrote {report.written} expert trajectories of {env_id} {args.split} to {args.store}")
@@ -310,7 +302,7 @@ def _write_bench_report(report: dict, table: str, out: Path) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from ipr_core.store.store import Store
 
-    frame = Store(args.store).user_query(args.query)
+    frame = Store(args.store, read_only=True).user_query(args.query)
     print_table(frame, args.max_rows)
     return 0
 
@@ -340,57 +332,48 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
+    """The run's SFT stage (`ipr_core.run.loop.SFT`): recorded, costed, skipped when done."""
+    from ipr_core.run import loop
     from ipr_core.run.context import RunContext
     from ipr_core.store.store import Store
-    from ipr_core.training.sft import train_sft
 
     config = config_from_args(args)
     if config.sft is None:
         raise IprError(f"{args.config}: the config has no sft settings")
     store = Store(config.store)
-    experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
-    if not experts:
+    if not store.expert_trajectories(config.env, config.train_split, config.train_limit):
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
     ctx = RunContext(config, store)
-    result = train_sft(
-        ctx.base_path(), experts, ctx.prompt, config.sft, config.checkpoints_dir, config.compute
-    )
-    store.record_checkpoint(result, config.run_id, iteration=0)
-    print(f"SFT checkpoint {result.checkpoint_id}: {result.path}")
+    base = ctx.base_path()
+    trained = loop.run_stage(loop.SFT, ctx, loop.Iteration(0, base, base))
+    print(f"SFT checkpoint {trained.checkpoint_id}: {trained.path}")
     return 0
 
 
 def cmd_train_mixture(args: argparse.Namespace) -> int:
+    """The run's mixture stage of `--iteration` (`ipr_core.run.loop.TRAIN_MIXTURE`)."""
+    from ipr_core.run import loop
+    from ipr_core.run.context import RunContext
     from ipr_core.store.store import Store
-    from ipr_core.training.mixture import train_mixture
 
     config = config_from_args(args)
-    settings = config.mixture_settings
-    if settings is None:
+    if config.mixture_settings is None:
         raise IprError(f"{args.config}: method 'sft' trains no mixture")
     store = Store(config.store)
-    pairs = store.pairs(config.run_id, args.iteration)
-    if not pairs:
+    if not store.pairs(config.run_id, args.iteration):
         raise IprError(f"{config.store}: run {config.run_id!r} has no pairs in {args.iteration}")
-    result = train_mixture(
-        args.sft_model,
-        pairs,
-        settings,
-        config.checkpoints_dir,
-        parent_path=args.policy,
-        compute=config.compute,
-    )
-    store.record_checkpoint(result, config.run_id, args.iteration)
-    print(f"mixture checkpoint {result.checkpoint_id}: {result.path}")
+    it = loop.Iteration(args.iteration, args.sft_model, args.policy or args.sft_model)
+    trained = loop.run_stage(loop.TRAIN_MIXTURE, RunContext(config, store), it)
+    print(f"mixture checkpoint {trained.checkpoint_id}: {trained.path}")
     return 0
 
 
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
     from ipr_core.run.context import RunContext
     from ipr_core.store.store import Store
-    from ipr_core.training.config import LoraSettings
+    from ipr_core.training.config import LoraConfig
     from ipr_core.training.reward_model import (
-        RewardModelSettings,
+        RewardModelConfig,
         step_reward_examples,
         train_reward_model,
     )
@@ -399,9 +382,7 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
     store = Store(config.store)
     scorer_id = args.scorer_id
     if scorer_id is None:
-        found = store.query(
-            "SELECT DISTINCT scorer_id FROM step_rewards WHERE run_id = ?", [config.run_id]
-        )["scorer_id"].tolist()
+        found = store.scorer_ids(config.run_id)
         if len(found) != 1:
             raise IprError(f"run {config.run_id!r} has scorers {found}; pass --scorer-id")
         scorer_id = found[0]
@@ -409,7 +390,8 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
     examples = step_reward_examples(store.scored_steps(config.run_id, scorer_id), ctx.prompt)
     if not examples:
         raise IprError(f"{config.store}: no step rewards of run {config.run_id!r} to learn from")
-    settings = RewardModelSettings(epochs=args.epochs, lora=LoraSettings(enabled=args.lora))
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    settings = RewardModelConfig(**epochs, lora=LoraConfig(enabled=args.lora))
     result = train_reward_model(ctx.base_path(), examples, settings, config.checkpoints_dir)
     store.record_checkpoint(result, config.run_id)
     metrics = result.metrics
@@ -471,7 +453,7 @@ def tokens_config(args: argparse.Namespace):
 def cmd_export(args: argparse.Namespace) -> int:
     from ipr_core.store.store import Store
 
-    store = Store(args.store)
+    store = Store(args.store, read_only=True)
     if args.what == "sft":
         from ipr_core.envs import canonical_env_id, make_env
         from ipr_core.store.formats import export_sft
@@ -491,21 +473,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_experiment(args: argparse.Namespace) -> int:
-    from flows.experiment import load_experiment_config, run_experiment
-
-    config = load_experiment_config(args.config, args.overrides, store=args.store)
-    runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
-    print_table(runs, max_rows=len(runs))
-    unfinished = runs[runs["status"] != "finished"]
-    return 1 if len(unfinished) else 0
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from flows.report import write_report
     from ipr_core.store.store import Store
 
-    plot = write_report(Store(args.store), args.experiment, args.out)
+    plot = write_report(Store(args.store, read_only=True), args.experiment, args.out)
     print(f"wrote {args.out} and {plot}")
     return 0
 

@@ -23,10 +23,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 
 from flows import scale_out  # noqa: E402
 from flows.plots import iteration_plot_png  # noqa: E402
+from flows.report import markdown_table  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.run import loop  # noqa: E402
 from ipr_core.run.context import RunContext  # noqa: E402
-from ipr_core.run.loop import Iteration, IterationResult, Scored  # noqa: E402
+from ipr_core.run.loop import Iteration, IterationResult, StepsScored  # noqa: E402
 from ipr_core.store.transcripts import pair_transcript  # noqa: E402
 from tasks import stages  # noqa: E402
 
@@ -61,22 +62,12 @@ def plot_markdown(summary: pd.DataFrame, run_id: str) -> str:
     return f"![dev reward and average steps by iteration](data:image/png;base64,{png})"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |")
-    return "\n".join(lines)
-
-
 EXAMPLE_PAIRS = 2
 EXAMPLE_CHARS = 3000
 """A pair transcript in the artifact is cut to this length (`ipr show pair` prints it all)."""
 
 
-def agent_steps_line(agent: Scored | None) -> str:
+def agent_steps_line(agent: StepsScored | None) -> str:
     if agent is None:
         return "- agent steps scored: none (the mixture reads no step pair)"
     return f"- agent steps scored: {agent.queries} (scorer `{agent.scorer_id}`)"
@@ -84,8 +75,8 @@ def agent_steps_line(agent: Scored | None) -> str:
 
 def cost_markdown(ctx: RunContext, number: int) -> str:
     """The iteration's cost row and the run's total (`Store.iteration_costs`)."""
-    costs = summary_records(ctx.store.iteration_costs(ctx.run_id, ctx.config.dev_split))
-    return markdown_table([r for r in costs if r["iteration"] in (str(number), "total")])
+    costs = ctx.store.iteration_costs(ctx.run_id, ctx.config.dev_split)
+    return markdown_table(costs[costs["iteration"].isin([str(number), "total"])])
 
 
 def example_pairs_markdown(ctx: RunContext, number: int) -> str:
@@ -109,7 +100,7 @@ def iteration(config: RunConfig, it: Iteration) -> IterationResult:
     ctx = flow_context(config)
     result = loop.run_iteration(ctx, it, stages.run_task)
     summary = ctx.store.iteration_summary(config.run_id, config.dev_split)
-    row = [r for r in summary_records(summary) if r["iteration"] == it.number]
+    row = summary[summary["iteration"] == it.number]
     metrics = result.evaluated
     create_markdown_artifact(
         key=artifact_key(config.run_id, "iteration", it.number),

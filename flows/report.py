@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.experiment import METHODS, ensure_known
 from flows.plots import plot_dev_curve
+from ipr_core.run.experiment import METHODS, ensure_known
 from ipr_core.store.store import Store
 from ipr_core.types import FAILED_STATUSES
 
@@ -391,11 +391,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     per_task = run_query(store, PER_TASK_SQL, experiment_id)
-    manifests = (
-        run_query(store, MANIFESTS_SQL, experiment_id).markdown()
-        if store.table_exists("run_manifests")
-        else "(none: the store's runs predate run manifests)"
-    )
+    manifests = run_query(store, MANIFESTS_SQL, experiment_id).markdown()
     diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
     mismatches = episode_mismatches(per_task.frame, results.frame)
     paired = pd.DataFrame() if mismatches else paired_comparisons(per_task.frame)

@@ -1,6 +1,6 @@
 """Sharded Monte Carlo step rewards: the shards of a step reward stage fanned out on Dask.
 
-`sharded_scoring` is the `StepScoring` the `ipr` flow gives its step reward stages when the
+`sharded_scoring` is the `ScoringRunner` the `ipr` flow gives its step reward stages when the
 config has `scale_out`: the stage (in the flow's process) plans its shards, runs the
 unfinished ones in the `mc-shards` subflow on a Dask task runner (a local cluster, or the
 scheduler at `scale_out.address`), then commits every shard's rows with its completion

@@ -1,5 +1,6 @@
-"""`ipr serve`: a local Prefect server, the `ipr-local` process pool, deployment
-`ipr/iterate` (from prefect.yaml) and a worker, as child processes of one command.
+"""`ipr serve`: a local Prefect server, the `ipr-local` process pool, deployments
+`ipr/iterate` and `experiment/reproduce` (from prefect.yaml) and a worker, as child
+processes of one command.
 
 Readiness is polled (`/api/health`) against a deadline, never slept for. Ctrl-C or
 SIGTERM stops the worker first (it needs the server to finish cleanly), then the server.
@@ -21,6 +22,7 @@ from pathlib import Path
 from tasks.settings import REPO_ROOT, configure_prefect_env
 
 DEPLOYMENT = "ipr/iterate"
+EXPERIMENT_DEPLOYMENT = "experiment/reproduce"
 
 
 class ServeError(RuntimeError):
@@ -88,12 +90,8 @@ def run_command(config_path: Path) -> str:
     return f"prefect deployment run {DEPLOYMENT} --watch --params {shlex.quote(params)}"
 
 
-def serve(
-    port: int = 4200,
-    pool: str = "ipr-local",
-    config_path: Path = Path("configs/smoke.yaml"),
-    ready_timeout_s: float = 180.0,
-) -> int:
+def serve(port: int, pool: str, config_path: Path, ready_timeout_s: float) -> int:
+    """`ipr serve` (its options, in `flows.cli`, hold the defaults)."""
     configure_prefect_env()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_API_URL=api, IPR_WORK_POOL=pool, IPR_REPO=str(REPO_ROOT))
@@ -119,7 +117,8 @@ def serve(
         if ensure_pool(pool, env):
             print(f"created process work pool {pool!r}", flush=True)
         run_checked(prefect_cmd("--no-prompt", "deploy", "--all"), env)
-        print(f"deployed {DEPLOYMENT} (prefect.yaml) on pool {pool!r}", flush=True)
+        deployed = f"{DEPLOYMENT} and {EXPERIMENT_DEPLOYMENT}"
+        print(f"deployed {deployed} (prefect.yaml) on pool {pool!r}", flush=True)
         worker = subprocess.Popen(
             prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
             env=env,

@@ -10,7 +10,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -22,10 +21,11 @@ from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.training.config import (
     IN_PROCESS,
     PRESETS,
-    ComputeSettings,
-    MixtureSettings,
+    ComputeConfig,
+    MixtureConfig,
     Seed,
-    SFTSettings,
+    SFTConfig,
+    StrictConfig,
     check_layout,
 )
 
@@ -47,11 +47,7 @@ EnvId = Annotated[str, AfterValidator(_canonical_env_id)]
 the store for every spelling of one setting)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictConfig):
     max_new_tokens: int = Field(96, gt=0)
     max_batch_size: int = Field(16, gt=0)
     """Sequences per forward pass of the transformers backend."""
@@ -59,12 +55,12 @@ class GenerationConfig(_Strict):
     """Episodes in lock-step at once (one env instance each)."""
 
 
-class MonteCarloConfig(_Strict):
+class MonteCarloConfig(StrictConfig):
     n_samples: int = Field(5, gt=0)
     temperature: float = Field(1.0, ge=0)
 
 
-class VLLMSettings(_Strict):
+class VLLMConfig(StrictConfig):
     """The vLLM offline engine (`backend: vllm`, GPU): automatic prefix caching, `n` sampling,
     and LoRA checkpoints served as adapters on their base model's engine (never merged)."""
 
@@ -90,7 +86,7 @@ class VLLMSettings(_Strict):
     """Adapters resident on the GPU at once."""
 
 
-class OpenAISettings(_Strict):
+class OpenAIConfig(StrictConfig):
     """An OpenAI-compatible server (`backend: openai`), e.g. a running `vllm serve`."""
 
     base_url: str = Field(pattern=r"^https?://")
@@ -108,12 +104,12 @@ class OpenAISettings(_Strict):
     """Name of the environment variable holding a bearer token, if the server wants one."""
 
 
-def largest_lora_rank(*stages: SFTSettings | MixtureSettings | None) -> int | None:
+def largest_lora_rank(*stages: SFTConfig | MixtureConfig | None) -> int | None:
     ranks = [stage.lora.r for stage in stages if stage is not None and stage.lora.enabled]
     return max(ranks, default=None)
 
 
-class ScaleOutConfig(_Strict):
+class ScaleOutConfig(StrictConfig):
     """Monte Carlo step rewards computed in shards on a Dask cluster (the Prefect flow only)."""
 
     shards: int = Field(2, gt=0)
@@ -129,7 +125,7 @@ class ScaleOutConfig(_Strict):
     workers when they run on other machines, like the checkpoints folder."""
 
 
-class PromptConfig(_Strict):
+class PromptConfig(StrictConfig):
     """The prompt every stage builds (SFT examples, rollouts, pairs): one setting for all."""
 
     history_window: int | None = Field(None, ge=1)
@@ -137,10 +133,8 @@ class PromptConfig(_Strict):
     None: the whole history."""
 
 
-class MiningConfig(BaseModel):
+class MiningConfig(StrictConfig):
     """Contrastive pair mining (`ipr_core.method.mining`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     step_margin: float = Field(0.1, ge=0, lt=1)
     """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper. Rewards lie in [0, 1]:
@@ -151,17 +145,17 @@ class MiningConfig(BaseModel):
     step_mode: Literal["suffix", "action"] = "suffix"
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictConfig):
     run_id: str = "default"
     env: EnvId
     model: str = "smollm2-135m-instruct"
     """The base model: a model spec (see ipr_core.engine.models.resolve_model)."""
     method: Method = "ipr"
     """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
-    sft: SFTSettings | None = SFTSettings()
+    sft: SFTConfig | None = SFTConfig()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
-    mixture: MixtureSettings = MixtureSettings()
-    compute: ComputeSettings = IN_PROCESS
+    mixture: MixtureConfig = MixtureConfig()
+    compute: ComputeConfig = IN_PROCESS
     """Where SFT and the mixture train: device, and processes under `accelerate launch`."""
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     store: Path = Path(".ipr/ipr.duckdb")
@@ -188,12 +182,12 @@ class RunConfig(_Strict):
     """A step reward model folder (`ipr train reward-model`) whose predictions replace the
     Monte Carlo step rewards (paper 5.5); unset: MC with the SFT model as scorer."""
     mining: MiningConfig = MiningConfig()
-    vllm: VLLMSettings = Field(VLLMSettings(), validate_default=True)
-    openai: OpenAISettings | None = Field(None, validate_default=True)
+    vllm: VLLMConfig = Field(VLLMConfig(), validate_default=True)
+    openai: OpenAIConfig | None = Field(None, validate_default=True)
 
     @field_validator("vllm")
     @classmethod
-    def _lora_rank_fits_vllm(cls, value: VLLMSettings, info: ValidationInfo) -> VLLMSettings:
+    def _lora_rank_fits_vllm(cls, value: VLLMConfig, info: ValidationInfo) -> VLLMConfig:
         if info.data.get("backend") != "vllm":
             return value
         rank = largest_lora_rank(info.data.get("sft"), info.data.get("mixture"))
@@ -203,9 +197,7 @@ class RunConfig(_Strict):
 
     @field_validator("mixture")
     @classmethod
-    def _weights_belong_to_custom(
-        cls, value: MixtureSettings, info: ValidationInfo
-    ) -> MixtureSettings:
+    def _weights_belong_to_custom(cls, value: MixtureConfig, info: ValidationInfo) -> MixtureConfig:
         """A method other than `custom` brings its own weights: silently training with
         them instead of the ones the config spells out would mislabel an ablation."""
         method = info.data.get("method", "ipr")
@@ -220,9 +212,7 @@ class RunConfig(_Strict):
 
     @field_validator("compute")
     @classmethod
-    def _stages_fit_the_processes(
-        cls, value: ComputeSettings, info: ValidationInfo
-    ) -> ComputeSettings:
+    def _stages_fit_the_processes(cls, value: ComputeConfig, info: ValidationInfo) -> ComputeConfig:
         for stage in (info.data.get("sft"), info.data.get("mixture")):
             if stage is not None:
                 check_layout(stage, value)
@@ -231,8 +221,8 @@ class RunConfig(_Strict):
     @field_validator("openai")
     @classmethod
     def _openai_needs_a_server(
-        cls, value: OpenAISettings | None, info: ValidationInfo
-    ) -> OpenAISettings | None:
+        cls, value: OpenAIConfig | None, info: ValidationInfo
+    ) -> OpenAIConfig | None:
         if value is None and info.data.get("backend") == "openai":
             raise ValueError("backend 'openai' needs this section with at least base_url")
         return value
@@ -246,7 +236,7 @@ class RunConfig(_Strict):
     """None: each step reward stage runs in the flow's process."""
 
     @property
-    def mixture_settings(self) -> MixtureSettings | None:
+    def mixture_settings(self) -> MixtureConfig | None:
         """The mixture of `method` (None for `sft`: no training after stage 1)."""
         if self.method == "custom":
             return self.mixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 from ipr_core.envs.base import EnvTask
@@ -19,7 +20,43 @@ they carry no outcome reward and are never averaged as 0."""
 FAILED_STATUSES: frozenset[str] = frozenset({"env_error", "generation_error", "truncated"})
 
 Actor = Literal["expert", "agent"]
+EXPERT: Actor = "expert"
+AGENT: Actor = "agent"
 PairLevel = Literal["trajectory", "step"]
+TRAJECTORY: PairLevel = "trajectory"
+STEP: PairLevel = "step"
+
+BASE_ITERATION = -1
+"""Evaluations of the base model are stored as iteration -1; the SFT model is iteration 0."""
+EXPERT_ITERATION = 0
+"""Expert step rewards are scored once per run and scorer, stored under iteration 0."""
+
+
+class RolloutKind(StrEnum):
+    """What a `rollouts` row is for."""
+
+    __repr__ = str.__repr__  # logs and messages show the name as the string it is
+
+    EXPLORE = "explore"
+    MC = "mc"
+    """A Monte Carlo sample behind a step reward."""
+    EVAL = "eval"
+
+
+class StageName(StrEnum):
+    """The loop's stages as their completion records (`stage_runs`) and costs name them;
+    an evaluation's record adds its split (`evaluate-dev`)."""
+
+    __repr__ = str.__repr__  # logs and messages show the name as the string it is
+
+    INGEST = "ingest"
+    SFT = "sft"
+    EXPERT_STEP_REWARDS = "expert-step-rewards"
+    EXPLORE = "explore"
+    AGENT_STEP_REWARDS = "agent-step-rewards"
+    MINE_PAIRS = "mine-pairs"
+    TRAIN_MIXTURE = "train-mixture"
+    EVALUATE = "evaluate"
 
 
 @dataclass(frozen=True)
@@ -69,7 +106,7 @@ def same_action(a: str, b: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ScoredStep:
+class StoredStepReward:
     """A `step_rewards` row with the expert trajectory of its task."""
 
     task_id: str

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ipr_core.agent.prompts import OBSERVATION_PREFIX, STOP_STRINGS, system_message
-from ipr_core.config import OpenAISettings, VLLMSettings
+from ipr_core.config import OpenAIConfig, VLLMConfig
 from ipr_core.engine.backends import SamplingParams, make_backend
 from ipr_core.types import Message
 
@@ -88,7 +88,7 @@ def main() -> None:
 
     options: dict = {}
     if args.backend == "vllm":
-        settings = VLLMSettings(
+        settings = VLLMConfig(
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_engines=1,
             max_model_len=args.max_model_len,
@@ -96,7 +96,7 @@ def main() -> None:
         )
         options = {"settings": settings}
     elif args.backend == "openai":
-        options = {"settings": OpenAISettings(base_url=args.base_url)}
+        options = {"settings": OpenAIConfig(base_url=args.base_url)}
     else:
         options = {"max_batch_size": args.batch}
     started = time.perf_counter()

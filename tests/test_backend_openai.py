@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.config import OpenAISettings, RunConfig
+from ipr_core.config import OpenAIConfig, RunConfig
 from ipr_core.engine.backends import Completion, SamplingParams
 from ipr_core.engine.backends.chat import BackendError, render_prompt
 from ipr_core.engine.backends.openai_backend import (
@@ -155,7 +155,7 @@ def test_an_unreachable_server_is_a_backend_error(tiny_model_path):
     with socket.socket() as probe:  # a port nothing listens on once the probe closes
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = OpenAISettings(base_url=f"http://127.0.0.1:{port}/v1", timeout_s=5)
+    settings = OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", timeout_s=5)
     with pytest.raises(BackendError, match=f"GET http://127.0.0.1:{port}/v1/models: ConnectError"):
         OpenAIBackend(tiny_model_path, settings)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ipr_core.agent.prompts import STOP_STRINGS, PromptFormat, build_conversation
-from ipr_core.config import RunConfig, VLLMSettings
+from ipr_core.config import RunConfig, VLLMConfig
 from ipr_core.engine.backends import SamplingParams
 from ipr_core.engine.backends.chat import encode_prompt
 from ipr_core.engine.backends.transformers_backend import TransformersBackend
@@ -21,7 +21,7 @@ from ipr_core.engine.backends.vllm_backend import (
 )
 from ipr_core.envs.base import EnvTask
 from ipr_core.run.context import Engines
-from ipr_core.training.config import MixtureSettings, SFTSettings
+from ipr_core.training.config import MixtureConfig, SFTConfig
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Step, Trajectory
 
@@ -94,7 +94,7 @@ def test_prompts_that_do_not_fit_are_not_sent(tiny_backend):
 
 
 def test_engine_arguments():
-    settings = VLLMSettings(
+    settings = VLLMConfig(
         tensor_parallel_size=4, gpu_memory_utilization=0.9, max_engines=2, max_model_len=4096
     )
     args = engine_args(Path("/models/llama"), settings, enable_lora=False)
@@ -122,8 +122,8 @@ def test_lora_checkpoints_are_served_as_adapters_on_their_base(tiny_model_path, 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_path, base)
     experts = [_expert(i) for i in range(2)]
-    full_settings = SFTSettings(epochs=1, batch_size=2, max_length=1024)
-    lora_settings = SFTSettings(epochs=1, batch_size=2, max_length=1024, lora={"enabled": True})
+    full_settings = SFTConfig(epochs=1, batch_size=2, max_length=1024)
+    lora_settings = SFTConfig(epochs=1, batch_size=2, max_length=1024, lora={"enabled": True})
     lora = train_sft(base, experts, PROMPT, lora_settings, tmp_path / "ck")
     full = train_sft(base, experts, PROMPT, full_settings, tmp_path / "ck")
 
@@ -131,8 +131,8 @@ def test_lora_checkpoints_are_served_as_adapters_on_their_base(tiny_model_path, 
     assert serving_plan(full.path) == ServingPlan(full.path)  # no adapter: the full model
     assert serving_plan(lora.path, serve_adapters=False) == ServingPlan(lora.path)
     assert serving_plan(base) == ServingPlan(base.resolve())
-    # Scorer (the base) and the LoRA policy share one engine: the same engine arguments.
-    vllm = VLLMSettings()
+    # The scorer (the base) and the LoRA policy share one engine: the same engine arguments.
+    vllm = VLLMConfig()
     assert engine_args(serving_plan(lora.path).base_model, vllm, True) == engine_args(
         serving_plan(base).base_model, vllm, True
     )
@@ -146,5 +146,5 @@ def test_vllm_serves_adapters_only_when_training_uses_lora(tiny_model_path):
         "settings": config.vllm,
         "enable_lora": False,
     }
-    lora = config.model_copy(update={"mixture": MixtureSettings(lora={"enabled": True})})
+    lora = config.model_copy(update={"mixture": MixtureConfig(lora={"enabled": True})})
     assert Engines(lora).backend_options(tiny_model_path)["enable_lora"] is True

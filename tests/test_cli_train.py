@@ -31,6 +31,11 @@ def test_train_sft_then_evaluate(tmp_path, tiny_model_path, capsys):
     sft_path = capsys.readouterr().out.strip().split(": ")[-1]
     [kind] = store.query("SELECT kind FROM checkpoints")["kind"]
     assert kind == "sft"
+    # the run's SFT stage: its completion record and cost; a second call finds it done
+    assert store.count("stage_runs", "stage = 'sft'") == store.count("stage_costs") == 1
+    assert main(["train", "sft", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip().split(": ")[-1] == sft_path
+    assert store.count("stage_costs") == 1
     evaluate = ["evaluate", "--config", str(config), "--model", sft_path, "--split", "test"]
     assert main([*evaluate, "--limit", "2"]) == 0
     row = store.query("SELECT split, n_tasks, iteration FROM evaluations")

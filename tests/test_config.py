@@ -12,9 +12,9 @@ from pydantic.fields import FieldInfo
 import flows
 import ipr_core
 from flows.commands import main
-from flows.experiment import load_experiment_config
 from ipr_core.config import load_config, parse_overrides
 from ipr_core.errors import InputError
+from ipr_core.run.experiment import load_experiment_config
 
 
 def test_loads_preset_with_defaults(tmp_path):
@@ -179,7 +179,7 @@ def test_every_numeric_setting_has_a_range_or_a_stated_reason():
     """A number a config accepts has the range its meaning allows (a negative margin, a
     zero learning rate fail at load), or says in `json_schema_extra` why it has none."""
     models = _config_models()
-    assert {"RunConfig", "MiningConfig", "ExperimentConfig", "RewardModelSettings"} <= {
+    assert {"RunConfig", "MiningConfig", "ExperimentConfig", "RewardModelConfig"} <= {
         model.__name__ for model in models
     }
     unbounded = []

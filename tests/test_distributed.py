@@ -17,10 +17,10 @@ from ipr_core.config import RunConfig
 from ipr_core.store.store import Store
 from ipr_core.training.config import (
     BatchSplitError,
-    ComputeSettings,
+    ComputeConfig,
     LayoutError,
-    MixtureSettings,
-    SFTSettings,
+    MixtureConfig,
+    SFTConfig,
     micro_batches,
     per_process_batch,
 )
@@ -36,8 +36,8 @@ from ipr_core.training.precision import (
 from ipr_core.training.runtime import trainer_arguments
 from ipr_core.training.sft import train_sft
 
-TWO_PROCESSES = ComputeSettings(device="cpu", bf16=False, distributed={"num_processes": 2})
-ONE_PROCESS = ComputeSettings(device="cpu", bf16=False)
+TWO_PROCESSES = ComputeConfig(device="cpu", bf16=False, distributed={"num_processes": 2})
+ONE_PROCESS = ComputeConfig(device="cpu", bf16=False)
 """float32 in both, so 1 and 2 processes can agree to 1e-5 (bf16 rounds differently)."""
 
 
@@ -71,9 +71,9 @@ def test_cuda_without_a_gpu_raises() -> None:
 
 
 def test_trainer_arguments_carry_the_precision(tmp_path: Path) -> None:
-    on_gpu = trainer_arguments(SFTSettings(), tmp_path, Precision("cuda", bf16=True))
+    on_gpu = trainer_arguments(SFTConfig(), tmp_path, Precision("cuda", bf16=True))
     assert (on_gpu["use_cpu"], on_gpu["bf16"]) == (False, True)
-    on_cpu = trainer_arguments(SFTSettings(), tmp_path, CPU_FLOAT32)
+    on_cpu = trainer_arguments(SFTConfig(), tmp_path, CPU_FLOAT32)
     assert (on_cpu["use_cpu"], on_cpu["bf16"]) == (True, False)
 
 
@@ -83,13 +83,13 @@ def test_each_process_takes_its_share_of_the_batch(tmp_path: Path, monkeypatch) 
     with pytest.raises(BatchSplitError):
         per_process_batch(3, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it
-    args = trainer_arguments(SFTSettings(batch_size=4, micro_batch_size=4), tmp_path, CPU_FLOAT32)
+    args = trainer_arguments(SFTConfig(batch_size=4, micro_batch_size=4), tmp_path, CPU_FLOAT32)
     assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (2, 1)
     # micro-batches of 1 (the default): each process accumulates its 2 examples
-    args = trainer_arguments(SFTSettings(batch_size=4, grad_accum=3), tmp_path, CPU_FLOAT32)
+    args = trainer_arguments(SFTConfig(batch_size=4, grad_accum=3), tmp_path, CPU_FLOAT32)
     assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (1, 6)
     with pytest.raises(BatchSplitError, match="micro_batch_size 3"):
-        micro_batches(SFTSettings(batch_size=8, micro_batch_size=3), 2)
+        micro_batches(SFTConfig(batch_size=8, micro_batch_size=3), 2)
 
 
 def test_config_validation_refuses_what_the_processes_cannot_run() -> None:
@@ -104,17 +104,17 @@ def test_config_validation_refuses_what_the_processes_cannot_run() -> None:
 
 def test_launch_command_names_the_strategy(tmp_path: Path) -> None:
     job = tmp_path / JOB_FILE
-    fsdp = ComputeSettings(distributed={"num_processes": 8, "strategy": "fsdp"}).distributed
+    fsdp = ComputeConfig(distributed={"num_processes": 8, "strategy": "fsdp"}).distributed
     command = launch_command(fsdp, Precision("cuda", bf16=True), job)
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert command[-3:] == ["-m", "ipr_core.training.launch", str(job)]
     flags = " ".join(command)
     assert "--num_processes 8" in flags and "--use_fsdp" in flags
     assert "--mixed_precision bf16" in flags
-    zero2 = ComputeSettings(distributed={"strategy": "deepspeed-zero2"}).distributed
+    zero2 = ComputeConfig(distributed={"strategy": "deepspeed-zero2"}).distributed
     assert "--zero_stage 2" in " ".join(launch_command(zero2, Precision("cuda", True), job))
     with pytest.raises(LayoutError, match="needs CUDA devices"):
-        launched(print, ComputeSettings(distributed={"strategy": "fsdp"}), CPU_FLOAT32)
+        launched(print, ComputeConfig(distributed={"strategy": "fsdp"}), CPU_FLOAT32)
 
 
 # -- 2 CPU processes train what 1 process trains ----------------------------------------------
@@ -151,7 +151,7 @@ def test_sft_on_two_processes_trains_what_one_process_trains(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
     experts = [_expert(i) for i in range(4)]
-    settings = SFTSettings(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
+    settings = SFTConfig(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
     one = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path / "one", ONE_PROCESS)
     two = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path / "two", TWO_PROCESSES)
     _same_training(one, two)
@@ -161,7 +161,7 @@ def test_mixture_on_two_processes_trains_what_one_process_trains(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
     pairs = _pairs(2)  # 2 trajectory and 2 step pairs
-    settings = MixtureSettings(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
+    settings = MixtureConfig(epochs=3, lr=1e-3, batch_size=4, micro_batch_size=4, max_length=1024)
     one = train_mixture(tiny_model_path, pairs, settings, tmp_path / "one", compute=ONE_PROCESS)
     two = train_mixture(tiny_model_path, pairs, settings, tmp_path / "two", compute=TWO_PROCESSES)
     _same_training(one, two)

@@ -23,7 +23,7 @@ import pytest
 import webshop_fixture
 
 from ipr_core.agent.prompts import INVALID_TURN_OBSERVATION
-from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine
+from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine
 from ipr_core.envs import Env, EnvCrashed, StepResult, make_env
 from ipr_core.envs import science_world as sw
 from ipr_core.envs import textworld_express as twx
@@ -171,7 +171,7 @@ def engine(
     """An engine without a policy: `replay` executes given assistant turns."""
     case.locate(request, monkeypatch)
     case.isolate(monkeypatch)
-    with RolloutEngine(case.env_id, None, EpisodeSettings(step_timeout_s=2.0)) as made:  # type: ignore[arg-type]
+    with RolloutEngine(case.env_id, None, EpisodeConfig(step_timeout_s=2.0)) as made:  # type: ignore[arg-type]
         yield made
 
 

@@ -1,6 +1,7 @@
 """A micro reproduction experiment on the tiny local Llama: SFT, ETO and IPR x 2 seeds x 1
 iteration, then `ipr report`, whose every table must be what its printed query returns."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,8 +11,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from flows.cli import main as cli_main
 from flows.commands import main
-from flows.experiment import load_experiment_config, run_experiment
 from flows.report import (
     PER_TASK_SQL,
     markdown_table,
@@ -19,6 +20,7 @@ from flows.report import (
     run_query,
 )
 from ipr_core.errors import InputError, IprError
+from ipr_core.run.experiment import load_experiment_config, run_experiment
 from ipr_core.run.manifest import ManifestChanged
 from ipr_core.store.store import Store, manifest_row
 
@@ -68,19 +70,34 @@ def test_every_method_and_seed_finishes_with_a_test_evaluation(experiment):
     assert not runs["test_reward"].isna().any()
 
 
-def test_one_sft_checkpoint_serves_every_run(experiment):
-    _, store, _, _, _, first_log, _ = experiment
-    assert store.count("checkpoints", "kind = 'sft'") == 1
-    assert sum("shared SFT checkpoint" in line for line in first_log) == 1
-    # every evaluation at iteration 0 is of that one checkpoint
+def test_each_seed_trains_one_sft_model_its_methods_share(experiment):
+    config, store, _, _, _, first_log, _ = experiment
+    assert config.sft_per_seed and store.count("checkpoints", "kind = 'sft'") == 2
+    # the SFT model is a stage of every run, with its completion record and its cost
+    assert store.count("stage_runs", "stage = 'sft'") == 6
+    assert store.count("stage_costs", "stage = 'sft'") == 6
+    trained = [line for line in first_log if "SFT checkpoint" in line]
+    assert len(trained) == 6 and sum("(reused)" in line for line in trained) == 4
+    # every run's iteration 0 is its seed's SFT model, evaluated once per seed
     policies = store.query(
-        "SELECT DISTINCT e.policy_id, c.kind FROM evaluations e "
-        "JOIN checkpoints c ON c.checkpoint_id = e.policy_id WHERE e.iteration = 0"
+        "SELECT DISTINCT x.seed, e.policy_id, c.kind FROM evaluations e "
+        "JOIN checkpoints c ON c.checkpoint_id = e.policy_id "
+        "JOIN experiment_runs x ON x.run_id = e.run_id WHERE e.iteration = 0"
     )
-    assert list(policies["kind"]) == ["sft"]
-    # its dev evaluation ran once; the other five runs copied its rows
+    assert sorted(policies["seed"]) == [0, 1] and set(policies["kind"]) == {"sft"}
     copied = [line for line in first_log if "evaluate-dev [iteration 0]: rows of" in line]
-    assert len(copied) == 5 and all("copied: same inputs" in line for line in copied)
+    assert len(copied) == 4 and all("copied: same inputs" in line for line in copied)
+
+
+def test_one_sft_model_for_all_seeds_and_one_fixed_scorer_are_options():
+    config = load_experiment_config(CONFIG)
+    assert {config.run_config("ipr", s).sft.seed for s in (0, 1)} == {0, 1}
+    assert config.scorer_config() is None
+    shared = config.model_copy(update={"sft_per_seed": False})
+    assert {shared.run_config("ipr", s).sft.seed for s in (0, 1)} == {config.run.sft.seed}
+    fixed = config.model_copy(update={"fixed_scorer": True}).scorer_config()
+    assert fixed is not None and fixed.run_id == "smoke-scorer"
+    assert fixed.sft == config.run.sft
 
 
 def test_runs_share_what_their_inputs_decide_and_eto_scores_no_steps(experiment):
@@ -91,13 +108,10 @@ def test_runs_share_what_their_inputs_decide_and_eto_scores_no_steps(experiment)
         lines = [line for line in first_log if f"{stage}: rows of run" in line]
         return {line.split("]")[0][1:]: line.split("rows of run ")[1].split()[0] for line in lines}
 
-    # the expert steps' scores (one fixed scorer and seed) and the SFT model's greedy
-    # exploration are computed once and copied by the other seed
-    assert donors("expert-step-rewards [iteration 0]") == {"smoke-ipr-s1": "smoke-ipr-s0"}
-    assert donors("explore [iteration 1]") == {
-        "smoke-eto-s1": "smoke-eto-s0",
-        "smoke-ipr-s1": "smoke-ipr-s0",
-    }
+    # each seed has its own SFT model, so its own scorer and explorer: nothing is copied
+    # across seeds (ETO explores from the start of each task only, IPR from every step)
+    assert donors("expert-step-rewards [iteration 0]") == {}
+    assert donors("explore [iteration 1]") == {}
     # the agent steps are sampled with the run's seed: each IPR run scores its own
     assert donors("agent-step-rewards [iteration 1]") == {}
     scored = store.query("SELECT DISTINCT run_id FROM step_rewards ORDER BY run_id")
@@ -136,8 +150,16 @@ def test_rerun_skips_finished_runs_and_writes_nothing(experiment):
     _, store, runs, rerun, counts, _, second_log = experiment
     assert {t: store.count(t) for t in TABLES} == counts
     assert sum("finished before; skipped" in line for line in second_log) == 6
-    assert any("shared SFT checkpoint" in line and "(reused)" in line for line in second_log)
     assert rerun.equals(runs)
+
+
+def test_ipr_experiment_no_prefect_finds_every_run_finished(experiment, capsys):
+    """The command CI runs: the same runs, as plain calls; a finished experiment exits 0."""
+    config, store, runs, *_ = experiment
+    args = ["experiment", "--config", str(CONFIG), "--store", str(store.path), "--no-prefect"]
+    assert cli_main([*args, "--set", f"run.cache_dir={config.run.cache_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished before; skipped") == len(runs) == 6
 
 
 def test_changed_shared_settings_are_refused(experiment):
@@ -167,8 +189,8 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert settings[["methods", "seeds"]].values.tolist() == [["sft, eto, ipr", "0, 1"]]
     costs = store.query(blocks[5][1])
     assert set(costs["method"]) == {"sft", "eto", "ipr"}
-    # a seed's second method copies iteration 1's shared stages from the first
-    assert costs.loc[costs["iteration"] == 1, "copied_stages"].sum() > 0
+    # a seed's later methods copy the dev evaluation of the seed's SFT model
+    assert costs.loc[costs["iteration"] == 0, "copied_stages"].sum() > 0
     distribution = store.query(blocks[6][1])
     assert set(distribution["reward"]) == {"expert", "agent", "margin"}
     results_table = blocks[1][0]
@@ -290,3 +312,17 @@ def test_report_of_unknown_experiment_is_a_clear_error(experiment, tmp_path, cap
     args = ["report", "--experiment", "nope", "--out", str(tmp_path / "r.md")]
     assert main([*args, "--store", str(store.path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_an_experiment_recorded_before_sft_per_seed_resumes_with_one_sft_model(tmp_path):
+    """Its recorded settings lack `sft_per_seed`: it ran with one SFT model for all seeds."""
+    from ipr_core.run.experiment import register
+
+    config = load_experiment_config(CONFIG, store=tmp_path / "x.duckdb")
+    recorded = json.loads(config.shared_settings())
+    del recorded["sft_per_seed"], recorded["fixed_scorer"]
+    store = Store(config.run.store)
+    store.write({"experiments": [{"experiment_id": "smoke", "config": json.dumps(recorded)}]})
+    register(store, config.model_copy(update={"sft_per_seed": False}))
+    with pytest.raises(IprError, match=r"\(sft_per_seed\)"):
+        register(store, config)

@@ -23,6 +23,7 @@ import duckdb  # noqa: E402
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime  # noqa: E402
 
 from flows import ipr_flow  # noqa: E402
 from ipr_core.config import load_config  # noqa: E402
@@ -122,24 +123,24 @@ def test_the_run_publishes_tables_a_plot_and_progress(smoke_flow):
     assert all(a.data == 100.0 for a in progress)
 
 
-def test_rerun_is_cached_and_changes_no_row_count(smoke_flow):
+def test_a_rerun_finds_every_stage_recorded_and_changes_no_row(smoke_flow):
+    """Prefect's cache is off: each stage task runs and its completion record, unchanged,
+    says it is done."""
     config, store, rows = smoke_flow
     before = counts(store)
+    records = "SELECT run_id, iteration, stage, created_at FROM stage_runs ORDER BY ALL"
+    recorded = rows_of(store, records)
     started = time.time()
     state = ipr_flow.ipr(config, return_state=True)
     assert state.is_completed()
     assert state.result() == rows
-    assert counts(store) == before
-    runs = task_runs_since(started - 1)
-    names = {run.name: run.state.name for run in runs}
+    assert counts(store) == before and rows_of(store, records) == recorded
+    names = {run.name: run.state.name for run in task_runs_since(started - 1)}
     assert "explore[1]" in names and "train-mixture[1]" in names
-    # `prepare` is deliberately uncached; `iteration-1` stands for the subflow in its parent
-    stages = {n: s for n, s in names.items() if not n.startswith(("prepare", "iteration"))}
-    not_cached = {n: s for n, s in stages.items() if s != "Cached"}
-    assert not not_cached, not_cached
+    assert {s for n, s in names.items() if not n.startswith("iteration")} == {"Completed"}
 
 
-def test_a_cached_stage_whose_rows_are_gone_is_recomputed(smoke_flow):
+def test_a_stage_whose_rows_are_gone_is_recomputed(smoke_flow):
     config, store, _ = smoke_flow
     before = counts(store)
     with store.transaction() as con:  # as if the pairs were dropped by hand
@@ -219,7 +220,6 @@ def test_a_failed_task_gives_the_flow_runs_its_one_line_cause(tmp_path, smoke_fl
     """`explore` fails inside the iteration subflow: its task run, the subflow run and the
     `ipr` flow run end with the same one-line cause (file, record and field named)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
 
     from ipr_core.errors import InputError
     from ipr_core.run import loop
@@ -257,6 +257,63 @@ def _utc(timestamp: float):
     return datetime.fromtimestamp(timestamp, UTC)
 
 
+@pytest.fixture(scope="module")
+def experiment_runs(tmp_path_factory, cache_dir):
+    """The smoke experiment (sft and ipr, seed 0) as the `experiment` flow and with
+    `--no-prefect`, each in its own store (the second finds the models the first trained)."""
+    from flows import experiment
+    from ipr_core.run.experiment import load_experiment_config, run_experiment
+
+    folder = tmp_path_factory.mktemp("experiment")
+    config = load_experiment_config(ROOT / "configs" / "experiment-smoke.yaml")
+    run = config.run.model_copy(update={"cache_dir": cache_dir, "store": folder / "flow.duckdb"})
+    config = config.model_copy(update={"methods": ["sft", "ipr"], "seeds": [0], "run": run})
+    started = time.time()
+    state = experiment.experiment(config, return_state=True)
+    assert state.is_completed(), state
+    plain = run.model_copy(update={"store": folder / "plain.duckdb"})
+    run_experiment(config.model_copy(update={"run": plain}), log=lambda _: None)
+    return started, Store(run.store), Store(plain.store)
+
+
+def test_the_experiment_flow_runs_each_run_and_iteration_as_a_subflow(experiment_runs):
+    from prefect.client.orchestration import get_client
+
+    started, _, _ = experiment_runs
+    after = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=_utc(started - 1)))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=after)
+        flow_names = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
+        by_name = {run.name: run for run in runs}
+
+        def parent(name: str) -> str:
+            task_run = client.read_task_run(by_name[name].parent_task_run_id)
+            return next(run.name for run in runs if run.id == task_run.flow_run_id)
+
+        assert {run.name: flow_names[run.flow_id] for run in runs} == {
+            "experiment-smoke": "experiment",
+            "sft-s0": "method-run",
+            "ipr-s0": "method-run",
+            "iteration-1": "iteration",
+        }
+        assert parent("sft-s0") == parent("ipr-s0") == "experiment-smoke"
+        assert parent("iteration-1") == "ipr-s0"
+        assert all(run.state.is_completed() for run in runs)
+
+
+def test_the_experiment_flow_and_the_plain_experiment_record_the_same_stages(experiment_runs):
+    _, flow_store, plain_store = experiment_runs
+    stages = "SELECT run_id, iteration, stage, fingerprint FROM stage_runs ORDER BY ALL"
+    assert rows_of(flow_store, stages) == rows_of(plain_store, stages)
+    for table, sql in RESULTS.items():
+        rows = rows_of(flow_store, sql)
+        assert rows and rows == rows_of(plain_store, sql), table
+    # the SFT model is a stage of each run: its completion record and its cost row
+    for store in (flow_store, plain_store):
+        sft = "stage = 'sft' AND run_id IN ('smoke-sft-s0', 'smoke-ipr-s0')"
+        assert store.count("stage_runs", sft) == store.count("stage_costs", sft) == 2
+
+
 def test_killed_run_resumes_to_the_same_pairs(tmp_path, cache_dir, smoke_flow):
     """SIGKILL mid-iteration (once iteration 1 is explored), restart with the same run id:
     the resumed run reuses finished stages and its pairs equal an uninterrupted run's."""
@@ -288,7 +345,7 @@ def test_killed_run_resumes_to_the_same_pairs(tmp_path, cache_dir, smoke_flow):
     output = resumed.stdout + resumed.stderr
     for stage in ("ingest", "sft", "expert-step-rewards"):
         assert f"{stage}[" in output
-    assert "Finished in state Cached" in output  # finished stages were not redone
+    assert "sft: done before" in output  # finished stages were not redone
 
     assert pairs_of(store) == pairs_of(reference)
     for table in ("rollouts", "step_rewards", "evaluations"):

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from ipr_core.agent.prompts import PromptFormat
 from ipr_core.config import MiningConfig, RunConfig, validate_config
 from ipr_core.engine.backends.base import Completion, SamplingParams
-from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
+from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutSpec
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.method.expert import build_expert_trajectory
@@ -59,7 +59,7 @@ def test_sft_rollout_and_pair_prompts_of_a_step_are_the_same_messages(
 ) -> None:
     backend = RecordingBackend()
     prefix = tuple(step.text for step in expert.steps[:STEP])
-    settings = EpisodeSettings(max_steps=STEP + 1, history_window=WINDOW)
+    settings = EpisodeConfig(max_steps=STEP + 1, history_window=WINDOW)
     with RolloutEngine(ENV, backend, settings) as engine:  # one turn after the replayed prefix
         [rollout] = engine.run([RolloutSpec(expert.task.task_id, prefix)], temperature=0.0)
         prompt = engine.prompt

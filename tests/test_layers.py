@@ -7,21 +7,22 @@ lazy import cannot hide an upward arrow.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CORE_LAYERS: tuple[str, ...] = (
-    "errors",  # the errors a user's input raises
-    "envs",  # the environments: the world the agent acts in
-    "types",  # messages, steps, trajectories, pairs: the data stages pass
-    "agent",  # the ReAct turn format and the one prompt builder
-    "training",  # SFT, the mixture loss, the step reward model, checkpoints
-    "config",  # the typed settings of a run
-    "engine",  # policy backends and the lock-step rollout engine
-    "method",  # explore, step rewards, mining, evaluation: IPR's algorithm
-    "store",  # DuckDB: schema, SQL, row mapping, the JSON file formats
-    "run",  # the loop: the one stage list, run context, costs, shards
+CORE_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "digest"),  # the errors a user's input raises; the one content hash
+    ("envs",),  # the environments: the world the agent acts in
+    ("types",),  # messages, steps, trajectories, pairs: the data stages pass
+    ("agent",),  # the ReAct turn format and the one prompt builder
+    ("training",),  # SFT, the mixture loss, the step reward model, checkpoints
+    ("config",),  # the typed settings of a run
+    ("engine",),  # policy backends and the lock-step rollout engine
+    ("method",),  # explore, step rewards, mining, evaluation: IPR's algorithm
+    ("store",),  # DuckDB: schema, SQL, row mapping, the JSON file formats
+    ("run",),  # the loop: the one stage list, run context, costs, shards, experiments
 )
 """`ipr_core`'s layers, bottom first: a module imports its own layer or one below it."""
 
@@ -49,7 +50,7 @@ def _core_layer(name: str) -> int | None:
     parts = name.split(".")
     if parts[0] != "ipr_core" or len(parts) < 2:
         return None
-    return CORE_LAYERS.index(parts[1]) if parts[1] in CORE_LAYERS else None
+    return next((i for i, layer in enumerate(CORE_LAYERS) if parts[1] in layer), None)
 
 
 def upward_imports(package: str, root: Path = ROOT) -> list[str]:
@@ -98,3 +99,46 @@ def test_the_contract_sees_an_upward_import(tmp_path: Path) -> None:
         "ipr_core/method/explore.py:1 imports prefect",
         "ipr_core/method/explore.py:5 imports ipr_core.run.loop",
     ]
+
+
+SQL = re.compile(
+    r"\bSELECT\b[\s\S]*\bFROM\b|\bINSERT\s+(OR\s+\w+\s+)?INTO\b|\bUPDATE\s+\w+\s+SET\b"
+    r"|\bDELETE\s+FROM\b|\bCREATE\s+(OR\s+REPLACE\s+)?(TABLE|VIEW|INDEX)\b|\bWHERE\b"
+    r"|\b\w+\s*(=|<>|>=|<=|<|>)\s*\?"
+)
+"""What a string constant holding SQL (or a WHERE fragment of it) looks like."""
+SQL_HOMES = {
+    "ipr_core/store": "the store package: schema, migrations, every query of the store",
+    "ipr_core/envs": "InterCode-SQL's MySQL: the environment's own database, not the store",
+    "flows/report.py": "its queries, printed in the report, leave with the report split",
+}
+
+
+def sql_constants(root: Path = ROOT) -> list[str]:
+    """`file:line` of each string constant that looks like SQL outside `SQL_HOMES`."""
+    found = []
+    for package in APP_LAYERS:
+        for path in sorted((root / package).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if any(name == home or name.startswith(home + "/") for home in SQL_HOMES):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), name)):
+                text = node.value if isinstance(node, ast.Constant) else None
+                if isinstance(text, str) and SQL.search(text):
+                    found.append((name, node.lineno))
+    return [f"{name}:{line}" for name, line in sorted(found)]
+
+
+def test_no_sql_outside_the_store() -> None:
+    assert sql_constants() == []
+
+
+def test_the_sql_walk_finds_a_query_and_a_fragment(tmp_path: Path) -> None:
+    loop = tmp_path / "ipr_core" / "run" / "loop.py"
+    loop.parent.mkdir(parents=True)
+    loop.write_text(
+        'Q = f"SELECT * FROM pairs WHERE {x}"\n'
+        'W = "run_id = ? AND iteration = ?"\n'
+        'S = "Select the best iteration from dev"\n'
+    )
+    assert sql_constants(tmp_path) == ["ipr_core/run/loop.py:1", "ipr_core/run/loop.py:2"]

@@ -9,7 +9,7 @@ from flows.commands import main
 from ipr_core.agent.prompts import PromptFormat, build_conversation
 from ipr_core.engine.backends import make_backend
 from ipr_core.engine.backends.base import SamplingParams
-from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
+from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutSpec
 from ipr_core.errors import InputError
 from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.run import loop
@@ -19,7 +19,7 @@ from ipr_core.run.pipeline import ingest_gold
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import (
-    RewardModelSettings,
+    RewardModelConfig,
     step_reward_examples,
     train_reward_model,
 )
@@ -158,7 +158,7 @@ def test_context_overflow_is_a_failed_rollout_not_reward_zero(tmp_path, tiny_mod
     ingest_gold(store, ENV, "train", 1)
     [expert] = store.expert_trajectories(ENV, "train")
     backend = make_backend(tiny_model_path, max_context=64)  # no prompt fits
-    with RolloutEngine(ENV, backend, EpisodeSettings(max_new_tokens=8)) as engine:
+    with RolloutEngine(ENV, backend, EpisodeConfig(max_new_tokens=8)) as engine:
         query = StepQuery(expert.task.task_id, "expert", (), expert.steps[0].text)
         [reward], [rollouts] = estimate_step_rewards(engine, [query], n_samples=3)
     assert [r.status for r in rollouts] == ["truncated"] * 3
@@ -185,7 +185,7 @@ class FailingBackend:
 
 def test_generation_error_marks_live_episodes_failed(tiny_model_path):
     backend = FailingBackend(make_backend(tiny_model_path))
-    with RolloutEngine(ENV, backend, EpisodeSettings(max_new_tokens=8)) as engine:
+    with RolloutEngine(ENV, backend, EpisodeConfig(max_new_tokens=8)) as engine:
         task_ids = engine.task_ids("train")[:2]
         results = engine.run([RolloutSpec(t) for t in task_ids], temperature=0.0)
     assert [r.status for r in results] == ["generation_error"] * 2
@@ -196,7 +196,7 @@ def test_generation_error_marks_live_episodes_failed(tiny_model_path):
 def test_engine_runs_more_episodes_than_live_slots_in_order(tiny_model_path):
     backend = make_backend(tiny_model_path)
     progress: list[tuple[int, int]] = []
-    settings = EpisodeSettings(max_live=2, max_new_tokens=8)
+    settings = EpisodeConfig(max_live=2, max_new_tokens=8)
     with RolloutEngine(ENV, backend, settings, progress=lambda *p: progress.append(p)) as engine:
         task_ids = engine.task_ids("dev")[:5]
         specs = [RolloutSpec(t) for t in task_ids]
@@ -228,7 +228,7 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     [mc_scorer] = store.query("SELECT DISTINCT scorer_id FROM step_rewards")["scorer_id"]
     steps = store.scored_steps(config.run_id, mc_scorer)
     examples = step_reward_examples(steps, PromptFormat(action_hint(config.env)))
-    settings = RewardModelSettings(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
+    settings = RewardModelConfig(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
     trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
     rm_config = config.model_copy(update={"step_reward_model": trained.path})
     scorer = Engines(rm_config).scorer(tiny_model_path)

@@ -8,8 +8,8 @@ import yaml
 
 from flows.bench import load_bench_config
 from flows.bench_training import load_training_bench_config
-from flows.experiment import load_experiment_config
 from ipr_core.config import load_config
+from ipr_core.run.experiment import load_experiment_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 PAPER = {  # env: (tau, max turns, paper's training set size)

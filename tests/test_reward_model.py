@@ -11,8 +11,8 @@ from ipr_core.envs.base import EnvTask
 from ipr_core.errors import IprError
 from ipr_core.store.store import Store, expert_to_row
 from ipr_core.training.reward_model import (
+    RewardModelConfig,
     RewardModelScorer,
-    RewardModelSettings,
     split_by_task,
     step_reward_examples,
     train_reward_model,
@@ -102,7 +102,7 @@ def test_split_keeps_tasks_apart(store):
 
 def test_train_and_score(store, tiny_model_path, tmp_path):
     examples = step_reward_examples(store.scored_steps(RUN, SCORER), PROMPT)
-    settings = RewardModelSettings(epochs=6, lr=1e-3, batch_size=8, max_length=512)
+    settings = RewardModelConfig(epochs=6, lr=1e-3, batch_size=8, max_length=512)
     root = tmp_path / "checkpoints"
     result = train_reward_model(tiny_model_path, examples, settings, root)
     metrics = result.metrics

@@ -12,8 +12,11 @@ import pytest
 
 from flows.cli import main
 from ipr_core.config import RunConfig
+from ipr_core.digest import digest
+from ipr_core.errors import InputError
 from ipr_core.run import loop
 from ipr_core.run.context import RunContext
+from ipr_core.run.fingerprints import FINGERPRINT_CHARS
 from ipr_core.store.store import ENV_ID_COLUMNS, SCHEMA, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,14 +152,16 @@ def _old_store(path: Path, rollouts: str) -> None:
         con.execute(f"CREATE TABLE rollouts ({rollouts})")
 
 
-def test_an_older_store_gains_the_new_tables_and_known_columns(tmp_path):
+def test_an_older_store_gains_the_new_tables_and_known_columns_when_it_opens(tmp_path):
     path = tmp_path / "old.duckdb"
     _old_store(path, SCHEMA["rollouts"])
+    with pytest.raises(InputError, match="older schema"):
+        Store(path, read_only=True)  # a reader never writes, so it cannot migrate
     store = Store(path)
-    store.write({"runs": [{"run_id": "r1", "config": "{}"}]})
-    assert store.table_exists("stage_runs")
+    assert store.count("stage_runs") == 0  # created when the store opened, before any write
     columns = store.query("DESCRIBE expert_trajectories")["column_name"].tolist()
     assert "action_hint" in columns
+    Store(path, read_only=True)  # current now
 
 
 def test_a_store_lacking_a_column_it_cannot_migrate_is_refused_unchanged(tmp_path, capsys):
@@ -207,7 +212,7 @@ def _store_of_short_ids(path: Path) -> RunConfig:
                     "run_id": "r",
                     "iteration": 0,
                     "stage": "ingest",
-                    "fingerprint": loop.digest("ingest", settings),
+                    "fingerprint": digest(["ingest", settings], FINGERPRINT_CHARS),
                     "result": '{"experts": 1, "steps": 2}',
                     "row_counts": "[1]",
                 }
@@ -240,7 +245,11 @@ def test_a_store_of_short_env_ids_is_migrated_once_and_its_finished_stages_stay_
     # The ingest stage finished before the migration is still done on resume.
     here = Path("unused")
     assert config.env == FULL_ID
-    assert loop.is_done(loop.INGEST, RunContext(config, store), loop.Iteration(0, here, here))
+    log: list[str] = []
+    loop.run_stage(
+        loop.INGEST, RunContext(config, store, log.append), loop.Iteration(0, here, here)
+    )
+    assert len(log) == 1 and log[0].startswith("ingest: done before (run r")
     # Once: an id written in the short spelling after the migration stays as written.
     with duckdb.connect(str(path)) as con:
         con.execute("UPDATE expert_trajectories SET env_id = ?", [SHORT_ID])

@@ -18,10 +18,10 @@ from ipr_core.envs.base import EnvTask
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import checkpoint_id, model_id
 from ipr_core.training.config import (
-    ComputeSettings,
-    MixtureSettings,
+    ComputeConfig,
+    MixtureConfig,
     MixtureWeights,
-    SFTSettings,
+    SFTConfig,
     mixture_preset,
 )
 from ipr_core.training.data import (
@@ -154,7 +154,7 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)
     assert [r["is_step_level"] for r in rows] == [False, True]
-    settings = MixtureSettings(beta=0.3, weights=MixtureWeights(trajectory_dpo=0.5, sft=2.0))
+    settings = MixtureConfig(beta=0.3, weights=MixtureWeights(trajectory_dpo=0.5, sft=2.0))
     trainer = MixtureTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
         args=mixture_config(settings, tmp_path, CPU_FLOAT32),
@@ -222,13 +222,13 @@ def test_micro_batches_train_the_batch_without_padding(
         replace(e, steps=e.steps[-k:])
         for k, e in zip((1, 2, 3, 3), map(_expert, range(4)), strict=True)
     ]
-    fp32 = ComputeSettings(device="cpu", bf16=False)
+    fp32 = ComputeConfig(device="cpu", bf16=False)
     results = {
         micro: train_sft(
             tiny_model_path,
             experts,
             PROMPT,
-            SFTSettings(epochs=2, lr=1e-3, batch_size=4, micro_batch_size=micro, max_length=1024),
+            SFTConfig(epochs=2, lr=1e-3, batch_size=4, micro_batch_size=micro, max_length=1024),
             tmp_path / str(micro),
             fp32,
         ).metrics
@@ -245,7 +245,7 @@ def test_micro_batches_train_the_batch_without_padding(
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_lowers_expert_action_nll(tiny_model_path: Path, tmp_path: Path, lora: bool) -> None:
     experts = [_expert(i) for i in range(4)]
-    settings = SFTSettings(
+    settings = SFTConfig(
         epochs=4, lr=3e-3 if lora else 1e-3, batch_size=2, max_length=1024, lora={"enabled": lora}
     )
     result = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path)
@@ -258,7 +258,7 @@ def test_sft_lowers_expert_action_nll(tiny_model_path: Path, tmp_path: Path, lor
 # -- (d) the mixture -------------------------------------------------------------------------
 def test_mixture_raises_the_chosen_rejected_margin(tiny_model_path: Path, tmp_path: Path) -> None:
     pairs = _pairs(3)
-    settings = MixtureSettings(epochs=3, lr=1e-3, batch_size=2, max_length=1024)
+    settings = MixtureConfig(epochs=3, lr=1e-3, batch_size=2, max_length=1024)
     result = train_mixture(tiny_model_path, pairs, settings, tmp_path)
     assert result.metrics["n_pairs"] == 6 and result.metrics["n_step_pairs"] == 3
 
@@ -271,7 +271,7 @@ def test_mixture_raises_the_chosen_rejected_margin(tiny_model_path: Path, tmp_pa
     assert (gain > 0).all()
 
     # Iteration 2 starts from iteration 1's model; the reference stays the SFT model.
-    quick = MixtureSettings(epochs=1, batch_size=2, max_length=1024)
+    quick = MixtureConfig(epochs=1, batch_size=2, max_length=1024)
     second = train_mixture(tiny_model_path, pairs, quick, tmp_path, parent_path=result.path)
     assert second.parent_id == result.checkpoint_id != second.checkpoint_id
 
@@ -286,10 +286,10 @@ def test_mixture_trains_as_before_and_logs_each_step_per_term_and_level(
     tiny_model_path: Path, tmp_path: Path, share_prompts: bool
 ) -> None:
     weights = MixtureWeights(trajectory_dpo=0.5, step_dpo=1.3, sft=2.0)
-    settings = MixtureSettings(
+    settings = MixtureConfig(
         epochs=2, lr=1e-3, beta=0.3, batch_size=2, max_length=1024, weights=weights
     )
-    fp32 = ComputeSettings(device="cpu", bf16=False, share_prompts=share_prompts)
+    fp32 = ComputeConfig(device="cpu", bf16=False, share_prompts=share_prompts)
     result = train_mixture(tiny_model_path, _pairs(2), settings, tmp_path, compute=fp32)
     metrics = result.metrics
     assert metrics["steps"] == MAIN_LOSSES["steps"]
@@ -368,7 +368,7 @@ def test_template_that_rewrites_turns_raises_naming_the_example(tiny_model_path:
 # -- (f) checkpoints --------------------------------------------------------------------------
 def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: Path) -> None:
     experts = [_expert(i) for i in range(2)]
-    settings = SFTSettings(epochs=1, batch_size=2, max_length=1024)
+    settings = SFTConfig(epochs=1, batch_size=2, max_length=1024)
     first = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path)
     again = train_sft(tiny_model_path, experts, PROMPT, settings, tmp_path)
     assert not first.skipped and again.skipped
@@ -379,7 +379,7 @@ def test_existing_checkpoint_is_not_retrained(tiny_model_path: Path, tmp_path: P
     parent = model_id(tiny_model_path)
     assert checkpoint_id(parent, sft_data_hash(experts, PROMPT), settings) == first.checkpoint_id
     other_data = checkpoint_id(parent, sft_data_hash(experts[:1], PROMPT), settings)
-    other_settings = checkpoint_id(parent, sft_data_hash(experts, PROMPT), SFTSettings(lr=1e-4))
+    other_settings = checkpoint_id(parent, sft_data_hash(experts, PROMPT), SFTConfig(lr=1e-4))
     assert len({first.checkpoint_id, other_data, other_settings}) == 3
 
     store = Store(tmp_path / "store.duckdb")

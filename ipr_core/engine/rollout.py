@@ -85,7 +85,7 @@ class _Episode:
 
 
 @dataclass(frozen=True)
-class EpisodeSettings:
+class EpisodeConfig:
     """How an engine runs its episodes."""
 
     max_live: int = 32
@@ -106,7 +106,7 @@ class RolloutEngine:
         self,
         env_id: str,
         backend: PolicyBackend,
-        settings: EpisodeSettings = EpisodeSettings(),
+        settings: EpisodeConfig = EpisodeConfig(),
         progress: ProgressFn | None = None,
     ):
         self.backend = backend

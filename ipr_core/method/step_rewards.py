@@ -74,14 +74,14 @@ def estimate_step_rewards(
     return rewards, rollouts
 
 
-class StepScorer(Protocol):
+class StepRewardModel(Protocol):
     """A learned step reward: the predicted value of a conversation's last assistant turn."""
 
     def score(self, conversations: Sequence[Sequence[Message]]) -> list[float]: ...
 
 
 def predict_step_rewards(
-    engine: RolloutEngine, scorer: StepScorer, queries: Sequence[StepQuery]
+    engine: RolloutEngine, scorer: StepRewardModel, queries: Sequence[StepQuery]
 ) -> tuple[list[StepReward], list[list[RolloutResult]]]:
     """Step rewards from a trained step reward model (paper 5.5) instead of MC rollouts.
 

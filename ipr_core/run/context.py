@@ -21,27 +21,24 @@ from ipr_core.config import RunConfig
 from ipr_core.engine.backends import PolicyBackend, make_backend
 from ipr_core.engine.models import resolve_model
 from ipr_core.engine.progress import ProgressBar, ProgressFn
-from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutResult
+from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError, IprError
 from ipr_core.method.step_rewards import (
     StepQuery,
     StepReward,
-    StepScorer,
+    StepRewardModel,
     estimate_step_rewards,
     predict_step_rewards,
 )
 from ipr_core.store.store import At, Row, Store, step_reward_rows
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import RewardModelScorer
-from ipr_core.types import Actor, Trajectory
+from ipr_core.types import EXPERT_ITERATION, Actor, Trajectory
 
 Log = Callable[[str], None]
 ProgressFactory = Callable[[str], ProgressFn]
 """Makes the progress display of a stage from its label."""
-
-EXPERT_ITERATION = 0
-"""Expert step rewards depend only on the fixed scorer: stored once, under iteration 0."""
 
 EXPERT_SEED = 0
 """The sampling seed of the expert steps' Monte Carlo rollouts, the same for every run: the
@@ -49,16 +46,16 @@ scorer (the SFT model) and the expert steps decide what they estimate, so the ru
 experiment, whatever their seed, compare against one estimate, sampled once and copied."""
 
 
-class MissingSettings(IprError):
+class MissingConfig(IprError):
     """A stage needs a config section the run does not have (e.g. `openai`, `mixture`)."""
 
 
 @dataclass(frozen=True)
-class Scorer:
+class StepScorer:
     """Who scores steps: `scorer_id` names the rows; `reward_model` replaces Monte Carlo."""
 
     scorer_id: str
-    reward_model: StepScorer | None
+    reward_model: StepRewardModel | None
 
 
 @dataclass(frozen=True)
@@ -73,12 +70,12 @@ class ScoringJob:
     seed: int
 
 
-ScoredSteps = tuple[list[StepReward], list[list[RolloutResult]]]
+StepRewardsAndSamples = tuple[list[StepReward], list[list[RolloutResult]]]
 StepRows = dict[str, list[Row]]
 """`step_rewards` rows and the `rollouts` rows (kind 'mc') behind them."""
 
 
-class StepScoring(Protocol):
+class ScoringRunner(Protocol):
     """Computes a scoring job's rows: in this process, or in Parquet shards."""
 
     def __call__(self, engines: Engines, job: ScoringJob, label: str) -> StepRows: ...
@@ -103,7 +100,7 @@ class Engines:
             return {"settings": config.vllm, "enable_lora": config.lora_rank is not None}
         if config.backend == "openai":
             if config.openai is None:
-                raise MissingSettings("backend 'openai' needs the `openai` settings")
+                raise MissingConfig("backend 'openai' needs the `openai` settings")
             base = resolve_model(config.model, config.cache_dir)
             served = config.openai.model if path.resolve() == base.resolve() else None
             return {"settings": config.openai, "served_model": served}
@@ -118,7 +115,7 @@ class Engines:
     ) -> RolloutEngine:
         gen, config = self.config.generation, self.config
         progress = self.progress(label) if self.progress and label else None
-        settings = EpisodeSettings(
+        settings = EpisodeConfig(
             max_live=gen.max_live_episodes,
             max_new_tokens=gen.max_new_tokens,
             max_steps=config.max_steps,
@@ -134,14 +131,14 @@ class Engines:
             return self.windowed(model_id(Path(self.config.step_reward_model)))
         return self.windowed(model_id(scorer_path))
 
-    def scorer(self, scorer_path: Path) -> Scorer:
+    def scorer(self, scorer_path: Path) -> StepScorer:
         """Who scores steps: the config's step reward model, else MC with `scorer_path`."""
         if self.config.step_reward_model is None:
-            return Scorer(self.scorer_id(scorer_path), None)
+            return StepScorer(self.scorer_id(scorer_path), None)
         path = Path(self.config.step_reward_model)
         if not path.is_dir():
             raise InputError(str(path), "no reward model folder here", field="step_reward_model")
-        return Scorer(self.scorer_id(scorer_path), RewardModelScorer(path))
+        return StepScorer(self.scorer_id(scorer_path), RewardModelScorer(path))
 
     def windowed(self, scorer_model_id: str) -> str:
         """Step rewards are stored under the scorer's model id and the history window it read
@@ -165,11 +162,11 @@ def score_in_process(engines: Engines, job: ScoringJob, label: str | None = None
 def score_steps(
     engine: RolloutEngine,
     queries: Sequence[StepQuery],
-    scorer: Scorer,
+    scorer: StepScorer,
     n_samples: int,
     temperature: float,
     seed: int,
-) -> ScoredSteps:
+) -> StepRewardsAndSamples:
     """MC estimates, or the step reward model's predictions when there is one."""
     if scorer.reward_model is not None:
         return predict_step_rewards(engine, scorer.reward_model, queries)
@@ -185,7 +182,7 @@ class RunContext:
     log: Log = print
     progress: ProgressFactory | None = None
     """Default: a terminal bar plus lines through `log`."""
-    scoring: StepScoring = score_in_process
+    scoring: ScoringRunner = score_in_process
     allow_manifest_change: bool = False
     """Resume a run whose packages, model, splits or prompt changed (`ipr_core.run.manifest`)."""
     engines: Engines = field(init=False)

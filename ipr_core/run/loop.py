@@ -7,7 +7,7 @@
 The scorer and the DPO reference are the SFT model throughout; iteration k's trained model
 explores iteration k + 1 (`docs/method.md`). `ipr run --no-prefect`, the Prefect flows and
 `ipr experiment` all call `run_iteration`; they differ only in the `Runner` that executes
-a stage (a plain call, or a cached Prefect task around the same call).
+a stage (a plain call, or a Prefect task around the same call).
 
 One resume rule (`run_stage`): a stage is done when the store holds its completion record
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
@@ -22,7 +22,6 @@ of a model is done once).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -32,13 +31,15 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 
+from ipr_core.digest import digest
 from ipr_core.engine.backends import release_engines
 from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import explore
 from ipr_core.method.mining import mine_pairs
 from ipr_core.run import pipeline
-from ipr_core.run.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
+from ipr_core.run.context import MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
+from ipr_core.run.fingerprints import FINGERPRINT_CHARS, ROLLOUT_FIELDS, SCORING_FIELDS
 from ipr_core.run.manifest import check_resume, run_manifest
 from ipr_core.store import scopes
 from ipr_core.store.store import (
@@ -63,10 +64,15 @@ from ipr_core.training.checkpoints import (
 from ipr_core.training.data import pairs_data_hash
 from ipr_core.training.mixture import train_mixture, trainable_pairs
 from ipr_core.training.sft import train_sft
-from ipr_core.types import Actor
-
-BASE_ITERATION = -1
-"""Evaluations of the base model are stored as iteration -1; the SFT model is iteration 0."""
+from ipr_core.types import (
+    AGENT,
+    BASE_ITERATION,
+    EXPERT,
+    EXPERT_ITERATION,
+    Actor,
+    RolloutKind,
+    StageName,
+)
 
 R = TypeVar("R")
 
@@ -90,6 +96,13 @@ class Iteration:
     policy_path: Path
     split: Split | None = None
     """`evaluate` only; None: the config's dev split."""
+    scorer: Path | None = None
+    """The step scorer's model where it is not the SFT model (one fixed scorer for the
+    seeds of an experiment whose seeds train their own SFT models)."""
+
+    @property
+    def scorer_path(self) -> Path:
+        return self.sft_path if self.scorer is None else self.scorer
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,7 @@ class Trained:
 
 
 @dataclass(frozen=True)
-class Scored:
+class StepsScored:
     queries: int
     scorer_id: str
 
@@ -126,10 +139,10 @@ class Mined:
 
 @dataclass(frozen=True)
 class IterationResult:
-    expert: Scored | None
+    expert: StepsScored | None
     """None (and `agent` too) when the mixture reads no step pair (`scores_steps`)."""
     explored: Explored
-    agent: Scored | None
+    agent: StepsScored | None
     mined: Mined
     trained: Trained
     evaluated: Evaluation
@@ -149,7 +162,7 @@ class Output(Generic[R]):
 class Stage(Generic[R]):
     """One stage: what it reads (`fingerprint`), computes and owns in the store (`scopes`)."""
 
-    name: str
+    name: StageName
     compute: Callable[[RunContext, Iteration], Output[R]]
     fingerprint: Callable[[RunContext, Iteration], str]
     scopes: Callable[[At, RunContext, Iteration, R], list[Scope]]
@@ -222,13 +235,6 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
     return output.result
 
 
-def is_done(stage: Stage[Any], ctx: RunContext, it: Iteration) -> bool:
-    """Whether `run_stage` would return the recorded result without computing."""
-    at = stage.at(ctx, it)
-    record = ctx.store.stage_record(at.run_id, at.iteration, stage.record_name(ctx, it))
-    return record is not None and _holds(stage, ctx, it, record, stage.fingerprint(ctx, it))
-
-
 def _holds(
     stage: Stage[Any], ctx: RunContext, it: Iteration, record: StageRecord, fingerprint: str
 ) -> bool:
@@ -279,10 +285,29 @@ def scores_steps(ctx: RunContext) -> bool:
     return mixture is not None and mixture.weights.uses_step_pairs
 
 
-def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_iteration) -> Path:
-    """A whole run: set-up, SFT, its evaluations, then the iterations; the last model."""
+@dataclass(frozen=True)
+class RunResult:
+    """What a run made: its model and dev evaluation per iteration (0: the SFT model) and,
+    given a test split, the iteration dev picked and its test evaluation."""
+
+    policies: dict[int, Path]
+    dev: dict[int, Evaluation]
+    best: int | None = None
+    test: Evaluation | None = None
+
+
+def run_ipr(
+    ctx: RunContext,
+    run: Runner = run_stage,
+    iterate: Iterate = run_iteration,
+    test: Split | None = None,
+    scorer: Path | None = None,
+) -> RunResult:
+    """A whole run: set-up, SFT, its evaluations, then the iterations; with `test`, the
+    iteration with the best dev evaluation evaluated on the test split. `scorer`: the step
+    scorer's model where it is not the run's SFT model."""
     config = ctx.config
-    base = prepare_run(ctx)
+    base = prepare_run(ctx, () if test is None else (test.name,))
     setup = Iteration(0, base, base)
     run(INGEST, ctx, setup)
     sft = base
@@ -290,20 +315,39 @@ def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_ite
         if config.evaluate_base:
             run(EVALUATE, ctx, replace(setup, number=BASE_ITERATION))
         sft = Path(run(SFT, ctx, setup).path)
-    run(EVALUATE, ctx, Iteration(0, sft, sft))
-    policy = sft
+    policies = {0: sft}
+    dev = {0: run(EVALUATE, ctx, Iteration(0, sft, sft))}
     if config.mixture_settings is not None:  # method `sft` stops after stage 1
         for k in range(1, config.iterations + 1):
-            policy = Path(iterate(ctx, Iteration(k, sft, policy), run).trained.path)
-    return policy
+            result = iterate(ctx, Iteration(k, sft, policies[k - 1], scorer=scorer), run)
+            policies[k], dev[k] = Path(result.trained.path), result.evaluated
+    if test is None:
+        return RunResult(policies, dev)
+    first = 0 if config.mixture_settings is None else 1  # trained methods pick a trained model
+    best = best_iteration({k: e for k, e in dev.items() if k >= first})
+    tested = run(EVALUATE, ctx, Iteration(best, sft, policies[best], split=test))
+    return RunResult(policies, dev, best, tested)
 
 
-def prepare_run(ctx: RunContext) -> Path:
-    """Record the run, its manifest and its base model (built once into the cache); the
-    base model. A resumed run whose manifest changes results is refused before this."""
+def best_iteration(dev: dict[int, Evaluation]) -> int:
+    """The iteration with the highest dev reward, then success rate (a missing figure
+    ranks last); ties go to the earliest, the least trained model."""
+
+    def rank(k: int) -> tuple[bool, float, bool, float, int]:
+        e = dev[k]
+        reward, success = e.avg_reward, e.success_rate
+        return (reward is not None, reward or 0.0, success is not None, success or 0.0, -k)
+
+    return max(dev, key=rank)
+
+
+def prepare_run(ctx: RunContext, more_splits: Sequence[str] = ()) -> Path:
+    """Record the run, its manifest (over the train, dev and `more_splits` splits) and its
+    base model (built once into the cache); the base model. A resumed run whose manifest
+    changes results is refused before this."""
     base = ctx.base_path()
     checkpoint = base_checkpoint(base)
-    splits = (ctx.config.train_split, ctx.config.dev_split)
+    splits = (ctx.config.train_split, ctx.config.dev_split, *more_splits)
     row = {"run_id": ctx.run_id, "config": ctx.config.model_dump_json()}
     ctx.store.write(
         {
@@ -332,13 +376,6 @@ def eval_split(ctx: RunContext, it: Iteration) -> Split:
 
 
 # -- fingerprints: what each stage reads, hashed -------------------------------------------
-ROLLOUT_FIELDS = ("env", "backend", "max_steps", "step_timeout_s", "generation", "prompt")
-"""What every rollout reads; `prompt` (the history window) shapes each prompt it generates."""
-
-
-def digest(*parts: Any) -> str:
-    payload = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def config_fields(ctx: RunContext, *fields: str) -> dict[str, Any]:
@@ -356,16 +393,19 @@ def experts_hash(ctx: RunContext, explored: bool = True) -> str:
     experts = ctx.explored() if explored else ctx.experts()
     return digest(
         [
-            [t.task.task_id, t.task.instruction, t.task.initial_observation]
-            + [[s.text for s in t.steps], t.outcome_reward]
-            for t in experts
-        ]
+            [
+                [t.task.task_id, t.task.instruction, t.task.initial_observation]
+                + [[s.text for s in t.steps], t.outcome_reward]
+                for t in experts
+            ]
+        ],
+        FINGERPRINT_CHARS,
     )
 
 
 def _scorer_fields(ctx: RunContext, it: Iteration) -> list[Any]:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
-    return [model_id(it.sft_path), scorer_id, config_fields(ctx, *ROLLOUT_FIELDS, "monte_carlo")]
+    scorer_id = ctx.engines.scorer_id(it.scorer_path)
+    return [model_id(it.scorer_path), scorer_id, config_fields(ctx, *SCORING_FIELDS)]
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -378,10 +418,10 @@ def _ingest(ctx: RunContext, it: Iteration) -> Output[Ingested]:
 
 
 INGEST: Stage[Ingested] = Stage(
-    name="ingest",
+    name=StageName.INGEST,
     compute=_ingest,
     fingerprint=lambda ctx, it: digest(
-        "ingest", config_fields(ctx, "env", "train_split", "train_limit")
+        ["ingest", config_fields(ctx, "env", "train_split", "train_limit")], FINGERPRINT_CHARS
     ),
     scopes=lambda at, ctx, it, r: [scopes.experts(ctx.config.env, ctx.config.train_split)],
     result_type=Ingested,
@@ -395,7 +435,7 @@ INGEST: Stage[Ingested] = Stage(
 def _sft(ctx: RunContext, it: Iteration) -> Output[Trained]:
     config = ctx.config
     if config.sft is None:
-        raise MissingSettings("the SFT stage needs the config's `sft` settings")
+        raise MissingConfig("the SFT stage needs the config's `sft` settings")
     result = train_sft(
         it.policy_path,
         ctx.experts(),
@@ -421,13 +461,16 @@ def _checkpoint_scope(at: At, ctx: RunContext, it: Iteration, r: Trained) -> lis
 
 
 SFT: Stage[Trained] = Stage(
-    name="sft",
+    name=StageName.SFT,
     compute=_sft,
     fingerprint=lambda ctx, it: digest(
-        "sft",
-        model_id(it.policy_path),
-        experts_hash(ctx, explored=False),
-        config_fields(ctx, "env", "sft", "prompt", "cache_dir"),
+        [
+            "sft",
+            model_id(it.policy_path),
+            experts_hash(ctx, explored=False),
+            config_fields(ctx, "env", "sft", "prompt", "cache_dir"),
+        ],
+        FINGERPRINT_CHARS,
     ),
     scopes=_checkpoint_scope,
     result_type=Trained,
@@ -448,7 +491,7 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
         f"iteration {it.number}: {split.name} reward {result.avg_reward}, "
         f"success {result.success_rate}, steps {result.avg_steps} ({result.policy_id})"
     )
-    key = RowKey(ctx.run_id, it.number, "eval", 0, "agent")
+    key = RowKey(ctx.run_id, it.number, RolloutKind.EVAL, 0, AGENT)
     evaluation = {"run_id": ctx.run_id, "iteration": it.number, **asdict(result)}
     rows = {
         "rollouts": [rollout_row(r, key, result.policy_id) for r in rollouts],
@@ -464,15 +507,18 @@ def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) ->
 
 
 EVALUATE: Stage[Evaluation] = Stage(
-    name="evaluate",
+    name=StageName.EVALUATE,
     compute=_evaluate,
     # greedy episodes: the model, the split and the rollout settings decide them, so the
     # iteration (a label) and the seed are left out and equal evaluations are done once
     fingerprint=lambda ctx, it: digest(
-        "evaluate",
-        model_id(it.policy_path),
-        asdict(eval_split(ctx, it)),
-        config_fields(ctx, *ROLLOUT_FIELDS),
+        [
+            "evaluate",
+            model_id(it.policy_path),
+            asdict(eval_split(ctx, it)),
+            config_fields(ctx, *ROLLOUT_FIELDS),
+        ],
+        FINGERPRINT_CHARS,
     ),
     scopes=_evaluation_scopes,
     result_type=Evaluation,
@@ -482,20 +528,22 @@ EVALUATE: Stage[Evaluation] = Stage(
 
 
 # -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
-def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
+    scorer_id = ctx.engines.scorer_id(it.scorer_path)
     queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
     at = At(ctx.run_id, EXPERT_ITERATION)
-    job = ScoringJob(at, "expert", it.sft_path, tuple(queries), ctx.seed(at.iteration))
+    job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
     rows = ctx.score(job, "expert step rewards") if queries else {}
     ctx.log(f"scored {len(queries)} expert steps")
-    return Output(Scored(len(queries), scorer_id), rows)
+    return Output(StepsScored(len(queries), scorer_id), rows)
 
 
-def _step_reward_scopes(actor: Actor) -> Callable[[At, RunContext, Iteration, Scored], list[Scope]]:
+def _step_reward_scopes(
+    actor: Actor,
+) -> Callable[[At, RunContext, Iteration, StepsScored], list[Scope]]:
     """The step rewards of `actor` by the stage's scorer, and the MC rollouts behind them."""
 
-    def owned(at: At, ctx: RunContext, it: Iteration, r: Scored) -> list[Scope]:
+    def owned(at: At, ctx: RunContext, it: Iteration, r: StepsScored) -> list[Scope]:
         return scopes.step_rewards(at, actor, r.scorer_id)
 
     return owned
@@ -510,17 +558,20 @@ def _run_scope(owned: Callable[[At], Scope]) -> Callable[..., list[Scope]]:
     return scope
 
 
-EXPERT_STEP_REWARDS: Stage[Scored] = Stage(
-    name="expert-step-rewards",
+EXPERT_STEP_REWARDS: Stage[StepsScored] = Stage(
+    name=StageName.EXPERT_STEP_REWARDS,
     compute=_expert_step_rewards,
     fingerprint=lambda ctx, it: digest(
-        "expert-step-rewards",
-        *_scorer_fields(ctx, it),
-        experts_hash(ctx),
-        ctx.seed(EXPERT_ITERATION),
+        [
+            "expert-step-rewards",
+            *_scorer_fields(ctx, it),
+            experts_hash(ctx),
+            ctx.seed(EXPERT_ITERATION),
+        ],
+        FINGERPRINT_CHARS,
     ),
-    scopes=_step_reward_scopes("expert"),
-    result_type=Scored,
+    scopes=_step_reward_scopes(EXPERT),
+    result_type=StepsScored,
     label=lambda it: "expert step rewards",
     replace=False,
     scores_steps=True,
@@ -539,7 +590,9 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
     ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
     rows = [
         rollout_row(
-            e.rollout, RowKey(ctx.run_id, it.number, "explore", e.prefix_len, "agent"), policy_id
+            e.rollout,
+            RowKey(ctx.run_id, it.number, RolloutKind.EXPLORE, e.prefix_len, AGENT),
+            policy_id,
         )
         for e in explorations
     ]
@@ -547,15 +600,18 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
 
 
 EXPLORE: Stage[Explored] = Stage(
-    name="explore",
+    name=StageName.EXPLORE,
     compute=_explore,
     fingerprint=lambda ctx, it: digest(
-        "explore",
-        model_id(it.policy_path),
-        experts_hash(ctx),
-        it.number,
-        scores_steps(ctx),
-        config_fields(ctx, *ROLLOUT_FIELDS),
+        [
+            "explore",
+            model_id(it.policy_path),
+            experts_hash(ctx),
+            it.number,
+            scores_steps(ctx),
+            config_fields(ctx, *ROLLOUT_FIELDS),
+        ],
+        FINGERPRINT_CHARS,
     ),
     scopes=_run_scope(scopes.explorations),
     result_type=Explored,
@@ -564,28 +620,31 @@ EXPLORE: Stage[Explored] = Stage(
 
 
 # -- Monte Carlo step rewards of the agent's own first actions -----------------------------
-def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[Scored]:
+def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     queries = pipeline.agent_queries(explorations)
     at = At(ctx.run_id, it.number)
-    job = ScoringJob(at, "agent", it.sft_path, tuple(queries), ctx.seed(at.iteration))
+    job = ScoringJob(at, AGENT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
     rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
     ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
-    return Output(Scored(len(queries), ctx.engines.scorer_id(it.sft_path)), rows)
+    return Output(StepsScored(len(queries), ctx.engines.scorer_id(it.scorer_path)), rows)
 
 
-AGENT_STEP_REWARDS: Stage[Scored] = Stage(
-    name="agent-step-rewards",
+AGENT_STEP_REWARDS: Stage[StepsScored] = Stage(
+    name=StageName.AGENT_STEP_REWARDS,
     compute=_agent_step_rewards,
     fingerprint=lambda ctx, it: digest(
-        "agent-step-rewards",
-        *_scorer_fields(ctx, it),
-        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
-        it.number,
-        ctx.seed(it.number),
+        [
+            "agent-step-rewards",
+            *_scorer_fields(ctx, it),
+            ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+            it.number,
+            ctx.seed(it.number),
+        ],
+        FINGERPRINT_CHARS,
     ),
-    scopes=_step_reward_scopes("agent"),
-    result_type=Scored,
+    scopes=_step_reward_scopes(AGENT),
+    result_type=StepsScored,
     label=lambda it: f"agent step rewards[{it.number}]",
     scores_steps=True,
 )
@@ -593,10 +652,10 @@ AGENT_STEP_REWARDS: Stage[Scored] = Stage(
 
 # -- pairs ---------------------------------------------------------------------------------
 def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    scorer_id = ctx.engines.scorer_id(it.scorer_path)
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
-    expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, "expert")
-    agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, "agent")
+    expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, EXPERT)
+    agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
     mining = ctx.config.mining
     pairs = mine_pairs(explorations, expert_rewards, agent_rewards, mining, ctx.prompt)
     counts = {"trajectory": 0, "step": 0}
@@ -610,22 +669,25 @@ def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
 
 
 def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
-    scorer_id = ctx.engines.scorer_id(it.sft_path)
+    scorer_id = ctx.engines.scorer_id(it.scorer_path)
     return digest(
-        "mine-pairs",
-        scorer_id,
-        it.number,
-        experts_hash(ctx),
-        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
-        ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), "expert", scorer_id),
-        ctx.store.step_rewards_hash(At(ctx.run_id, it.number), "agent", scorer_id),
-        ctx.prompt.action_hint,
-        config_fields(ctx, "env", "mining", "prompt"),
+        [
+            "mine-pairs",
+            scorer_id,
+            it.number,
+            experts_hash(ctx),
+            ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+            ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), EXPERT, scorer_id),
+            ctx.store.step_rewards_hash(At(ctx.run_id, it.number), AGENT, scorer_id),
+            ctx.prompt.action_hint,
+            config_fields(ctx, "env", "mining", "prompt"),
+        ],
+        FINGERPRINT_CHARS,
     )
 
 
 MINE_PAIRS: Stage[Mined] = Stage(
-    name="mine-pairs",
+    name=StageName.MINE_PAIRS,
     compute=_mine,
     fingerprint=_mine_fingerprint,
     scopes=_run_scope(scopes.pairs),
@@ -640,7 +702,7 @@ def _train(ctx: RunContext, it: Iteration) -> Output[Trained]:
     reference = SFT. Without a pair the method's loss uses, the policy stays as it was."""
     settings = ctx.config.mixture_settings
     if settings is None:
-        raise MissingSettings(f"method {ctx.config.method!r} trains no mixture")
+        raise MissingConfig(f"method {ctx.config.method!r} trains no mixture")
     pairs = ctx.store.pairs(ctx.run_id, it.number)
     if not trainable_pairs(pairs, settings.weights):
         method = ctx.config.method
@@ -661,18 +723,21 @@ def _train(ctx: RunContext, it: Iteration) -> Output[Trained]:
 def _train_fingerprint(ctx: RunContext, it: Iteration) -> str:
     settings = ctx.config.mixture_settings
     return digest(
-        "train-mixture",
-        model_id(it.sft_path),
-        model_id(it.policy_path),
-        pairs_data_hash(ctx.store.pairs(ctx.run_id, it.number)),
-        it.number,
-        None if settings is None else settings.model_dump(mode="json"),
-        config_fields(ctx, "cache_dir"),
+        [
+            "train-mixture",
+            model_id(it.sft_path),
+            model_id(it.policy_path),
+            pairs_data_hash(ctx.store.pairs(ctx.run_id, it.number)),
+            it.number,
+            None if settings is None else settings.model_dump(mode="json"),
+            config_fields(ctx, "cache_dir"),
+        ],
+        FINGERPRINT_CHARS,
     )
 
 
 TRAIN_MIXTURE: Stage[Trained] = Stage(
-    name="train-mixture",
+    name=StageName.TRAIN_MIXTURE,
     compute=_train,
     fingerprint=_train_fingerprint,
     scopes=_checkpoint_scope,

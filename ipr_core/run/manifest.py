@@ -10,8 +10,6 @@ reported and the run goes on.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -23,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from ipr_core.agent.prompts import PromptFormat, build_conversation
+from ipr_core.digest import digest
 from ipr_core.envs import parse_env_id
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import IprError
@@ -85,10 +84,10 @@ def run_manifest(
         "packages": package_versions(names),
         "model_id": model_id,
         "splits": {
-            split: {"count": len(ids), "hash": _digest(list(ids))}
+            split: {"count": len(ids), "hash": digest(list(ids), 16)}
             for split, ids in sorted(split_ids.items())
         },
-        "prompt_hash": _digest(build_conversation(PROBE_TASK, PROBE_STEPS, prompt)),
+        "prompt_hash": digest(build_conversation(PROBE_TASK, PROBE_STEPS, prompt), 16),
         "machine": machine(),
         "git_commit": git_commit(),
     }
@@ -181,7 +180,3 @@ def check_resume(
 
 def _shown(changed: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

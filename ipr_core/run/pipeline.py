@@ -16,9 +16,9 @@ from ipr_core.errors import InputError
 from ipr_core.method.expert import Rejected, gold_trajectories
 from ipr_core.method.explore import Exploration
 from ipr_core.method.step_rewards import StepQuery, expert_queries
-from ipr_core.run.context import EXPERT_ITERATION, Log
+from ipr_core.run.context import Log
 from ipr_core.store.store import Row, Store, expert_to_row
-from ipr_core.types import Trajectory
+from ipr_core.types import EXPERT, EXPERT_ITERATION, Trajectory
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def pending_expert_queries(
     store: Store, run_id: str, scorer_id: str, experts: Sequence[Trajectory]
 ) -> list[StepQuery]:
     """The expert steps this (run, scorer) has not scored yet."""
-    done = store.step_reward_map(run_id, scorer_id, EXPERT_ITERATION, "expert")
+    done = store.step_reward_map(run_id, scorer_id, EXPERT_ITERATION, EXPERT)
     return [
         query
         for expert in experts

@@ -16,41 +16,26 @@ file left by another job is never read.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipr_core.config import RunConfig
+from ipr_core.digest import digest
 from ipr_core.errors import IprError
 from ipr_core.method.step_rewards import StepQuery
 from ipr_core.run.context import Engines, ScoringJob, StepRows, score_steps
-from ipr_core.store.store import SCHEMA, At, step_reward_rows
+from ipr_core.run.fingerprints import FINGERPRINT_CHARS, SCORING_FIELDS
+from ipr_core.store.store import At, step_reward_rows, table_columns
 from ipr_core.types import Actor
 
 TABLES = ("rollouts", "step_rewards")
 FINGERPRINT_KEY = b"ipr.shard_fingerprint"
-JOB_CONFIG_FIELDS = {
-    "run_id",
-    "env",
-    "backend",
-    "max_steps",
-    "step_timeout_s",
-    "generation",
-    "prompt",
-    "monte_carlo",
-    "vllm",
-    "openai",
-}
-"""The config fields a shard's rows depend on (with the scorer, seed and queries)."""
 
 
 class ShardError(IprError):
@@ -86,13 +71,13 @@ class ShardJob:
     @functools.cached_property
     def fingerprint(self) -> str:
         payload = [
-            self.config.model_dump(mode="json", include=JOB_CONFIG_FIELDS),
+            self.config.model_dump(mode="json", include={"run_id", *SCORING_FIELDS}),
             self.scorer_id,
             self.iteration,
             self.seed,
             [asdict(query) for query in self.queries],
         ]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        return digest(payload, FINGERPRINT_CHARS)
 
 
 def shard_directory(config: RunConfig, actor: Actor, iteration: int) -> Path:
@@ -219,7 +204,7 @@ def read_shard_file(job: ShardJob, table: str) -> pa.Table:
             f"shard file {path} was written for another job (fingerprint {found or 'none'}, "
             f"expected {job.fingerprint}); delete it to recompute the shard"
         )
-    required, optional = _columns(table)
+    required, optional = table_columns(table)
     missing = sorted(set(required) - set(data.column_names))
     unknown = sorted(set(data.column_names) - set(required) - set(optional))
     if missing or unknown:
@@ -246,19 +231,3 @@ def _check_rows(job: ShardJob, rewards: pa.Table, rollouts: pa.Table) -> None:
             f"shard file {job.file('rollouts')}: {rollouts.num_rows} rollouts, "
             f"but its step rewards count {n_samples} samples"
         )
-
-
-@functools.cache
-def _columns(table: Literal["rollouts", "step_rewards"]) -> tuple[list[str], list[str]]:
-    """The store table's columns: (required in a shard, filled by the store's defaults)."""
-    con = duckdb.connect()
-    try:
-        con.execute(f"CREATE TABLE t ({SCHEMA[table]})")
-        described = con.execute("DESCRIBE t").df()
-    finally:
-        con.close()
-    has_default = described["default"].notna()
-    return (
-        described.loc[~has_default, "column_name"].tolist(),
-        described.loc[has_default, "column_name"].tolist(),
-    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ipr_core.store.store import At, Scope
+from ipr_core.types import RolloutKind
 
 _AT = "run_id = ? AND iteration = ?"
 
@@ -25,8 +26,8 @@ def evaluation(at: At, policy_id: str, split: str, task_ids: Sequence[str]) -> l
         Scope("evaluations", f"{_AT} AND policy_id = ? AND split = ?", (*owner, split)),
         Scope(
             "rollouts",
-            f"{_AT} AND policy_id = ? AND kind = 'eval' AND list_contains(?, task_id)",
-            (*owner, list(task_ids)),
+            f"{_AT} AND policy_id = ? AND kind = ? AND list_contains(?, task_id)",
+            (*owner, RolloutKind.EVAL, list(task_ids)),
         ),
     ]
 
@@ -37,12 +38,16 @@ def step_rewards(at: At, actor: str, scorer_id: str) -> list[Scope]:
     owner = (at.run_id, at.iteration, actor, scorer_id)
     return [
         Scope("step_rewards", f"{_AT} AND actor = ? AND scorer_id = ?", owner),
-        Scope("rollouts", f"{_AT} AND actor = ? AND kind = 'mc' AND policy_id = ?", owner),
+        Scope(
+            "rollouts",
+            f"{_AT} AND actor = ? AND kind = ? AND policy_id = ?",
+            (at.run_id, at.iteration, actor, RolloutKind.MC, scorer_id),
+        ),
     ]
 
 
 def explorations(at: At) -> Scope:
-    return Scope("rollouts", f"{_AT} AND kind = 'explore'", (at.run_id, at.iteration))
+    return Scope("rollouts", f"{_AT} AND kind = ?", (at.run_id, at.iteration, RolloutKind.EXPLORE))
 
 
 def pairs(at: At) -> Scope:

@@ -10,7 +10,6 @@ stage never duplicates rows.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from ipr_core.digest import digest
 from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs import canonical_env_id
 from ipr_core.envs.base import EnvTask
@@ -29,7 +29,20 @@ from ipr_core.errors import InputError, IprError, UnknownEnvError
 from ipr_core.method.explore import Exploration
 from ipr_core.method.step_rewards import StepReward
 from ipr_core.training.checkpoints import TrainResult, checkpoint_row
-from ipr_core.types import Pair, ScoredStep, Step, Trajectory
+from ipr_core.types import (
+    AGENT,
+    EXPERT,
+    EXPERT_ITERATION,
+    FAILED_STATUSES,
+    STEP,
+    TRAJECTORY,
+    Pair,
+    RolloutKind,
+    Step,
+    StoredStepReward,
+    Trajectory,
+)
+from ipr_core.types import StageName as S
 
 SCHEMA: dict[str, str] = {
     "runs": """
@@ -261,6 +274,16 @@ def key_id(key: str, alias: str = "") -> str:
 PAIR_ID = key_id(PAIR_KEY)
 ROLLOUT_ID = key_id(ROLLOUT_KEY)
 
+
+def sql_text(value: str) -> str:
+    """A Python constant as a SQL string literal, for the views (which take no parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+_EXPERT, _AGENT, _MC = sql_text(EXPERT), sql_text(AGENT), sql_text(RolloutKind.MC)
+_SCORING = ", ".join(sql_text(s) for s in (S.EXPERT_STEP_REWARDS, S.AGENT_STEP_REWARDS))
+_TRAINING = ", ".join(sql_text(s) for s in (S.SFT, S.TRAIN_MIXTURE))
+
 VIEWS: dict[str, str] = {
     "pair_ids": f"SELECT {PAIR_ID} AS pair_id, * FROM pairs",
     "rollout_ids": f"SELECT {ROLLOUT_ID} AS rollout_id, * FROM rollouts",
@@ -272,22 +295,23 @@ VIEWS: dict[str, str] = {
         FROM pairs p
         JOIN step_rewards s ON s.run_id = p.run_id AND s.task_id = p.task_id
              AND s.prefix_len = p.prefix_len
-             AND ((s.actor = 'expert' AND s.iteration = 0)
-                  OR (s.actor = 'agent' AND s.iteration = p.iteration))
+             AND ((s.actor = {_EXPERT} AND s.iteration = {EXPERT_ITERATION})
+                  OR (s.actor = {_AGENT} AND s.iteration = p.iteration))
         JOIN rollouts r ON r.run_id = s.run_id AND r.iteration = s.iteration
-             AND r.kind = 'mc' AND r.policy_id = s.scorer_id AND r.task_id = s.task_id
+             AND r.kind = {_MC} AND r.policy_id = s.scorer_id AND r.task_id = s.task_id
              AND r.prefix_len = s.prefix_len AND r.actor = s.actor
-        WHERE p.level = 'step'""",
-    "stage_work": """
-        SELECT *, CASE WHEN stage = 'expert-step-rewards' THEN 1 ELSE iteration END
+        WHERE p.level = {sql_text(STEP)}""",
+    "stage_work": f"""
+        SELECT *, CASE WHEN stage = {sql_text(S.EXPERT_STEP_REWARDS)} THEN 1 ELSE iteration END
                       AS cost_iteration,
-               CASE WHEN stage IN ('expert-step-rewards', 'agent-step-rewards') THEN 'mc'
-                    WHEN stage = 'explore' THEN 'explore'
-                    WHEN stage IN ('sft', 'train-mixture') THEN 'train'
-                    WHEN stage LIKE 'evaluate-%' THEN 'eval' ELSE 'other' END AS work
+               CASE WHEN stage IN ({_SCORING}) THEN {_MC}
+                    WHEN stage = {sql_text(S.EXPLORE)} THEN {sql_text(RolloutKind.EXPLORE)}
+                    WHEN stage IN ({_TRAINING}) THEN 'train'
+                    WHEN stage LIKE {sql_text(S.EVALUATE + "-%")} THEN {sql_text(RolloutKind.EVAL)}
+                    ELSE 'other' END AS work
         FROM stage_costs""",
 }
-"""Views over the tables (created on every write): `pair_ids` and `rollout_ids` add the
+"""Views over the tables (made when a writer opens the store): `pair_ids` and `rollout_ids` add the
 short ids `ipr show` takes; `pair_mc_samples` is every Monte Carlo sample behind both
 step rewards of a step pair (its expert step's, scored under iteration 0, and its agent
 step's, scored in the pair's iteration); `stage_work` is `stage_costs` with the kind of
@@ -345,10 +369,19 @@ class StoreLocked(IprError):
 
 
 class Store:
-    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
+    """A store file, brought up to `SCHEMA` when it opens: every table and view exists
+    for every reader and writer after. `read_only`: never written (nor migrated; a store
+    of an older schema is refused), for commands that only read, such as `ipr report`."""
+
+    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0, read_only: bool = False):
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
-        self._migrated = False  # once per Store: the schema only ever grows
+        self.read_only = read_only
+        with self._connect(read_only=read_only) as con:
+            if read_only:
+                _check_current(con, self.path)
+            else:
+                _migrate(con, self.path)
 
     # -- connections -------------------------------------------------------------------
     @contextmanager
@@ -357,9 +390,6 @@ class Store:
     ) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.path.exists():
             raise IprError(f"store {self.path} does not exist")
-        if read_only and not self._migrated:
-            with self.transaction():  # a store is brought up to date when it is opened
-                pass
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
@@ -388,10 +418,9 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One short write transaction: all or nothing."""
+        if self.read_only:
+            raise IprError(f"store {self.path} was opened read-only")
         with self._connect(read_only=False) as con:
-            if not self._migrated:
-                _migrate(con, self.path)
-                self._migrated = True
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -426,21 +455,11 @@ class Store:
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Run a read-only query; returns an empty frame if the store has no tables yet."""
+        """Run a read-only query."""
         with self._connect(read_only=True) as con:
             return con.execute(sql, params or []).df()
 
-    def table_exists(self, table: str) -> bool:
-        if not self.path.exists():
-            return False
-        found = self.query(
-            "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?", [table]
-        )
-        return bool(found["n"].iloc[0])
-
     def count(self, table: str, where: str = "TRUE", params: Sequence[Any] | None = None) -> int:
-        if not self.table_exists(table):
-            return 0
         return int(self.query(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)["n"][0])
 
     def fingerprint_env_id(self, env_id: str) -> str:
@@ -457,8 +476,6 @@ class Store:
 
     # -- stage completion records ------------------------------------------------------
     def stage_record(self, run_id: str, iteration: int, stage: str) -> StageRecord | None:
-        if not self.table_exists("stage_runs"):
-            return None
         found = self.query(
             "SELECT * FROM stage_runs WHERE run_id = ? AND iteration = ? AND stage = ?",
             [run_id, iteration, stage],
@@ -467,8 +484,6 @@ class Store:
 
     def stage_donors(self, stage: str, fingerprint: str) -> list[StageRecord]:
         """Every run and iteration whose `stage` completed with this fingerprint, oldest first."""
-        if not self.table_exists("stage_runs"):
-            return []
         found = self.query(
             "SELECT * FROM stage_runs WHERE stage = ? AND fingerprint = ? ORDER BY created_at",
             [stage, fingerprint],
@@ -532,11 +547,9 @@ class Store:
 
     # -- typed readers -----------------------------------------------------------------
     def rows_hash(self, table: str, columns: str, where: str, params: list[Any]) -> str:
-        """A hash of the selected rows in a stable order (an absent table hashes as empty)."""
-        if not self.table_exists(table):
-            return _digest(table, [])
+        """A hash of the selected rows in a stable order."""
         frame = self.query(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY ALL", params)
-        return _digest(table, frame.to_json(orient="values", double_precision=15))
+        return digest([table, frame.to_json(orient="values", double_precision=15)], 32)
 
     def step_rewards_hash(self, at: At, actor: str, scorer_id: str) -> str:
         """What mining reads of a (run, iteration, actor, scorer)'s step rewards."""
@@ -552,16 +565,14 @@ class Store:
         return self.rows_hash(
             "rollouts",
             "task_id, prefix_len, sample_idx, policy_id, status, outcome_reward, steps",
-            "run_id = ? AND iteration = ? AND kind = 'explore'",
-            [at.run_id, at.iteration],
+            "run_id = ? AND iteration = ? AND kind = ?",
+            [at.run_id, at.iteration, RolloutKind.EXPLORE],
         )
 
     def step_reward_map(
         self, run_id: str, scorer_id: str, iteration: int, actor: str
     ) -> dict[tuple[str, int], float | None]:
         """(task, prefix length) -> mean reward (None: every rollout failed)."""
-        if not self.table_exists("step_rewards"):
-            return {}
         frame = self.query(
             "SELECT task_id, prefix_len, mean_reward FROM step_rewards "
             "WHERE run_id = ? AND scorer_id = ? AND iteration = ? AND actor = ?",
@@ -579,12 +590,10 @@ class Store:
     ) -> list[Exploration]:
         """The stored exploration rollouts of an iteration, rejoined with their experts."""
         by_task = {expert.task.task_id: expert for expert in experts}
-        if not self.table_exists("rollouts"):
-            return []
         frame = self.query(
-            "SELECT * FROM rollouts WHERE run_id = ? AND iteration = ? AND kind = 'explore' "
+            "SELECT * FROM rollouts WHERE run_id = ? AND iteration = ? AND kind = ? "
             "ORDER BY task_id, prefix_len",
-            [run_id, iteration],
+            [run_id, iteration, RolloutKind.EXPLORE],
         )
         explorations = []
         for row in frame.to_dict("records"):
@@ -604,8 +613,6 @@ class Store:
 
     def pairs(self, run_id: str, iteration: int) -> list[Pair]:
         """The pairs one iteration mined, in a stable order."""
-        if not self.table_exists("pairs"):
-            return []
         frame = self.query(
             "SELECT * FROM pairs WHERE run_id = ? AND iteration = ? "
             "ORDER BY level, task_id, prefix_len",
@@ -613,11 +620,9 @@ class Store:
         )
         return [pair_from_row(row) for row in frame.to_dict("records")]
 
-    def scored_steps(self, run_id: str, scorer_id: str) -> list[ScoredStep]:
+    def scored_steps(self, run_id: str, scorer_id: str) -> list[StoredStepReward]:
         """Every scored step of (`run_id`, `scorer_id`), all iterations and actors, stably
         ordered, with the expert trajectory of its task (None when the store has none)."""
-        if not self.table_exists("step_rewards") or not self.table_exists("expert_trajectories"):
-            return []
         frame = self.query(
             "SELECT s.task_id, s.prefix_len, s.actor, s.iteration, s.action, s.step_text, "
             "s.mean_reward, e.env_id AS e_env_id, e.task_id AS e_task_id, e.split, "
@@ -636,7 +641,7 @@ class Store:
                 expert = expert_from_row({**row, **expert_row, "outcome_reward": 0.0})
             reward = None if _is_null(row["mean_reward"]) else float(row["mean_reward"])
             steps.append(
-                ScoredStep(
+                StoredStepReward(
                     task_id=row["task_id"],
                     prefix_len=int(row["prefix_len"]),
                     actor=row["actor"],
@@ -652,13 +657,11 @@ class Store:
     def iteration_summary(self, run_id: str, dev_split: str = "dev") -> pd.DataFrame:
         """Per iteration (-1 base, 0 SFT and expert scoring, k >= 1 IPR): pairs by level, mean
         step rewards, dev metrics, rollout and token counts."""
-        return self.query(SUMMARY_SQL, {"run": run_id, "dev": dev_split})
+        return self.query(SUMMARY_SQL, {"run": run_id, "dev": dev_split, **_SUMMARY_NAMES})
 
     def expert_trajectories(
         self, env_id: str, split: str | None = None, limit: int | None = None
     ) -> list[Trajectory]:
-        if not self.table_exists("expert_trajectories"):
-            return []
         sql = "SELECT * FROM expert_trajectories WHERE env_id = ?"
         params: list[Any] = [stored_env_id(env_id)]
         if split is not None:
@@ -672,8 +675,6 @@ class Store:
     # -- costs, estimates, pair import and transcripts (`ipr_core.run.costs`, `ipr show`) -------
     def measured_stage_costs(self) -> pd.DataFrame:
         """The cost rows of stages computed here (not copied from a donor run)."""
-        if not self.table_exists("stage_costs"):
-            return pd.DataFrame()
         return self.query(
             "SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens "
             "FROM stage_costs WHERE donor_run_id IS NULL ORDER BY ALL"
@@ -681,16 +682,12 @@ class Store:
 
     def run_configs(self) -> dict[str, str]:
         """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
-        if not self.table_exists("runs"):
-            return {}
         frame = self.query("SELECT run_id, config FROM runs")
         return dict(zip(frame["run_id"], frame["config"], strict=True))
 
     def previous_estimate(self) -> pd.DataFrame:
         """The newest stored estimate of a run that has measured costs, with the measured
         wall seconds of that run (one row, or none)."""
-        if not self.table_exists("estimates") or not self.table_exists("stage_costs"):
-            return pd.DataFrame()
         return self.query(
             "SELECT e.run_id, e.created_at, e.predicted_s, e.unmeasured_stages, "
             "sum(c.wall_s) AS measured_s, "
@@ -701,16 +698,13 @@ class Store:
     def iteration_costs(self, run_id: str, dev_split: str = "dev") -> pd.DataFrame:
         """Per iteration and in total: what the stages cost, per pair mined and per point
         (0.01) of dev reward gained, and the shares of time by kind of work."""
-        if not self.table_exists("stage_costs"):
-            return pd.DataFrame()
-        return self.query(COSTS_SQL, {"run": run_id, "dev": dev_split})
+        kinds = {kind.name.lower(): kind for kind in RolloutKind}
+        return self.query(COSTS_SQL, {"run": run_id, "dev": dev_split, **kinds})
 
     def step_reward_quantiles(self, run_id: str) -> pd.DataFrame:
         """Quantiles of the expert and agent step rewards and of their margin (expert minus
         agent at the same prefix), over the run's scored agent steps."""
-        if not self.table_exists("step_rewards"):
-            return pd.DataFrame()
-        return self.query(STEP_REWARD_QUANTILES_SQL, {"run": run_id})
+        return self.query(STEP_REWARD_QUANTILES_SQL, {"run": run_id, **_QUANTILE_NAMES})
 
     def import_pairs(self, rows: Sequence[Row], at: At, replace: bool) -> tuple[int, int]:
         """Upsert imported pair rows into (run, iteration) unless it holds pairs already
@@ -724,8 +718,6 @@ class Store:
 
     def pair_rows(self, run_id: str, iteration: int | None = None) -> list[dict[str, Any]]:
         """The `pairs` rows of a run (one iteration, or all), in a stable order."""
-        if not self.table_exists("pairs"):
-            return []
         sql = "SELECT * FROM pairs WHERE run_id = ?"
         params: list[Any] = [run_id]
         if iteration is not None:
@@ -744,8 +736,6 @@ class Store:
         return self._by_id("rollouts", ROLLOUT_ID, rollout_id)
 
     def _by_id(self, table: str, id_sql: str, short_id: str) -> dict[str, Any] | None:
-        if not self.table_exists(table):
-            return None
         found = self.query(
             f"SELECT {id_sql} AS id, * FROM {table} WHERE {id_sql} = ?", [short_id]
         ).to_dict("records")
@@ -754,19 +744,15 @@ class Store:
     def example_pairs(self, run_id: str, iteration: int, limit: int) -> list[dict[str, Any]]:
         """A few of an iteration's pairs with their short ids: step pairs with the widest
         reward gap first, then trajectory pairs."""
-        if not self.table_exists("pairs"):
-            return []
         return self.query(
             f"SELECT {PAIR_ID} AS id, * FROM pairs WHERE run_id = ? AND iteration = ? "
-            "ORDER BY level = 'trajectory', chosen_reward - rejected_reward DESC, task_id, "
-            "prefix_len LIMIT ?",
-            [run_id, iteration, limit],
+            "ORDER BY level = ?, chosen_reward - rejected_reward DESC, task_id, prefix_len "
+            "LIMIT ?",
+            [run_id, iteration, TRAJECTORY, limit],
         ).to_dict("records")
 
     def task_step_rewards(self, run_id: str, task_id: str) -> pd.DataFrame:
         """Every step reward of a task in a run (all scorers, iterations and actors)."""
-        if not self.table_exists("step_rewards"):
-            return pd.DataFrame()
         return self.query(
             "SELECT iteration, actor, prefix_len, scorer_id, action, mean_reward, n_samples, "
             "n_failed FROM step_rewards WHERE run_id = ? AND task_id = ? ORDER BY ALL",
@@ -776,13 +762,38 @@ class Store:
     def pair_mc_samples(self, pair_id: str) -> pd.DataFrame:
         """The Monte Carlo samples behind both step rewards of a step pair (its rows of the
         `pair_mc_samples` view)."""
-        if not self.table_exists("pair_mc_samples"):
-            return pd.DataFrame()
         return self.query(
             "SELECT * EXCLUDE (pair_id) FROM pair_mc_samples WHERE pair_id = ? "
             "ORDER BY actor, sample_idx",
             [pair_id],
         )
+
+    # -- experiments (`ipr_core.run.experiment`) ---------------------------------------
+    def experiment_settings(self, experiment_id: str) -> str | None:
+        """The shared settings (JSON) the experiment was recorded with; None if unknown."""
+        found = self.query(
+            "SELECT config FROM experiments WHERE experiment_id = ?", [experiment_id]
+        )
+        return None if found.empty else str(found["config"].iloc[0])
+
+    def experiment_run_status(self, experiment_id: str, method: str, seed: int) -> str | None:
+        found = self.query(
+            "SELECT status FROM experiment_runs WHERE experiment_id = ? AND method = ? "
+            "AND seed = ?",
+            [experiment_id, method, seed],
+        )
+        return None if found.empty else str(found["status"].iloc[0])
+
+    def experiment_runs(self, experiment_id: str) -> pd.DataFrame:
+        """Per run: method, seed, status, best iteration, its dev and test reward."""
+        return self.query(EXPERIMENT_RUNS_SQL, [experiment_id])
+
+    def scorer_ids(self, run_id: str) -> list[str]:
+        """The scorers whose step rewards a run holds."""
+        found = self.query(
+            "SELECT DISTINCT scorer_id FROM step_rewards WHERE run_id = ? ORDER BY ALL", [run_id]
+        )
+        return found["scorer_id"].tolist()
 
     # -- a user's SQL (`ipr sql`) ------------------------------------------------------
     def user_query(self, sql: str) -> pd.DataFrame:
@@ -799,8 +810,6 @@ class Store:
     # -- run manifests -----------------------------------------------------------------
     def run_manifests(self, run_id: str) -> list[dict[str, Any]]:
         """The manifests a run was started and resumed with, oldest first."""
-        if not self.table_exists("run_manifests"):
-            return []
         found = self.query(
             "SELECT manifest FROM run_manifests WHERE run_id = ? ORDER BY created_at", [run_id]
         )
@@ -819,8 +828,8 @@ file opened at connect is the only file the connection reaches."""
 
 
 ADDED_COLUMNS = {"expert_trajectories": {"action_hint": "VARCHAR"}}
-"""Columns added since the first schema: a store created before gets them (NULL) on its
-first write."""
+"""Columns added since the first schema: a store created before gets them (NULL) when a
+writer opens it."""
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
@@ -916,6 +925,29 @@ def _dig(data: Any, keys: Sequence[str]) -> Any:
     return data
 
 
+def _check_current(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Refuse a store some table, column or view of `SCHEMA`/`VIEWS` is missing from."""
+    found = _columns(con)
+    missing = [
+        f"{table}.{column}"
+        for table, expected in _schema_columns().items()
+        for column in sorted(expected - found[table])
+    ]
+    views = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    missing += sorted(set(VIEWS) - views)
+    if not missing:
+        done = "SELECT count(*) FROM store_migrations WHERE name = ?"
+        if not con.execute(done, [FULL_ENV_IDS]).fetchone()[0]:
+            missing.append(f"migration {FULL_ENV_IDS}")
+    if missing:
+        raise InputError(
+            str(path),
+            f"a store of an older schema (no {', '.join(missing[:3])}); a command that "
+            "writes to it (e.g. ipr ingest) migrates it",
+            field="--store",
+        )
+
+
 def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
     rows = con.execute(
         "SELECT table_name, column_name FROM information_schema.columns "
@@ -934,6 +966,22 @@ def _schema_columns() -> dict[str, set[str]]:
         for table, columns in SCHEMA.items():
             con.execute(f"CREATE TABLE {table} ({columns})")
         return {table: found for table, found in _columns(con).items() if table in SCHEMA}
+
+
+@functools.cache
+def table_columns(table: str) -> tuple[list[str], list[str]]:
+    """A `SCHEMA` table's columns: (those a row must give, those the store's defaults fill)."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"CREATE TABLE t ({SCHEMA[table]})")
+        described = con.execute("DESCRIBE t").df()
+    finally:
+        con.close()
+    has_default = described["default"].notna()
+    return (
+        described.loc[~has_default, "column_name"].tolist(),
+        described.loc[has_default, "column_name"].tolist(),
+    )
 
 
 def _count(con: duckdb.DuckDBPyConnection, scope: Scope) -> int:
@@ -982,23 +1030,38 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
     return len(frame)
 
 
+EXPERIMENT_RUNS_SQL = """
+SELECT x.method, x.seed, x.run_id, x.status, x.best_iteration,
+       round(d.avg_reward, 3) AS dev_reward, round(t.avg_reward, 3) AS test_reward,
+       round(t.success_rate, 3) AS test_success, round(t.avg_steps, 2) AS test_steps
+FROM experiment_runs x
+JOIN experiments e USING (experiment_id)
+LEFT JOIN runs r USING (run_id)
+LEFT JOIN evaluations d ON d.run_id = x.run_id AND d.iteration = x.best_iteration
+     AND d.split = json_extract_string(r.config, '$.dev_split')
+LEFT JOIN evaluations t ON t.run_id = x.run_id AND t.iteration = x.best_iteration
+     AND t.policy_id = x.test_policy_id
+     AND t.split = json_extract_string(e.config, '$.test_split')
+WHERE x.experiment_id = ?
+ORDER BY x.seed, x.method
+"""
+
 SUMMARY_SQL = """
 WITH r AS (
     SELECT iteration, count(*) AS rollouts,
-           count(*) FILTER (WHERE status IN ('env_error', 'generation_error', 'truncated'))
-               AS failed_rollouts,
+           count(*) FILTER (WHERE list_contains($failed, status)) AS failed_rollouts,
            sum(prefill_tokens) AS prefill_tokens,
            sum(generated_tokens) AS generated_tokens
-    FROM rollouts WHERE run_id = $run AND kind <> 'eval' GROUP BY iteration),
+    FROM rollouts WHERE run_id = $run AND kind <> $eval GROUP BY iteration),
 s AS (
     SELECT iteration,
-           avg(mean_reward) FILTER (WHERE actor = 'expert') AS expert_step_reward,
-           avg(mean_reward) FILTER (WHERE actor = 'agent') AS agent_step_reward
+           avg(mean_reward) FILTER (WHERE actor = $expert) AS expert_step_reward,
+           avg(mean_reward) FILTER (WHERE actor = $agent) AS agent_step_reward
     FROM step_rewards WHERE run_id = $run GROUP BY iteration),
 p AS (
     SELECT iteration,
-           count(*) FILTER (WHERE level = 'trajectory') AS trajectory_pairs,
-           count(*) FILTER (WHERE level = 'step') AS step_pairs
+           count(*) FILTER (WHERE level = $trajectory) AS trajectory_pairs,
+           count(*) FILTER (WHERE level = $step) AS step_pairs
     FROM pairs WHERE run_id = $run GROUP BY iteration),
 e AS (
     SELECT iteration, avg_reward AS dev_reward, success_rate, avg_steps
@@ -1015,6 +1078,14 @@ FROM e FULL JOIN r USING (iteration) FULL JOIN s USING (iteration)
      FULL JOIN p USING (iteration)
 ORDER BY iteration
 """
+_SUMMARY_NAMES = {
+    "failed": sorted(FAILED_STATUSES),
+    "eval": RolloutKind.EVAL,
+    "expert": EXPERT,
+    "agent": AGENT,
+    "trajectory": TRAJECTORY,
+    "step": STEP,
+}
 
 
 COSTS_SQL = """
@@ -1029,10 +1100,10 @@ by_iteration AS (
            CAST(sum(generated_tokens) AS BIGINT) AS generated_tokens,
            CAST(sum(trained_tokens) AS BIGINT) AS trained_tokens,
            CAST(sum(rollouts) AS BIGINT) AS rollouts, CAST(sum(env_steps) AS BIGINT) AS env_steps,
-           sum(wall_s) FILTER (WHERE work = 'mc') AS mc_s,
-           sum(wall_s) FILTER (WHERE work = 'explore') AS explore_s,
+           sum(wall_s) FILTER (WHERE work = $mc) AS mc_s,
+           sum(wall_s) FILTER (WHERE work = $explore) AS explore_s,
            sum(wall_s) FILTER (WHERE work = 'train') AS train_s,
-           sum(wall_s) FILTER (WHERE work = 'eval') AS eval_s
+           sum(wall_s) FILTER (WHERE work = $eval) AS eval_s
     FROM c GROUP BY GROUPING SETS ((iteration), ())),
 p AS (SELECT iteration, count(*) AS pairs FROM pairs WHERE run_id = $run
       GROUP BY GROUPING SETS ((iteration), ())),
@@ -1068,38 +1139,34 @@ WITH a AS (
     SELECT a.mean_reward AS agent, e.mean_reward AS expert
     FROM step_rewards a
     JOIN step_rewards e ON e.run_id = a.run_id AND e.scorer_id = a.scorer_id
-         AND e.iteration = 0 AND e.actor = 'expert' AND e.task_id = a.task_id
+         AND e.iteration = $expert_iteration AND e.actor = $expert AND e.task_id = a.task_id
          AND e.prefix_len = a.prefix_len
-    WHERE a.run_id = $run AND a.actor = 'agent'),
+    WHERE a.run_id = $run AND a.actor = $agent),
 v AS (
-    SELECT 'expert' AS reward, mean_reward AS value FROM step_rewards
-    WHERE run_id = $run AND actor = 'expert'
-    UNION ALL SELECT 'agent', agent FROM a
+    SELECT $expert AS reward, mean_reward AS value FROM step_rewards
+    WHERE run_id = $run AND actor = $expert
+    UNION ALL SELECT $agent, agent FROM a
     UNION ALL SELECT 'margin (expert - agent)', expert - agent FROM a)
 SELECT reward, count(value) AS n, round(min(value), 3) AS min,
        round(quantile_cont(value, 0.1), 3) AS p10, round(quantile_cont(value, 0.25), 3) AS p25,
        round(median(value), 3) AS p50, round(quantile_cont(value, 0.75), 3) AS p75,
        round(quantile_cont(value, 0.9), 3) AS p90, round(max(value), 3) AS max,
        round(avg(value), 3) AS mean
-FROM v GROUP BY reward ORDER BY list_position(['expert', 'agent'], reward) NULLS LAST
+FROM v GROUP BY reward ORDER BY list_position([$expert, $agent], reward) NULLS LAST
 """
+_QUANTILE_NAMES = {"expert": EXPERT, "agent": AGENT, "expert_iteration": EXPERT_ITERATION}
 """Every expert step reward, every agent step reward and the margin at each agent step
 (the expert's step reward at the same prefix minus the agent's)."""
 
 
 # -- row conversion ----------------------------------------------------------------------
-def _digest(*parts: Any) -> str:
-    payload = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
 def _is_null(value: object) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
 def manifest_row(run_id: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     text = json.dumps(manifest, sort_keys=True)
-    return {"run_id": run_id, "manifest_id": _digest(text), "manifest": text}
+    return {"run_id": run_id, "manifest_id": digest([text], 32), "manifest": text}
 
 
 def rollout_row(result: RolloutResult, key: RowKey, policy_id: str) -> dict[str, Any]:
@@ -1156,7 +1223,7 @@ def step_reward_rows(
                 "terminal": reward.terminal,
             }
         )
-        key = RowKey(at.run_id, at.iteration, "mc", query.prefix_len, query.actor)
+        key = RowKey(at.run_id, at.iteration, RolloutKind.MC, query.prefix_len, query.actor)
         rollout_rows += [rollout_row(r, key, scorer_id) for r in results]
     return {"rollouts": rollout_rows, "step_rewards": reward_rows}
 

@@ -4,11 +4,11 @@ Heavy imports (torch, TRL) load only when a trainer is used.
 """
 
 from ipr_core.training.config import (
-    LoraSettings,
-    MixtureSettings,
+    LoraConfig,
+    MixtureConfig,
     MixtureWeights,
-    SFTSettings,
+    SFTConfig,
     mixture_preset,
 )
 
-__all__ = ["LoraSettings", "MixtureSettings", "MixtureWeights", "SFTSettings", "mixture_preset"]
+__all__ = ["LoraConfig", "MixtureConfig", "MixtureWeights", "SFTConfig", "mixture_preset"]

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from ipr_core.digest import digest
+
 CheckpointKind = Literal["base", "sft", "mixture", "reward_model"]
 COMPLETE_MARKER = "COMPLETE"
 RESULT_FILE = "result.json"
@@ -76,8 +78,7 @@ class TrainResult:
 
 
 def checkpoint_id(parent_id: str, data_hash: str, settings: BaseModel) -> str:
-    payload = json.dumps([parent_id, data_hash, settings.model_dump(mode="json")], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest([parent_id, data_hash, settings.model_dump(mode="json")], 16)
 
 
 def model_id(model_path: Path) -> str:
@@ -85,13 +86,13 @@ def model_id(model_path: Path) -> str:
     result = model_path.parent / RESULT_FILE
     if model_path.name == MODEL_DIR and (model_path.parent / COMPLETE_MARKER).exists():
         return json.loads(result.read_text())["checkpoint_id"]
-    digest = hashlib.sha256()
+    files = hashlib.sha256()
     for file in sorted(p for p in model_path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(model_path).as_posix().encode())
+        files.update(file.relative_to(model_path).as_posix().encode())
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+                files.update(chunk)
+    return files.hexdigest()[:16]
 
 
 def base_checkpoint(model_path: Path) -> TrainResult:

@@ -17,11 +17,14 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 """A random seed: what every generator it seeds accepts (NumPy's is 32 bits, unsigned)."""
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
+    """The base of every typed config: an unknown key is an error, and values never change
+    after validation (a changed setting is a new config: `model_copy(update=...)`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LoraSettings(_Strict):
+class LoraConfig(StrictConfig):
     enabled: bool = False
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -37,7 +40,7 @@ class LoraSettings(_Strict):
     )
 
 
-class SFTSettings(_Strict):
+class SFTConfig(StrictConfig):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -48,13 +51,13 @@ class SFTSettings(_Strict):
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(2048, gt=0)
     """Tokens per conversation; longer ones lose their oldest turns (see training.data)."""
-    lora: LoraSettings = LoraSettings()
+    lora: LoraConfig = LoraConfig()
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (worth it for long conversations on big models)."""
     seed: Seed = 0
 
 
-class MixtureWeights(_Strict):
+class MixtureWeights(StrictConfig):
     """w_o, w_s, w_sft of L = w_o L_o-DPO + w_s L_s-DPO + w_sft L_SFT."""
 
     trajectory_dpo: float = Field(1.0, ge=0)
@@ -69,7 +72,7 @@ class MixtureWeights(_Strict):
         return self.step_dpo > 0 or self.sft > 0
 
 
-class MixtureSettings(_Strict):
+class MixtureConfig(StrictConfig):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(3e-6, gt=0)
     beta: float = Field(0.1, gt=0)
@@ -82,7 +85,7 @@ class MixtureSettings(_Strict):
     twice the memory (`ipr bench training`, docs/benchmarks.md)."""
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(2048, gt=0)
-    lora: LoraSettings = LoraSettings()
+    lora: LoraConfig = LoraConfig()
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (worth it for long conversations on big models)."""
     seed: Seed = 0
@@ -92,7 +95,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 
 
-class DistributedSettings(_Strict):
+class DistributedConfig(StrictConfig):
     """Training under `accelerate launch`, one process per device (per core group on CPU).
 
     `batch_size` stays the global batch: each process takes `batch_size / num_processes`
@@ -107,7 +110,7 @@ class DistributedSettings(_Strict):
     """The rendezvous port (accelerate's default 29500 when unset)."""
 
 
-class ComputeSettings(_Strict):
+class ComputeConfig(StrictConfig):
     """Where SFT and the mixture train; checkpoint ids leave it out (it changes no result
     beyond float rounding and bf16 autocast)."""
 
@@ -117,7 +120,7 @@ class ComputeSettings(_Strict):
     """bf16 autocast over float32 weights; None: where the device computes bf16 natively
     (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX), which is 1.7-1.9x faster on this
     project's CPU (`ipr bench training`)."""
-    distributed: DistributedSettings | None = None
+    distributed: DistributedConfig | None = None
     """None: train in the calling process."""
     share_prompts: bool = False
     """Run a mixture pair's prompt once for both sides (its KV cache continues into chosen
@@ -127,7 +130,7 @@ class ComputeSettings(_Strict):
     and in launched processes."""
 
 
-IN_PROCESS = ComputeSettings()
+IN_PROCESS = ComputeConfig()
 """The trainers' default: the calling process, on the detected device."""
 
 
@@ -144,7 +147,7 @@ SHARDED_WEIGHTS: frozenset[Strategy] = frozenset({"fsdp", "deepspeed-zero3"})
 """Strategies that split the weights themselves, so no process holds a whole model."""
 
 
-def check_layout(stage: SFTSettings | MixtureSettings, compute: ComputeSettings) -> None:
+def check_layout(stage: SFTConfig | MixtureConfig, compute: ComputeConfig) -> None:
     """Raise LayoutError where `stage` cannot train on `compute`'s processes."""
     if compute.distributed is None:
         return
@@ -164,7 +167,7 @@ def per_process_batch(batch_size: int, num_processes: int) -> int:
     return batch_size // num_processes
 
 
-def micro_batches(stage: SFTSettings | MixtureSettings, num_processes: int) -> tuple[int, int]:
+def micro_batches(stage: SFTConfig | MixtureConfig, num_processes: int) -> tuple[int, int]:
     """(examples per forward pass, forward passes per optimizer step) of one process, so
     that a step still trains `batch_size * grad_accum` examples over all processes."""
     share = per_process_batch(stage.batch_size, num_processes)
@@ -188,7 +191,7 @@ PRESETS: dict[str, MixtureWeights | None] = {
 """The rows of the paper's main table and ablations; `sft` trains no mixture at all."""
 
 
-def mixture_preset(name: str, **overrides: object) -> MixtureSettings | None:
+def mixture_preset(name: str, **overrides: object) -> MixtureConfig | None:
     """Settings of a paper row (None for `sft`); `overrides` set the other fields.
 
     `eto` is pure DPO on trajectory pairs: the trainer drops step pairs when their weight is 0.
@@ -198,4 +201,4 @@ def mixture_preset(name: str, **overrides: object) -> MixtureSettings | None:
     weights = PRESETS[name]
     if weights is None:
         return None
-    return MixtureSettings(weights=weights, **overrides)
+    return MixtureConfig(weights=weights, **overrides)

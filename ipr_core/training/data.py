@@ -18,8 +18,6 @@ that still does not fit is dropped. Both are counted.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
+from ipr_core.digest import digest
 from ipr_core.errors import IprError
 from ipr_core.types import Message, Pair, Trajectory
 
@@ -233,12 +232,8 @@ def _pair_length(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], pair
 # -- content hashes ----------------------------------------------------------------------
 def sft_data_hash(trajectories: Sequence[Trajectory], prompt: PromptFormat) -> str:
     """Hash of what SFT trains on: the rendered-to-messages conversations."""
-    return _hash_json([sft_conversations(t, prompt) for t in trajectories])
+    return digest([sft_conversations(t, prompt) for t in trajectories])
 
 
 def pairs_data_hash(pairs: Sequence[Pair]) -> str:
-    return _hash_json([[p.level, p.prompt, p.chosen, p.rejected] for p in pairs])
-
-
-def _hash_json(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    return digest([[p.level, p.prompt, p.chosen, p.rejected] for p in pairs])

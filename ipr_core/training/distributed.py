@@ -26,7 +26,7 @@ from datasets import Dataset, load_from_disk
 
 import ipr_core
 from ipr_core.errors import IprError
-from ipr_core.training.config import ComputeSettings, DistributedSettings, LayoutError, Strategy
+from ipr_core.training.config import ComputeConfig, DistributedConfig, LayoutError, Strategy
 from ipr_core.training.precision import Precision
 
 Fit = Callable[[Path], dict[str, float]]
@@ -81,7 +81,7 @@ def shared_dataset(rows: list[dict[str, Any]], work: Path) -> Dataset:
         return load_from_disk(folder)
 
 
-def launched(fit: Fit, compute: ComputeSettings, precision: Precision) -> Fit:
+def launched(fit: Fit, compute: ComputeConfig, precision: Precision) -> Fit:
     """`fit` itself, or `fit` run by `compute.distributed`'s processes.
 
     FSDP and DeepSpeed run on GPUs only (accelerate refuses them on CPU)."""
@@ -93,7 +93,7 @@ def launched(fit: Fit, compute: ComputeSettings, precision: Precision) -> Fit:
     return partial(_launch, fit, compute.distributed, precision)
 
 
-def launch_command(distributed: DistributedSettings, precision: Precision, job: Path) -> list[str]:
+def launch_command(distributed: DistributedConfig, precision: Precision, job: Path) -> list[str]:
     """The `accelerate launch` command line of `job` (this interpreter, so the same venv)."""
     command = [
         sys.executable,
@@ -115,7 +115,7 @@ def launch_command(distributed: DistributedSettings, precision: Precision, job: 
 
 
 def _launch(
-    fit: Fit, distributed: DistributedSettings, precision: Precision, work: Path
+    fit: Fit, distributed: DistributedConfig, precision: Precision, work: Path
 ) -> dict[str, float]:
     job, metrics = work / JOB_FILE, work / METRICS_FILE
     job.write_bytes(pickle.dumps(fit))

@@ -40,7 +40,7 @@ from trl.trainer.utils import pad
 
 from ipr_core.errors import IprError
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
-from ipr_core.training.config import IN_PROCESS, ComputeSettings, MixtureSettings, MixtureWeights
+from ipr_core.training.config import IN_PROCESS, ComputeConfig, MixtureConfig, MixtureWeights
 from ipr_core.training.data import build_pair_examples, pairs_data_hash
 from ipr_core.training.distributed import launched, shared_dataset
 from ipr_core.training.precision import Precision, detect_precision
@@ -309,10 +309,10 @@ class MixtureTrainer(PretokenizedDPOTrainer):
 def train_mixture(
     sft_model_path: Path,
     pairs: Sequence[Pair],
-    settings: MixtureSettings,
+    settings: MixtureConfig,
     checkpoints_root: Path,
     parent_path: Path | None = None,
-    compute: ComputeSettings = IN_PROCESS,
+    compute: ComputeConfig = IN_PROCESS,
 ) -> TrainResult:
     """Train the policy at `parent_path` (default: the SFT model) on `pairs`, reference = SFT.
 
@@ -347,7 +347,7 @@ class MixtureJob:
     separate_reference: bool
     """Whether `start` is not the reference itself."""
     pairs: Sequence[Pair]
-    settings: MixtureSettings
+    settings: MixtureConfig
     precision: Precision
     share_prompts: bool = False
 
@@ -388,7 +388,7 @@ def fit_mixture(job: MixtureJob, work: Path) -> dict[str, float]:
     }
 
 
-def mixture_config(settings: MixtureSettings, work: Path, precision: Precision) -> DPOConfig:
+def mixture_config(settings: MixtureConfig, work: Path, precision: Precision) -> DPOConfig:
     return DPOConfig(
         **trainer_arguments(settings, work, precision),
         max_length=settings.max_length,

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from ipr_core.errors import IprError
-from ipr_core.training.config import ComputeSettings, Device
+from ipr_core.training.config import ComputeConfig, Device
 
 
 class DeviceUnavailableError(IprError):
@@ -69,6 +69,6 @@ def this_machine() -> Machine:
     )
 
 
-def detect_precision(compute: ComputeSettings) -> Precision:
+def detect_precision(compute: ComputeConfig) -> Precision:
     """`training_precision` of `compute` on this machine."""
     return training_precision(compute.device, compute.bf16, this_machine())

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from ipr_core.agent.prompts import PromptFormat, build_conversation
+from ipr_core.digest import digest
 from ipr_core.errors import IprError
 from ipr_core.training.checkpoints import (
     RESULT_FILE,
@@ -44,7 +45,7 @@ from ipr_core.training.checkpoints import (
     model_id,
     train_once,
 )
-from ipr_core.training.config import IN_PROCESS, LoraSettings, Seed, _Strict
+from ipr_core.training.config import IN_PROCESS, LoraConfig, Seed, StrictConfig
 from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.precision import detect_precision
 from ipr_core.training.runtime import (
@@ -55,12 +56,12 @@ from ipr_core.training.runtime import (
     trainer_arguments,
     training_metrics,
 )
-from ipr_core.types import Message, ScoredStep
+from ipr_core.types import Message, StoredStepReward
 
 REWARD_MODEL_KIND: CheckpointKind = "reward_model"
 
 
-class RewardModelSettings(_Strict):
+class RewardModelConfig(StrictConfig):
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -69,7 +70,7 @@ class RewardModelSettings(_Strict):
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(2048, gt=0)
     """Tokens per example; longer ones lose their oldest (assistant, observation) turns."""
-    lora: LoraSettings = LoraSettings()
+    lora: LoraConfig = LoraConfig()
     heldout_fraction: float = Field(0.2, ge=0, lt=1)
     """Share of tasks (not rows) kept out of training to measure the error."""
     seed: Seed = 0
@@ -99,7 +100,7 @@ class RewardExamples(list[RewardExample]):
     """Rows whose task has no expert trajectory (or a shorter one than `prefix_len`)."""
 
 
-def step_reward_examples(steps: Sequence[ScoredStep], prompt: PromptFormat) -> RewardExamples:
+def step_reward_examples(steps: Sequence[StoredStepReward], prompt: PromptFormat) -> RewardExamples:
     """An example per scored step (`Store.scored_steps`), in the steps' order."""
     examples = RewardExamples()
     for step in steps:
@@ -146,7 +147,7 @@ def split_by_task(
 
 def reward_data_hash(examples: Sequence[RewardExample]) -> str:
     payload = [[e.task_id, list(e.messages), e.target] for e in examples]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest(payload)
 
 
 # -- tokenisation ------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def load_regression_model(path: Path) -> PreTrainedModel:
 def train_reward_model(
     model_path: Path,
     examples: Sequence[RewardExample],
-    settings: RewardModelSettings,
+    settings: RewardModelConfig,
     checkpoints_root: Path,
 ) -> TrainResult:
     """Fit the step reward model on `examples`; the result lives in `checkpoints_root/<id>`.

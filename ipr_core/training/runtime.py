@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
 from transformers.integrations import TensorBoardCallback
@@ -22,7 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import TrainOutput
 
 from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR, STEPS_FILE, TENSORBOARD_DIR
-from ipr_core.training.config import LoraSettings, micro_batches
+from ipr_core.training.config import LoraConfig, micro_batches
 from ipr_core.training.distributed import world_size
 from ipr_core.training.precision import Precision
 
@@ -87,11 +88,11 @@ def trainer_arguments(settings: Any, work: Path, precision: Precision) -> dict[s
     }
 
 
-def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraConfig | None:
+def lora_config(settings: LoraConfig, task_type: str = "CAUSAL_LM") -> PeftLoraConfig | None:
     """PEFT's LoRA config; task type SEQ_CLS makes PEFT train (and save) a new head in full."""
     if not settings.enabled:
         return None
-    return LoraConfig(
+    return PeftLoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,

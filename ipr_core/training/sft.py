@@ -13,12 +13,13 @@ from functools import partial
 from pathlib import Path
 
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig as TrlSFTConfig
+from trl import SFTTrainer
 
 from ipr_core.agent.prompts import PromptFormat
 from ipr_core.errors import IprError
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
-from ipr_core.training.config import IN_PROCESS, ComputeSettings, SFTSettings
+from ipr_core.training.config import IN_PROCESS, ComputeConfig, SFTConfig
 from ipr_core.training.data import build_sft_examples, sft_data_hash
 from ipr_core.training.distributed import launched
 from ipr_core.training.precision import Precision, detect_precision
@@ -39,9 +40,9 @@ def train_sft(
     model_path: Path,
     trajectories: Sequence[Trajectory],
     prompt: PromptFormat,
-    settings: SFTSettings,
+    settings: SFTConfig,
     checkpoints_root: Path,
-    compute: ComputeSettings = IN_PROCESS,
+    compute: ComputeConfig = IN_PROCESS,
 ) -> TrainResult:
     """Fine-tune `model_path` on `trajectories`; the result lives in `checkpoints_root/<id>`.
 
@@ -61,7 +62,7 @@ def fit_sft(
     model_path: Path,
     trajectories: Sequence[Trajectory],
     prompt: PromptFormat,
-    settings: SFTSettings,
+    settings: SFTConfig,
     precision: Precision,
     work: Path,
 ) -> dict[str, float]:
@@ -70,7 +71,7 @@ def fit_sft(
     rows, stats = build_sft_examples(trajectories, prompt, tokenizer, settings.max_length)
     if not rows:
         raise IprError(f"SFT: none of {stats.n_input} trajectories fits {settings.max_length}")
-    args = SFTConfig(
+    args = TrlSFTConfig(
         **trainer_arguments(settings, work, precision),
         max_length=settings.max_length,
         gradient_checkpointing=settings.gradient_checkpointing,

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from transformers import AutoTokenizer
 
-from ipr_core.config import OpenAISettings
+from ipr_core.config import OpenAIConfig
 from ipr_core.engine.backends.base import Completion, SamplingParams
 from ipr_core.engine.backends.chat import (
     BackendError,
@@ -171,7 +171,7 @@ class OpenAIBackend:
     def __init__(
         self,
         model_path: Path,
-        settings: OpenAISettings,
+        settings: OpenAIConfig,
         policy_id: str | None = None,
         served_model: str | None = None,
     ):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from ipr_core.config import VLLMSettings
+from ipr_core.config import VLLMConfig
 from ipr_core.engine.backends.base import Completion, SamplingParams
 from ipr_core.engine.backends.chat import (
     context_overflow,
@@ -95,7 +95,7 @@ def serving_plan(model_path: Path, serve_adapters: bool = True) -> ServingPlan:
     return ServingPlan(Path(base).resolve(), adapter)
 
 
-def engine_args(base_model: Path, settings: VLLMSettings, enable_lora: bool) -> dict[str, Any]:
+def engine_args(base_model: Path, settings: VLLMConfig, enable_lora: bool) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for an engine on `base_model`."""
     args: dict[str, Any] = {
         "model": str(base_model),
@@ -207,12 +207,12 @@ class VLLMBackend:
         self,
         model_path: Path,
         policy_id: str | None = None,
-        settings: VLLMSettings | None = None,
+        settings: VLLMConfig | None = None,
         enable_lora: bool = False,
     ):
         model_path = Path(model_path)
         self.policy_id = policy_id or model_path.name
-        self.settings = settings or VLLMSettings()
+        self.settings = settings or VLLMConfig()
         self.plan = serving_plan(model_path, self.settings.serve_lora_adapters and enable_lora)
         self.engine_args = engine_args(self.plan.base_model, self.settings, enable_lora)
         # The policy's own tokenizer renders prompts, exactly as the transformers backend does.

@@ -1,0 +1,50 @@
+"""One hash and one list of fingerprinted fields, and the stores made before them still
+resume: a committed experiment's finished stages are found done."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from ipr_core.digest import digest
+from ipr_core.run import fingerprints, loop, shards
+from ipr_core.run.context import RunContext
+from ipr_core.run.experiment import load_experiment_config
+from ipr_core.store.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digest_is_sha256_of_sorted_key_json_cut_to_length():
+    value = ["sft", {"b": 1, "a": [Path("/x"), None]}]
+    text = '["sft", {"a": ["/x", null], "b": 1}]'
+    assert json.dumps(value, sort_keys=True, default=str) == text
+    assert digest(value) == hashlib.sha256(text.encode()).hexdigest()
+    assert digest(value, 16) == digest(value)[:16]
+
+
+def test_the_loop_and_the_shards_fingerprint_the_same_fields():
+    assert loop.SCORING_FIELDS is shards.SCORING_FIELDS is fingerprints.SCORING_FIELDS
+    assert loop.ROLLOUT_FIELDS is fingerprints.ROLLOUT_FIELDS
+    assert set(fingerprints.SCORING_FIELDS) - set(fingerprints.ROLLOUT_FIELDS) == {"monte_carlo"}
+
+
+def test_a_committed_experiment_s_finished_evaluations_are_done(tmp_path, monkeypatch):
+    """The dev evaluations of `repro-full-sft` (committed store, committed config) are found
+    done: same fingerprint, same rows. The store names each evaluated model by its id, and
+    the model folders are not committed, so a model's path here is its id."""
+    path = Path(shutil.copy(ROOT / "docs/results/repro-full-sft.duckdb", tmp_path / "s.duckdb"))
+    config = load_experiment_config(ROOT / "configs" / "repro-full-sft.yaml", store=path)
+    store = Store(path)
+    monkeypatch.setattr(loop, "model_id", lambda model: model.name)
+    for method, seed in (("ipr", 1), ("eto", 2)):
+        run = config.run_config(method, seed)
+        log: list[str] = []
+        ctx = RunContext(run, store, log.append)
+        for number in (0, 1):
+            record = store.stage_record(run.run_id, number, "evaluate-dev")
+            assert record is not None
+            policy = Path(record.result["policy_id"])
+            result = loop.run_stage(loop.EVALUATE, ctx, loop.Iteration(number, policy, policy))
+            assert result == loop.Evaluation(**record.result)
+            assert log[-1].startswith(f"evaluate[{number}]: done before"), log
