@@ -29,6 +29,22 @@ def test_the_loop_and_the_shards_fingerprint_the_same_fields():
     assert set(fingerprints.SCORING_FIELDS) - set(fingerprints.ROLLOUT_FIELDS) == {"monte_carlo"}
 
 
+def test_a_setting_added_after_stores_is_hashed_only_when_it_changes_what_they_did():
+    """A run at the old meaning hashes as before the setting existed (stored stages stay
+    done); a run that sets it to something else gets another fingerprint."""
+    base = load_experiment_config(ROOT / "configs" / "repro-full-sft.yaml").run_config("ipr", 0)
+    fields = set(fingerprints.SCORING_FIELDS)
+    old = base.model_dump(mode="json", include=fields)
+    for section, olds in fingerprints.ADDED_AFTER_STORES.items():
+        for key in olds:
+            del old[section][key]
+    assert fingerprints.fingerprinted(base, fields) == old
+    stopped = base.model_copy(
+        update={"monte_carlo": base.monte_carlo.model_copy(update={"early_stop": True})}
+    )
+    assert fingerprints.fingerprinted(stopped, fields)["monte_carlo"]["early_stop"] is True
+
+
 def test_a_committed_experiment_s_finished_evaluations_are_done(tmp_path, monkeypatch):
     """The dev evaluations of `repro-full-sft` (committed store, committed config) are found
     done: same fingerprint, same rows. The store names each evaluated model by its id, and

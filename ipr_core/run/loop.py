@@ -39,7 +39,12 @@ from ipr_core.method.mining import PairContext, mine_pairs
 from ipr_core.run import pipeline
 from ipr_core.run.context import MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
-from ipr_core.run.fingerprints import FINGERPRINT_CHARS, ROLLOUT_FIELDS, SCORING_FIELDS
+from ipr_core.run.fingerprints import (
+    FINGERPRINT_CHARS,
+    ROLLOUT_FIELDS,
+    SCORING_FIELDS,
+    fingerprinted,
+)
 from ipr_core.run.manifest import check_resume, run_manifest
 from ipr_core.store import scopes
 from ipr_core.store.store import (
@@ -381,7 +386,7 @@ def eval_split(ctx: RunContext, it: Iteration) -> Split:
 def config_fields(ctx: RunContext, *fields: str) -> dict[str, Any]:
     """The named config fields, JSON-ready; `cache_dir` made absolute (it names the data),
     `env` spelt as the store first held it (`Store.fingerprint_env_id`)."""
-    data = ctx.config.model_dump(mode="json", include=set(fields))
+    data = fingerprinted(ctx.config, set(fields))
     if "cache_dir" in data:
         data["cache_dir"] = str(Path(data["cache_dir"]).resolve())
     if "env" in data:

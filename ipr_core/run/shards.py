@@ -31,7 +31,7 @@ from ipr_core.errors import IprError
 from ipr_core.method.mining import PairContext
 from ipr_core.method.step_rewards import StepQuery
 from ipr_core.run.context import Engines, ScoringJob, StepRows, score_steps
-from ipr_core.run.fingerprints import FINGERPRINT_CHARS, SCORING_FIELDS
+from ipr_core.run.fingerprints import FINGERPRINT_CHARS, SCORING_FIELDS, fingerprinted
 from ipr_core.store.store import At, step_reward_rows, table_columns
 from ipr_core.types import Actor
 
@@ -76,7 +76,7 @@ class ShardJob:
     @functools.cached_property
     def fingerprint(self) -> str:
         payload = [
-            self.config.model_dump(mode="json", include={"run_id", *SCORING_FIELDS}),
+            fingerprinted(self.config, {"run_id", *SCORING_FIELDS}),
             self.scorer_id,
             self.iteration,
             self.seed,
