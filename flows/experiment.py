@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -44,18 +44,18 @@ from ipr_core.loop import (
     EVALUATE,
     Iteration,
     Split,
+    check_split_sizes,
     checked_manifest,
     run_iteration,
     run_stage,
 )
+from ipr_core.methods import EXPERIMENT_METHODS
+from ipr_core.methods import method as method_spec
 from ipr_core.pipeline import ensure_experts
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id
 from ipr_core.training.sft import train_sft
 
-TableMethod = Literal["sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft"]
-METHODS: tuple[TableMethod, ...] = ("sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft")
-"""The paper's main rows (SFT, ETO, IPR) and its three ablations, in its order."""
 PER_RUN_FIELDS = ("run_id", "method", "seed")
 """RunConfig fields the experiment sets for each run; the shared `run` settings leave them out."""
 FINISHED = "finished"
@@ -65,14 +65,27 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    methods: list[TableMethod] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[str] = Field(default_factory=lambda: list(EXPERIMENT_METHODS), min_length=1)
+    """Methods of the registry (`ipr_core.methods`) that have a fixed loss."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
     trainer's seed; the SFT checkpoint is the same for all."""
     test_split: str = "test"
     test_limit: int = Field(8, gt=0)
+    fallback_to_sft: bool = False
+    """The iteration-0 rule, one for every method: whether a trained method may pick its
+    iteration 0 (the SFT model) when dev says so; false: it picks among its trained models."""
     run: RunConfig
     """Settings every run shares (without run_id, method and seed)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, values: list[str]) -> list[str]:
+        unknown = [m for m in values if m not in EXPERIMENT_METHODS]
+        if unknown:
+            known = ", ".join(EXPERIMENT_METHODS)
+            raise ValueError(f"unknown method {unknown[0]!r}; an experiment runs: {known}")
+        return values
 
     @field_validator("methods", "seeds")
     @classmethod
@@ -145,6 +158,8 @@ def run_experiment(
     """Run every (method, seed) not finished yet; returns the experiment's per-run table.
     `allow_manifest_change`: resume runs whose manifest changed results (`ipr_core.manifest`)."""
     store = Store(config.run.store)
+    test = Split(config.test_split, config.test_limit)
+    check_split_sizes(RunContext(config.run, store, log), test)
     register(store, config)
     started = time.perf_counter()
     shared = prepare(store, config, log, allow_manifest_change)
@@ -162,7 +177,7 @@ def register(store: Store, config: ExperimentConfig) -> None:
             "SELECT config FROM experiments WHERE experiment_id = ?", [config.experiment_id]
         )
         if len(found):
-            before = flatten(json.loads(found["config"].iloc[0]))
+            before = flatten(stored_settings(found["config"].iloc[0]))
             now = flatten(json.loads(config.shared_settings()))
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
@@ -172,6 +187,16 @@ def register(store: Store, config: ExperimentConfig) -> None:
                 )
     row = {"experiment_id": config.experiment_id, "config": config.shared_settings()}
     store.write({"experiments": [row]})
+
+
+def stored_settings(text: str) -> dict[str, Any]:
+    """A stored experiment's shared settings as this version reads them: a setting added
+    since it was recorded counts at its default (resuming it changes nothing)."""
+    stored = json.loads(text)
+    try:
+        return json.loads(ExperimentConfig.model_validate(stored).shared_settings())
+    except ValueError:  # settings this version no longer reads: compare them as stored
+        return stored
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -238,11 +263,12 @@ def run_method(
         run_stage(EVALUATE, ctx, Iteration(BASE_ITERATION, sft, shared.base_path))
     run_stage(EVALUATE, ctx, Iteration(0, sft, sft))
     policies = {0: sft}
-    if run.mixture_settings is not None:
+    trains = method_spec(method).trains
+    if trains:
         for k in range(1, run.iterations + 1):
             result = run_iteration(ctx, Iteration(k, sft, policies[k - 1]))
             policies[k] = Path(result.trained.path)
-    first = 0 if run.mixture_settings is None else 1  # trained methods pick a trained model
+    first = 1 if trains and not config.fallback_to_sft else 0
     best = best_iteration(store, run.run_id, run.dev_split, first)
     test = Split(config.test_split, config.test_limit)
     run_stage(EVALUATE, ctx, Iteration(best, sft, policies[best], split=test))

@@ -20,10 +20,10 @@ from pydantic import (
 from ipr_core.envs import canonical_env_id
 from ipr_core.errors import InputError, UnknownEnvError
 from ipr_core.formats import kind_of, read_text
+from ipr_core.methods import REGISTRY, Needs, method
 from ipr_core.mining import MiningConfig
 from ipr_core.training.config import (
     IN_PROCESS,
-    PRESETS,
     ComputeSettings,
     MixtureSettings,
     SFTSettings,
@@ -32,7 +32,15 @@ from ipr_core.training.config import (
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
-Method = Literal["ipr", "eto", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft", "sft", "custom"]
+
+def _known_method(value: str) -> str:
+    if value not in REGISTRY:
+        raise ValueError(f"unknown method {value!r}; known: {', '.join(REGISTRY)}")
+    return value
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+"""A name of the method registry (`ipr_core.methods`)."""
 
 
 def _canonical_env_id(value: str) -> str:
@@ -143,8 +151,9 @@ class RunConfig(_Strict):
     env: EnvId
     model: str = "smollm2-135m-instruct"
     """The base model: a model spec (see ipr_core.models.resolve_model)."""
-    method: Method = "ipr"
-    """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
+    method: MethodName = "ipr"
+    """A method of the registry (`ipr_core.methods`: its loss and what its iterations
+    need); `custom` trains the mixture with `mixture.weights`."""
     sft: SFTSettings | None = SFTSettings()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
     mixture: MixtureSettings = MixtureSettings()
@@ -195,14 +204,14 @@ class RunConfig(_Strict):
     ) -> MixtureSettings:
         """A method other than `custom` brings its own weights: silently training with
         them instead of the ones the config spells out would mislabel an ablation."""
-        method = info.data.get("method", "ipr")
-        if method != "custom" and "weights" in value.model_fields_set:
-            preset = PRESETS.get(method)
-            if preset is None or value.weights != preset:
-                raise ValueError(
-                    f"weights are fixed by method {method!r}; set method: custom to train "
-                    "with these"
-                )
+        name = info.data.get("method")
+        spec = REGISTRY.get(name) if isinstance(name, str) else None
+        custom = spec is not None and spec.training == "mixture" and spec.weights is None
+        fixed = None if spec is None else spec.weights
+        if not custom and "weights" in value.model_fields_set and value.weights != fixed:
+            raise ValueError(
+                f"weights are fixed by method {name!r}; set method: custom to train with these"
+            )
         return value
 
     @field_validator("compute")
@@ -234,11 +243,19 @@ class RunConfig(_Strict):
 
     @property
     def mixture_settings(self) -> MixtureSettings | None:
-        """The mixture of `method` (None for `sft`: no training after stage 1)."""
-        if self.method == "custom":
+        """The mixture of `method` (None for a method that trains none: sft, rft)."""
+        spec = method(self.method)
+        if spec.training != "mixture":
+            return None
+        if spec.weights is None:
             return self.mixture
-        weights = PRESETS[self.method]
-        return None if weights is None else self.mixture.model_copy(update={"weights": weights})
+        return self.mixture.model_copy(update={"weights": spec.weights})
+
+    @property
+    def needs(self) -> Needs:
+        """What each iteration of the run's method needs (`ipr_core.methods`)."""
+        mixture = self.mixture_settings
+        return method(self.method).needs(None if mixture is None else mixture.weights)
 
     @property
     def checkpoints_dir(self) -> Path:

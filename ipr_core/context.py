@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from ipr_core.backends import PolicyBackend, make_backend
 from ipr_core.config import RunConfig
 from ipr_core.envs import make_env
-from ipr_core.errors import InputError, IprError
+from ipr_core.errors import InputError, IprError, SplitTooSmall
 from ipr_core.models import resolve_model
 from ipr_core.progress import ProgressBar, ProgressFn
 from ipr_core.prompts import PromptFormat
@@ -237,6 +237,17 @@ class RunContext:
             finally:
                 env.close()
         return self._task_ids[split]
+
+    def first_tasks(self, split: str, limit: int, setting: str) -> tuple[str, ...]:
+        """The first `limit` distinct games of a split; more than it has is an error naming
+        `setting` (the config field asking), never a silent repeat or a shorter list."""
+        task_ids = self.task_ids(split)
+        if limit > len(task_ids):
+            raise SplitTooSmall(
+                f"{self.config.env}: split {split!r} has {len(task_ids)} distinct games; "
+                f"{setting} asks for {limit}"
+            )
+        return task_ids[:limit]
 
     def base_path(self) -> Path:
         return resolve_model(self.config.model, self.config.cache_dir)

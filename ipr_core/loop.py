@@ -39,6 +39,7 @@ from ipr_core.costs import Meter, cost_row, training_figures
 from ipr_core.evaluate import Evaluation, evaluate
 from ipr_core.explore import explore
 from ipr_core.manifest import check_resume, run_manifest
+from ipr_core.methods import method
 from ipr_core.mining import mine_pairs
 from ipr_core.store import (
     At,
@@ -61,7 +62,7 @@ from ipr_core.training.checkpoints import (
 from ipr_core.training.data import pairs_data_hash
 from ipr_core.training.mixture import train_mixture, trainable_pairs
 from ipr_core.training.sft import train_sft
-from ipr_core.types import Actor
+from ipr_core.types import FAILED_STATUSES, Actor, Trajectory
 
 BASE_ITERATION = -1
 """Evaluations of the base model are stored as iteration -1; the SFT model is iteration 0."""
@@ -125,10 +126,11 @@ class Mined:
 @dataclass(frozen=True)
 class IterationResult:
     expert: Scored | None
-    """None (and `agent` too) when the mixture reads no step pair (`scores_steps`)."""
+    """None (and `agent` too) when the method reads no step pair (`Needs.monte_carlo`)."""
     explored: Explored
     agent: Scored | None
-    mined: Mined
+    mined: Mined | None
+    """None when the method trains on no pair (rft)."""
     trained: Trained
     evaluated: Evaluation
 
@@ -256,14 +258,16 @@ def _json(result: Any) -> dict[str, Any]:
 
 # -- the loop ------------------------------------------------------------------------------
 def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
-    """One IPR iteration: THE list of its stages, in order. A mixture that reads no step
-    pair (ETO) skips the Monte Carlo stages and explores from the start of each task only."""
-    steps = scores_steps(ctx)
-    expert = run(EXPERT_STEP_REWARDS, ctx, it) if steps else None
+    """One iteration: THE list of its stages, in order, each run where the method needs it
+    (`ipr_core.methods`). A method that reads no step pair (ETO, RFT) skips the Monte Carlo
+    stages and explores from the start of each task only; RFT mines no pairs and trains the
+    SFT objective on the experts and its successful explorations."""
+    needs = ctx.config.needs
+    expert = run(EXPERT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
     explored = run(EXPLORE, ctx, it)
-    agent = run(AGENT_STEP_REWARDS, ctx, it) if steps else None
-    mined = run(MINE_PAIRS, ctx, it)
-    trained = run(TRAIN_MIXTURE, ctx, it)
+    agent = run(AGENT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
+    mined = run(MINE_PAIRS, ctx, it) if needs.pairs else None
+    trained = run(TRAIN_MIXTURE if needs.pairs else TRAIN_RFT, ctx, it)
     evaluated = run(EVALUATE, ctx, replace(it, policy_path=Path(trained.path)))
     return IterationResult(expert, explored, agent, mined, trained, evaluated)
 
@@ -272,9 +276,8 @@ Iterate = Callable[[RunContext, Iteration, Runner], IterationResult]
 
 
 def scores_steps(ctx: RunContext) -> bool:
-    """Whether the run's mixture trains on step pairs, and so needs step rewards."""
-    mixture = ctx.config.mixture_settings
-    return mixture is not None and mixture.weights.uses_step_pairs
+    """Whether the run's method trains on step pairs, and so needs step rewards."""
+    return ctx.config.needs.monte_carlo
 
 
 def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_iteration) -> Path:
@@ -290,7 +293,7 @@ def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_ite
         sft = Path(run(SFT, ctx, setup).path)
     run(EVALUATE, ctx, Iteration(0, sft, sft))
     policy = sft
-    if config.mixture_settings is not None:  # method `sft` stops after stage 1
+    if method(config.method).trains:  # method `sft` stops after stage 1
         for k in range(1, config.iterations + 1):
             policy = Path(iterate(ctx, Iteration(k, sft, policy), run).trained.path)
     return policy
@@ -299,6 +302,7 @@ def run_ipr(ctx: RunContext, run: Runner = run_stage, iterate: Iterate = run_ite
 def prepare_run(ctx: RunContext) -> Path:
     """Record the run, its manifest and its base model (built once into the cache); the
     base model. A resumed run whose manifest changes results is refused before this."""
+    check_split_sizes(ctx)
     base = ctx.base_path()
     checkpoint = base_checkpoint(base)
     splits = (ctx.config.train_split, ctx.config.dev_split)
@@ -327,6 +331,19 @@ def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Ro
 
 def eval_split(ctx: RunContext, it: Iteration) -> Split:
     return it.split or Split(ctx.config.dev_split, ctx.config.dev_limit)
+
+
+def check_split_sizes(ctx: RunContext, *splits: Split) -> None:
+    """Fail before a run writes anything when the dev split (or one of `splits`) has fewer
+    distinct games than the config asks for."""
+    for split in (Split(ctx.config.dev_split, ctx.config.dev_limit), *splits):
+        split_tasks(ctx, split)
+
+
+def split_tasks(ctx: RunContext, split: Split) -> tuple[str, ...]:
+    """The distinct games an evaluation of `split` plays (too few is an error)."""
+    setting = "dev_limit" if split.name == ctx.config.dev_split else "test_limit"
+    return ctx.first_tasks(split.name, split.limit, setting)
 
 
 # -- fingerprints: what each stage reads, hashed -------------------------------------------
@@ -434,7 +451,7 @@ SFT: Stage[Trained] = Stage(
 # -- evaluation ----------------------------------------------------------------------------
 def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
     split = eval_split(ctx, it)
-    task_ids = ctx.task_ids(split.name)[: split.limit]
+    task_ids = split_tasks(ctx, split)
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"evaluate[{it.number}]")
         result, rollouts = evaluate(engine, split.name, task_ids, ctx.config.seed)
@@ -453,7 +470,7 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
 
 def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) -> list[Scope]:
     split = eval_split(ctx, it)
-    task_ids = ctx.task_ids(split.name)[: split.limit]
+    task_ids = split_tasks(ctx, split)
     return scopes.evaluation(at, r.policy_id, split.name, task_ids)
 
 
@@ -672,6 +689,58 @@ TRAIN_MIXTURE: Stage[Trained] = Stage(
     scopes=_checkpoint_scope,
     result_type=Trained,
     label=lambda it: f"train-mixture[{it.number}]",
+    reusable=False,
+    trains=True,
+)
+
+
+# -- rejection-sampling fine-tuning (rft) ---------------------------------------------------
+def successful_explorations(ctx: RunContext, it: Iteration) -> list[Trajectory]:
+    """The iteration's explorations from the start of a task that succeeded (reward 1)."""
+    return [
+        e.rollout.trajectory
+        for e in ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
+        if e.prefix_len == 0
+        and e.rollout.status not in FAILED_STATUSES
+        and (e.rollout.outcome_reward or 0.0) >= 1.0
+    ]
+
+
+def rft_examples(ctx: RunContext, it: Iteration) -> list[Trajectory]:
+    """What RFT trains on: the expert trajectories, then the successful explorations."""
+    return [*ctx.experts(), *successful_explorations(ctx, it)]
+
+
+def _train_rft(ctx: RunContext, it: Iteration) -> Output[Trained]:
+    """The SFT objective, from the policy, on `rft_examples` (the SFT settings)."""
+    config = ctx.config
+    if config.sft is None:
+        raise MissingSettings("rft trains with the config's `sft` settings")
+    examples = rft_examples(ctx, it)
+    result = train_sft(
+        it.policy_path, examples, ctx.prompt, config.sft, config.checkpoints_dir, config.compute
+    )
+    ctx.log(
+        f"iteration {it.number}: rft {result.checkpoint_id} on {len(examples)} trajectories "
+        f"({len(examples) - len(ctx.experts())} explored) ({result.summary()})"
+    )
+    return _trained_output(ctx, it, result)
+
+
+TRAIN_RFT: Stage[Trained] = Stage(
+    name="train-rft",
+    compute=_train_rft,
+    fingerprint=lambda ctx, it: digest(
+        "train-rft",
+        model_id(it.policy_path),
+        experts_hash(ctx, explored=False),
+        ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+        it.number,
+        config_fields(ctx, "env", "sft", "prompt", "cache_dir"),
+    ),
+    scopes=_checkpoint_scope,
+    result_type=Trained,
+    label=lambda it: f"train-rft[{it.number}]",
     reusable=False,
     trains=True,
 )

@@ -14,6 +14,7 @@ from trl.trainer import utils as trl_utils
 from trl.trainer.utils import add_fused_lm_head
 
 from ipr_core.envs.base import EnvTask
+from ipr_core.methods import mixture_preset
 from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.store import Store
 from ipr_core.training.checkpoints import checkpoint_id, model_id
@@ -22,7 +23,6 @@ from ipr_core.training.config import (
     MixtureSettings,
     MixtureWeights,
     SFTSettings,
-    mixture_preset,
 )
 from ipr_core.training.data import (
     TokenizationMismatch,
@@ -135,15 +135,6 @@ def test_mixture_loss_matches_hand_computation() -> None:
     nan_nll = torch.tensor(float("nan"))
     loss, _ = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
     assert loss.item() == pytest.approx((0.7 * o_dpo + 1.3 * s_dpo) / 2, abs=1e-5)
-
-
-def test_presets_follow_the_paper_rows() -> None:
-    assert mixture_preset("sft") is None
-    eto = mixture_preset("eto")
-    assert eto is not None and eto.weights == MixtureWeights(step_dpo=0.0, sft=0.0)
-    assert mixture_preset("ipr-no-sft", lr=1e-5).weights.sft == 0.0  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="unknown mixture preset"):
-        mixture_preset("ppo")
 
 
 # -- (b) the trainer's loss on a real batch --------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from itertools import product
@@ -44,6 +44,7 @@ __all__ = [
     "StepResult",
     "VariantInfo",
     "canonical_env_id",
+    "describe_games",
     "env_spec",
     "known_env_ids",
     "make_env",
@@ -402,6 +403,22 @@ def make_env(env_id: str) -> Env:
     spec = parse_env_id(env_id)
     factory, _ = _FAMILIES[spec.family]
     return factory(spec)
+
+
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+def describe_games(env_ids: Sequence[str]) -> str:
+    """`ipr envs ID...`: the distinct games of each split of each setting (starts its env)."""
+    lines = ["env id: distinct games in train / dev / test"]
+    for env_id in env_ids:
+        env = make_env(env_id)
+        try:
+            counts = [len(env.task_ids(split)) for split in SPLIT_NAMES]
+        finally:
+            env.close()
+        lines.append(f"{canonical_env_id(env_id)}: {' / '.join(map(str, counts))}")
+    return "\n".join(lines)
 
 
 def describe_envs() -> str:

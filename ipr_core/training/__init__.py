@@ -8,7 +8,6 @@ from ipr_core.training.config import (
     MixtureSettings,
     MixtureWeights,
     SFTSettings,
-    mixture_preset,
 )
 
-__all__ = ["LoraSettings", "MixtureSettings", "MixtureWeights", "SFTSettings", "mixture_preset"]
+__all__ = ["LoraSettings", "MixtureSettings", "MixtureWeights", "SFTSettings"]
