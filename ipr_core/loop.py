@@ -37,7 +37,7 @@ from ipr_core.backends import release_engines
 from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
 from ipr_core.costs import Meter, cost_row, training_figures
 from ipr_core.evaluate import Evaluation, evaluate
-from ipr_core.explore import explore
+from ipr_core.explore import Exploration, explore
 from ipr_core.manifest import check_resume, run_manifest
 from ipr_core.methods import method
 from ipr_core.mining import mine_pairs
@@ -695,20 +695,19 @@ TRAIN_MIXTURE: Stage[Trained] = Stage(
 
 
 # -- rejection-sampling fine-tuning (rft) ---------------------------------------------------
-def successful_explorations(ctx: RunContext, it: Iteration) -> list[Trajectory]:
-    """The iteration's explorations from the start of a task that succeeded (reward 1)."""
-    return [
+def rft_examples(
+    experts: Sequence[Trajectory], explored: Sequence[Exploration]
+) -> list[Trajectory]:
+    """What RFT trains on: the expert trajectories, then the explorations from the start of
+    a task that succeeded (reward 1; failed rollouts and step-level explorations left out)."""
+    successes = [
         e.rollout.trajectory
-        for e in ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
+        for e in explored
         if e.prefix_len == 0
         and e.rollout.status not in FAILED_STATUSES
         and (e.rollout.outcome_reward or 0.0) >= 1.0
     ]
-
-
-def rft_examples(ctx: RunContext, it: Iteration) -> list[Trajectory]:
-    """What RFT trains on: the expert trajectories, then the successful explorations."""
-    return [*ctx.experts(), *successful_explorations(ctx, it)]
+    return [*experts, *successes]
 
 
 def _train_rft(ctx: RunContext, it: Iteration) -> Output[Trained]:
@@ -716,7 +715,8 @@ def _train_rft(ctx: RunContext, it: Iteration) -> Output[Trained]:
     config = ctx.config
     if config.sft is None:
         raise MissingSettings("rft trains with the config's `sft` settings")
-    examples = rft_examples(ctx, it)
+    explored = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
+    examples = rft_examples(ctx.experts(), explored)
     result = train_sft(
         it.policy_path, examples, ctx.prompt, config.sft, config.checkpoints_dir, config.compute
     )
