@@ -70,6 +70,9 @@ class ExperimentConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
     trainer's seed; the SFT checkpoint is the same for all."""
+    tuning: bool = False
+    """Dev only: each run picks its best iteration on dev and stops; no test task is ever
+    evaluated (`test_split` and `test_limit` are not read)."""
     test_split: str = "test"
     test_limit: int = Field(8, gt=0)
     fallback_to_sft: bool = False
@@ -158,8 +161,8 @@ def run_experiment(
     """Run every (method, seed) not finished yet; returns the experiment's per-run table.
     `allow_manifest_change`: resume runs whose manifest changed results (`ipr_core.manifest`)."""
     store = Store(config.run.store)
-    test = Split(config.test_split, config.test_limit)
-    check_split_sizes(RunContext(config.run, store, log), test)
+    tests = () if config.tuning else (Split(config.test_split, config.test_limit),)
+    check_split_sizes(RunContext(config.run, store, log), *tests)
     register(store, config)
     started = time.perf_counter()
     shared = prepare(store, config, log, allow_manifest_change)
@@ -250,7 +253,7 @@ def run_method(
         run_log,
         allow_manifest_change=shared.allow_manifest_change,
     )
-    splits = (run.train_split, run.dev_split, config.test_split)
+    splits = (run.train_split, run.dev_split, *([] if config.tuning else [config.test_split]))
     store.write(
         {
             "runs": [{"run_id": run.run_id, "config": run.model_dump_json()}],
@@ -270,8 +273,9 @@ def run_method(
             policies[k] = Path(result.trained.path)
     first = 1 if trains and not config.fallback_to_sft else 0
     best = best_iteration(store, run.run_id, run.dev_split, first)
-    test = Split(config.test_split, config.test_limit)
-    run_stage(EVALUATE, ctx, Iteration(best, sft, policies[best], split=test))
+    if not config.tuning:
+        test = Split(config.test_split, config.test_limit)
+        run_stage(EVALUATE, ctx, Iteration(best, sft, policies[best], split=test))
     store.write(
         {
             "experiment_runs": [
