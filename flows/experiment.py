@@ -24,10 +24,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from ipr_core.backends import release_engines
 from ipr_core.config import (
@@ -61,11 +68,20 @@ PER_RUN_FIELDS = ("run_id", "method", "seed")
 FINISHED = "finished"
 
 
+def _experiment_method(name: str) -> str:
+    if name not in EXPERIMENT_METHODS:
+        known = ", ".join(EXPERIMENT_METHODS)
+        raise ValueError(f"unknown method {name!r}; an experiment runs: {known}")
+    return name
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    methods: list[str] = Field(default_factory=lambda: list(EXPERIMENT_METHODS), min_length=1)
+    methods: list[Annotated[str, AfterValidator(_experiment_method)]] = Field(
+        default_factory=lambda: list(EXPERIMENT_METHODS), min_length=1
+    )
     """Methods of the registry (`ipr_core.methods`) that have a fixed loss."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
@@ -80,15 +96,6 @@ class ExperimentConfig(BaseModel):
     iteration 0 (the SFT model) when dev says so; false: it picks among its trained models."""
     run: RunConfig
     """Settings every run shares (without run_id, method and seed)."""
-
-    @field_validator("methods")
-    @classmethod
-    def _known(cls, values: list[str]) -> list[str]:
-        unknown = [m for m in values if m not in EXPERIMENT_METHODS]
-        if unknown:
-            known = ", ".join(EXPERIMENT_METHODS)
-            raise ValueError(f"unknown method {unknown[0]!r}; an experiment runs: {known}")
-        return values
 
     @field_validator("methods", "seeds")
     @classmethod
