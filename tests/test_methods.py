@@ -120,3 +120,29 @@ def test_the_registry_is_the_only_place_method_names_are_spelt() -> None:
                 if isinstance(node, ast.Constant) and node.value in names:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
     assert found == []
+
+
+def test_an_rft_run_explores_and_trains_without_monte_carlo_or_pairs(tmp_path, tiny_model_path):
+    from ipr_core.config import load_config
+    from ipr_core.run import run_pipeline
+    from ipr_core.store import Store
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-llama").symlink_to(tiny_model_path)
+    overrides = {"store": str(tmp_path / "rft.duckdb"), "cache_dir": str(tmp_path),
+                 "method": "rft", "run_id": "rft", "evaluate_base": False}  # fmt: skip
+    config = load_config(ROOT / "configs" / "smoke.yaml", overrides)
+    run_pipeline(config, log=lambda _: None)
+    store = Store(config.store)
+    stages = store.query("SELECT iteration, stage FROM stage_runs ORDER BY iteration, stage")
+    assert list(stages.itertuples(index=False, name=None)) == [
+        (0, "evaluate-dev"),
+        (0, "ingest"),
+        (0, "sft"),
+        (1, "evaluate-dev"),
+        (1, "explore"),
+        (1, "train-rft"),
+    ]
+    explored = store.query("SELECT DISTINCT prefix_len FROM rollouts WHERE kind = 'explore'")
+    assert explored["prefix_len"].tolist() == [0]  # each task from its start only
+    assert store.count("pairs") == 0
