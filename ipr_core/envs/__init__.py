@@ -82,7 +82,9 @@ class VariantInfo:
     """The episode step bound of a setting (every parameter by name)."""
     params: tuple[Param, ...] = ()
     split_sizes: tuple[int, int, int] | None = None
-    """Tasks in train / dev / test where the engine fixes them; None: they depend on data."""
+    """Seeds (TWX) or variations (ScienceWorld) in train / dev / test where the engine fixes
+    them; None: they depend on data. A TWX split's tasks are its distinct games, fewer
+    (`ipr envs ID` counts them)."""
     rules: tuple[Rule, ...] = ()
 
 
@@ -449,6 +451,8 @@ def describe_envs() -> str:
         lines += [f"    {rule.text}" for rule in info.rules]
     lines.append(
         "Parameters go after '?', joined by '&', e.g. 'twx/twc?locations=1&items=2'; "
-        "max steps is the bound at the defaults (over the parameter ranges in brackets)."
+        "max steps is the bound at the defaults (over the parameter ranges in brackets); "
+        "train/dev/test counts the engine's seeds: `ipr envs ID...` counts a setting's "
+        "distinct games, what its splits hold."
     )
     return "\n".join(lines)
