@@ -25,14 +25,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import DynamicCache, StaticCache
 
-from ipr_core.backends.transformers_backend import TransformersBackend, WorkLog
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
+from ipr_core.engine.backends.transformers_backend import TransformersBackend, WorkLog
+from ipr_core.engine.models import resolve_model
+from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
-from ipr_core.expert import build_expert_trajectory
-from ipr_core.models import resolve_model
-from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutResult
-from ipr_core.step_rewards import StepQuery, estimate_step_rewards, expert_queries
+from ipr_core.method.expert import build_expert_trajectory
+from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards, expert_queries
 from ipr_core.types import Trajectory
 
 

@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from trl.trainer.utils import add_fused_lm_head
 
 from flows.bench import gold_trajectories
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.config import EnvId, read_yaml_mapping, validate_config
+from ipr_core.engine.models import resolve_model
 from ipr_core.errors import InputError
-from ipr_core.models import resolve_model
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.training.config import (
     IN_PROCESS,
     LoraSettings,

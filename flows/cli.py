@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = cli.config_from_args(args)
     if args.no_prefect:
-        from ipr_core.run import run_pipeline
+        from ipr_core.run.direct import run_pipeline
 
         summary = run_pipeline(config, allow_manifest_change=args.allow_manifest_change)
     else:
@@ -65,10 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     cli.print_table(summary, max_rows=len(summary))
-    from ipr_core.store import Store
+    from ipr_core.store.store import Store
 
     costs = Store(config.store).iteration_costs(config.run_id, config.dev_split)
-    print("cost by iteration (ipr_core.costs; s_per_dev_point: seconds per 0.01 dev reward):")
+    print("cost by iteration (ipr_core.run.costs; s_per_dev_point: seconds per 0.01 dev reward):")
     cli.print_table(costs, max_rows=len(costs))
     return 0
 

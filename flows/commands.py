@@ -204,8 +204,8 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_import_pairs(args: argparse.Namespace) -> int:
     from ipr_core.envs import canonical_env_id
-    from ipr_core.formats import pair_rows_of_file
-    from ipr_core.store import At, Store
+    from ipr_core.store.formats import pair_rows_of_file
+    from ipr_core.store.store import At, Store
 
     env_id = None if args.env is None else canonical_env_id(args.env)
     rows = pair_rows_of_file(args.file, args.run_id, args.iteration, env_id)
@@ -225,8 +225,8 @@ def cmd_import_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from ipr_core.costs import estimate, format_estimate, record_estimate
-    from ipr_core.store import Store
+    from ipr_core.run.costs import estimate, format_estimate, record_estimate
+    from ipr_core.store.store import Store
 
     config = config_from_args(args)
     store = Store(config.store)
@@ -238,8 +238,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from ipr_core.store import Store
-    from ipr_core.transcripts import pair_transcript, rollout_transcript
+    from ipr_core.store.store import Store
+    from ipr_core.store.transcripts import pair_transcript, rollout_transcript
 
     store = Store(args.store)
     if args.what == "pair":
@@ -266,9 +266,9 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from ipr_core.envs import canonical_env_id, make_env
-    from ipr_core.formats import load_sft_file
-    from ipr_core.pipeline import ingest_file, ingest_gold
-    from ipr_core.store import Store
+    from ipr_core.run.pipeline import ingest_file, ingest_gold
+    from ipr_core.store.formats import load_sft_file
+    from ipr_core.store.store import Store
 
     env_id = canonical_env_id(args.env)  # a bad env id fails before the store is opened
     store = Store(args.store)
@@ -315,7 +315,7 @@ def _write_bench_report(report: dict, table: str, out: Path) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from ipr_core.store import Store
+    from ipr_core.store.store import Store
 
     frame = Store(args.store).user_query(args.query)
     print_table(frame, args.max_rows)
@@ -347,8 +347,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
-    from ipr_core.context import RunContext
-    from ipr_core.store import Store
+    from ipr_core.run.context import RunContext
+    from ipr_core.store.store import Store
     from ipr_core.training.sft import train_sft
 
     config = config_from_args(args)
@@ -368,7 +368,7 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_train_mixture(args: argparse.Namespace) -> int:
-    from ipr_core.store import Store
+    from ipr_core.store.store import Store
     from ipr_core.training.mixture import train_mixture
 
     config = config_from_args(args)
@@ -393,8 +393,8 @@ def cmd_train_mixture(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
-    from ipr_core.context import RunContext
-    from ipr_core.store import Store
+    from ipr_core.run.context import RunContext
+    from ipr_core.store.store import Store
     from ipr_core.training.config import LoraSettings
     from ipr_core.training.reward_model import (
         RewardModelSettings,
@@ -428,10 +428,10 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ipr_core.context import RunContext
-    from ipr_core.loop import EVALUATE, Iteration, Split, run_stage
-    from ipr_core.models import resolve_model
-    from ipr_core.store import Store
+    from ipr_core.engine.models import resolve_model
+    from ipr_core.run.context import RunContext
+    from ipr_core.run.loop import EVALUATE, Iteration, Split, run_stage
+    from ipr_core.store.store import Store
 
     config = config_from_args(args)
     path = resolve_model(args.model, config.cache_dir)
@@ -442,11 +442,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    from ipr_core.context import RunContext
-    from ipr_core.pipeline import ensure_experts
-    from ipr_core.store import Store
-    from ipr_core.tokens import token_table, turn_table
+    from ipr_core.run.context import RunContext
+    from ipr_core.run.pipeline import ensure_experts
+    from ipr_core.store.store import Store
     from ipr_core.training.runtime import load_tokenizer
+    from ipr_core.training.tokens import token_table, turn_table
 
     config = tokens_config(args)
     ctx = RunContext(config, Store(config.store))
@@ -476,12 +476,12 @@ def tokens_config(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ipr_core.store import Store
+    from ipr_core.store.store import Store
 
     store = Store(args.store)
     if args.what == "sft":
         from ipr_core.envs import canonical_env_id, make_env
-        from ipr_core.formats import export_sft
+        from ipr_core.store.formats import export_sft
 
         if args.env is None:
             raise IprError("export sft needs --env")
@@ -510,7 +510,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from flows.report import write_report
-    from ipr_core.store import Store
+    from ipr_core.store.store import Store
 
     plot = write_report(Store(args.store), args.experiment, args.out)
     print(f"wrote {args.out} and {plot}")
@@ -518,7 +518,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def stored_pair_record(row: dict) -> dict:
-    from ipr_core.formats import PAIR_REWARDS, pair_record
+    from ipr_core.store.formats import PAIR_REWARDS, pair_record
 
     key = f"{row['run_id']}/{row['iteration']}/{row['level']}/{row['task_id']}/{row['prefix_len']}"
     sides = [json.loads(row[side]) for side in ("prompt", "chosen", "rejected")]

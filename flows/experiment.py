@@ -6,7 +6,7 @@ Per run: dev evaluation after every iteration, the best iteration picked on dev 
 on test), and that model evaluated on the test split. The `experiment_runs` table says
 which runs are finished, so rerunning the experiment skips them.
 
-Every run executes the one loop (`ipr_core.loop.run_iteration`); work whose inputs are
+Every run executes the one loop (`ipr_core.run.loop.run_iteration`); work whose inputs are
 the same in several runs is done once because a stage whose fingerprint matches another
 run's completion record copies that run's rows:
 - evaluations are greedy (temperature 0), so a model's evaluation on a split depends on
@@ -36,7 +36,6 @@ from pydantic import (
     model_validator,
 )
 
-from ipr_core.backends import release_engines
 from ipr_core.config import (
     RunConfig,
     parse_overrides,
@@ -44,9 +43,10 @@ from ipr_core.config import (
     validate_config,
     with_overrides,
 )
-from ipr_core.context import Log, RunContext
+from ipr_core.engine.backends import release_engines
 from ipr_core.errors import InputError, IprError
-from ipr_core.loop import (
+from ipr_core.run.context import Log, RunContext
+from ipr_core.run.loop import (
     BASE_ITERATION,
     EVALUATE,
     Iteration,
@@ -56,11 +56,11 @@ from ipr_core.loop import (
     run_iteration,
     run_stage,
 )
-from ipr_core.methods import EXPERIMENT_METHODS
-from ipr_core.methods import method as method_spec
-from ipr_core.pipeline import ensure_experts
-from ipr_core.store import Store
+from ipr_core.run.pipeline import ensure_experts
+from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id
+from ipr_core.training.methods import EXPERIMENT_METHODS
+from ipr_core.training.methods import method as method_spec
 from ipr_core.training.sft import train_sft
 
 PER_RUN_FIELDS = ("run_id", "method", "seed")
@@ -82,7 +82,7 @@ class ExperimentConfig(BaseModel):
     methods: list[Annotated[str, AfterValidator(_experiment_method)]] = Field(
         default_factory=lambda: list(EXPERIMENT_METHODS), min_length=1
     )
-    """Methods of the registry (`ipr_core.methods`) that have a fixed loss."""
+    """Methods of the registry (`ipr_core.training.methods`) that have a fixed loss."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
     trainer's seed; the SFT checkpoint is the same for all."""
@@ -166,7 +166,8 @@ def run_experiment(
     config: ExperimentConfig, log: Log = print, allow_manifest_change: bool = False
 ) -> pd.DataFrame:
     """Run every (method, seed) not finished yet; returns the experiment's per-run table.
-    `allow_manifest_change`: resume runs whose manifest changed results (`ipr_core.manifest`)."""
+    `allow_manifest_change`: resume runs whose manifest changed results
+    (`ipr_core.run.manifest`)."""
     store = Store(config.run.store)
     tests = () if config.tuning else (Split(config.test_split, config.test_limit),)
     check_split_sizes(RunContext(config.run, store, log), *tests)

@@ -1,4 +1,4 @@
-"""The `ipr` flow: `ipr_core.loop.run_ipr` with every stage a cached Prefect task and one
+"""The `ipr` flow: `ipr_core.run.loop.run_ipr` with every stage a cached Prefect task and one
 `iteration` subflow per IPR iteration (`loop.run_iteration`, the one stage list).
 
 Rerunning a run with the same config skips finished work (cache keys are the stages'
@@ -23,11 +23,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 
 from flows import scale_out  # noqa: E402
 from flows.plots import iteration_plot_png  # noqa: E402
-from ipr_core import loop  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
-from ipr_core.context import RunContext  # noqa: E402
-from ipr_core.loop import Iteration, IterationResult, Mined, Scored  # noqa: E402
-from ipr_core.transcripts import pair_transcript  # noqa: E402
+from ipr_core.run import loop  # noqa: E402
+from ipr_core.run.context import RunContext  # noqa: E402
+from ipr_core.run.loop import Iteration, IterationResult, Mined, Scored  # noqa: E402
+from ipr_core.store.transcripts import pair_transcript  # noqa: E402
 from tasks import stages  # noqa: E402
 
 

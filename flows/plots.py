@@ -18,7 +18,7 @@ def _pyplot():
 
 
 def iteration_plot_png(summary: pd.DataFrame, run_id: str) -> bytes:
-    """Dev reward and average steps by iteration of one run (`ipr_core.run.iteration_summary`
+    """Dev reward and average steps by iteration of one run (`ipr_core.run.direct.iteration_summary`
     rows), as PNG bytes: the flows embed it in the iteration's Prefect artifact."""
     plt = _pyplot()
     rows = summary.dropna(subset=["dev_reward"])

@@ -34,8 +34,8 @@ from flows.stats import (
 )
 from ipr_core.config import read_yaml_mapping
 from ipr_core.errors import InputError
-from ipr_core.methods import COMPARISONS, ETO, IPR, REGISTRY, SFT
-from ipr_core.store import Store
+from ipr_core.store.store import Store
+from ipr_core.training.methods import COMPARISONS, ETO, IPR, REGISTRY, SFT
 from ipr_core.types import FAILED_STATUSES
 
 PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in REGISTRY) + "]"
@@ -348,7 +348,7 @@ JOIN run_manifests m USING (run_id)
 WHERE x.experiment_id = {{exp}}
 ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at
 """
-"""Each run's manifests (`ipr_core.manifest`): one row per distinct setup it ran with, so a
+"""Each run's manifests (`ipr_core.run.manifest`): one row per distinct setup it ran with, so a
 run resumed with `--allow-manifest-change` shows both."""
 
 
@@ -603,7 +603,7 @@ def paired_section(
         "```python\n"
         f"from {__name__} import COMPARED, EPISODES_SQL, run_query\n"
         f"from {paired_comparisons.__module__} import paired_comparisons\n"
-        "from ipr_core.store import Store\n\n"
+        "from ipr_core.store.store import Store\n\n"
         f"store_path = {_literal(str(store.path))}\n"
         f"experiment_id = {_literal(experiment_id)}\n"
         "episodes = run_query(Store(store_path), EPISODES_SQL, experiment_id)\n"

@@ -17,8 +17,8 @@ configure_prefect_env()  # before the first `import prefect`
 
 from prefect import flow, get_client  # noqa: E402
 
-from ipr_core import shards  # noqa: E402
 from ipr_core.config import ScaleOutConfig  # noqa: E402
+from ipr_core.run import shards  # noqa: E402
 from tasks import shards as shard_tasks  # noqa: E402
 
 if TYPE_CHECKING:

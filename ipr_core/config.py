@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -18,10 +19,7 @@ from pydantic import (
 )
 
 from ipr_core.envs import canonical_env_id
-from ipr_core.errors import InputError, UnknownEnvError
-from ipr_core.formats import kind_of, read_text
-from ipr_core.methods import REGISTRY, Needs, method
-from ipr_core.mining import MiningConfig
+from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.training.config import (
     IN_PROCESS,
     ComputeSettings,
@@ -29,6 +27,7 @@ from ipr_core.training.config import (
     SFTSettings,
     check_layout,
 )
+from ipr_core.training.methods import REGISTRY, Needs, method
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -40,7 +39,7 @@ def _known_method(value: str) -> str:
 
 
 MethodName = Annotated[str, AfterValidator(_known_method)]
-"""A name of the method registry (`ipr_core.methods`)."""
+"""A name of the method registry (`ipr_core.training.methods`)."""
 
 
 def _canonical_env_id(value: str) -> str:
@@ -146,14 +145,23 @@ class PromptConfig(_Strict):
     None: the whole history."""
 
 
+@dataclass(frozen=True)
+class MiningConfig:
+    step_margin: float = 0.1
+    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper."""
+    trajectory_margin: float = 0.0
+    both_directions: bool = False
+    step_mode: Literal["suffix", "action"] = "suffix"
+
+
 class RunConfig(_Strict):
     run_id: str = "default"
     env: EnvId
     model: str = "smollm2-135m-instruct"
-    """The base model: a model spec (see ipr_core.models.resolve_model)."""
+    """The base model: a model spec (see ipr_core.engine.models.resolve_model)."""
     method: MethodName = "ipr"
-    """A method of the registry (`ipr_core.methods`: its loss and what its iterations
-    need); `custom` trains the mixture with `mixture.weights`."""
+    """A method of the registry (`ipr_core.training.methods`: its loss and what its
+    iterations need); `custom` trains the mixture with `mixture.weights`."""
     sft: SFTSettings | None = SFTSettings()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
     mixture: MixtureSettings = MixtureSettings()
@@ -253,7 +261,7 @@ class RunConfig(_Strict):
 
     @property
     def needs(self) -> Needs:
-        """What each iteration of the run's method needs (`ipr_core.methods`)."""
+        """What each iteration of the run's method needs (`ipr_core.training.methods`)."""
         mixture = self.mixture_settings
         return method(self.method).needs(None if mixture is None else mixture.weights)
 

@@ -1,4 +1,9 @@
-"""Errors that carry enough context for a user to find the bad input."""
+"""Errors that carry enough context for a user to find the bad input, and the readers that
+raise them for a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class IprError(Exception):
@@ -43,3 +48,39 @@ def raised_by_interrupt(exc: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def read_text(path: Path, max_bytes: int) -> str:
+    """A UTF-8 text file (a BOM allowed) of at most `max_bytes`; errors name the file."""
+    source = str(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InputError(source, f"{size} bytes, over the {max_bytes}-byte cap for one file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(source, f"cannot read file: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(
+            source,
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (save it as UTF-8)",
+        ) from exc
+
+
+def kind_of(value: object) -> str:
+    """The JSON (and YAML) name of a value's type, for messages."""
+    return _KIND_NAMES.get(type(value), type(value).__name__)
+
+
+_KIND_NAMES: dict[type, str] = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}

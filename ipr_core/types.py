@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ipr_core.backends.base import Message
 from ipr_core.envs.base import EnvTask
+
+Message = dict[str, str]
+"""A chat message: {"role": "system" | "user" | "assistant", "content": str}."""
 
 RolloutStatus = Literal["ok", "max_steps", "env_error", "generation_error", "truncated"]
 """ok: the env ended the episode; max_steps: the step bound ended it (its outcome counts);
@@ -64,3 +66,17 @@ def is_failed(status: str) -> bool:
 def same_action(a: str, b: str) -> bool:
     """Actions compare equal up to case and whitespace (the env treats them alike)."""
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+@dataclass(frozen=True)
+class ScoredStep:
+    """A `step_rewards` row with the expert trajectory of its task."""
+
+    task_id: str
+    prefix_len: int
+    actor: str
+    iteration: int
+    action: str
+    step_text: str
+    mean_reward: float | None
+    expert: Trajectory | None

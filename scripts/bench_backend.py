@@ -19,9 +19,10 @@ import json
 import time
 from pathlib import Path
 
-from ipr_core.backends import Message, SamplingParams, make_backend
+from ipr_core.agent.prompts import OBSERVATION_PREFIX, STOP_STRINGS, system_message
 from ipr_core.config import OpenAISettings, VLLMSettings
-from ipr_core.prompts import OBSERVATION_PREFIX, STOP_STRINGS, system_message
+from ipr_core.engine.backends import SamplingParams, make_backend
+from ipr_core.types import Message
 
 HINT = "Actions: look, inventory, go <direction>, take <item>, put <item> in <container>."
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 from transformers import AutoTokenizer
 
-from ipr_core.backends import SamplingParams
-from ipr_core.backends.chat import encode_prompt, render_prompt
-from ipr_core.backends.openai_backend import completion_request
+from ipr_core.agent.prompts import PromptFormat, build_conversation
+from ipr_core.engine.backends import SamplingParams
+from ipr_core.engine.backends.chat import encode_prompt, render_prompt
+from ipr_core.engine.backends.openai_backend import completion_request
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import PromptFormat, build_conversation
 from ipr_core.types import Step
 
 MODEL = Path(".ipr/models/tiny-llama")

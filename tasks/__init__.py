@@ -1,4 +1,4 @@
-"""Prefect tasks: one per stage of the IPR loop, thin wrappers over `ipr_core.loop`."""
+"""Prefect tasks: one per stage of the IPR loop, thin wrappers over `ipr_core.run.loop`."""
 
 from tasks.settings import configure_prefect_env
 

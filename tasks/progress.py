@@ -8,7 +8,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from ipr_core.progress import ProgressBar
+from ipr_core.engine.progress import ProgressBar
 
 
 class StageProgress(ProgressBar):

@@ -1,8 +1,8 @@
-"""Prefect tasks around the loop's stages: one task per `ipr_core.loop.Stage`, each a
+"""Prefect tasks around the loop's stages: one task per `ipr_core.run.loop.Stage`, each a
 call of `loop.run_stage`, and the `Runner` the flows hand to `loop.run_iteration`.
 
 A task's cache key is `TASK_SOURCE` plus the stage's fingerprint (what it reads, see
-`ipr_core.loop`) and where its rows go (store, run, iteration). A cached result counts
+`ipr_core.run.loop`) and where its rows go (store, run, iteration). A cached result counts
 only while the store's completion record still holds it (`loop.is_done`); otherwise the
 task is rerun with `refresh_cache=True`, and `run_stage` redoes the stage.
 """
@@ -16,12 +16,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.tasks import Task
 
-from ipr_core import loop
 from ipr_core.config import RunConfig
-from ipr_core.context import RunContext, StepScoring, score_in_process
 from ipr_core.errors import raised_by_interrupt
-from ipr_core.loop import Iteration, Stage
-from ipr_core.store import Store
+from ipr_core.run import loop
+from ipr_core.run.context import RunContext, StepScoring, score_in_process
+from ipr_core.run.loop import Iteration, Stage
+from ipr_core.store.store import Store
 from tasks.progress import StageProgress
 
 R = TypeVar("R")

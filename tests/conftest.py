@@ -16,7 +16,7 @@ from ipr_core.envs.sql_server import DEFAULT_ROOT, ROOT_ENV_VAR  # noqa: E402
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ[ROOT_ENV_VAR] = f"{os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT}-{worker}"
 
-from ipr_core.models import build_tiny_llama  # noqa: E402
+from ipr_core.engine.models import build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +30,8 @@ def smoke_run(tmp_path_factory, tiny_model_path):
     """One `ipr run --no-prefect` of the smoke config (tests/test_flows.py compares the
     Prefect flow's rows with it); the tiny model is linked into the run's model cache."""
     from ipr_core.config import load_config
-    from ipr_core.run import run_pipeline
-    from ipr_core.store import Store
+    from ipr_core.run.direct import run_pipeline
+    from ipr_core.store.store import Store
 
     cache = tmp_path_factory.mktemp("ipr")
     (cache / "models").mkdir()

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from ipr_core.backends import SamplingParams, make_backend
-from ipr_core.backends.transformers_backend import TransformersBackend
+from ipr_core.engine.backends import SamplingParams, make_backend
+from ipr_core.engine.backends.transformers_backend import TransformersBackend
+from ipr_core.engine.models import SMOLLM2, TINY_LLAMA, build_tiny_llama, resolve_model
 from ipr_core.errors import InputError
-from ipr_core.models import SMOLLM2, TINY_LLAMA, build_tiny_llama, resolve_model
 from ipr_core.training.data import render
 
 SYSTEM = {"role": "system", "content": "You are an agent in a text game. Reply with an action."}

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.backends import Completion, SamplingParams
-from ipr_core.backends.chat import BackendError, render_prompt
-from ipr_core.backends.openai_backend import (
+from ipr_core.config import OpenAISettings, RunConfig
+from ipr_core.engine.backends import Completion, SamplingParams
+from ipr_core.engine.backends.chat import BackendError, render_prompt
+from ipr_core.engine.backends.openai_backend import (
     OpenAIBackend,
     check_status,
     completion_request,
     parse_completion,
     served_model_for,
 )
-from ipr_core.config import OpenAISettings, RunConfig
-from ipr_core.context import Engines
 from ipr_core.errors import InputError
+from ipr_core.run.context import Engines
 
 DATA = Path(__file__).parent / "data" / "vllm_http"
 RECORDED_ROOT = "/work/wt-vllm"

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ipr_core.backends import SamplingParams
-from ipr_core.backends.chat import encode_prompt
-from ipr_core.backends.transformers_backend import TransformersBackend
-from ipr_core.backends.vllm_backend import (
+from ipr_core.agent.prompts import STOP_STRINGS, PromptFormat, build_conversation
+from ipr_core.config import RunConfig, VLLMSettings
+from ipr_core.engine.backends import SamplingParams
+from ipr_core.engine.backends.chat import encode_prompt
+from ipr_core.engine.backends.transformers_backend import TransformersBackend
+from ipr_core.engine.backends.vllm_backend import (
     EngineHandle,
     LoraTarget,
     ServingPlan,
@@ -17,10 +19,8 @@ from ipr_core.backends.vllm_backend import (
     plan_requests,
     serving_plan,
 )
-from ipr_core.config import RunConfig, VLLMSettings
-from ipr_core.context import Engines
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import STOP_STRINGS, PromptFormat, build_conversation
+from ipr_core.run.context import Engines
 from ipr_core.training.config import MixtureSettings, SFTSettings
 from ipr_core.training.sft import train_sft
 from ipr_core.types import Step, Trajectory

@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from flows.commands import main
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())["env"]

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ipr_core.config import load_config
-from ipr_core.costs import planned_work
+from ipr_core.run.costs import planned_work
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

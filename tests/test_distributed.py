@@ -14,7 +14,7 @@ from test_training import PROMPT, _expert, _pairs
 
 from flows.commands import main
 from ipr_core.config import RunConfig
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 from ipr_core.training.config import (
     BatchSplitError,
     ComputeSettings,

@@ -24,7 +24,7 @@ from ipr_core.envs import alfworld_games as games
 from ipr_core.envs import make_env
 from ipr_core.envs.alfworld import NOTHING_HAPPENS, AlfWorldEnv, action_hint
 from ipr_core.errors import InputError, UnknownEnvError
-from ipr_core.expert import build_expert_trajectory
+from ipr_core.method.expert import build_expert_trajectory
 
 SPLITS = ("train", "dev", "test")
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import pytest
 import webshop_fixture
 
+from ipr_core.agent.prompts import INVALID_TURN_OBSERVATION
+from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine
 from ipr_core.envs import Env, EnvCrashed, StepResult, make_env
 from ipr_core.envs import science_world as sw
 from ipr_core.envs import textworld_express as twx
 from ipr_core.envs.jvm import SharedJvm
 from ipr_core.envs.sql_server import shared_server
-from ipr_core.prompts import INVALID_TURN_OBSERVATION
-from ipr_core.rollout import EpisodeSettings, RolloutEngine
 
 SPLITS = ("train", "dev", "test")
 

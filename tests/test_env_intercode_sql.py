@@ -29,7 +29,7 @@ from ipr_core.envs.intercode_sql import (
 )
 from ipr_core.envs.sql_server import MariaDbServer, shared_server
 from ipr_core.errors import InputError, UnknownEnvError
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 
 ENV = "intercode-sql"
 

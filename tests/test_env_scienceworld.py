@@ -13,7 +13,7 @@ from ipr_core.envs import EnvCrashed, known_env_ids, make_env, variant_info
 from ipr_core.envs import science_world as sw
 from ipr_core.envs.science_world import MAX_STEPS, ScienceWorldEnv
 from ipr_core.errors import UnknownEnvError
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 
 ENV_IDS = ["scienceworld/boil", "scienceworld/find-animal", "scienceworld/power-component"]
 

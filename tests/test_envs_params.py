@@ -15,8 +15,8 @@ from ipr_core.envs import canonical_env_id, known_env_ids, make_env, parse_env_i
 from ipr_core.envs import science_world as sw
 from ipr_core.envs import textworld_express as twx
 from ipr_core.errors import EnvParamError, InputError, UnknownEnvError
-from ipr_core.pipeline import ingest_gold
-from ipr_core.store import Store
+from ipr_core.run.pipeline import ingest_gold
+from ipr_core.store.store import Store
 
 EASY_TWC = ["twx/twc?locations=1&items=1", "twx/twc?locations=1&items=2"]
 

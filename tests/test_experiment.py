@@ -16,8 +16,8 @@ from flows.experiment import load_experiment_config, run_experiment
 from flows.report import COMPARED, EPISODES_SQL, markdown_table, run_query
 from flows.stats import paired_comparisons
 from ipr_core.errors import InputError, IprError
-from ipr_core.manifest import ManifestChanged
-from ipr_core.store import Store, manifest_row
+from ipr_core.run.manifest import ManifestChanged
+from ipr_core.store.store import Store, manifest_row
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "experiment-smoke.yaml"

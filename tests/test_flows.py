@@ -26,7 +26,7 @@ import yaml  # noqa: E402
 
 from flows import ipr_flow  # noqa: E402
 from ipr_core.config import load_config  # noqa: E402
-from ipr_core.store import Store  # noqa: E402
+from ipr_core.store.store import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IPR = str(Path(sys.executable).parent / "ipr")
@@ -183,8 +183,8 @@ def test_a_stage_interrupted_mid_write_is_redone_from_its_completion_record(
     """The flow dies while `mine-pairs` writes (its pair rows are in the open transaction);
     `ipr run --no-prefect` resumes the run: the stages with a completion record are not
     redone, `mine-pairs` is, and the rows equal an uninterrupted run's."""
-    from ipr_core import store as store_module
-    from ipr_core.run import run_pipeline
+    from ipr_core.run.direct import run_pipeline
+    from ipr_core.store import store as store_module
 
     _, reference, _ = smoke_flow
     config = smoke_config(tmp_path / "interrupted.duckdb", cache_dir)
@@ -221,8 +221,8 @@ def test_a_failed_task_gives_the_flow_runs_its_one_line_cause(tmp_path, smoke_fl
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
 
-    from ipr_core import loop
     from ipr_core.errors import InputError
+    from ipr_core.run import loop
 
     config, store, _ = smoke_flow
     copy = Path(shutil.copy(store.path, tmp_path / "copy.duckdb"))

@@ -5,7 +5,7 @@ import pytest
 
 from flows.commands import main
 from ipr_core.errors import InputError
-from ipr_core.formats import load_pair_file, load_sft_file
+from ipr_core.store.formats import load_pair_file, load_sft_file
 
 GOOD = {
     "id": "cook-1",

@@ -7,22 +7,22 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ipr_core import loop
-from ipr_core.backends.base import Completion, Message, SamplingParams
-from ipr_core.config import RunConfig, validate_config
-from ipr_core.context import Engines, RunContext
+from ipr_core.agent.prompts import PromptFormat
+from ipr_core.config import MiningConfig, RunConfig, validate_config
+from ipr_core.engine.backends.base import Completion, SamplingParams
+from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
-from ipr_core.expert import build_expert_trajectory
-from ipr_core.explore import Exploration
-from ipr_core.mining import MiningConfig, mine_pairs
-from ipr_core.pipeline import ensure_experts
-from ipr_core.prompts import PromptFormat
-from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
-from ipr_core.store import Store
+from ipr_core.method.expert import build_expert_trajectory
+from ipr_core.method.explore import Exploration
+from ipr_core.method.mining import mine_pairs
+from ipr_core.run import loop
+from ipr_core.run.context import Engines, RunContext
+from ipr_core.run.pipeline import ensure_experts
+from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.data import build_sft_examples, render, sft_conversations
-from ipr_core.types import Trajectory
+from ipr_core.types import Message, Trajectory
 
 ENV = "twx/twc"
 WINDOW = 1

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ipr_core.envs.jvm import _interrupt_held_back
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

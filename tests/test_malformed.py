@@ -13,7 +13,7 @@ import duckdb
 import pytest
 
 from flows.cli import main
-from ipr_core import formats
+from ipr_core.store import formats
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "malformed"

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from flows.cli import main
-from ipr_core import manifest
-from ipr_core.prompts import PromptFormat
-from ipr_core.store import Store, manifest_row
+from ipr_core.agent.prompts import PromptFormat
+from ipr_core.run import manifest
+from ipr_core.store.store import Store, manifest_row
 from ipr_core.training.checkpoints import model_id
 
 TABLES = ("runs", "rollouts", "step_rewards", "pairs", "evaluations", "checkpoints", "stage_runs")

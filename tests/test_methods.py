@@ -1,4 +1,4 @@
-"""The method registry: each method's loss and needs, defined once (`ipr_core.methods`)."""
+"""The method registry: each method's loss and needs, defined once (`ipr_core.training.methods`)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from ipr_core.agent.prompts import PromptFormat
 from ipr_core.config import RunConfig
+from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
-from ipr_core.explore import Exploration
-from ipr_core.loop import rft_examples
-from ipr_core.methods import IPR, IPR_NO_SDPO, REGISTRY, Needs, mixture_preset
-from ipr_core.prompts import PromptFormat
-from ipr_core.rollout import RolloutResult, RolloutSpec
+from ipr_core.method.explore import Exploration
+from ipr_core.run.loop import rft_examples
 from ipr_core.training.config import MixtureWeights
 from ipr_core.training.data import sft_conversations
+from ipr_core.training.methods import IPR, IPR_NO_SDPO, REGISTRY, Needs, mixture_preset
 from ipr_core.training.mixture import PairLogps, mixture_loss
 from ipr_core.types import Step, Trajectory
 
@@ -114,7 +114,7 @@ def test_the_registry_is_the_only_place_method_names_are_spelt() -> None:
     found = []
     for package in ("ipr_core", "flows", "tasks"):
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path == ROOT / "ipr_core" / "methods.py":
+            if path == ROOT / "ipr_core" / "training" / "methods.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Constant) and node.value in names:
@@ -124,8 +124,8 @@ def test_the_registry_is_the_only_place_method_names_are_spelt() -> None:
 
 def test_an_rft_run_explores_and_trains_without_monte_carlo_or_pairs(tmp_path, tiny_model_path):
     from ipr_core.config import load_config
-    from ipr_core.run import run_pipeline
-    from ipr_core.store import Store
+    from ipr_core.run.direct import run_pipeline
+    from ipr_core.store.store import Store
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny-llama").symlink_to(tiny_model_path)

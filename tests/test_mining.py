@@ -2,12 +2,13 @@
 
 import pytest
 
+from ipr_core.agent.prompts import PromptFormat
+from ipr_core.agent.react import format_turn
+from ipr_core.config import MiningConfig
+from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
-from ipr_core.explore import Exploration
-from ipr_core.mining import MiningConfig, mine_pairs
-from ipr_core.prompts import PromptFormat
-from ipr_core.react import format_turn
-from ipr_core.rollout import RolloutResult, RolloutSpec
+from ipr_core.method.explore import Exploration
+from ipr_core.method.mining import mine_pairs
 from ipr_core.types import Step, Trajectory
 
 TASK = EnvTask("twx/test", "train-1", "train", "Make a meal.", "You are in the kitchen.")

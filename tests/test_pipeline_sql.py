@@ -4,8 +4,8 @@
 from pathlib import Path
 
 from ipr_core.config import load_config
-from ipr_core.run import run_pipeline
-from ipr_core.store import Store
+from ipr_core.run.direct import run_pipeline
+from ipr_core.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = "intercode-sql"

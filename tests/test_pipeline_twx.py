@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 
 from flows.commands import main
-from ipr_core import loop
-from ipr_core.backends import make_backend
-from ipr_core.backends.base import SamplingParams
-from ipr_core.context import Engines, RunContext, action_hint
+from ipr_core.agent.prompts import PromptFormat, build_conversation
+from ipr_core.engine.backends import make_backend
+from ipr_core.engine.backends.base import SamplingParams
+from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
 from ipr_core.errors import InputError
-from ipr_core.pipeline import ingest_gold
-from ipr_core.prompts import PromptFormat, build_conversation
-from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutSpec
-from ipr_core.run import run_pipeline
-from ipr_core.step_rewards import StepQuery, estimate_step_rewards
-from ipr_core.store import Store
+from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards
+from ipr_core.run import loop
+from ipr_core.run.context import Engines, RunContext, action_hint
+from ipr_core.run.direct import run_pipeline
+from ipr_core.run.pipeline import ingest_gold
+from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import (
     RewardModelSettings,

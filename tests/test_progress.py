@@ -1,6 +1,6 @@
 """Stage progress: a log line at every tenth of the work, a fresh bar for a new batch."""
 
-from ipr_core.progress import ProgressBar
+from ipr_core.engine.progress import ProgressBar
 
 
 def test_progress_logs_each_tenth_once():

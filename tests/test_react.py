@@ -1,6 +1,6 @@
 import pytest
 
-from ipr_core.react import format_turn, parse_react
+from ipr_core.agent.react import format_turn, parse_react
 
 
 def test_parses_thought_and_action():

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from flows.commands import main
-from ipr_core.react import parse_react
-from ipr_core.store import Store
+from ipr_core.agent.react import parse_react
+from ipr_core.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR_COLUMNS = (

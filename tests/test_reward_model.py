@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from ipr_core.agent.prompts import PromptFormat, build_conversation
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import IprError
-from ipr_core.prompts import PromptFormat, build_conversation
-from ipr_core.store import Store, expert_to_row
+from ipr_core.store.store import Store, expert_to_row
 from ipr_core.training.reward_model import (
     RewardModelScorer,
     RewardModelSettings,

@@ -15,7 +15,6 @@ os.environ.pop("PREFECT_API_URL", None)
 import pytest  # noqa: E402
 
 from flows import scale_out  # noqa: E402
-from ipr_core import shards  # noqa: E402
 from ipr_core.config import (  # noqa: E402
     GenerationConfig,
     MonteCarloConfig,
@@ -23,17 +22,18 @@ from ipr_core.config import (  # noqa: E402
     ScaleOutConfig,
     load_config,
 )
-from ipr_core.context import EXPERT_SEED, Engines, RunContext, ScoringJob  # noqa: E402
 from ipr_core.errors import InputError  # noqa: E402
-from ipr_core.loop import (  # noqa: E402
+from ipr_core.run import shards  # noqa: E402
+from ipr_core.run.context import EXPERT_SEED, Engines, RunContext, ScoringJob  # noqa: E402
+from ipr_core.run.loop import (  # noqa: E402
     AGENT_STEP_REWARDS,
     EXPERT_STEP_REWARDS,
     EXPLORE,
     Iteration,
     run_stage,
 )
-from ipr_core.pipeline import agent_queries, ingest_gold, pending_expert_queries  # noqa: E402
-from ipr_core.store import At, Store  # noqa: E402
+from ipr_core.run.pipeline import agent_queries, ingest_gold, pending_expert_queries  # noqa: E402
+from ipr_core.store.store import At, Store  # noqa: E402
 
 ENV = "twx/arithmetic"  # 5 gold steps per task: 2 tasks give 10 expert steps to score
 

@@ -1,10 +1,10 @@
 """The Monte Carlo average and its failure rule (pure part; the engine part is in the
 TextWorldExpress integration test)."""
 
+from ipr_core.agent.react import format_turn
+from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
-from ipr_core.react import format_turn
-from ipr_core.rollout import RolloutResult, RolloutSpec
-from ipr_core.step_rewards import StepQuery, summarize
+from ipr_core.method.step_rewards import StepQuery, summarize
 from ipr_core.types import Trajectory
 
 TASK = EnvTask("twx/test", "train-1", "train", "Do it.", "")

@@ -5,9 +5,9 @@ import textwrap
 import pytest
 
 from flows.commands import main
+from ipr_core.agent.react import format_turn
 from ipr_core.envs.base import EnvTask
-from ipr_core.react import format_turn
-from ipr_core.store import SCHEMA, Store, expert_to_row
+from ipr_core.store.store import SCHEMA, Store, expert_to_row
 from ipr_core.types import Step, Trajectory
 
 
@@ -43,7 +43,7 @@ def test_sql_reads_while_another_process_writes(tmp_path, capsys):
     store.write({"expert_trajectories": [expert_to_row(expert("train-0"), "gold")]})
     writer = textwrap.dedent(
         f"""
-        from ipr_core.store import Store, expert_to_row
+        from ipr_core.store.store import Store, expert_to_row
         from tests.test_store import expert
         store = Store({str(path)!r})
         for i in range(1, 150):
@@ -73,8 +73,8 @@ def test_the_action_hint_travels_with_the_expert_rows(tmp_path, monkeypatch):
     """The prompt of a run is built from the stored experts' hint: no env is started."""
     from dataclasses import replace
 
-    from ipr_core import context
     from ipr_core.config import RunConfig
+    from ipr_core.run import context
 
     hinted = expert("train-0")
     hinted = replace(hinted, task=replace(hinted.task, action_hint="Actions: take X."))
@@ -94,7 +94,7 @@ def test_explore_limit_explores_the_first_of_the_sft_experts(tmp_path):
     """SFT trains on `train_limit` experts; exploration and scoring start from the first
     `explore_limit` of them, and from all when it is unset."""
     from ipr_core.config import RunConfig
-    from ipr_core.context import RunContext
+    from ipr_core.run.context import RunContext
 
     store = Store(tmp_path / "s.duckdb")
     store.write(

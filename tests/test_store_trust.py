@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from flows.cli import main
-from ipr_core.store import SCHEMA, Store
+from ipr_core.store.store import SCHEMA, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import yaml
 from transformers import AutoTokenizer
 
 from flows.commands import main
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
-from ipr_core.tokens import conversation_parts, token_table, turn_prompts, turn_table
 from ipr_core.training.data import render, sft_conversations
+from ipr_core.training.tokens import conversation_parts, token_table, turn_prompts, turn_table
 from ipr_core.types import Step, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import add_fused_lm_head
 
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.envs.base import EnvTask
-from ipr_core.methods import mixture_preset
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
-from ipr_core.store import Store
+from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import checkpoint_id, model_id
 from ipr_core.training.config import (
     ComputeSettings,
@@ -30,6 +29,7 @@ from ipr_core.training.data import (
     build_sft_examples,
     sft_data_hash,
 )
+from ipr_core.training.methods import mixture_preset
 from ipr_core.training.mixture import (
     MixtureTrainer,
     PairCollator,

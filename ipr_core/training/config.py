@@ -1,4 +1,4 @@
-"""Typed training settings (each method's weights are in `ipr_core.methods`).
+"""Typed training settings (each method's weights are in `ipr_core.training.methods`).
 
 The defaults follow the released IPR scripts (SFT lr 2e-5 for 3 epochs; mixture lr 3e-6,
 beta 0.1, equal weights). Batch sizes default small because this project trains on CPU;

@@ -26,10 +26,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ipr_core.backends.base import Message
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.errors import IprError
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
-from ipr_core.types import Pair, Trajectory
+from ipr_core.types import Message, Pair, Trajectory
 
 HEAD_MESSAGES = 2
 """System and task message: kept in every example."""

@@ -34,10 +34,8 @@ from transformers import (
     set_seed,
 )
 
-from ipr_core.backends.base import Message
+from ipr_core.agent.prompts import PromptFormat, build_conversation
 from ipr_core.errors import IprError
-from ipr_core.prompts import PromptFormat, build_conversation
-from ipr_core.store import ScoredStep
 from ipr_core.training.checkpoints import (
     RESULT_FILE,
     CheckpointKind,
@@ -57,6 +55,7 @@ from ipr_core.training.runtime import (
     trainer_arguments,
     training_metrics,
 )
+from ipr_core.types import Message, ScoredStep
 
 REWARD_MODEL_KIND: CheckpointKind = "reward_model"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from ipr_core.agent.prompts import PromptFormat
 from ipr_core.errors import IprError
-from ipr_core.prompts import PromptFormat
 from ipr_core.training.checkpoints import TrainResult, checkpoint_id, model_id, train_once
 from ipr_core.training.config import IN_PROCESS, ComputeSettings, SFTSettings
 from ipr_core.training.data import build_sft_examples, sft_data_hash

@@ -5,7 +5,7 @@ IPR spends its rollouts. So for scale-out the stage's queries are cut into shard
 worker (a Dask process, possibly on another machine) loads the scorer itself, runs the
 rollouts of its shard and writes the shard's `step_rewards` and `rollouts` rows as
 Parquet files. Workers never open the store. The stage then commits every shard's rows
-with its completion record in one transaction (`ipr_core.loop`): whether a stage is done
+with its completion record in one transaction (`ipr_core.run.loop`): whether a stage is done
 is decided by that record alone.
 
 Every shard file carries the fingerprint of the job that wrote it (Parquet key-value
@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipr_core.config import RunConfig
-from ipr_core.context import Engines, ScoringJob, StepRows, score_steps
 from ipr_core.errors import IprError
-from ipr_core.step_rewards import StepQuery
-from ipr_core.store import SCHEMA, At, step_reward_rows
+from ipr_core.method.step_rewards import StepQuery
+from ipr_core.run.context import Engines, ScoringJob, StepRows, score_steps
+from ipr_core.store.store import SCHEMA, At, step_reward_rows
 from ipr_core.types import Actor
 
 TABLES = ("rollouts", "step_rewards")

@@ -22,13 +22,13 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import InputError, IprError
-from ipr_core.explore import Exploration
-from ipr_core.rollout import RolloutResult, RolloutSpec
-from ipr_core.step_rewards import StepReward
+from ipr_core.method.explore import Exploration
+from ipr_core.method.step_rewards import StepReward
 from ipr_core.training.checkpoints import TrainResult, checkpoint_row
-from ipr_core.types import Pair, Step, Trajectory
+from ipr_core.types import Pair, ScoredStep, Step, Trajectory
 
 SCHEMA: dict[str, str] = {
     "runs": """
@@ -180,13 +180,13 @@ SCHEMA: dict[str, str] = {
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, manifest_id)""",
 }
-"""`stage_runs` is the completion record of the loop's stages (see `ipr_core.loop`): written
+"""`stage_runs` is the completion record of the loop's stages (see `ipr_core.run.loop`): written
 in the transaction that writes the stage's rows, with the fingerprint of what it read."""
-"""`stage_costs` is what a stage's completion cost (`ipr_core.costs`), keyed like its
+"""`stage_costs` is what a stage's completion cost (`ipr_core.run.costs`), keyed like its
 `stage_runs` record and written in the same transaction; a stage copied from a donor run
 records the copy's own cost and names the donor. `estimates` holds the last `ipr
 estimate` of each run id, which the next estimate compares with the measured costs.
-`run_manifests`: what shaped a run's numbers besides its config (`ipr_core.manifest`),
+`run_manifests`: what shaped a run's numbers besides its config (`ipr_core.run.manifest`),
 one row per distinct manifest the run was started or resumed with."""
 
 PAIR_KEY = "run_id, iteration, level, task_id, prefix_len"
@@ -268,20 +268,6 @@ class Scope:
     table: str
     where: str
     params: tuple[Any, ...] = ()
-
-
-@dataclass(frozen=True)
-class ScoredStep:
-    """A `step_rewards` row with the expert trajectory of its task."""
-
-    task_id: str
-    prefix_len: int
-    actor: str
-    iteration: int
-    action: str
-    step_text: str
-    mean_reward: float | None
-    expert: Trajectory | None
 
 
 @dataclass(frozen=True)
@@ -605,7 +591,7 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [expert_from_row(row) for row in self.query(sql, params).to_dict("records")]
 
-    # -- costs, estimates, pair import and transcripts (`ipr_core.costs`, `ipr show`) -------
+    # -- costs, estimates, pair import and transcripts (`ipr_core.run.costs`, `ipr show`) -------
     def measured_stage_costs(self) -> pd.DataFrame:
         """The cost rows of stages computed here (not copied from a donor run)."""
         if not self.table_exists("stage_costs"):
@@ -925,7 +911,7 @@ LEFT JOIN p ON p.iteration IS NOT DISTINCT FROM b.iteration
 LEFT JOIN gain g ON g.iteration IS NOT DISTINCT FROM b.iteration
 ORDER BY b.iteration NULLS LAST
 """
-"""`ipr_core.costs`' table of a run (over the `stage_work` view); a point of dev reward is
+"""`ipr_core.run.costs`' table of a run (over the `stage_work` view); a point of dev reward is
 0.01 (the total's gain is the last iteration's dev reward minus the first's)."""
 
 STEP_REWARD_QUANTILES_SQL = """

@@ -16,26 +16,17 @@ whose pair it would duplicate.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from ipr_core.prompts import PromptFormat, build_conversation, step_messages
+from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
+from ipr_core.config import MiningConfig
 from ipr_core.types import Pair, Step, is_failed, same_action
 
 if TYPE_CHECKING:
-    from ipr_core.explore import Exploration
+    from ipr_core.method.explore import Exploration
 
 StepKey = tuple[str, int]
 """(task_id, prefix_len)"""
-
-
-@dataclass(frozen=True)
-class MiningConfig:
-    step_margin: float = 0.1
-    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper."""
-    trajectory_margin: float = 0.0
-    both_directions: bool = False
-    step_mode: Literal["suffix", "action"] = "suffix"
 
 
 def mine_pairs(

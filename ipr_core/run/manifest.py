@@ -22,10 +22,10 @@ from typing import Any
 
 import pandas as pd
 
+from ipr_core.agent.prompts import PromptFormat, build_conversation
 from ipr_core.envs import parse_env_id
 from ipr_core.envs.base import EnvTask
 from ipr_core.errors import IprError
-from ipr_core.prompts import PromptFormat, build_conversation
 from ipr_core.types import Step
 
 Manifest = dict[str, Any]

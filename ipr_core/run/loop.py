@@ -12,7 +12,7 @@ a stage (a plain call, or a cached Prefect task around the same call).
 One resume rule (`run_stage`): a stage is done when the store holds its completion record
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
 are still there. The record is written in the transaction that writes the stage's rows
-and its cost (`stage_costs`, `ipr_core.costs`), so a stage killed mid-write left none of
+and its cost (`stage_costs`, `ipr_core.run.costs`), so a stage killed mid-write left none of
 them and is redone. A stage whose fingerprint matches
 another run's record copies that run's rows instead of recomputing them (every run of an
 experiment shares the expert step rewards and the SFT model's greedy exploration, the
@@ -32,16 +32,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 
-from ipr_core import pipeline, scopes
-from ipr_core.backends import release_engines
-from ipr_core.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
-from ipr_core.costs import Meter, cost_row, training_figures
-from ipr_core.evaluate import Evaluation, evaluate
-from ipr_core.explore import Exploration, explore
-from ipr_core.manifest import check_resume, run_manifest
-from ipr_core.methods import method
-from ipr_core.mining import mine_pairs
-from ipr_core.store import (
+from ipr_core.engine.backends import release_engines
+from ipr_core.method.evaluate import Evaluation, evaluate
+from ipr_core.method.explore import Exploration, explore
+from ipr_core.method.mining import mine_pairs
+from ipr_core.run import pipeline
+from ipr_core.run.context import EXPERT_ITERATION, MissingSettings, RunContext, ScoringJob
+from ipr_core.run.costs import Meter, cost_row, training_figures
+from ipr_core.run.manifest import check_resume, run_manifest
+from ipr_core.store import scopes
+from ipr_core.store.store import (
     At,
     Row,
     RowKey,
@@ -60,6 +60,7 @@ from ipr_core.training.checkpoints import (
     model_id,
 )
 from ipr_core.training.data import pairs_data_hash
+from ipr_core.training.methods import method
 from ipr_core.training.mixture import train_mixture, trainable_pairs
 from ipr_core.training.sft import train_sft
 from ipr_core.types import FAILED_STATUSES, Actor, Trajectory
@@ -142,7 +143,7 @@ class Output(Generic[R]):
     result: R
     rows: dict[str, list[Row]] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
-    """What the compute measured itself for its cost row (`ipr_core.costs.cost_row`)."""
+    """What the compute measured itself for its cost row (`ipr_core.run.costs.cost_row`)."""
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ def _json(result: Any) -> dict[str, Any]:
 # -- the loop ------------------------------------------------------------------------------
 def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
     """One iteration: THE list of its stages, in order, each run where the method needs it
-    (`ipr_core.methods`). A method that reads no step pair (ETO, RFT) skips the Monte Carlo
+    (`ipr_core.training.methods`). A method that reads no step pair (ETO, RFT) skips the Monte Carlo
     stages and explores from the start of each task only; RFT mines no pairs and trains the
     SFT objective on the experts and its successful explorations."""
     needs = ctx.config.needs
@@ -318,7 +319,7 @@ def prepare_run(ctx: RunContext) -> Path:
 
 
 def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Row:
-    """The run's manifest row (`ipr_core.manifest`), computed once where the run starts and
+    """The run's manifest row (`ipr_core.run.manifest`), computed once where the run starts and
     checked against the manifest the run was started with (`check_resume`)."""
     config = ctx.config
     split_ids = {split: ctx.task_ids(split) for split in splits}

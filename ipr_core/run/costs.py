@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from ipr_core.config import RunConfig
-from ipr_core.store import Row, StageRecord, Store
+from ipr_core.store.store import Row, StageRecord, Store
 
 
 def stage_kind(stage: str) -> str:

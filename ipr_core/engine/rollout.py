@@ -22,17 +22,17 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ipr_core.backends.base import Completion, Message, PolicyBackend, SamplingParams
-from ipr_core.envs import Env, EnvTask, StepResult, make_env
-from ipr_core.progress import ProgressFn
-from ipr_core.prompts import (
+from ipr_core.agent.prompts import (
     INVALID_TURN_OBSERVATION,
     STOP_STRINGS,
     PromptFormat,
     build_conversation,
 )
-from ipr_core.react import parse_react
-from ipr_core.types import RolloutStatus, Step, Trajectory, is_failed
+from ipr_core.agent.react import parse_react
+from ipr_core.engine.backends.base import Completion, PolicyBackend, SamplingParams
+from ipr_core.engine.progress import ProgressFn
+from ipr_core.envs import Env, EnvTask, StepResult, make_env
+from ipr_core.types import Message, RolloutStatus, Step, Trajectory, is_failed
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ipr_core.backends.base import (
+from ipr_core.engine.backends.base import (
     Completion,
     FinishReason,
-    Message,
     PolicyBackend,
     SamplingParams,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "BACKEND_KINDS",
     "Completion",
     "FinishReason",
-    "Message",
     "PolicyBackend",
     "SamplingParams",
     "make_backend",
@@ -33,15 +31,15 @@ def make_backend(model_path: Path, kind: str = "transformers", **kwargs: Any) ->
     """Build a backend; imported lazily so the interface never pulls in torch (or vLLM,
     which only the `gpu` extra installs)."""
     if kind == "transformers":
-        from ipr_core.backends.transformers_backend import TransformersBackend
+        from ipr_core.engine.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(model_path, **kwargs)
     if kind == "vllm":
-        from ipr_core.backends.vllm_backend import VLLMBackend
+        from ipr_core.engine.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(model_path, **kwargs)
     if kind == "openai":
-        from ipr_core.backends.openai_backend import OpenAIBackend
+        from ipr_core.engine.backends.openai_backend import OpenAIBackend
 
         return OpenAIBackend(model_path, **kwargs)
     raise InputError(
@@ -52,6 +50,6 @@ def make_backend(model_path: Path, kind: str = "transformers", **kwargs: Any) ->
 def release_engines() -> None:
     """Shut down the inference engines this process holds (vLLM keeps most of the GPU's
     memory), so that training in the same process has it; backends restart them on use."""
-    vllm_backend = sys.modules.get("ipr_core.backends.vllm_backend")
+    vllm_backend = sys.modules.get("ipr_core.engine.backends.vllm_backend")
     if vllm_backend is not None:
         vllm_backend.ENGINES.close_all()

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Message = dict[str, str]
-"""A chat message: {"role": "system" | "user" | "assistant", "content": str}."""
+from ipr_core.types import Message
 
 FinishReason = Literal["stop", "length", "context"]
 """stop: a stop string or EOS; length: hit max_new_tokens; context: the prompt did not fit."""

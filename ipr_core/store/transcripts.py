@@ -16,10 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from ipr_core.backends.base import Message
-from ipr_core.react import parse_react
-from ipr_core.store import steps_from_json
-from ipr_core.types import Trajectory
+from ipr_core.agent.react import parse_react
+from ipr_core.store.store import steps_from_json
+from ipr_core.types import Message, Trajectory
 
 PROMPT_TURNS = 4
 """The prompt's last turns a pair transcript shows (the task and the latest steps)."""

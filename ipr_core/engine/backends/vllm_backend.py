@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from ipr_core.backends.base import Completion, Message, SamplingParams
-from ipr_core.backends.chat import (
+from ipr_core.config import VLLMSettings
+from ipr_core.engine.backends.base import Completion, SamplingParams
+from ipr_core.engine.backends.chat import (
     context_overflow,
     conversation_seeds,
     count_prompt_once,
@@ -36,10 +37,10 @@ from ipr_core.backends.chat import (
     repeat_to_n,
     vllm_sampling,
 )
-from ipr_core.config import VLLMSettings
+from ipr_core.engine.models import is_complete_model
 from ipr_core.errors import InputError
-from ipr_core.models import is_complete_model
 from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
+from ipr_core.types import Message
 
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -16,11 +16,10 @@ from os.path import commonprefix
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from ipr_core.backends.base import Message
+from ipr_core.agent.prompts import OBSERVATION_PREFIX, PromptFormat, build_conversation
 from ipr_core.envs.base import EnvTask
-from ipr_core.prompts import OBSERVATION_PREFIX, PromptFormat, build_conversation
 from ipr_core.training.data import render, sft_conversations
-from ipr_core.types import Trajectory
+from ipr_core.types import Message, Trajectory
 
 PARTS = (
     "system prompt",

@@ -1,6 +1,6 @@
 """Run IPR end to end for a config, without an orchestrator: `ipr run --no-prefect`.
 
-The loop itself is `ipr_core.loop`; this entry point executes its stages as plain calls.
+The loop itself is `ipr_core.run.loop`; this entry point executes its stages as plain calls.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pandas as pd
 
 from ipr_core.config import RunConfig
-from ipr_core.context import Log, RunContext
-from ipr_core.loop import run_ipr
-from ipr_core.store import Store
+from ipr_core.run.context import Log, RunContext
+from ipr_core.run.loop import run_ipr
+from ipr_core.store.store import Store
 
 
 def run_pipeline(

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ipr_core.backends.base import Message
-from ipr_core.react import parse_react
-from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
-from ipr_core.types import Actor, Trajectory, is_failed
+from ipr_core.agent.react import parse_react
+from ipr_core.engine.rollout import RolloutEngine, RolloutResult, RolloutSpec
+from ipr_core.types import Actor, Message, Trajectory, is_failed
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Expert data and the step queries of the loop's stages (see `ipr_core.loop`).
+"""Expert data and the step queries of the loop's stages (see `ipr_core.run.loop`).
 
 Which expert trajectories a run trains on, and which steps the step reward stages score:
 the expert steps a (run, scorer) has not scored yet, and the agent's first own action of
@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ipr_core.config import RunConfig
-from ipr_core.context import EXPERT_ITERATION, Log
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError
-from ipr_core.expert import Rejected, gold_trajectories
-from ipr_core.explore import Exploration
-from ipr_core.step_rewards import StepQuery, expert_queries
-from ipr_core.store import Row, Store, expert_to_row
+from ipr_core.method.expert import Rejected, gold_trajectories
+from ipr_core.method.explore import Exploration
+from ipr_core.method.step_rewards import StepQuery, expert_queries
+from ipr_core.run.context import EXPERT_ITERATION, Log
+from ipr_core.store.store import Row, Store, expert_to_row
 from ipr_core.types import Trajectory
 
 

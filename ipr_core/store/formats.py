@@ -17,13 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ipr_core.backends.base import Message
+from ipr_core.agent.prompts import (
+    OBSERVATION_PREFIX,
+    PromptFormat,
+    build_conversation,
+    step_messages,
+)
+from ipr_core.agent.react import parse_react
 from ipr_core.envs.base import EnvTask
-from ipr_core.errors import InputError
-from ipr_core.prompts import OBSERVATION_PREFIX, PromptFormat, build_conversation, step_messages
-from ipr_core.react import parse_react
-from ipr_core.store import Row, pair_row
-from ipr_core.types import Pair, Step, Trajectory
+from ipr_core.errors import InputError, kind_of, read_text
+from ipr_core.store.store import Row, pair_row
+from ipr_core.types import Message, Pair, Step, Trajectory
 
 _ROLE_OF = {"human": "user", "gpt": "assistant", "system": "system"}
 _FROM_OF = {role: name for name, role in _ROLE_OF.items()}
@@ -73,26 +77,6 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not labelled:
         raise InputError(source, "the file holds no records")
     return labelled
-
-
-def read_text(path: Path, max_bytes: int) -> str:
-    """A UTF-8 text file (a BOM allowed) of at most `max_bytes`; errors name the file."""
-    source = str(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise InputError(source, f"{size} bytes, over the {max_bytes}-byte cap for one file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(source, f"cannot read file: {exc.strerror}") from exc
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise InputError(
-            source,
-            f"not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (save it as UTF-8)",
-        ) from exc
 
 
 def _parse_json(source: str, text: str, line: int | None = None) -> Any:
@@ -312,22 +296,6 @@ def _check_text(source: str, label: str, field: str, value: str) -> None:
     except UnicodeEncodeError as exc:
         message = f"not Unicode text: a lone surrogate at character {exc.start}"
         raise InputError(source, message, record=label, field=field) from exc
-
-
-def kind_of(value: object) -> str:
-    """The JSON (and YAML) name of a value's type, for messages."""
-    return _KIND_NAMES.get(type(value), type(value).__name__)
-
-
-_KIND_NAMES: dict[type, str] = {
-    dict: "an object",
-    list: "a list",
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
-    type(None): "null",
-}
 
 
 def _shown(value: object, limit: int = 40) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
-from ipr_core.step_rewards import StepQuery
+from ipr_core.engine.rollout import RolloutEngine, RolloutResult, RolloutSpec
+from ipr_core.method.step_rewards import StepQuery
 from ipr_core.types import Trajectory, same_action
 
 

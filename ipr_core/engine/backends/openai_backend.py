@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 from transformers import AutoTokenizer
 
-from ipr_core.backends.base import Completion, Message, SamplingParams
-from ipr_core.backends.chat import (
+from ipr_core.config import OpenAISettings
+from ipr_core.engine.backends.base import Completion, SamplingParams
+from ipr_core.engine.backends.chat import (
     BackendError,
     context_overflow,
     conversation_seeds,
@@ -36,9 +37,9 @@ from ipr_core.backends.chat import (
     samples_to_generate,
     vllm_sampling,
 )
-from ipr_core.config import OpenAISettings
 from ipr_core.errors import InputError
 from ipr_core.training.checkpoints import ADAPTER_DIR
+from ipr_core.types import Message
 
 FIELD = "openai.model"
 """The config field a missing served model is reported against."""

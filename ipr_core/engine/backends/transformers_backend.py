@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
-from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
-from ipr_core.backends.chat import (
+from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams
+from ipr_core.engine.backends.chat import (
     context_overflow,
     conversation_seeds,
     encode_prompt,
     fits_context,
 )
+from ipr_core.types import Message
 
 DEFAULT_MAX_CONTEXT = 4096
 """Cap on the default context: KV caches for longer prompts do not pay off on CPU."""

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ipr_core.backends.base import Completion, FinishReason, Message, SamplingParams
+from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams
+from ipr_core.types import Message
 
 
 class BackendError(RuntimeError):

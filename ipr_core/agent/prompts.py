@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ipr_core.backends.base import Message
 from ipr_core.envs.base import EnvTask
-from ipr_core.types import Step
+from ipr_core.types import Message, Step
 
 SYSTEM_PROMPT = (
     "You are an agent acting in a text-based environment to complete a task. "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ipr_core.store import At, Scope
+from ipr_core.store.store import At, Scope
 
 _AT = "run_id = ? AND iteration = ?"
 

@@ -16,22 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ipr_core.backends import PolicyBackend, make_backend
+from ipr_core.agent.prompts import PromptFormat
 from ipr_core.config import RunConfig
+from ipr_core.engine.backends import PolicyBackend, make_backend
+from ipr_core.engine.models import resolve_model
+from ipr_core.engine.progress import ProgressBar, ProgressFn
+from ipr_core.engine.rollout import EpisodeSettings, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError, IprError, SplitTooSmall
-from ipr_core.models import resolve_model
-from ipr_core.progress import ProgressBar, ProgressFn
-from ipr_core.prompts import PromptFormat
-from ipr_core.rollout import EpisodeSettings, RolloutEngine, RolloutResult
-from ipr_core.step_rewards import (
+from ipr_core.method.step_rewards import (
     StepQuery,
     StepReward,
     StepScorer,
     estimate_step_rewards,
     predict_step_rewards,
 )
-from ipr_core.store import At, Row, Store, step_reward_rows
+from ipr_core.store.store import At, Row, Store, step_reward_rows
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import RewardModelScorer
 from ipr_core.types import Actor, Trajectory
@@ -187,7 +187,7 @@ class RunContext:
     """Default: a terminal bar plus lines through `log`."""
     scoring: StepScoring = score_in_process
     allow_manifest_change: bool = False
-    """Resume a run whose packages, model, splits or prompt changed (`ipr_core.manifest`)."""
+    """Resume a run whose packages, model, splits or prompt changed (`ipr_core.run.manifest`)."""
     engines: Engines = field(init=False)
     _task_ids: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ipr_core.agent.react import format_turn, parse_react
 from ipr_core.envs import Env
-from ipr_core.react import format_turn, parse_react
 from ipr_core.types import Step, Trajectory
 
 _THOUGHTS: dict[str, str] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ipr_core.rollout import RolloutEngine, RolloutResult, RolloutSpec
+from ipr_core.engine.rollout import RolloutEngine, RolloutResult, RolloutSpec
 from ipr_core.types import is_failed
 
 
