@@ -694,48 +694,56 @@ def settled_section(experiment_id: str, tests: Table) -> str:
         "the experiment's config file."
     ]
     path = experiment_config_file(experiment_id)
-    commits = config_commits(path) if path is not None else None
     times = [
         datetime.strptime(t, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
         for t in tests.frame["tested_at"]
     ]
     if path is None:
         text.append(f"No config under `configs/` has `experiment_id: {experiment_id}`.")
-    elif not commits:
-        text.append(f"`{path.relative_to(REPO)}` has no commit in git (or git is absent).")
-    elif not times:
-        text.append(f"No test evaluation yet; `{path.relative_to(REPO)}` was last changed "
-                    f"in {commits[0].sha[:12]} ({_when(commits[0].when)}).")  # fmt: skip
     else:
-        first, last = min(times), commits[0]
-        before = [c for c in commits if c.when <= first]
-        shown = path.relative_to(REPO)
-        if before:
-            text.append(
-                f"Config `{shown}`: the commit that last changed it before the first test "
-                f"evaluation ({_when(first)}) is {before[0].sha[:12]} ({_when(before[0].when)}"
-                f', "{before[0].subject}").'
-            )
-        else:
-            text.append(
-                f"**Flag:** config `{shown}` had no commit before the first test evaluation "
-                f"({_when(first)}): its first commit is {commits[-1].sha[:12]} "
-                f"({_when(commits[-1].when)})."
-            )
-        older = sum(t < last.when for t in times)
-        if older:
-            text.append(
-                f"**Flag:** {older} of {len(times)} test evaluations are older than the "
-                f"config's last change, {last.sha[:12]} ({_when(last.when)}, "
-                f'"{last.subject}"): the settings that produced them are not the committed ones.'
-            )
-        else:
-            text.append(
-                f"Every test evaluation is newer than the config's last change "
-                f"({last.sha[:12]}, {_when(last.when)})."
-            )
+        shown = str(path.relative_to(REPO))
+        text += settled_statements(shown, config_commits(path), times)
     text.append(tests.markdown())
     return "\n\n".join(text)
+
+
+def settled_statements(
+    config: str, commits: Sequence[Commit] | None, tested: Sequence[datetime]
+) -> list[str]:
+    """What the config's commits (newest first) say of the test evaluations' times."""
+    if not commits:
+        return [f"`{config}` has no commit in git (or git is absent)."]
+    last = commits[0]
+    if not tested:
+        return [f"No test evaluation yet; `{config}` was last changed in {last.sha[:12]} "
+                f"({_when(last.when)})."]  # fmt: skip
+    first = min(tested)
+    before = [c for c in commits if c.when <= first]
+    if before:
+        lines = [
+            f"Config `{config}`: the commit that last changed it before the first test "
+            f"evaluation ({_when(first)}) is {before[0].sha[:12]} ({_when(before[0].when)}, "
+            f'"{before[0].subject}").'
+        ]
+    else:
+        lines = [
+            f"**Flag:** config `{config}` had no commit before the first test evaluation "
+            f"({_when(first)}): its first commit is {commits[-1].sha[:12]} "
+            f"({_when(commits[-1].when)})."
+        ]
+    older = sum(t < last.when for t in tested)
+    if older:
+        lines.append(
+            f"**Flag:** {older} of {len(tested)} test evaluations are older than the config's "
+            f'last change, {last.sha[:12]} ({_when(last.when)}, "{last.subject}"): the '
+            "settings that produced them are not the committed ones."
+        )
+    else:
+        lines.append(
+            f"Every test evaluation is newer than the config's last change "
+            f"({last.sha[:12]}, {_when(last.when)})."
+        )
+    return lines
 
 
 def _when(moment: datetime) -> str:

@@ -288,3 +288,21 @@ def test_report_of_unknown_experiment_is_a_clear_error(experiment, tmp_path, cap
     args = ["report", "--experiment", "nope", "--out", str(tmp_path / "r.md")]
     assert main([*args, "--store", str(store.path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_tuning_experiment_never_evaluates_a_test_task(experiment, tmp_path):
+    config, store, *_ = experiment
+    copy = Path(shutil.copy(store.path, tmp_path / "tune.duckdb"))
+    run = config.run.model_copy(update={"store": copy})
+    tuning = config.model_copy(
+        update={"experiment_id": "tune", "methods": ["sft"], "tuning": True, "run": run}
+    )
+    runs = run_experiment(tuning, log=lambda _: None)
+    assert runs["status"].tolist() == ["finished", "finished"]
+    assert runs["test_reward"].isna().all()
+    tested = Store(copy).query(
+        "SELECT count(*) AS n FROM evaluations WHERE run_id LIKE 'tune-%' AND split = 'test'"
+    )
+    assert int(tested["n"].iloc[0]) == 0
+    [manifest] = Store(copy).run_manifests("tune-sft-s0")
+    assert set(manifest["splits"]) == {"train", "dev"}

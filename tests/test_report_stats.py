@@ -1,11 +1,19 @@
 """The report's statistics (`flows.stats`) on hand-computable inputs, and the closing
 statements of `ipr report` read off them."""
 
+from datetime import UTC, datetime
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from flows.report import analysis, episode_mismatches, paired_statements
+from flows.report import (
+    Commit,
+    analysis,
+    episode_mismatches,
+    paired_statements,
+    settled_statements,
+)
 from flows.stats import (
     hierarchical_bootstrap,
     paired_comparisons,
@@ -214,3 +222,27 @@ def test_the_ordering_statement_says_which_of_its_steps_the_two_test_rule_shows(
     assert "holds here: yes (both steps shown under the two-test rule)." in statements(
         rewards, success, 50, strong
     )
+
+
+def _at(hour: int) -> datetime:
+    return datetime(2026, 12, 5, hour, tzinfo=UTC)
+
+
+def test_settled_statements_name_the_commit_before_test_and_flag_later_changes():
+    commits = [Commit("b" * 40, _at(12), "header"), Commit("a" * 40, _at(9), "settings")]
+    settled = settled_statements("configs/x.yaml", commits[1:], [_at(10), _at(11)])
+    assert settled == [
+        "Config `configs/x.yaml`: the commit that last changed it before the first test "
+        'evaluation (2026-12-05 10:00 UTC) is aaaaaaaaaaaa (2026-12-05 09:00 UTC, "settings").',
+        "Every test evaluation is newer than the config's last change (aaaaaaaaaaaa, "
+        "2026-12-05 09:00 UTC).",
+    ]
+    changed = settled_statements("configs/x.yaml", commits, [_at(10), _at(13)])
+    assert changed[1].startswith(
+        "**Flag:** 1 of 2 test evaluations are older than the config's last change, bbbbbbbbbbbb"
+    )
+    late = settled_statements("configs/x.yaml", commits, [_at(8)])
+    assert late[0].startswith("**Flag:** config `configs/x.yaml` had no commit before the first")
+    assert settled_statements("configs/x.yaml", None, [_at(8)]) == [
+        "`configs/x.yaml` has no commit in git (or git is absent)."
+    ]
