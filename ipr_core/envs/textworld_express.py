@@ -167,6 +167,10 @@ def game_key(server: Any, seed: int, split: str, seeded_gold: bool) -> str | Non
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
+_DISTINCT: dict[str, dict[str, list[int]]] = {}
+"""This process's distinct seeds by setting (the disk cache read once)."""
+
+
 def distinct_seeds(
     make_server: Callable[[], Any],
     variant: TwxVariant,
@@ -199,10 +203,6 @@ def distinct_seeds(
         scratch.replace(path)  # atomic: a concurrent reader sees the whole file or none
     _DISTINCT[name] = cached
     return cached
-
-
-_DISTINCT: dict[str, dict[str, list[int]]] = {}
-"""This process's distinct seeds by setting (the disk cache read once)."""
 
 
 def _by_lower_case(valid_actions: list[str]) -> dict[str, str]:

@@ -260,9 +260,9 @@ def _json(result: Any) -> dict[str, Any]:
 # -- the loop ------------------------------------------------------------------------------
 def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
     """One iteration: THE list of its stages, in order, each run where the method needs it
-    (`ipr_core.training.methods`). A method that reads no step pair (ETO, RFT) skips the Monte Carlo
-    stages and explores from the start of each task only; RFT mines no pairs and trains the
-    SFT objective on the experts and its successful explorations."""
+    (`ipr_core.training.methods`). A method that reads no step pair (ETO, RFT) skips the
+    Monte Carlo stages and explores from the start of each task only; RFT mines no pairs and
+    trains the SFT objective on the experts and its successful explorations."""
     needs = ctx.config.needs
     expert = run(EXPERT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
     explored = run(EXPLORE, ctx, it)
