@@ -43,6 +43,20 @@ def test_no_game_is_twice_in_a_split_or_in_two_splits(env: Env) -> None:
     assert len(set(keys)) == len(keys)
 
 
+def test_scienceworld_variations_that_make_the_same_game_yield_one_task() -> None:
+    env = make_env("scienceworld/find-animal")
+    try:
+        first, repeat = env.reset("train-11"), env.reset("test-251")
+        assert (first.instruction, first.initial_observation) == (
+            repeat.instruction,
+            repeat.initial_observation,
+        )
+        assert "train-11" in env.task_ids("train")
+        assert "test-251" not in env.task_ids("test")  # a train game is not a test game
+    finally:
+        env.close()
+
+
 def test_ipr_envs_prints_distinct_games_per_split(capsys) -> None:
     assert main(["envs", ENV_ID]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "twx/twc?locations=1: 663 / 500 / 473"

@@ -19,19 +19,16 @@ move); replaying them past `done` is harmless.
 Invalid actions are answered by TWX itself with "Unknown action: I'm not sure what you
 mean." and cost a step; they never raise.
 
-Distinct games: TWX seeds can make the same game (twc with 1 room and 2 items: 50 test seeds
-held 47 games), so a split's task ids are its distinct games (`distinct_seeds`): the first
-seed of each game, and no game of an earlier split (train, dev, test) in a later one. A game
-is what the engine generates for a seed: its task description, first observation and gold
-path (coin's gold path is an unseeded random walk, so there it is left out). Every seed
-stays valid for `reset`, so stored task ids of duplicate seeds still read.
+Distinct games (`ipr_core.envs.games`): TWX seeds can make the same game (twc with 1 room
+and 2 items: 50 test seeds held 47 games), so a split's task ids are its distinct games. A
+game is what the engine generates for a seed: its task description, first observation and
+gold path (coin's gold path is an unseeded random walk, so there it is left out). Every
+seed stays valid for `reset`, so stored task ids of duplicate seeds still read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +40,7 @@ from textworld_express.constants import BASEPATH, JAR_PATH
 
 from ipr_core.envs import env_spec
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
+from ipr_core.envs.games import content_key, distinct_numbers
 from ipr_core.envs.jvm import SharedJvm
 
 SPLITS = ("train", "dev", "test")
@@ -144,31 +142,15 @@ def _ints(java_list: Any) -> list[int]:
     return [int(x) for x in json.loads(java_list.toString())]
 
 
-GAME_KEY_VERSION = 1
-"""Bump when `game_key` changes: cached distinct seeds are keyed by it."""
-
-
-def games_cache_dir() -> Path:
-    """Where distinct seeds are cached (`IPR_GAMES_CACHE`, default ~/.cache/ipr/games):
-    computing them generates every game of the three splits, ~10 s per setting."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipr" / "games"
-    return Path(os.environ.get("IPR_GAMES_CACHE", default))
-
-
 def game_key(server: Any, seed: int, split: str, seeded_gold: bool) -> str | None:
     """The content of the game `seed` makes (None: the engine cannot generate it)."""
     try:
         info = json.loads(server.generateNewGameJSON(seed, split, True))
         # the JVM list's text in one py4j call (iterating it costs a round trip per action)
         gold = str(server.getGoldActionSequence().toString()) if seeded_gold else ""
-        content = [str(server.getTaskDescription()), info["observation"], gold]
+        return content_key(str(server.getTaskDescription()), info["observation"], gold)
     except Py4JError:
         return None
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
-
-
-_DISTINCT: dict[str, dict[str, list[int]]] = {}
-"""This process's distinct seeds by setting (the disk cache read once)."""
 
 
 def distinct_seeds(
@@ -177,32 +159,18 @@ def distinct_seeds(
     engine_params: Mapping[str, int],
     seeds: Mapping[str, list[int]],
 ) -> dict[str, list[int]]:
-    """Per split, the first seed of each game not made by an earlier seed or split; cached on
-    disk by game, engine settings, engine jar and key version; `make_server` gives a loaded
-    game server to generate them with, called only when they are not cached."""
-    setting = [variant.game, sorted(engine_params.items()), Path(JAR_PATH).name, GAME_KEY_VERSION]
-    name = hashlib.sha256(json.dumps(setting).encode()).hexdigest()[:32]
-    cached = _DISTINCT.get(name)
-    path = games_cache_dir() / f"{name}.json"
-    if cached is None and path.exists():
-        cached = json.loads(path.read_text(encoding="utf-8"))["seeds"]
-    if cached is None:
-        server = make_server()
-        seen: set[str] = set()
-        cached = {}
-        for split in SPLITS:
-            cached[split] = []
-            for seed in seeds[split]:
-                key = game_key(server, seed, split, variant.seeded_gold)
-                if key is not None and key not in seen:
-                    seen.add(key)
-                    cached[split].append(seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps({"setting": setting, "seeds": cached}), encoding="utf-8")
-        scratch.replace(path)  # atomic: a concurrent reader sees the whole file or none
-    _DISTINCT[name] = cached
-    return cached
+    """Per split, the first seed of each game (`ipr_core.envs.games`); `make_server()` gives
+    a game server loaded with this setting, called once and only when the seeds are not
+    cached."""
+    setting = ["twx", variant.game, sorted(engine_params.items()), Path(JAR_PATH).name]
+    made: list[Any] = []
+
+    def key(split: str, seed: int) -> str | None:
+        if not made:
+            made.append(make_server())
+        return game_key(made[0], seed, split, variant.seeded_gold)
+
+    return distinct_numbers(setting, seeds, key)
 
 
 def _by_lower_case(valid_actions: list[str]) -> dict[str, str]:
