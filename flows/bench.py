@@ -33,6 +33,7 @@ from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.method.expert import build_expert_trajectory
 from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards, expert_queries
+from ipr_core.training.config import Seed
 from ipr_core.types import Trajectory
 
 
@@ -52,7 +53,7 @@ class BenchConfig(BaseModel):
     max_new_tokens: int = Field(40, gt=0)
     max_live_episodes: int = Field(32, gt=0)
     max_batch_size: int = Field(16, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 def load_bench_config(path: Path) -> BenchConfig:

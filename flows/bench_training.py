@@ -35,6 +35,7 @@ from ipr_core.training.config import (
     IN_PROCESS,
     LoraSettings,
     MixtureSettings,
+    Seed,
     SFTSettings,
 )
 from ipr_core.training.mixture import train_mixture
@@ -70,10 +71,10 @@ class TrainingBenchConfig(BaseModel):
     max_length: int = Field(1024, gt=0)
     lora_rank: int = Field(16, gt=0)
     modes: tuple[Mode, ...] = ("lora", "full")
-    limit_batch_shapes: tuple[int, ...] = (1, 2, 4)
+    limit_batch_shapes: tuple[PositiveInt, ...] = (1, 2, 4)
     """Rows per forward pass tried for the limit (each row as long as a mean example); 2 is
     the mixture's own shape (a pair's two sides)."""
-    seed: int = 0
+    seed: Seed = 0
 
 
 def load_training_bench_config(path: Path) -> TrainingBenchConfig:

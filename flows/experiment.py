@@ -59,6 +59,7 @@ from ipr_core.run.loop import (
 from ipr_core.run.pipeline import ensure_experts
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import base_checkpoint, model_id
+from ipr_core.training.config import Seed
 from ipr_core.training.methods import EXPERIMENT_METHODS
 from ipr_core.training.methods import method as method_spec
 from ipr_core.training.sft import train_sft
@@ -83,7 +84,7 @@ class ExperimentConfig(BaseModel):
         default_factory=lambda: list(EXPERIMENT_METHODS), min_length=1
     )
     """Methods of the registry (`ipr_core.training.methods`) that have a fixed loss."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation) and the mixture
     trainer's seed; the SFT checkpoint is the same for all."""
     tuning: bool = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -24,6 +23,7 @@ from ipr_core.training.config import (
     IN_PROCESS,
     ComputeSettings,
     MixtureSettings,
+    Seed,
     SFTSettings,
     check_layout,
 )
@@ -145,11 +145,16 @@ class PromptConfig(_Strict):
     None: the whole history."""
 
 
-@dataclass(frozen=True)
-class MiningConfig:
-    step_margin: float = 0.1
-    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper."""
-    trajectory_margin: float = 0.0
+class MiningConfig(BaseModel):
+    """Contrastive pair mining (`ipr_core.method.mining`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_margin: float = Field(0.1, ge=0, lt=1)
+    """τ: 0.5 ALFWorld, 0.01 WebShop, 0.1 InterCode-SQL in the paper. Rewards lie in [0, 1]:
+    below 0 it would mine steps the agent did better, from 1 it mines none."""
+    trajectory_margin: float = Field(0.0, ge=0, lt=1)
+    """Outcomes differing by no more than this make no pair (from 1: none would)."""
     both_directions: bool = False
     step_mode: Literal["suffix", "action"] = "suffix"
 
@@ -184,7 +189,7 @@ class RunConfig(_Strict):
     step_timeout_s: float = Field(60.0, gt=0)
     """An env step running longer fails its rollout (env_error) instead of hanging the run."""
     iterations: int = Field(1, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     generation: GenerationConfig = GenerationConfig()
     prompt: PromptConfig = PromptConfig()
     monte_carlo: MonteCarloConfig = MonteCarloConfig()

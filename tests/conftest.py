@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never reach a model hub: every model is built or loaded locally."""
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -40,3 +41,16 @@ def smoke_run(tmp_path_factory, tiny_model_path):
     config = load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml", overrides)
     summary = run_pipeline(config, log=lambda _: None)
     return config, Store(config.store), summary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_server():
+    """Stop Prefect's ephemeral API server (if a test started one) while the session's
+    streams are open: left to Prefect's atexit hook, its "Stopping temporary server" log
+    line goes to a stream pytest has closed ("Logging error ... I/O operation on closed
+    file")."""
+    yield
+    if "prefect.server.api.server" in sys.modules:  # never import Prefect just for this
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().stop()

@@ -1,7 +1,16 @@
+import importlib
+import pkgutil
+import types
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 import pytest
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
+import flows
+import ipr_core
 from flows.commands import main
 from flows.experiment import load_experiment_config
 from ipr_core.config import load_config, parse_overrides
@@ -38,6 +47,11 @@ def test_method_sets_the_mixture_weights(tmp_path):
         ("env: twx/coin\nmining: {step_mode: sideways}\n", "mining.step_mode"),
         ("env: twx/coin\nitterations: 2\n", "itterations"),
         ("env: twx/coin\nmixture: {weights: {sft: 0.0}}\n", "mixture"),
+        ("env: twx/coin\nmining: {step_margin: -5}\n", "mining.step_margin"),
+        ("env: twx/coin\nmining: {trajectory_margin: 1.0}\n", "mining.trajectory_margin"),
+        ("env: twx/coin\nmonte_carlo: {temperature: -0.5}\n", "monte_carlo.temperature"),
+        ("env: twx/coin\nmixture: {beta: 0}\n", "mixture.beta"),
+        ("env: twx/coin\nseed: -1\n", "seed"),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path, text, field):
@@ -125,3 +139,54 @@ def test_the_command_line_reports_a_bad_set_item_in_one_line_with_exit_code_2(tm
     assert main(["estimate", "--config", str(path), "--set", "mixture.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "field 'mixture.lrr'" in err
+
+
+BOUNDS = (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le)
+
+
+def _unbounded(annotation: Any, metadata: list[Any], where: str) -> list[str]:
+    """The numbers in `annotation` (a field's type, its items' types) that no bound limits."""
+    if get_origin(annotation) is Annotated:
+        base, *inner = get_args(annotation)
+        inner = [c for m in inner for c in (m.metadata if isinstance(m, FieldInfo) else [m])]
+        return _unbounded(base, [*metadata, *inner], where)
+    if annotation in (int, float):
+        return [] if any(isinstance(m, BOUNDS) for m in metadata) else [where]
+    if get_origin(annotation) is Literal:
+        return []
+    found = []
+    for arg in get_args(annotation):  # Optional's members, a list's or a dict's items
+        kept = metadata if get_origin(annotation) in (Union, types.UnionType) else []
+        found += _unbounded(arg, kept, where)
+    return found
+
+
+def _config_models() -> list[type[BaseModel]]:
+    """Every pydantic model the project defines (all its modules imported)."""
+    for package in (ipr_core, flows):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(module.name)
+    found, queue = [], [BaseModel]
+    while queue:
+        for model in queue.pop().__subclasses__():
+            queue.append(model)
+            if model.__module__.split(".")[0] in ("ipr_core", "flows"):
+                found.append(model)
+    return found
+
+
+def test_every_numeric_setting_has_a_range_or_a_stated_reason():
+    """A number a config accepts has the range its meaning allows (a negative margin, a
+    zero learning rate fail at load), or says in `json_schema_extra` why it has none."""
+    models = _config_models()
+    assert {"RunConfig", "MiningConfig", "ExperimentConfig", "RewardModelSettings"} <= {
+        model.__name__ for model in models
+    }
+    unbounded = []
+    for model in models:
+        for name, field in model.model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if not extra.get("unbounded"):
+                where = f"{model.__module__}.{model.__name__}.{name}"
+                unbounded += _unbounded(field.annotation, list(field.metadata), where)
+    assert unbounded == []

@@ -59,7 +59,10 @@ def test_scienceworld_variations_that_make_the_same_game_yield_one_task() -> Non
 
 def test_ipr_envs_prints_distinct_games_per_split(capsys) -> None:
     assert main(["envs", ENV_ID]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "twx/twc?locations=1: 663 / 500 / 473"
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "twx/twc?locations=1&items=2&doors=0&inventory_limit=0: 663 / 500 / 473"
+    )
 
 
 def test_asking_for_more_games_than_a_split_has_is_a_named_error(tmp_path: Path, capsys) -> None:
@@ -71,6 +74,7 @@ def test_asking_for_more_games_than_a_split_has_is_a_named_error(tmp_path: Path,
     assert main(["experiment", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: twx/twc?locations=1: split 'test' has 473 distinct games; test_limit asks for 474"
+        f"error: {ENV_ID}&doors=0&inventory_limit=0: split 'test' has 473 distinct games; "
+        "test_limit asks for 474"
     ]
     assert not store.exists()  # nothing half-written

@@ -22,12 +22,15 @@ EASY_TWC = ["twx/twc?locations=1&items=1", "twx/twc?locations=1&items=2"]
 
 
 def test_every_spelling_of_one_setting_is_one_canonical_id() -> None:
-    assert canonical_env_id("twx/twc?items=3&locations=1") == "twx/twc?locations=1&items=3"
-    assert canonical_env_id("twx/twc?locations=1&items=3") == "twx/twc?locations=1&items=3"
-    # Parameters at their default are left out: the project's setting keeps its old id.
-    assert canonical_env_id("twx/twc?locations=1&items=2") == "twx/twc?locations=1"
-    assert canonical_env_id("twx/twc?locations=2&items=2&doors=0") == "twx/twc"
-    assert canonical_env_id("twx/twc?items=02") == "twx/twc"
+    full = "twx/twc?locations=1&items=3&doors=0&inventory_limit=0"
+    assert canonical_env_id("twx/twc?items=3&locations=1") == full
+    assert canonical_env_id("twx/twc?locations=1&items=3&inventory_limit=0") == full
+    # Every parameter is spelt, defaults included: the id names its game if a default moves.
+    short = "twx/twc?locations=1&items=2&doors=0&inventory_limit=0"
+    assert canonical_env_id("twx/twc?locations=1") == short
+    assert canonical_env_id("twx/twc?locations=1&items=2") == short
+    default = "twx/twc?locations=2&items=2&doors=0&inventory_limit=0"
+    assert canonical_env_id("twx/twc") == canonical_env_id("twx/twc?items=02") == default
     assert canonical_env_id("twx/twc?items=1") != canonical_env_id("twx/twc?locations=1")
     spec = parse_env_id("twx/twc?items=1&doors=1")
     assert (spec.family, spec.variant) == ("twx", "twc")
@@ -38,8 +41,9 @@ def test_every_spelling_of_one_setting_is_one_canonical_id() -> None:
         "includeDoors": 1,
         "limitInventorySize": 0,
     }
-    for env_id in known_env_ids():
-        assert canonical_env_id(env_id) == env_id
+    for env_id in known_env_ids():  # an env without parameters keeps its bare id
+        spelt = "?" + "&".join(f"{p.name}={p.default}" for p in variant_info(env_id).params)
+        assert canonical_env_id(env_id) == env_id + (spelt if spelt != "?" else "")
 
 
 def test_parsing_imports_no_engine() -> None:
@@ -109,7 +113,7 @@ def test_ipr_envs_lists_ids_parameters_defaults_ranges_splits_and_step_bounds(ca
 def test_a_config_with_a_parametrised_env_id_loads_it_canonically(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text('env: "twx/twc?items=1&locations=1"\n', encoding="utf-8")
-    assert load_config(path).env == "twx/twc?locations=1&items=1"
+    assert load_config(path).env == "twx/twc?locations=1&items=1&doors=0&inventory_limit=0"
     path.write_text("env: twx/twc?items=7\n", encoding="utf-8")
     with pytest.raises(InputError) as err:
         load_config(path)
@@ -156,7 +160,8 @@ def test_a_parametrised_twc_games_gold_path_reaches_reward_1(env_id: str) -> Non
 def test_a_long_simonsays_games_gold_path_reaches_reward_1() -> None:
     env = make_env("twx/simonsays?memorization=1&length=30")
     try:
-        assert env.env_id == "twx/simonsays?length=30&memorization=1" and env.max_steps == 40
+        spelt = "twx/simonsays?length=30&distractors=3&memorization=1&verbose=0"
+        assert env.env_id == spelt and env.max_steps == 40
         env.reset(env.task_ids("test")[0])
         gold = env.gold_actions() or []
         assert len(gold) == 30
@@ -176,21 +181,23 @@ def test_a_parameter_changes_the_game_and_its_rows_never_mix(tmp_path: Path) -> 
         default.close()
         easy.close()
     store = Store(tmp_path / "s.duckdb")
-    assert ingest_gold(store, "twx/twc?locations=2", "train", 2).written == 2
+    assert ingest_gold(store, "twx/twc?locations=1", "train", 2).written == 2
     args = ["ingest", "--env", "twx/twc?items=1&locations=1", "--limit", "2"]
     assert main([*args, "--store", str(tmp_path / "s.duckdb")]) == 0
     stored = store.query("SELECT env_id, count(*) AS n FROM expert_trajectories GROUP BY 1")
-    assert dict(zip(stored["env_id"], stored["n"], strict=True)) == {
-        "twx/twc": 2,
-        "twx/twc?locations=1&items=1": 2,
+    assert dict(zip(stored["env_id"], stored["n"], strict=True)) == {  # defaults spelt too
+        "twx/twc?locations=1&items=2&doors=0&inventory_limit=0": 2,
+        "twx/twc?locations=1&items=1&doors=0&inventory_limit=0": 2,
     }
-    [easy_expert, _] = store.expert_trajectories("twx/twc?locations=1&items=1", "train")
+    easy_id = "twx/twc?locations=1&items=1&doors=0&inventory_limit=0"
+    [easy_expert, _] = store.expert_trajectories(easy_id, "train")
     assert easy_expert.outcome_reward == 1.0 and len(easy_expert.steps) <= 4
 
 
 def test_scienceworld_simplifications_are_flags_and_electrical_tasks_keep_their_actions() -> None:
     assert canonical_env_id("scienceworld/boil?open_doors=1&teleport=0") == (
-        "scienceworld/boil?teleport=0"
+        "scienceworld/boil?teleport=0&open_doors=1&open_containers=0&self_watering=1"
+        "&no_electrical=1"
     )
     assert parse_env_id("scienceworld/boil").engine_params()["noElectricalAction"] == 1
     with pytest.raises(EnvParamError, match="'no_electrical' of scienceworld/power-component"):
@@ -201,7 +208,10 @@ def test_a_scienceworld_setting_runs_in_its_own_jvm_and_its_gold_path_reaches_re
     easy = make_env("scienceworld/find-animal")
     hard = make_env("scienceworld/find-animal?teleport=0&open_doors=0")
     try:
-        assert hard.env_id == "scienceworld/find-animal?teleport=0&open_doors=0"
+        assert hard.env_id == (
+            "scienceworld/find-animal?teleport=0&open_doors=0&open_containers=0"
+            "&self_watering=1&no_electrical=1"
+        )
         assert "teleport" in easy.action_hint and "teleport" not in hard.action_hint
         assert hard._gateway.java_process.pid != easy._gateway.java_process.pid
         assert sw.simplification_str(parse_env_id(hard.env_id)) == (

@@ -65,6 +65,11 @@ PAIR_CASES = {
     "pairs-rejected-role.json": ["record 'p-2'", "field 'rejected[0].from'", "'assistant'"],
     "pairs-level-unknown.json": ["record 'p-2'", "field 'level'", "got 'turn'"],
     "pairs-chosen-from-human.json": ["record 'p-2'", "field 'chosen'", "'gpt' turn"],
+    "pairs-env-unknown.json": ["record 'p-2'", "field 'env_id'", "unknown env id 'twx/nowhere'"],
+    "pairs-env-bad-param.json": ["record 'p-2'", "field 'env_id'", "items=9 is out of range"],
+    "pairs-sides-identical.json": ["record 'p-2'", "field 'rejected'", "must differ"],
+    "pairs-reward-above-1.json": ["record 'p-2'", "field 'chosen_reward'", "[0, 1], got 1.5"],
+    "pairs-chosen-worse.json": ["record 'p-2'", "field 'chosen_outcome'", "chosen_may_be_worse"],
 }
 CONFIG_CASES = {
     "config-not-utf8.yaml": ["not UTF-8", "line 2"],
@@ -76,6 +81,7 @@ CONFIG_CASES = {
     "config-bool-for-number.yaml": ["field 'monte_carlo.n_samples'", "got a boolean"],
     "config-unknown-env.yaml": ["field 'env'", "unknown env id"],
     "config-duplicate-key.yaml": ["field 'n_samples'", "duplicate key", "line 4"],
+    "config-negative-margin.yaml": ["field 'mining.step_margin'", "greater than or equal to 0"],
 }
 
 
@@ -199,6 +205,36 @@ def test_the_installed_entry_prints_one_line_without_a_traceback(store):
     assert row_counts(store) == before
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config-negative-margin.yaml",
+        "pairs-env-unknown.json",
+        "pairs-sides-identical.json",
+        "pairs-reward-above-1.json",
+    ],
+)
+def test_input_that_once_got_through_is_refused_by_the_installed_entry(name, store):
+    """Issue 31's cases, through the real command line: a negative mining margin, a pair of
+    an unknown env, a pair whose sides are the same, a reward of 1.5."""
+    before = row_counts(store)
+    path = str(CORPUS / name)
+    if name.startswith("config"):
+        args = ["run", "--no-prefect", "--config", path]
+    else:
+        args = ["import-pairs", path, "--run-id", "r", "--iteration", "1", "--env", ENV]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, "--store", str(store)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    fragments = CONFIG_CASES.get(name) or PAIR_CASES[name]
+    assert_one_named_line(done.stderr, name, fragments)
+    assert row_counts(store) == before
+
+
 def _stored(store: Path, task_id: str) -> tuple[str, int]:
     with duckdb.connect(str(store), read_only=True) as con:
         query = "SELECT source, n_steps FROM expert_trajectories WHERE task_id = ?"
@@ -264,8 +300,37 @@ def test_gold_ingest_of_stored_ids_is_refused_unless_replace(tmp_path, capsys):
     before = row_counts(path)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert_one_named_line(err, "gold trajectories of twx/twc train", [repr(task_id), "--replace"])
+    name = "gold trajectories of twx/twc?locations=2&items=2&doors=0&inventory_limit=0 train"
+    assert_one_named_line(err, name, [repr(task_id), "--replace"])
     assert row_counts(path) == before
     assert _stored(path, task_id)[0] == "edited"
     assert main([*args, "--replace"]) == 0
     assert _stored(path, task_id)[0] == "gold"
+
+
+def test_a_pair_file_stores_the_full_env_id_and_takes_a_stated_worse_chosen(store, tmp_path):
+    side = [{"from": "human", "value": "Task"}]
+    record = {
+        "prompt": side,
+        "chosen": "Thought: a\nAction: b",
+        "rejected": "Thought: c\nAction: d",
+    }
+    pairs = [
+        {**record, "id": "p-1", "env_id": "twx/twc?locations=1"},
+        {**record, "id": "p-2", "chosen_reward": 0.2, "rejected_reward": 0.6},
+    ]
+    source = _write(tmp_path / "pairs.json", pairs)
+    args = ["import-pairs", str(source), "--run-id", "r", "--iteration", "1", "--env", ENV]
+    assert main([*args, "--store", str(store)]) == 2  # p-2's chosen side is the worse one
+    pairs[1]["chosen_may_be_worse"] = True
+    _write(source, pairs)
+    assert main([*args, "--store", str(store)]) == 0
+    with duckdb.connect(str(store), read_only=True) as con:
+        stored = con.execute("SELECT task_id, env_id FROM pairs ORDER BY 1").fetchall()
+    assert stored == [
+        ("p-1", "twx/twc?locations=1&items=2&doors=0&inventory_limit=0"),
+        (
+            "p-2",
+            "twx/cookingworld?locations=3&ingredients=2&distractors=3&doors=0&inventory_limit=0",
+        ),
+    ]

@@ -67,9 +67,10 @@ def test_authors_pair_file_imports_and_trains(tmp_path, tiny_model_path, capsys)
     assert main([*args, "--env", "twx/twc", "--store", str(store.path)]) == 0
     assert "imported 2 pairs" in capsys.readouterr().out
     found = store.query("SELECT level, task_id, prefix_len, env_id FROM pairs ORDER BY level")
+    twc = "twx/twc?locations=2&items=2&doors=0&inventory_limit=0"  # every parameter spelt
     assert found.values.tolist() == [
-        ["step", "twc_3_step_2", 1, "twx/twc"],
-        ["trajectory", "7", 0, "twx/twc"],
+        ["step", "twc_3_step_2", 1, twc],
+        ["trajectory", "7", 0, twc],
     ]
     config = write_config(tmp_path, tiny_model_path, store.path, tmp_path / "cache")
     train = ["train", "mixture", "--config", str(config), "--run-id", "mine", "--iteration", "1"]

@@ -6,13 +6,17 @@ import pytest
 
 from flows.commands import main
 from ipr_core.agent.react import format_turn
+from ipr_core.envs import canonical_env_id
 from ipr_core.envs.base import EnvTask
 from ipr_core.store.store import SCHEMA, Store, expert_to_row
 from ipr_core.types import Step, Trajectory
 
+COIN = canonical_env_id("twx/coin")
+"""As the store spells it (every row goes through the canonicaliser)."""
+
 
 def expert(task_id: str) -> Trajectory:
-    task = EnvTask("twx/coin", task_id, "train", "Find the coin.", "A room.")
+    task = EnvTask(COIN, task_id, "train", "Find the coin.", "A room.")
     steps = (Step(format_turn("it is here", "take coin"), "take coin", "Taken."),)
     return Trajectory(task, steps, 1.0)
 

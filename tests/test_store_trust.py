@@ -1,6 +1,7 @@
 """`ipr sql` reaches nothing but the store, and a store that is not one (a text file, an
 older schema) is refused in one line before anything is written."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,10 @@ import duckdb
 import pytest
 
 from flows.cli import main
-from ipr_core.store.store import SCHEMA, Store
+from ipr_core.config import RunConfig
+from ipr_core.run import loop
+from ipr_core.run.context import RunContext
+from ipr_core.store.store import ENV_ID_COLUMNS, SCHEMA, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,3 +172,78 @@ def test_a_store_lacking_a_column_it_cannot_migrate_is_refused_unchanged(tmp_pat
             "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'action_hint'"
         ).fetchone()[0]
     assert tables == {"expert_trajectories", "rollouts"} and hint == 0
+
+
+SHORT_ID = "twx/twc?locations=1"
+FULL_ID = "twx/twc?locations=1&items=2&doors=0&inventory_limit=0"
+
+
+def _store_of_short_ids(path: Path) -> RunConfig:
+    """A store as ipr wrote it while ids left parameters at their default out: rows,
+    configs and the ingest stage's completion record, fingerprinted with the short id."""
+    config = RunConfig(run_id="r", env=SHORT_ID)
+    expert = {
+        "env_id": FULL_ID,
+        "task_id": "train-0",
+        "split": config.train_split,
+        "source": "gold",
+        "instruction": "Put the apple away.",
+        "initial_observation": "",
+        "steps": "[]",
+        "n_steps": 2,
+        "outcome_reward": 1.0,
+    }
+    settings = {"env": SHORT_ID, "train_split": config.train_split, "train_limit": 8}
+    Store(path).write(
+        {
+            "runs": [{"run_id": "r", "config": config.model_dump_json()}],
+            "experiments": [
+                {"experiment_id": "e", "config": json.dumps({"run": {"env": SHORT_ID}})},
+                {"experiment_id": "sql", "config": '{"run": {"env": "intercode-sql"}}'},
+            ],
+            "expert_trajectories": [expert],
+            "stage_runs": [
+                {
+                    "run_id": "r",
+                    "iteration": 0,
+                    "stage": "ingest",
+                    "fingerprint": loop.digest("ingest", settings),
+                    "result": '{"experts": 1, "steps": 2}',
+                    "row_counts": "[1]",
+                }
+            ],
+        }
+    )
+    with duckdb.connect(str(path)) as con:
+        con.execute("UPDATE expert_trajectories SET env_id = ?", [SHORT_ID])
+        con.execute("UPDATE runs SET config = replace(config, ?, ?)", [FULL_ID, SHORT_ID])
+        con.execute("DROP TABLE env_id_renames")
+        con.execute("DROP TABLE store_migrations")
+    return config
+
+
+def test_a_store_of_short_env_ids_is_migrated_once_and_its_finished_stages_stay_done(tmp_path):
+    path = tmp_path / "old.duckdb"
+    config = _store_of_short_ids(path)
+    store = Store(path)
+    assert store.query("SELECT DISTINCT env_id FROM expert_trajectories")["env_id"].tolist() == [
+        FULL_ID
+    ]
+    [run_config] = store.query("SELECT config FROM runs")["config"]
+    assert RunConfig.model_validate_json(run_config).env == FULL_ID
+    experiments = store.query("SELECT experiment_id, config FROM experiments ORDER BY 1")
+    [short, bare] = experiments["config"]
+    assert json.loads(short)["run"]["env"] == FULL_ID
+    assert bare == '{"run": {"env": "intercode-sql"}}'  # an id already full is left alone
+    renames = store.query("SELECT old_id, env_id FROM env_id_renames")
+    assert renames.to_dict("records") == [{"old_id": SHORT_ID, "env_id": FULL_ID}]
+    # The ingest stage finished before the migration is still done on resume.
+    here = Path("unused")
+    assert config.env == FULL_ID
+    assert loop.is_done(loop.INGEST, RunContext(config, store), loop.Iteration(0, here, here))
+    # Once: an id written in the short spelling after the migration stays as written.
+    with duckdb.connect(str(path)) as con:
+        con.execute("UPDATE expert_trajectories SET env_id = ?", [SHORT_ID])
+    assert Store(path).count("expert_trajectories", "env_id = ?", [SHORT_ID]) == 1
+    assert Store(path).count("store_migrations") == 1
+    assert set(ENV_ID_COLUMNS) <= set(SCHEMA)

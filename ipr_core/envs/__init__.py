@@ -7,11 +7,11 @@ env, with these settings", `?`, `&` and `=` occur in no family or variant name, 
 are small integers, so nothing needs escaping (a shell needs the id quoted). Each parameter
 has a short name mapped to the engine's own (`items` is TWX's `numItemsToPutAway`), a
 default and an inclusive range. `parse_env_id` is the one place ids are read: its `EnvSpec`
-prints the canonical id, with parameters in declared order and those at their default left
-out, so `twx/twc?items=2&locations=2` is `twx/twc` and every spelling of one setting is one
-store key. Leaving defaults out keeps the ids (and stored rows) of the settings used before
-parameters existed; it also means a default is part of what a shorter id names, so changing a
-default changes that env as much as changing its adapter would.
+prints the canonical id: every parameter, defaults included, in declared order, so
+`twx/twc?items=2&locations=1` and `twx/twc?locations=1` are both
+`twx/twc?locations=1&items=2&doors=0&inventory_limit=0`, every spelling of one setting is one
+store key, and a stored id names its game even after a default changes. Stores written when
+ids left defaults out are rewritten on opening (`ipr_core.store`).
 
 Parameters so far: TWX's cookingworld, coin, twc and simonsays (the engine's settings),
 ScienceWorld's simplifications as 0/1 flags. ALFWorld has none: its generated games are
@@ -103,11 +103,15 @@ class EnvSpec:
 
     @property
     def env_id(self) -> str:
-        """The canonical id: declared order, parameters at their default left out."""
-        info = variant_info(self.base_id)
-        defaults = {p.name: p.default for p in info.params}
-        query = "&".join(f"{k}={v}" for k, v in self.values if v != defaults[k])
+        """The canonical id: every parameter, defaults included, in declared order."""
+        query = "&".join(f"{k}={v}" for k, v in self.values)
         return f"{self.base_id}?{query}" if query else self.base_id
+
+    @property
+    def at_defaults(self) -> bool:
+        """Whether every parameter has its default value."""
+        defaults = {p.name: p.default for p in variant_info(self.base_id).params}
+        return all(value == defaults[name] for name, value in self.values)
 
     @property
     def params(self) -> dict[str, int]:

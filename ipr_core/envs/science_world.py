@@ -189,7 +189,7 @@ def _group(task: str, simplifications: str) -> _JvmGroup:
 
 def simplification_str(env: EnvSpec) -> str:
     """The engine's `simplificationStr` for an env id's parameters ("easy" at the defaults)."""
-    if env.env_id == env.base_id:
+    if env.at_defaults:
         return DEFAULT_SIMPLIFICATIONS
     return ",".join(name for name, on in env.engine_params().items() if on)
 

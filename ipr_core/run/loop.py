@@ -358,10 +358,13 @@ def digest(*parts: Any) -> str:
 
 
 def config_fields(ctx: RunContext, *fields: str) -> dict[str, Any]:
-    """The named config fields, JSON-ready; `cache_dir` made absolute (it names the data)."""
+    """The named config fields, JSON-ready; `cache_dir` made absolute (it names the data),
+    `env` spelt as the store first held it (`Store.fingerprint_env_id`)."""
     data = ctx.config.model_dump(mode="json", include=set(fields))
     if "cache_dir" in data:
         data["cache_dir"] = str(Path(data["cache_dir"]).resolve())
+    if "env" in data:
+        data["env"] = ctx.store.fingerprint_env_id(data["env"])
     return data
 
 

@@ -7,7 +7,11 @@ alternating (assistant actions and observations). Pair format:
 A file is validated whole before anything is returned, so a bad file writes nothing. Every
 field the formats define is type-checked (an `id` is a string or an integer, a `reward` a
 number in [0, 1] and not a boolean, a turn's `value` a string); fields they do not define
-(ETO's `loss`, say) are ignored.
+(ETO's `loss`, say) are ignored. A pair must also mean something: its `env_id` is a known
+env with valid parameters (stored in its canonical spelling), its chosen and rejected
+sides differ, and the chosen side is not worse than the rejected one by the rewards the
+record gives (`chosen_reward`, `chosen_outcome` against the rejected side's) unless the
+record says `"chosen_may_be_worse": true`.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from ipr_core.agent.prompts import (
     step_messages,
 )
 from ipr_core.agent.react import parse_react
+from ipr_core.envs import canonical_env_id
 from ipr_core.envs.base import EnvTask
-from ipr_core.errors import InputError, kind_of, read_text
+from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.store.store import Row, pair_row
 from ipr_core.types import Message, Pair, Step, Trajectory
 
@@ -132,6 +137,9 @@ PAIR_LEVELS = ("trajectory", "step")
 PAIR_ACTORS = ("expert", "agent")
 PAIR_MODES = ("suffix", "action", "trajectory")
 PAIR_REWARDS = ("chosen_reward", "rejected_reward", "chosen_outcome", "rejected_outcome")
+PAIR_WAIVER = "chosen_may_be_worse"
+"""A record's boolean that lets its chosen side have a lower reward or outcome than its
+rejected side (a deliberate counter-example); without it such a pair is refused."""
 PAIR_DEFAULTS = {
     "chosen_reward": 1.0,
     "rejected_reward": 0.0,
@@ -191,6 +199,11 @@ def _pair_fields(
                 )
             _check_text(source, label, name, value)
             fields[name] = value
+    if fields["env_id"] is not None:
+        try:
+            fields["env_id"] = canonical_env_id(fields["env_id"])
+        except UnknownEnvError as exc:
+            raise InputError(source, str(exc), record=label, field="env_id") from exc
     if "prefix_len" in record:
         value = record["prefix_len"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -208,14 +221,42 @@ def _pair_fields(
                 raise InputError(
                     source, f"expected a number, got {kind_of(value)}", record=label, field=name
                 )
-            if value != value or value in (float("inf"), float("-inf")):
+            if not 0.0 <= value <= 1.0:  # NaN and the infinities too
                 raise InputError(
-                    source, f"expected a finite number, got {value}", record=label, field=name
+                    source,
+                    f"expected a number in [0, 1], got {_shown(value)}",
+                    record=label,
+                    field=name,
                 )
             fields[name] = float(value)
+    _check_pair_order(source, label, record, pair, fields)
     if fields["mode"] is None:
         fields["mode"] = "trajectory" if fields["level"] == "trajectory" else "suffix"
     return fields
+
+
+def _check_pair_order(
+    source: str, label: str, record: dict[str, Any], pair: dict[str, Any], fields: dict[str, Any]
+) -> None:
+    """A pair trains its model towards `chosen`: identical sides teach nothing (and hide a
+    broken export), a chosen side worse than the rejected one teaches the wrong way."""
+    if pair["chosen"] == pair["rejected"]:
+        raise InputError(
+            source, "the same turns as 'chosen' (a pair's sides must differ)", label, "rejected"
+        )
+    waiver = record.get(PAIR_WAIVER, False)
+    if not isinstance(waiver, bool):
+        raise InputError(source, f"expected a boolean, got {kind_of(waiver)}", label, PAIR_WAIVER)
+    for measure in ("reward", "outcome"):
+        chosen, rejected = fields[f"chosen_{measure}"], fields[f"rejected_{measure}"]
+        if chosen < rejected and not waiver:
+            raise InputError(
+                source,
+                f"{chosen} is below rejected_{measure} {rejected}: the chosen side is the "
+                f'worse one (set "{PAIR_WAIVER}": true if that is meant)',
+                record=label,
+                field=f"chosen_{measure}",
+            )
 
 
 def export_sft(trajectories: Sequence[Trajectory], action_hint: str) -> list[dict[str, Any]]:

@@ -23,8 +23,9 @@ import duckdb
 import pandas as pd
 
 from ipr_core.engine.rollout import RolloutResult, RolloutSpec
+from ipr_core.envs import canonical_env_id
 from ipr_core.envs.base import EnvTask
-from ipr_core.errors import InputError, IprError
+from ipr_core.errors import InputError, IprError, UnknownEnvError
 from ipr_core.method.explore import Exploration
 from ipr_core.method.step_rewards import StepReward
 from ipr_core.training.checkpoints import TrainResult, checkpoint_row
@@ -179,6 +180,13 @@ SCHEMA: dict[str, str] = {
         manifest VARCHAR NOT NULL,
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (run_id, manifest_id)""",
+    "store_migrations": """
+        name VARCHAR PRIMARY KEY,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
+    "env_id_renames": """
+        old_id VARCHAR PRIMARY KEY,
+        env_id VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp""",
 }
 """`stage_runs` is the completion record of the loop's stages (see `ipr_core.run.loop`): written
 in the transaction that writes the stage's rows, with the fingerprint of what it read."""
@@ -187,7 +195,9 @@ in the transaction that writes the stage's rows, with the fingerprint of what it
 records the copy's own cost and names the donor. `estimates` holds the last `ipr
 estimate` of each run id, which the next estimate compares with the measured costs.
 `run_manifests`: what shaped a run's numbers besides its config (`ipr_core.run.manifest`),
-one row per distinct manifest the run was started or resumed with."""
+one row per distinct manifest the run was started or resumed with. `store_migrations`
+names each data migration done to the store (done once); `env_id_renames` maps an env id's
+spelling before the full-id migration to its full id (`migrate_to_full_env_ids`)."""
 
 PAIR_KEY = "run_id, iteration, level, task_id, prefix_len"
 ROLLOUT_KEY = "run_id, iteration, kind, policy_id, task_id, prefix_len, actor, sample_idx"
@@ -299,6 +309,9 @@ class Store:
     ) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.path.exists():
             raise IprError(f"store {self.path} does not exist")
+        if read_only and not self._migrated:
+            with self.transaction():  # a store is brought up to date when it is opened
+                pass
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
@@ -355,7 +368,7 @@ class Store:
                 for (task_id,) in con.execute(
                     "SELECT task_id FROM expert_trajectories WHERE env_id = ? "
                     "AND list_contains(?, task_id) ORDER BY task_id",
-                    [rows[0]["env_id"], [row["task_id"] for row in rows]],
+                    [stored_env_id(rows[0]["env_id"]), [row["task_id"] for row in rows]],
                 ).fetchall()
             ]
             if existing and not replace:
@@ -381,6 +394,18 @@ class Store:
         if not self.table_exists(table):
             return 0
         return int(self.query(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)["n"][0])
+
+    def fingerprint_env_id(self, env_id: str) -> str:
+        """The spelling of `env_id` that stage fingerprints hash: the one this store first
+        held it under (its spelling before `migrate_to_full_env_ids`, where it has one), so
+        stages finished before the migration stay done. A default that changes later
+        changes the full id, which then has no old spelling: no stage is taken for done."""
+        if not self.path.exists():
+            return env_id
+        found = self.query(
+            "SELECT min(old_id) AS old_id FROM env_id_renames WHERE env_id = ?", [env_id]
+        )["old_id"].iloc[0]
+        return found if isinstance(found, str) else env_id
 
     # -- stage completion records ------------------------------------------------------
     def stage_record(self, run_id: str, iteration: int, stage: str) -> StageRecord | None:
@@ -582,7 +607,7 @@ class Store:
         if not self.table_exists("expert_trajectories"):
             return []
         sql = "SELECT * FROM expert_trajectories WHERE env_id = ?"
-        params: list[Any] = [env_id]
+        params: list[Any] = [stored_env_id(env_id)]
         if split is not None:
             sql += " AND split = ?"
             params.append(split)
@@ -768,6 +793,74 @@ def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
     for view, select in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
+    migrate_to_full_env_ids(con)
+
+
+FULL_ENV_IDS = "full-env-ids"
+ENV_ID_COLUMNS = ("expert_trajectories", "rollouts", "step_rewards", "pairs")
+"""Tables with an `env_id` column."""
+ENV_ID_IN_CONFIGS = {"runs": ("env",), "estimates": ("env",), "experiments": ("run", "env")}
+"""Tables whose JSON `config` holds an env id, and its keys there."""
+
+
+def migrate_to_full_env_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Rewrite the env ids of a store written when ids left parameters at their default
+    out (`twx/twc?locations=1`) to the full canonical id, in every table that holds one,
+    in one transaction, once. Each old spelling is kept in `env_id_renames`: stage
+    fingerprints hash it (`Store.fingerprint_env_id`), so finished stages stay done. An id
+    the registry does not know is left as it is."""
+    done = "SELECT count(*) FROM store_migrations WHERE name = ?"
+    if con.execute(done, [FULL_ENV_IDS]).fetchone()[0]:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        configs = {
+            table: con.execute(f"SELECT rowid, config FROM {table}").fetchall()
+            for table in ENV_ID_IN_CONFIGS
+        }
+        stored = {
+            old
+            for table in ENV_ID_COLUMNS
+            for (old,) in con.execute(f"SELECT DISTINCT env_id FROM {table}").fetchall()
+        }
+        for table, keys in ENV_ID_IN_CONFIGS.items():
+            stored |= {_dig(json.loads(config), keys) for _, config in configs[table]}
+        found = {old for old in stored if isinstance(old, str)}
+        renames = {old: new for old in found if (new := stored_env_id(old)) != old}
+        for old, new in sorted(renames.items()):
+            for table in ENV_ID_COLUMNS:
+                con.execute(f"UPDATE {table} SET env_id = ? WHERE env_id = ?", [new, old])
+            con.execute("INSERT INTO env_id_renames (old_id, env_id) VALUES (?, ?)", [old, new])
+        for table, keys in ENV_ID_IN_CONFIGS.items():
+            for rowid, config in configs[table]:
+                data = json.loads(config)
+                if _dig(data, keys) in renames:
+                    _dig(data, keys[:-1])[keys[-1]] = renames[_dig(data, keys)]
+                    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+                    con.execute(f"UPDATE {table} SET config = ? WHERE rowid = ?", [text, rowid])
+        con.execute("INSERT INTO store_migrations (name) VALUES (?)", [FULL_ENV_IDS])
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+@functools.lru_cache(maxsize=256)
+def stored_env_id(env_id: str) -> str:
+    """The one spelling of an env id in the store (`canonical_env_id`), which every row
+    written (`upsert`) and every query by env id goes through; an id the registry does not
+    know is kept as it is."""
+    try:
+        return canonical_env_id(env_id)
+    except UnknownEnvError:
+        return env_id
+
+
+def _dig(data: Any, keys: Sequence[str]) -> Any:
+    """`data[k1][k2]...`, or None where a key is missing."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
@@ -823,9 +916,12 @@ def _record(row: Any) -> StageRecord:
 
 
 def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> int:
+    """Insert or replace `rows`; every env id in them is written in its stored spelling."""
     if not rows:
         return 0
     frame = pd.DataFrame(list(rows))
+    if "env_id" in frame:
+        frame["env_id"] = frame["env_id"].map(stored_env_id)
     columns = ", ".join(frame.columns)
     con.register("_batch", frame)  # on failure the transaction and connection are dropped
     con.execute(f"INSERT OR REPLACE INTO {table} ({columns}) SELECT {columns} FROM _batch")

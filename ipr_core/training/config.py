@@ -7,11 +7,14 @@ the paper's batch of 48 is reached with `grad_accum`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ipr_core.errors import IprError
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A random seed: what every generator it seeds accepts (NumPy's is 32 bits, unsigned)."""
 
 
 class _Strict(BaseModel):
@@ -48,7 +51,7 @@ class SFTSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (worth it for long conversations on big models)."""
-    seed: int = 0
+    seed: Seed = 0
 
 
 class MixtureWeights(_Strict):
@@ -82,7 +85,7 @@ class MixtureSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (worth it for long conversations on big models)."""
-    seed: int = 0
+    seed: Seed = 0
 
 
 Device = Literal["auto", "cpu", "cuda"]

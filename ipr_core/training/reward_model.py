@@ -44,7 +44,7 @@ from ipr_core.training.checkpoints import (
     model_id,
     train_once,
 )
-from ipr_core.training.config import IN_PROCESS, LoraSettings, _Strict
+from ipr_core.training.config import IN_PROCESS, LoraSettings, Seed, _Strict
 from ipr_core.training.data import HEAD_MESSAGES, render
 from ipr_core.training.precision import detect_precision
 from ipr_core.training.runtime import (
@@ -72,7 +72,7 @@ class RewardModelSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     heldout_fraction: float = Field(0.2, ge=0, lt=1)
     """Share of tasks (not rows) kept out of training to measure the error."""
-    seed: int = 0
+    seed: Seed = 0
 
 
 @dataclass(frozen=True)
