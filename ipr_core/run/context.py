@@ -23,7 +23,7 @@ from ipr_core.engine.models import resolve_model
 from ipr_core.engine.progress import ProgressBar, ProgressFn
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
-from ipr_core.errors import InputError, IprError
+from ipr_core.errors import InputError, IprError, SplitTooSmall
 from ipr_core.method.step_rewards import (
     StepQuery,
     StepReward,
@@ -234,6 +234,17 @@ class RunContext:
             finally:
                 env.close()
         return self._task_ids[split]
+
+    def first_tasks(self, split: str, limit: int, setting: str) -> tuple[str, ...]:
+        """The first `limit` distinct games of a split; more than it has is an error naming
+        `setting` (the config field asking), never a silent repeat or a shorter list."""
+        task_ids = self.task_ids(split)
+        if limit > len(task_ids):
+            raise SplitTooSmall(
+                f"{self.config.env}: split {split!r} has {len(task_ids)} distinct games; "
+                f"{setting} asks for {limit}"
+            )
+        return task_ids[:limit]
 
     def base_path(self) -> Path:
         return resolve_model(self.config.model, self.config.cache_dir)
