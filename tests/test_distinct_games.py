@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import main as cli_main
 from flows.commands import main
 from ipr_core.envs import Env, make_env
 from ipr_core.envs.textworld_express import game_key
@@ -71,7 +72,7 @@ def test_asking_for_more_games_than_a_split_has_is_a_named_error(tmp_path: Path,
     settings = {"experiment_id": "x", "methods": ["sft"], "seeds": [0], "test_limit": 474}
     settings["run"] = {"env": ENV_ID, "model": "tiny-llama", "store": str(store)}
     config.write_text(json.dumps(settings))  # JSON is YAML
-    assert main(["experiment", "--config", str(config)]) == 2
+    assert cli_main(["experiment", "--config", str(config), "--no-prefect"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"error: {ENV_ID}&doors=0&inventory_limit=0: split 'test' has 473 distinct games; "

@@ -40,7 +40,7 @@ from ipr_core.config import (
 )
 from ipr_core.errors import InputError, IprError
 from ipr_core.run import loop
-from ipr_core.run.context import Log, RunContext
+from ipr_core.run.context import Engines, Log, RunContext
 from ipr_core.run.loop import (
     Iterate,
     Iteration,
@@ -187,9 +187,9 @@ def run_experiment(
     `allow_manifest_change`: resume runs whose manifest changed results
     (`ipr_core.run.manifest`). `run` executes a stage and `run_one` a run (the Prefect
     flow passes its tasks and subflows; by default plain calls)."""
-    store = Store(config.run.store)
     test = config.test()
-    check_split_sizes(RunContext(config.run, store, log), *([] if test is None else [test]))
+    check_split_sizes(Engines(config.run), *([] if test is None else [test]))
+    store = Store(config.run.store)
     register(store, config)
     started = time.perf_counter()
     scorer = train_scorer(config, store, log, run)

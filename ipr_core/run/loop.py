@@ -37,7 +37,7 @@ from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import Exploration, explore
 from ipr_core.method.mining import mine_pairs
 from ipr_core.run import pipeline
-from ipr_core.run.context import MissingConfig, RunContext, ScoringJob
+from ipr_core.run.context import Engines, MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
 from ipr_core.run.fingerprints import FINGERPRINT_CHARS, ROLLOUT_FIELDS, SCORING_FIELDS
 from ipr_core.run.manifest import check_resume, run_manifest
@@ -352,7 +352,7 @@ def prepare_run(ctx: RunContext, more_splits: Sequence[Split] = ()) -> Path:
     """Record the run, its manifest (over the train, dev and `more_splits` splits) and its
     base model (built once into the cache); the base model. A split with fewer distinct
     games than asked, or a resumed run whose manifest changes results, is refused first."""
-    check_split_sizes(ctx, *more_splits)
+    check_split_sizes(ctx.engines, *more_splits)
     base = ctx.base_path()
     checkpoint = base_checkpoint(base)
     splits = (ctx.config.train_split, ctx.config.dev_split, *(s.name for s in more_splits))
@@ -371,7 +371,7 @@ def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Ro
     """The run's manifest row (`ipr_core.run.manifest`), computed once where the run starts and
     checked against the manifest the run was started with (`check_resume`)."""
     config = ctx.config
-    split_ids = {split: ctx.task_ids(split) for split in splits}
+    split_ids = {split: ctx.engines.task_ids(split) for split in splits}
     now = run_manifest(config.env, config.backend, base_id, split_ids, ctx.prompt)
     stored = ctx.store.run_manifests(ctx.run_id)
     if stored:
@@ -383,17 +383,18 @@ def eval_split(ctx: RunContext, it: Iteration) -> Split:
     return it.split or Split(ctx.config.dev_split, ctx.config.dev_limit)
 
 
-def check_split_sizes(ctx: RunContext, *splits: Split) -> None:
-    """Fail before a run writes anything when the dev split (or one of `splits`) has fewer
-    distinct games than the config asks for."""
-    for split in (Split(ctx.config.dev_split, ctx.config.dev_limit), *splits):
-        split_tasks(ctx, split)
+def check_split_sizes(engines: Engines, *splits: Split) -> None:
+    """Fail before a run writes anything (its store included) when the dev split (or one
+    of `splits`) has fewer distinct games than the config asks for."""
+    config = engines.config
+    for split in (Split(config.dev_split, config.dev_limit), *splits):
+        split_tasks(engines, split)
 
 
-def split_tasks(ctx: RunContext, split: Split) -> tuple[str, ...]:
+def split_tasks(engines: Engines, split: Split) -> tuple[str, ...]:
     """The distinct games an evaluation of `split` plays (too few is an error)."""
-    setting = "dev_limit" if split.name == ctx.config.dev_split else "test_limit"
-    return ctx.first_tasks(split.name, split.limit, setting)
+    setting = "dev_limit" if split.name == engines.config.dev_split else "test_limit"
+    return engines.first_tasks(split.name, split.limit, setting)
 
 
 # -- fingerprints: what each stage reads, hashed -------------------------------------------
@@ -503,7 +504,7 @@ SFT: Stage[Trained] = Stage(
 # -- evaluation ----------------------------------------------------------------------------
 def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
     split = eval_split(ctx, it)
-    task_ids = split_tasks(ctx, split)
+    task_ids = split_tasks(ctx.engines, split)
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"evaluate[{it.number}]")
         result, rollouts = evaluate(engine, split.name, task_ids, ctx.config.seed)
@@ -522,7 +523,7 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
 
 def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) -> list[Scope]:
     split = eval_split(ctx, it)
-    task_ids = split_tasks(ctx, split)
+    task_ids = split_tasks(ctx.engines, split)
     return scopes.evaluation(at, r.policy_id, split.name, task_ids)
 
 
