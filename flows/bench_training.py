@@ -44,9 +44,9 @@ from ipr_core.training.runtime import (
     load_model,
     lora_config,
     peak_rss_mb,
-    project_only_scored_positions,
 )
 from ipr_core.training.sft import train_sft
+from ipr_core.training.trl_adapter import project_only_scored_positions
 from ipr_core.types import Pair, Trajectory
 
 Mode = Literal["lora", "full"]

@@ -60,6 +60,28 @@ def test_pipeline_fills_every_table(smoke_run):
     assert tokens["p"][0] > 0 and tokens["g"][0] > 0
 
 
+def test_each_training_step_is_in_the_store_with_its_terms_and_diagnostics(smoke_run):
+    """Committed with the training stages: SFT steps' loss, and each mixture step's loss,
+    SFT term and, per DPO level, loss, margin, log-ratios and accuracy."""
+    _, store, _ = smoke_run
+    steps = store.query(
+        "SELECT s.*, c.path FROM training_steps s JOIN checkpoints c USING (checkpoint_id) "
+        "WHERE s.run_id = 'smoke' ORDER BY s.iteration, s.step"
+    )
+    sft, mixture = steps[steps.kind == "sft"], steps[steps.kind == "mixture"]
+    assert list(sft.iteration.unique()) == [0] and list(mixture.iteration.unique()) == [1]
+    assert list(mixture.step) == list(range(1, len(mixture) + 1))
+    assert sft[["loss", "sft_loss", "grad_norm", "learning_rate"]].notna().all().all()
+    assert mixture[["loss", "sft_loss", "grad_norm"]].notna().all().all()
+    for level in ("o_dpo", "s_dpo"):  # the smoke run mines pairs of both levels
+        columns = [f"{level}_{m}" for m in ("loss", "margin", "chosen_logratio",
+                                             "rejected_logratio", "accuracy")]  # fmt: skip
+        with_pairs = mixture[mixture[f"{level}_pairs"] > 0]
+        assert not with_pairs.empty and with_pairs[columns].notna().all().all()
+    for path in steps.path.unique():
+        assert list((Path(path).parent / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_terminal_expert_step_reward_is_the_outcome(smoke_run):
     _, store, _ = smoke_run
     last = store.query(

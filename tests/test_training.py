@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.trainer import utils as trl_utils
 from trl.trainer.utils import add_fused_lm_head
 
 from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
@@ -36,15 +36,17 @@ from ipr_core.training.mixture import (
     PairLogps,
     mixture_config,
     mixture_loss,
+    shared_prompt_logps,
     train_mixture,
+    two_row_logps,
 )
 from ipr_core.training.precision import CPU_FLOAT32
 from ipr_core.training.runtime import (
     load_model,
     load_training_model,
-    project_only_scored_positions,
 )
 from ipr_core.training.sft import train_sft
+from ipr_core.training.trl_adapter import project_only_scored_positions
 from ipr_core.types import Pair, Step, Trajectory
 
 PROMPT = PromptFormat("Actions: go <direction>, take <item>, stop.")
@@ -121,61 +123,25 @@ def test_mixture_loss_matches_hand_computation() -> None:
     # Δ_traj = (−10+11) − (−12+11) = 2; Δ_step = (−5+5.5) − (−4+4.2) = 0.3; −log σ(x) = softplus(−x)
     o_dpo, s_dpo = _softplus(-beta * 2.0), _softplus(-beta * 0.3)
     expected = (0.7 * o_dpo + 1.3 * s_dpo) / 2 + 0.4 * 2.5
-    loss, metrics = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nll, beta, weights)
+    loss = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nll, beta, weights)
     assert loss.item() == pytest.approx(expected, abs=1e-5)
-    assert metrics["loss/o_dpo"] == pytest.approx(o_dpo, abs=1e-5)
-    assert metrics["loss/s_dpo"] == pytest.approx(s_dpo, abs=1e-5)
 
     # A zero weight removes its term, even when that term is not finite.
     nan_step = torch.tensor([-11.0, float("nan")])
     no_step = MixtureWeights(trajectory_dpo=0.7, step_dpo=0.0, sft=0.4)
-    loss, _ = mixture_loss(PairLogps(pc, pr, nan_step, rr), is_step, nll, beta, no_step)
+    loss = mixture_loss(PairLogps(pc, pr, nan_step, rr), is_step, nll, beta, no_step)
     assert loss.item() == pytest.approx(0.7 * o_dpo / 2 + 0.4 * 2.5, abs=1e-5)
     no_sft = MixtureWeights(trajectory_dpo=0.7, step_dpo=1.3, sft=0.0)
     nan_nll = torch.tensor(float("nan"))
-    loss, _ = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
+    loss = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
     assert loss.item() == pytest.approx((0.7 * o_dpo + 1.3 * s_dpo) / 2, abs=1e-5)
 
 
 # -- (b) the trainer's loss on a real batch --------------------------------------------------
-@pytest.fixture
-def compact_lm_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The trainers' LM head set-up, undone after the test."""
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
-    project_only_scored_positions()
-
-
-def test_the_fused_lm_head_projects_only_the_scored_positions(
-    tiny_model_path: Path, compact_lm_head: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    projected = []
-    kernel = trl_utils._ChunkedLogProbFunction
-
-    class Spy:
-        @staticmethod
-        def apply(hidden, *args):
-            projected.append(hidden.shape[0])
-            return kernel.apply(hidden, *args)
-
-    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-    add_fused_lm_head(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    labels = ids.clone()
-    labels[0, :8] = labels[1, :5] = -100  # prompts: 7 and 4 of the 11 shifted targets masked
-    with torch.no_grad():
-        fused = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
-        logits = model(input_ids=ids).logits[:, :-1]
-    scored = labels[:, 1:] != -100
-    assert projected == [int(scored.sum())] == [11]
-    expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(fused[scored], expected[scored], atol=1e-5, rtol=1e-5)
-    assert (fused[~scored] == 0).all()
-
-
 def test_trainer_loss_equals_mixture_loss_of_plain_forward(
-    tiny_model_path: Path, tmp_path: Path, compact_lm_head: None
+    tiny_model_path: Path, tmp_path: Path
 ) -> None:
+    project_only_scored_positions()  # as the trainers set their LM head up
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)
     assert [r["is_step_level"] for r in rows] == [False, True]
@@ -198,8 +164,32 @@ def test_trainer_loss_equals_mixture_loss_of_plain_forward(
     torch.testing.assert_close(batch["ref_rejected_logps"], rejected, atol=0, rtol=1e-6)
     nll = -chosen.sum() / counts.sum()
     logps = PairLogps(chosen, rejected, chosen, rejected)
-    expected, _ = mixture_loss(logps, torch.tensor([False, True]), nll, 0.3, settings.weights)
+    expected = mixture_loss(logps, torch.tensor([False, True]), nll, 0.3, settings.weights)
     assert trainer_loss == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_a_shared_prompt_gives_the_two_row_log_probs(tiny_model_path: Path) -> None:
+    """Each pair's prompt run once for both sides: the sides' log-probs and the chosen
+    token count are those of a row per side, for a micro-batch of pairs whose prompts and
+    sides differ in length (so its rows are padded)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows, _ = build_pair_examples(_pairs(1), tokenizer, max_length=1024)
+    assert len({len(r["prompt_ids"]) for r in rows}) == 2
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    model = load_training_model(tiny_model_path)
+    add_fused_lm_head(model)
+    project_only_scored_positions()
+    results, gradients = [], []
+    for logps in (shared_prompt_logps, two_row_logps):
+        model.zero_grad()
+        chosen, rejected, tokens = logps(model, batch)
+        (rejected.sum() - chosen.sum()).backward()  # through the prompt's keys and values too
+        results.append((chosen, rejected, tokens))
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    for got, expected in zip(*gradients, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 # -- (c) SFT ---------------------------------------------------------------------------------
@@ -275,6 +265,53 @@ def test_mixture_raises_the_chosen_rejected_margin(tiny_model_path: Path, tmp_pa
     quick = MixtureConfig(epochs=1, batch_size=2, max_length=1024)
     second = train_mixture(tiny_model_path, pairs, quick, tmp_path, parent_path=result.path)
     assert second.parent_id == result.checkpoint_id != second.checkpoint_id
+
+
+MAIN_LOSSES = {"steps": 4, "first": 21.835464477539062, "last": 15.430133819580078,
+               "mean": 18.026995182037354}  # fmt: skip
+"""The run below as main's trainer (before `trl_adapter`) trained it, float32 on CPU."""
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_mixture_trains_as_before_and_logs_each_step_per_term_and_level(
+    tiny_model_path: Path, tmp_path: Path, share_prompts: bool
+) -> None:
+    weights = MixtureWeights(trajectory_dpo=0.5, step_dpo=1.3, sft=2.0)
+    settings = MixtureConfig(
+        epochs=2, lr=1e-3, beta=0.3, batch_size=2, max_length=1024, weights=weights
+    )
+    fp32 = ComputeConfig(device="cpu", bf16=False, share_prompts=share_prompts)
+    result = train_mixture(tiny_model_path, _pairs(2), settings, tmp_path, compute=fp32)
+    metrics = result.metrics
+    assert metrics["steps"] == MAIN_LOSSES["steps"]
+    assert metrics["first_step_loss"] == pytest.approx(MAIN_LOSSES["first"], rel=1e-5)
+    assert metrics["last_step_loss"] == pytest.approx(MAIN_LOSSES["last"], rel=1e-5)
+    assert metrics["train_loss"] == pytest.approx(MAIN_LOSSES["mean"], rel=1e-5)
+
+    steps = result.training_steps()
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["loss"] > 0 and s["sft/loss"] > 0 for s in steps)
+    first = steps[0]  # before any update the policy is the reference: Δ = 0 on both levels
+    for level in ("o_dpo", "s_dpo"):
+        assert first[f"{level}/pairs"] == 1
+        assert first[f"{level}/loss"] == pytest.approx(math.log(2), abs=1e-6)
+        for name in ("margin", "chosen_logratio", "rejected_logratio", "accuracy"):
+            assert first[f"{level}/{name}"] == 0
+    # the first step's loss is its terms, weighted: (0.5 ln 2 + 1.3 ln 2) / 2 + 2 NLL
+    assert first["loss"] == pytest.approx(0.9 * math.log(2) + 2 * first["sft/loss"], rel=1e-5)
+    later = [s for s in steps[1:] if "s_dpo/margin" in s]
+    assert later and all(s["s_dpo/margin"] > 0 and s["s_dpo/accuracy"] == 1 for s in later)
+    for s in later:  # the margin is β times chosen minus rejected log-ratio
+        gap = s["s_dpo/chosen_logratio"] - s["s_dpo/rejected_logratio"]
+        assert s["s_dpo/margin"] == pytest.approx(0.3 * gap, rel=1e-4)
+
+    [events] = (result.path.parent / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    logged = accumulator.Scalars("train/s_dpo/margin")
+    assert [e.step for e in logged] == [s["step"] for s in steps if "s_dpo/margin" in s]
+    assert [e.value for e in accumulator.Scalars("train/sft/loss")] == pytest.approx(
+        [s["sft/loss"] for s in steps], rel=1e-6
+    )
 
 
 def test_eto_preset_trains_on_trajectory_pairs_only(tiny_model_path: Path, tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ from ipr_core.store.store import (
     manifest_row,
     pair_row,
     rollout_row,
+    training_step_rows,
 )
 from ipr_core.training.checkpoints import (
     COMPLETE_MARKER,
@@ -474,7 +475,8 @@ def _trained_output(ctx: RunContext, it: Iteration, result: TrainResult) -> Outp
     row = checkpoint_row(result, ctx.run_id, it.number)
     trained = Trained(str(result.path), result.checkpoint_id)
     figures = {} if result.skipped else training_figures(result.metrics)
-    return Output(trained, {"checkpoints": [row]}, figures)
+    steps = training_step_rows(result, ctx.run_id, it.number)
+    return Output(trained, {"checkpoints": [row], "training_steps": steps}, figures)
 
 
 def _checkpoint_scope(at: At, ctx: RunContext, it: Iteration, r: Trained) -> list[Scope]:

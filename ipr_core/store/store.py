@@ -212,6 +212,54 @@ one row per distinct manifest the run was started or resumed with. `store_migrat
 names each data migration done to the store (done once); `env_id_renames` maps an env id's
 spelling before the full-id migration to its full id (`migrate_to_full_env_ids`)."""
 
+# -- training steps: each optimizer step of a trained checkpoint ----------------------------
+TRAINING_STEP_METRICS = (
+    "epoch",
+    "learning_rate",
+    "grad_norm",
+    "loss",
+    "sft_loss",
+    *(
+        f"{level}_{name}"
+        for level in ("o_dpo", "s_dpo")
+        for name in ("pairs", "loss", "margin", "chosen_logratio", "rejected_logratio", "accuracy")
+    ),
+)
+"""The columns of a step's log (`TrainResult.training_steps`, keys with `/` as `_`): the
+loss and its SFT term, and per DPO level (o-DPO: trajectory pairs, s-DPO: step pairs) its
+pairs in the step and their mean unweighted DPO loss, implicit reward margin β·Δ, chosen
+and rejected log-ratios (log πθ - log πref) and accuracy (share with Δ > 0). NULL where a
+step had no pair of the level or the trainer has no such term (SFT: the loss is the SFT
+term)."""
+
+SCHEMA["training_steps"] = f"""
+        checkpoint_id VARCHAR NOT NULL,
+        step INTEGER NOT NULL,
+        run_id VARCHAR,
+        iteration INTEGER,
+        kind VARCHAR NOT NULL,
+        {", ".join(f"{metric} DOUBLE" for metric in TRAINING_STEP_METRICS)},
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (checkpoint_id, step)"""
+"""Keyed by checkpoint: a checkpoint's steps never change, so rewriting them (a stage
+rerun, a run reusing the checkpoint) leaves no stale row. Written with the checkpoint's
+row, in the transaction that records the training stage."""
+
+
+def training_step_rows(
+    result: TrainResult, run_id: str | None = None, iteration: int | None = None
+) -> list[dict[str, Any]]:
+    rows = []
+    for entry in result.training_steps():
+        logged = {key.replace("/", "_"): value for key, value in entry.items()}
+        if result.kind == "sft":
+            logged["sft_loss"] = logged["loss"]
+        row = {"checkpoint_id": result.checkpoint_id, "step": int(entry["step"])}
+        row |= {"run_id": run_id, "iteration": iteration, "kind": result.kind}
+        rows.append(row | {metric: logged.get(metric) for metric in TRAINING_STEP_METRICS})
+    return rows
+
+
 PAIR_KEY = "run_id, iteration, level, task_id, prefix_len"
 ROLLOUT_KEY = "run_id, iteration, kind, policy_id, task_id, prefix_len, actor, sample_idx"
 
@@ -489,8 +537,13 @@ class Store:
     def record_checkpoint(
         self, result: TrainResult, run_id: str | None = None, iteration: int | None = None
     ) -> None:
-        """Write the checkpoint's row (idempotent: the id is the primary key)."""
-        self.write({"checkpoints": [checkpoint_row(result, run_id, iteration)]})
+        """Write the checkpoint's row and its training steps (idempotent: keyed by its id)."""
+        self.write(
+            {
+                "checkpoints": [checkpoint_row(result, run_id, iteration)],
+                "training_steps": training_step_rows(result, run_id, iteration),
+            }
+        )
 
     # -- typed readers -----------------------------------------------------------------
     def rows_hash(self, table: str, columns: str, where: str, params: list[Any]) -> str:

@@ -28,6 +28,11 @@ MODEL_DIR = "model"
 """The full (merged) model and tokenizer: what the next stage and the backends load."""
 ADAPTER_DIR = "adapter"
 """The LoRA adapter alone, when LoRA was used."""
+STEPS_FILE = "training_steps.json"
+"""What the trainer logged at each optimizer step (`runtime.run_training`): the store's
+`training_steps` rows are read from it, also when a later run reuses the checkpoint."""
+TENSORBOARD_DIR = "tensorboard"
+"""The same step logs as TensorBoard event files (`tensorboard --logdir <checkpoint>`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,12 @@ class TrainResult:
                 f"and {m.get('n_dropped', 0)} were dropped to fit max_length"
             )
         return line
+
+    def training_steps(self) -> list[dict[str, float]]:
+        """The trainer's log of each optimizer step (empty for checkpoints trained before
+        the log was kept, and for the base model)."""
+        steps = self.path.parent / STEPS_FILE
+        return json.loads(steps.read_text()) if steps.exists() else []
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -122,6 +122,12 @@ class ComputeConfig(StrictConfig):
     project's CPU (`ipr bench training`)."""
     distributed: DistributedConfig | None = None
     """None: train in the calling process."""
+    share_prompts: bool = False
+    """Run a mixture pair's prompt once for both sides (its KV cache continues into chosen
+    and rejected) instead of once per side: (P + C + R) tokens per pair instead of
+    (2P + C + R), the same log-probs up to float rounding. Off by default: its speed on
+    this CPU is not settled (docs/benchmarks.md). Ignored under gradient checkpointing
+    and in launched processes."""
 
 
 IN_PROCESS = ComputeConfig()

@@ -233,7 +233,7 @@ def train_reward_model(
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
         )
-        output, figures = run_training(trainer)
+        output, figures = run_training(trainer, work)
         metrics: dict[str, float] = {}
         if heldout_rows:
             predictions = trainer.predict(Dataset.from_list(heldout_rows)).predictions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import sys
@@ -17,11 +18,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import TrainOutput
-from trl.trainer import utils as trl_utils
 
-from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR
+from ipr_core.training.checkpoints import ADAPTER_DIR, MODEL_DIR, STEPS_FILE, TENSORBOARD_DIR
 from ipr_core.training.config import LoraConfig, micro_batches
 from ipr_core.training.distributed import world_size
 from ipr_core.training.precision import Precision
@@ -62,24 +63,6 @@ def attend_causally_when_right_padded(
 
 def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
-
-
-def project_only_scored_positions() -> None:
-    """Make TRL's fused LM head project only the positions the loss scores, on every device.
-
-    TRL does so on Triton devices; elsewhere it projects every position, so that compilers
-    such as Neuron's see fixed shapes. On CPU that is all the work of the head (49k x 576
-    here) for tokens the loss masks out: 76% of an SFT conversation's tokens and 86% of a
-    pair's are prompt and observations. Measured in full SFT on 2 cores: 152 -> 215
-    tokens/s (docs/benchmarks.md). The choice is TRL's one name `_use_triton` in
-    `trl.trainer.utils` (its kernels read their own copy, so they still pick Triton only
-    where it runs); if a TRL release drops that name, nothing changes."""
-    if hasattr(trl_utils, "_use_triton"):
-        trl_utils._use_triton = _project_compact
-
-
-def _project_compact(device: torch.device) -> bool:
-    return True
 
 
 def trainer_arguments(settings: Any, work: Path, precision: Precision) -> dict[str, Any]:
@@ -171,9 +154,10 @@ class TokenCount:
         return batch
 
 
-def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
+def run_training(trainer: Trainer, work: Path) -> tuple[TrainOutput, dict[str, float]]:
     """Train with a step bar; also returns the wall seconds, the tokens trained and the
-    peak resident memory of training (MiB).
+    peak resident memory of training (MiB). Each optimizer step's log goes to
+    `work/STEPS_FILE` and, as TensorBoard events, to `work/TENSORBOARD_DIR`.
 
     Linux resets the peak (VmHWM) by writing 5 to /proc/self/clear_refs, so the figure
     is training's peak, not the process's; elsewhere it is the process's peak so far.
@@ -183,10 +167,13 @@ def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
         trainer.add_callback(StepBar())
     with suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+    trainer.add_callback(tensorboard_callback(work / TENSORBOARD_DIR))
     count = trainer.data_collator = TokenCount(trainer.data_collator)
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
+    if trainer.accelerator.is_main_process:
+        (work / STEPS_FILE).write_text(json.dumps(step_log(trainer), indent=1))
     figures = {
         "seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
@@ -196,6 +183,25 @@ def run_training(trainer: Trainer) -> tuple[TrainOutput, dict[str, float]]:
         "tokens_per_second": count.tokens / seconds,
     }
     return output, figures
+
+
+def tensorboard_callback(folder: Path) -> TensorBoardCallback:
+    """transformers' own TensorBoard logging, into `folder` (offline event files). Only the
+    main process of a launched run opens a writer (transformers' rule). `report_to` would
+    write under the Trainer's scratch folder, which saving removes."""
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(folder)
+    return callback
+
+
+def step_log(trainer: Trainer) -> list[dict[str, float]]:
+    """The Trainer's log line of each optimizer step (`logging_steps` is 1): the loss, its
+    terms and diagnostics as the trainer logged them, with the step number."""
+    return [
+        {key: value for key, value in entry.items() if isinstance(value, int | float)}
+        for entry in trainer.state.log_history
+        if "loss" in entry and "step" in entry
+    ]
 
 
 def peak_rss_mb() -> float:

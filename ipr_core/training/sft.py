@@ -27,12 +27,12 @@ from ipr_core.training.runtime import (
     load_tokenizer,
     load_training_model,
     lora_config,
-    project_only_scored_positions,
     run_training,
     save_trained,
     trainer_arguments,
     training_metrics,
 )
+from ipr_core.training.trl_adapter import project_only_scored_positions
 from ipr_core.types import Trajectory
 
 
@@ -84,7 +84,7 @@ def fit_sft(
         processing_class=tokenizer,
         peft_config=lora_config(settings.lora),
     )
-    output, figures = run_training(trainer)
+    output, figures = run_training(trainer, work)
     save_trained(trainer, tokenizer, work)
     return {
         **training_metrics(trainer, output, figures),
