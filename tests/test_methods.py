@@ -53,17 +53,17 @@ def test_ipr_without_s_dpo_has_ipr_s_sft_term_and_no_step_pair_term() -> None:
     chosen, rejected = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0])
     ref_chosen, ref_rejected = torch.tensor([-11.0, -5.5]), torch.tensor([-11.0, -4.2])
     is_step, nll = torch.tensor([False, True]), torch.tensor(2.5)
-    loss, _ = mixture_loss(
+    loss = mixture_loss(
         PairLogps(chosen, rejected, ref_chosen, ref_rejected), is_step, nll, 0.1, weights
     )
     # moving the step pair's rejected side changes IPR's loss, not this one's
     moved = torch.tensor([-12.0, -1.0])
-    same, _ = mixture_loss(PairLogps(chosen, moved, ref_chosen, ref_rejected), is_step, nll, 0.1,
-                           weights)  # fmt: skip
-    full, _ = mixture_loss(
+    same = mixture_loss(PairLogps(chosen, moved, ref_chosen, ref_rejected), is_step, nll, 0.1,
+                        weights)  # fmt: skip
+    full = mixture_loss(
         PairLogps(chosen, rejected, ref_chosen, ref_rejected), is_step, nll, 0.1, IPR.weights
     )
-    full_moved, _ = mixture_loss(
+    full_moved = mixture_loss(
         PairLogps(chosen, moved, ref_chosen, ref_rejected), is_step, nll, 0.1, IPR.weights
     )
     assert same.item() == pytest.approx(loss.item())
