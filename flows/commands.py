@@ -142,6 +142,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     rollouts = benches.add_parser("rollouts", help="MC step rewards: engine vs reference vs limit")
     rollouts.add_argument("--config", type=Path, default=Path("configs/bench.yaml"))
     rollouts.add_argument("--out", type=Path, required=True, help="JSON report")
+    rollouts.add_argument(
+        "--compare", metavar="ENGINE", help="also run ENGINE on the same prompts (ctranslate2)"
+    )
     rollouts.set_defaults(handler=cmd_bench_rollouts)
     training = benches.add_parser("training", help="SFT and mixture vs the bare-model limit")
     training.add_argument("--config", type=Path, default=Path("configs/bench-training.yaml"))
@@ -283,7 +286,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_bench_rollouts(args: argparse.Namespace) -> int:
     from flows.bench import format_table, load_bench_config, run_bench
 
-    report = run_bench(load_bench_config(args.config))
+    report = run_bench(load_bench_config(args.config), args.compare)
     return _write_bench_report(report, format_table(report), args.out)
 
 

@@ -288,3 +288,45 @@ def test_smollm2_from_the_wheel(tmp_path: Path):
     print(f"SmolLM2: dequantise+save {built:.1f}s, 16-token reply {generated:.1f}s")
     assert "Paris" in reply.text
     assert reply.finish_reason == "stop"
+
+
+def test_a_prompt_extending_another_of_its_call_prefills_only_its_tail(tiny_model_path: Path):
+    """One batched call with an episode's early and late prompts: the late one waits a wave
+    and reuses the early one's KV, so together they cost the late prompt's tokens once."""
+    backend = TransformersBackend(tiny_model_path, max_batch_size=8)
+    short, long_ = (
+        conversation("Cook the yellow pepper.", 1),
+        conversation("Cook the yellow pepper.", 6),
+    )
+    params = SamplingParams(max_new_tokens=4)
+    together = backend.generate([long_, short], params)
+    assert backend.stats["prefill_tokens"] == backend.count_tokens(long_)
+    assert together[0][0].prompt_tokens + together[1][0].prompt_tokens == backend.count_tokens(
+        long_
+    )
+    alone = TransformersBackend(tiny_model_path, cache_tokens=0)
+    assert [cs[0].text for cs in together] == [
+        alone.generate([m], params)[0][0].text for m in (long_, short)
+    ]
+
+
+def test_bfloat16_prefill_keeps_the_cache_in_the_decode_dtype(tiny_model_path: Path):
+    """Mixed dtypes: prompts prefilled in bfloat16, decoded in float32; the prefix cache
+    holds float32 KV, and a seeded sample still does not depend on its batch."""
+    mixed = TransformersBackend(
+        tiny_model_path, max_batch_size=4, prefill_dtype="bfloat16", decode_dtype="float32"
+    )
+    assert mixed.prefill_model.dtype == torch.bfloat16 and mixed.model.dtype == torch.float32
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    together = mixed.generate(CONVERSATIONS, params, seeds=[5, 6, 7])
+    alone = mixed.generate(CONVERSATIONS[2:], params, seeds=[7])
+    assert together[2][0].text == alone[0][0].text
+    assert all(k.dtype == torch.float32 for e in mixed.prefix_cache.entries for k, _ in e.kv)
+
+
+def test_auto_dtypes_are_measured_choices(tiny_model_path: Path):
+    auto = TransformersBackend(tiny_model_path, prefill_dtype="auto", decode_dtype="auto")
+    assert {auto.prefill_dtype, auto.decode_dtype} <= {"float32", "bfloat16"}
+    assert str(auto.model.dtype) == f"torch.{auto.decode_dtype}"
+    [[completion]] = auto.generate([CONVERSATIONS[0]], SamplingParams(max_new_tokens=4))
+    assert completion.generated_tokens > 0

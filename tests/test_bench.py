@@ -23,6 +23,9 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
                 "n_samples": 2,
                 "max_steps": 3,
                 "max_new_tokens": 6,
+                "prefill_dtype": "bfloat16",
+                "sweep_rows": [2, 4],
+                "sweep_context": 16,
             }
         )
     )
@@ -43,9 +46,25 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
     # the limit replays exactly the engine's prefill passes
     assert limit["prefill_tokens"] == engine["prefill_tokens"]
     assert report["fraction_of_limit"] == limit["wall_s"] / engine["wall_s"]
+    # the hardware limit: the sweep's best rates applied to the engine's tokens
+    hardware = report["hardware"]
+    assert {(r["phase"], r["dtype"], r["rows"]) for r in hardware["sweep"]} == {
+        (phase, dtype, rows)
+        for dtype in ("float32", "bfloat16")
+        for phase, rows in (("prefill", 1), ("prefill", 8), ("decode", 2), ("decode", 4))
+    }
+    prefill, decode = hardware["best_prefill"], hardware["best_decode"]
+    assert prefill["tokens_per_s"] == max(
+        r["tokens_per_s"] for r in hardware["sweep"] if r["phase"] == "prefill"
+    )
+    assert hardware["wall_s"] == pytest.approx(
+        engine["prefill_tokens"] / prefill["tokens_per_s"]
+        + engine["generated_tokens"] / decode["tokens_per_s"]
+    )
+    assert report["fraction_of_hardware"] == hardware["wall_s"] / engine["wall_s"]
     assert 0.0 <= report["greedy_outcome_agreement"] <= 1.0
     assert report["greedy_rollouts"] == 2
-    assert "prefill_tokens_ratio" in done.stdout  # the printed table
+    assert "fraction_of_hardware" in done.stdout  # the printed table
 
 
 def test_bench_training_counts_the_tokens_each_trainer_trains(tmp_path, tiny_model_path):
@@ -103,3 +122,31 @@ def test_bench_training_refuses_a_bad_micro_batch_size(tmp_path, micro, field):
     with pytest.raises(InputError) as caught:
         load_training_bench_config(config)
     assert caught.value.field == field
+
+
+def test_bench_compare_refuses_an_engine_it_cannot_run(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.commands", "bench", "rollouts", "--compare", "llama.cpp",
+         "--out", out],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        "error: --compare: unknown engine 'llama.cpp'; expected one of ('ctranslate2',)"
+    ]
+
+
+def test_ctranslate2_replays_the_engine_calls_int8(tmp_path, tiny_model_path):
+    """The comparison engine gets every row's prompt and exactly as many tokens as the
+    engine generated for the longest row of its batch."""
+    from flows.bench import BenchConfig, ctranslate2_replay
+    from ipr_core.engine.backends.transformers_backend import WorkLog
+
+    work = WorkLog(calls=[[([1, 5, 9, 12], 3), ([1, 5, 7], 5)], [([1, 2, 3, 4, 5, 6], 2)]])
+    config = BenchConfig(model=str(tiny_model_path), cache_dir=tmp_path, max_batch_size=2)
+    report = ctranslate2_replay(tiny_model_path, config, work)
+    assert report["engine"].startswith("ctranslate2") and report["engine"].endswith("int8")
+    assert report["prompt_tokens"] == 13
+    assert report["generated_tokens"] == 2 * 5 + 2
+    assert (tmp_path / "ctranslate2" / f"{tiny_model_path.name}-int8" / "model.bin").exists()

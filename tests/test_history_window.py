@@ -101,7 +101,7 @@ def test_the_window_is_validated_and_reaches_the_keys_and_the_scorer_id(
     fields = [loop.config_fields(ctx, *loop.ROLLOUT_FIELDS) for ctx in contexts]
     assert fields[0] != fields[1]
     assert Engines(plain).windowed("m") != Engines(windowed).windowed("m")
-    sharded = Engines(windowed).scorer_id(tiny_model_path)  # what scale-out workers check
+    sharded = Engines(windowed).scorer_id(tiny_model_path, 1)  # what scale-out workers check
     assert sharded == Engines(windowed).windowed(model_id(tiny_model_path))
 
 

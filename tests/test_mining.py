@@ -120,3 +120,46 @@ def test_trajectory_pair_ordered_by_outcome_with_margin():
 def test_suffix_mode_leaves_prefix_zero_to_the_trajectory_level():
     pairs = mine([exploration(0, ["look"], 0.0)], {0: 0.9}, {0: 0.0}, step_margin=0.1)
     assert [p.level for p in pairs] == ["trajectory"]
+
+
+def test_early_stopping_is_exact_against_every_completion_of_the_samples():
+    """pair_decided says 'settled' only when every way the remaining samples could go (each
+    failing or any outcome in [0, 1], checked on a grid) gives the full run's decision."""
+    import itertools
+
+    from ipr_core.method.mining import PairContext, pair_decided, step_winner
+
+    config = MiningConfig(step_margin=0.1, both_directions=True)
+    grid = [None, 0.0, 0.25, 0.5, 1.0]  # None: a failed sample
+    contexts = [
+        PairContext(expert_reward=e, expert_outcome=eo, agent_outcome=ao)
+        for e in (0.0, 0.5, 1.0)
+        for eo, ao in ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5))
+    ] + [PairContext(1.0, 1.0, 0.0, makes_step_pair=False)]
+    settled_count = 0
+    for context, n in itertools.product(contexts, (3, 4)):
+        for drawn in itertools.product(grid, repeat=2):
+            outcomes = [o for o in drawn if o is not None]
+            if not pair_decided(context, config, outcomes, n - 2):
+                continue
+            settled_count += 1
+            finals = set()
+            for rest in itertools.product(grid, repeat=n - 2):
+                ok = outcomes + [o for o in rest if o is not None]
+                mean = sum(ok) / len(ok) if ok else None
+                finals.add(
+                    step_winner(
+                        context.expert_reward, mean, context.expert_outcome,
+                        context.agent_outcome, config,
+                    )
+                    if context.makes_step_pair
+                    else None
+                )  # fmt: skip
+            assert len(finals) == 1, (context, drawn)
+    assert settled_count > 0
+    # certain only when it is: one low sample against a high expert reward settles, a tie
+    # does not; a sample outside [0, 1] turns the bound off
+    high = PairContext(expert_reward=1.0, expert_outcome=1.0, agent_outcome=0.0)
+    assert pair_decided(high, config, [0.0], 3)
+    assert not pair_decided(PairContext(0.5, 1.0, 0.0), config, [0.5], 3)
+    assert not pair_decided(high, config, [2.0], 3)

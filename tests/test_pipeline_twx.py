@@ -1,5 +1,6 @@
 """Integration: the IPR data pipeline on TextWorldExpress with the tiny local Llama."""
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from flows.commands import main
 from ipr_core.agent.prompts import PromptFormat, build_conversation
+from ipr_core.agent.react import format_turn
 from ipr_core.engine.backends import make_backend
 from ipr_core.engine.backends.base import SamplingParams
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutSpec
@@ -209,6 +211,42 @@ def test_engine_runs_more_episodes_than_live_slots_in_order(tiny_model_path):
     assert all(r.status in ("ok", "max_steps") for r in results)
 
 
+@dataclass
+class RoundRecorder:
+    """The real backend, logging each round's number of episodes beside finished ones."""
+
+    inner: object
+    events: list[int]
+    """Rows of a generate call, or 0 for an episode that finished."""
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, conversations, params: SamplingParams, seeds=None):
+        self.events.append(len(conversations))
+        return self.inner.generate(conversations, params, seeds)
+
+
+def test_finished_episodes_free_their_slot_for_the_next_round(tiny_model_path):
+    """Continuous admission: each round runs min(max_live, not yet finished) episodes, so
+    the batch does not drain while rollouts are pending."""
+    events: list[int] = []
+    backend = RoundRecorder(make_backend(tiny_model_path), events)
+    settings = EpisodeConfig(max_live=3, max_new_tokens=8, max_steps=3)
+    with RolloutEngine(ENV, backend, settings, progress=lambda *_: events.append(0)) as engine:
+        specs = [RolloutSpec(engine.task_ids("dev")[0], (), k) for k in range(7)]
+        results = engine.run(specs, temperature=1.0, seed=3)
+    finished, rounds = 0, 0
+    for rows in events:
+        if rows == 0:
+            finished += 1
+        else:
+            rounds += 1
+            assert rows == min(3, len(specs) - finished)
+    assert finished == len(specs) and rounds > 3
+    assert sum(events) == sum(len(r.policy_steps) for r in results)  # one row per policy step
+
+
 def test_replay_reaches_the_expert_outcome(tmp_path, tiny_model_path):
     store = Store(tmp_path / "s.duckdb")
     ingest_gold(store, ENV, "train", 1)
@@ -231,9 +269,15 @@ def test_a_step_reward_model_replaces_monte_carlo(smoke_run, tiny_model_path, tm
     settings = RewardModelConfig(epochs=1, batch_size=8, max_length=2048, heldout_fraction=0.0)
     trained = train_reward_model(tiny_model_path, examples, settings, tmp_path / "checkpoints")
     rm_config = config.model_copy(update={"step_reward_model": trained.path})
-    scorer = Engines(rm_config).scorer(tiny_model_path)
+    scorer = Engines(rm_config).scorer(tiny_model_path, 1)
     scorer_id, reward_model = scorer.scorer_id, scorer.reward_model
     assert scorer_id == model_id(trained.path) != mc_scorer
+    # one switch: from iteration 2 on, after MC in iteration 1 (the model learns from it)
+    later = Engines(rm_config.model_copy(update={"step_reward_model_from": 2}))
+    first, second = later.scorer(tiny_model_path, 1), later.scorer(tiny_model_path, 2)
+    assert first.reward_model is None
+    assert first.scorer_id == Engines(config).scorer_id(tiny_model_path, 1)
+    assert second.reward_model is not None and second.scorer_id == scorer_id
 
     fresh = Store(tmp_path / "rm.duckdb")
     ingest_gold(fresh, config.env, "train", 2)
@@ -269,4 +313,41 @@ def test_a_missing_step_reward_model_names_the_field(smoke_run, tmp_path):
     config, _, _ = smoke_run
     missing = config.model_copy(update={"step_reward_model": tmp_path / "nowhere"})
     with pytest.raises(InputError, match="step_reward_model"):
-        Engines(missing).scorer(tmp_path / "sft")
+        Engines(missing).scorer(tmp_path / "sft", 1)
+
+
+def test_early_stopped_monte_carlo_draws_a_prefix_of_the_samples_and_keeps_the_pairs(
+    tiny_model_path,
+):
+    """monte_carlo.early_stop: each query's samples are the first k of the full run's (the
+    same rollouts), the pair decision is the full run's, and fewer rollouts are drawn."""
+    from ipr_core.config import MiningConfig
+    from ipr_core.method.mining import PairContext, pair_decided, step_winner
+
+    mining = MiningConfig(step_margin=0.1)
+    with RolloutEngine(
+        ENV, make_backend(tiny_model_path), EpisodeConfig(max_new_tokens=8, max_steps=3)
+    ) as engine:
+        task_id = engine.task_ids("train")[0]
+        queries = [
+            StepQuery(task_id, "agent", (), format_turn("look", action))
+            for action in ("look", "inventory", "go north")
+        ]
+        contexts = [
+            PairContext(1.0, 1.0, 0.0),
+            PairContext(0.5, 1.0, 0.0),
+            PairContext(0.2, 1.0, 0.0),
+        ]
+        stops = [functools.partial(pair_decided, c, mining) for c in contexts]
+        full_rewards, full = estimate_step_rewards(engine, queries, 4, 1.0, 7)
+        early_rewards, early = estimate_step_rewards(engine, queries, 4, 1.0, 7, stops)
+    for context, f, e, fr, er in zip(
+        contexts, full, early, full_rewards, early_rewards, strict=True
+    ):
+        assert [r.trajectory for r in e] == [r.trajectory for r in f[: len(e)]]
+        winners = [
+            step_winner(context.expert_reward, reward.mean_reward, 1.0, 0.0, mining)
+            for reward in (er, fr)
+        ]
+        assert winners[0] == winners[1]
+    assert sum(map(len, early)) < sum(map(len, full))

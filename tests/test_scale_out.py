@@ -74,9 +74,9 @@ class Recording:
 def expert_job(store: Store, config: RunConfig, scorer: Path) -> ScoringJob:
     """The expert stage's scoring job, as the stage plans it."""
     experts = store.expert_trajectories(ENV, "train", config.train_limit)
-    scorer_id = Engines(config).scorer_id(scorer)
+    scorer_id = Engines(config).scorer_id(scorer, 1)
     queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
-    return ScoringJob(At(config.run_id, 0), "expert", scorer, tuple(queries), EXPERT_SEED)
+    return ScoringJob(At(config.run_id, 0), "expert", scorer, tuple(queries), EXPERT_SEED, 1)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_agent_shard_rows_equal_the_in_process_stage(runs, tmp_path):
     n = run_stage(AGENT_STEP_REWARDS, ctx, it).queries
     sharded = Store(tmp_path / "sharded.duckdb")
     queries = agent_queries(sharded.explorations(config.run_id, 1, ctx.explored()))
-    job = ScoringJob(At(config.run_id, 1), "agent", runs["scorer"], tuple(queries), ctx.seed(1))
+    job = ScoringJob(At(config.run_id, 1), "agent", runs["scorer"], tuple(queries), ctx.seed(1), 1)
     (shard,) = shards.plan_shards(config, job, 1)
     assert len(shard.queries) == n > 0 and shard.iteration == 1
     assert shards.compute_shard(shard) and not shards.compute_shard(shard)  # done: not redone

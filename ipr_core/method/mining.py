@@ -16,11 +16,12 @@ whose pair it would duplicate.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.config import MiningConfig
-from ipr_core.types import Pair, Step, is_failed, same_action
+from ipr_core.types import Actor, Pair, Step, is_failed, same_action
 
 if TYPE_CHECKING:
     from ipr_core.method.explore import Exploration
@@ -99,12 +100,10 @@ def step_pair(
         return None
     if same_action(agent_steps[0].action, expert.steps[j].action):
         return None
-    expert_better = expert_reward - agent_reward > config.step_margin
-    expert_better = expert_better and agent_outcome < expert_outcome
-    agent_better = agent_reward - expert_reward > config.step_margin
-    agent_better = config.both_directions and agent_better and agent_outcome > expert_outcome
-    if not (expert_better or agent_better):
+    winner = step_winner(expert_reward, agent_reward, expert_outcome, agent_outcome, config)
+    if winner is None:
         return None
+    expert_better = winner == "expert"
     expert_side = _side(expert.steps[j:], config)
     agent_side = _side(agent_steps, config)
     return Pair(
@@ -120,6 +119,80 @@ def step_pair(
         chosen_outcome=expert_outcome if expert_better else agent_outcome,
         rejected_outcome=agent_outcome if expert_better else expert_outcome,
     )
+
+
+def step_winner(
+    expert_reward: float | None,
+    agent_reward: float | None,
+    expert_outcome: float | None,
+    agent_outcome: float | None,
+    config: MiningConfig,
+) -> Actor | None:
+    """The step-level rule: which side a step pair chooses, None when there is no pair."""
+    if None in (expert_reward, agent_reward, expert_outcome, agent_outcome):
+        return None
+    assert expert_reward is not None and agent_reward is not None
+    assert expert_outcome is not None and agent_outcome is not None
+    if expert_reward - agent_reward > config.step_margin and agent_outcome < expert_outcome:
+        return "expert"
+    agent_better = agent_reward - expert_reward > config.step_margin
+    if config.both_directions and agent_better and agent_outcome > expert_outcome:
+        return "agent"
+    return None
+
+
+@dataclass(frozen=True)
+class PairContext:
+    """What the step pair of one agent step knows before that step's Monte Carlo samples:
+    the expert step's reward and both outcomes (the agent step's reward is being sampled)."""
+
+    expert_reward: float | None
+    expert_outcome: float | None
+    agent_outcome: float | None
+    makes_step_pair: bool = True
+    """False where no step pair is mined at all (suffix mode, prefix 0)."""
+
+
+OUTCOME_RANGE = (0.0, 1.0)
+"""The outcome rewards early stopping assumes (every shipped env's); a sample outside it
+turns early stopping off for its step."""
+
+
+def pair_decided(
+    context: PairContext, config: MiningConfig, outcomes: Sequence[float], remaining: int
+) -> bool:
+    """Whether the step pair's decision is the same whatever `remaining` more samples give.
+
+    The step reward is the mean of the samples that did not fail. With `outcomes` so far
+    and r samples left (each failing, or bringing a value in OUTCOME_RANGE), the final mean
+    lies between min and max of the current mean and (sum + r * bound) / (n + r), or is
+    None (every sample failed) when there are no outcomes yet. The rule's regions are
+    intervals of the agent's reward, so one winner at both ends (and for None) is certain.
+    """
+    low, high = OUTCOME_RANGE
+    if any(not low <= outcome <= high for outcome in outcomes):
+        return False
+
+    def winner(agent_reward: float | None) -> Actor | None:
+        if not context.makes_step_pair:
+            return None
+        return step_winner(
+            context.expert_reward,
+            agent_reward,
+            context.expert_outcome,
+            context.agent_outcome,
+            config,
+        )
+
+    if remaining == 0:
+        return True
+    total, n = sum(outcomes), len(outcomes)
+    possible: list[float | None] = [
+        (total + remaining * low) / (n + remaining),
+        (total + remaining * high) / (n + remaining),
+        total / n if n else None,
+    ]
+    return len({winner(reward) for reward in possible}) == 1
 
 
 def _side(steps: Sequence[Step], config: MiningConfig) -> list[dict[str, str]]:

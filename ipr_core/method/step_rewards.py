@@ -9,7 +9,7 @@ whose every rollout failed has no step reward (None), never 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,30 +43,52 @@ class StepReward:
     terminal: bool
 
 
+SampleStop = Callable[[Sequence[float], int], bool]
+"""Given a query's outcomes so far (failed samples left out) and how many samples are left,
+whether the rest can be skipped (`mining.pair_decided`: they cannot change its pair)."""
+
+
 def estimate_step_rewards(
     engine: RolloutEngine,
     queries: Sequence[StepQuery],
     n_samples: int,
     temperature: float = 1.0,
     seed: int = 0,
+    stops: Sequence[SampleStop | None] | None = None,
 ) -> tuple[list[StepReward], list[list[RolloutResult]]]:
-    """Step rewards for `queries`, and the rollouts behind each (all sampled in lock-step)."""
+    """Step rewards for `queries`, and the rollouts behind each (all sampled in lock-step).
+
+    With `stops` (one per query), samples run in waves, sample k of every query still open
+    in wave k, and a query closes once its stop says the rest cannot matter. A rollout is
+    seeded by its query and sample index, so a query's first k samples are the ones a full
+    run draws: early stopping changes how many are drawn, never what they are.
+    """
     rollouts: list[list[RolloutResult]] = [[] for _ in queries]
-    specs: list[RolloutSpec] = []
-    owners: list[int] = []
     terminal: list[bool] = []
+    prefixes = [(*query.history, query.step_text) for query in queries]
     for i, query in enumerate(queries):
-        prefix = (*query.history, query.step_text)
-        replayed, ended = engine.replay(query.task_id, prefix)
+        replayed, ended = engine.replay(query.task_id, prefixes[i])
         terminal.append(ended)
         if ended:  # the action ended the episode (or the replay failed): nothing to sample
             rollouts[i].append(replayed)
-            continue
-        for sample_idx in range(n_samples):
-            specs.append(RolloutSpec(task_id=query.task_id, prefix=prefix, sample_idx=sample_idx))
-            owners.append(i)
-    for owner, result in zip(owners, engine.run(specs, temperature, seed), strict=True):
-        rollouts[owner].append(result)
+    sampled = [i for i, ended in enumerate(terminal) if not ended]
+    waves = [range(n_samples)] if stops is None else [range(k, k + 1) for k in range(n_samples)]
+    for wave in waves:
+        specs = [
+            RolloutSpec(task_id=queries[i].task_id, prefix=prefixes[i], sample_idx=k)
+            for i in sampled
+            for k in wave
+        ]
+        owners = [i for i in sampled for _ in wave]
+        for owner, result in zip(owners, engine.run(specs, temperature, seed), strict=True):
+            rollouts[owner].append(result)
+        if stops is not None:
+            left = n_samples - wave.stop
+            sampled = [
+                i
+                for i in sampled
+                if (stop := stops[i]) is None or not stop(_outcomes(rollouts[i]), left)
+            ]
     rewards = [
         summarize(query, results, is_terminal)
         for query, results, is_terminal in zip(queries, rollouts, terminal, strict=True)
@@ -108,10 +130,15 @@ def predict_step_rewards(
     return [reward for reward in rewards if reward is not None], rollouts
 
 
+def _outcomes(results: Sequence[RolloutResult]) -> list[float]:
+    """The outcomes of the rollouts that did not fail."""
+    outcomes = [r.outcome_reward for r in results if not is_failed(r.status)]
+    return [o for o in outcomes if o is not None]
+
+
 def summarize(query: StepQuery, results: Sequence[RolloutResult], terminal: bool) -> StepReward:
     """The MC average over the rollouts that did not fail."""
-    outcomes = [r.outcome_reward for r in results if not is_failed(r.status)]
-    outcomes = [o for o in outcomes if o is not None]
+    outcomes = _outcomes(results)
     return StepReward(
         query=query,
         action=parse_react(query.step_text).action,

@@ -24,6 +24,7 @@ from ipr_core.engine.progress import ProgressBar, ProgressFn
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
 from ipr_core.errors import InputError, IprError, SplitTooSmall
+from ipr_core.method.mining import PairContext, pair_decided
 from ipr_core.method.step_rewards import (
     StepQuery,
     StepReward,
@@ -68,6 +69,10 @@ class ScoringJob:
     scorer_path: Path
     queries: tuple[StepQuery, ...]
     seed: int
+    iteration: int
+    """The loop iteration asking (expert rows are stored under iteration 0 whoever asks)."""
+    pairs: tuple[PairContext, ...] | None = None
+    """One per query when Monte Carlo may stop early (`monte_carlo.early_stop`)."""
 
 
 StepRewardsAndSamples = tuple[list[StepReward], list[list[RolloutResult]]]
@@ -126,7 +131,12 @@ class Engines:
             base = resolve_model(config.model, config.cache_dir)
             served = config.openai.model if path.resolve() == base.resolve() else None
             return {"settings": config.openai, "served_model": served}
-        return {"max_batch_size": config.generation.max_batch_size}
+        gen = config.generation
+        return {
+            "max_batch_size": gen.max_batch_size,
+            "prefill_dtype": gen.prefill_dtype,
+            "decode_dtype": gen.decode_dtype,
+        }
 
     def engine(self, stack: ExitStack, path: Path, label: str | None = None) -> RolloutEngine:
         """A rollout engine on the model at `path`, closed with `stack`."""
@@ -147,20 +157,26 @@ class Engines:
         engine = RolloutEngine(config.env, backend, settings, progress)
         return stack.enter_context(engine)
 
-    def scorer_id(self, scorer_path: Path) -> str:
+    def uses_reward_model(self, iteration: int) -> bool:
+        """Whether the step reward model (not MC) scores the steps of loop iteration k."""
+        config = self.config
+        return config.step_reward_model is not None and iteration >= config.step_reward_model_from
+
+    def scorer_id(self, scorer_path: Path, iteration: int) -> str:
         """The id step rewards are stored under, read without loading a model."""
-        if self.config.step_reward_model is not None:
+        if self.uses_reward_model(iteration):
+            assert self.config.step_reward_model is not None
             return self.windowed(model_id(Path(self.config.step_reward_model)))
         return self.windowed(model_id(scorer_path))
 
-    def scorer(self, scorer_path: Path) -> StepScorer:
-        """Who scores steps: the config's step reward model, else MC with `scorer_path`."""
-        if self.config.step_reward_model is None:
-            return StepScorer(self.scorer_id(scorer_path), None)
-        path = Path(self.config.step_reward_model)
+    def scorer(self, scorer_path: Path, iteration: int) -> StepScorer:
+        """Who scores iteration k's steps: the step reward model, else MC with `scorer_path`."""
+        if not self.uses_reward_model(iteration):
+            return StepScorer(self.scorer_id(scorer_path, iteration), None)
+        path = Path(self.config.step_reward_model or "")
         if not path.is_dir():
             raise InputError(str(path), "no reward model folder here", field="step_reward_model")
-        return StepScorer(self.scorer_id(scorer_path), RewardModelScorer(path))
+        return StepScorer(self.scorer_id(scorer_path, iteration), RewardModelScorer(path))
 
     def windowed(self, scorer_model_id: str) -> str:
         """Step rewards are stored under the scorer's model id and the history window it read
@@ -171,12 +187,11 @@ class Engines:
 
 def score_in_process(engines: Engines, job: ScoringJob, label: str | None = None) -> StepRows:
     """MC estimates (or the step reward model's predictions) in this process."""
-    mc = engines.config.monte_carlo
-    scorer = engines.scorer(job.scorer_path)
+    scorer = engines.scorer(job.scorer_path, job.iteration)
     with ExitStack() as stack:
         engine = engines.engine(stack, job.scorer_path, label)
         rewards, rollouts = score_steps(
-            engine, job.queries, scorer, mc.n_samples, mc.temperature, job.seed
+            engine, job.queries, scorer, engines.config, job.seed, job.pairs
         )
     return step_reward_rows(job.at, engines.config.env, scorer.scorer_id, rewards, rollouts)
 
@@ -185,14 +200,19 @@ def score_steps(
     engine: RolloutEngine,
     queries: Sequence[StepQuery],
     scorer: StepScorer,
-    n_samples: int,
-    temperature: float,
+    config: RunConfig,
     seed: int,
+    pairs: Sequence[PairContext] | None = None,
 ) -> StepRewardsAndSamples:
-    """MC estimates, or the step reward model's predictions when there is one."""
+    """MC estimates (stopping early where the job carries pair contexts), or the step
+    reward model's predictions when there is one."""
     if scorer.reward_model is not None:
         return predict_step_rewards(engine, scorer.reward_model, queries)
-    return estimate_step_rewards(engine, queries, n_samples, temperature, seed)
+    mc = config.monte_carlo
+    stops = None
+    if pairs is not None:
+        stops = [functools.partial(pair_decided, pair, config.mining) for pair in pairs]
+    return estimate_step_rewards(engine, queries, mc.n_samples, mc.temperature, seed, stops)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ipr_core.digest import digest
 from ipr_core.engine.backends import release_engines
 from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import Exploration, explore
-from ipr_core.method.mining import mine_pairs
+from ipr_core.method.mining import PairContext, mine_pairs
 from ipr_core.run import pipeline
 from ipr_core.run.context import Engines, MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
@@ -427,7 +427,7 @@ def experts_hash(ctx: RunContext, explored: bool = True) -> str:
 
 
 def _scorer_fields(ctx: RunContext, it: Iteration) -> list[Any]:
-    scorer_id = ctx.engines.scorer_id(it.scorer_path)
+    scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     return [model_id(it.scorer_path), scorer_id, config_fields(ctx, *SCORING_FIELDS)]
 
 
@@ -552,10 +552,10 @@ EVALUATE: Stage[Evaluation] = Stage(
 
 # -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
 def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
-    scorer_id = ctx.engines.scorer_id(it.scorer_path)
+    scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
     at = At(ctx.run_id, EXPERT_ITERATION)
-    job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
+    job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration), it.number)
     rows = ctx.score(job, "expert step rewards") if queries else {}
     ctx.log(f"scored {len(queries)} expert steps")
     return Output(StepsScored(len(queries), scorer_id), rows)
@@ -647,10 +647,36 @@ def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     queries = pipeline.agent_queries(explorations)
     at = At(ctx.run_id, it.number)
-    job = ScoringJob(at, AGENT, it.scorer_path, tuple(queries), ctx.seed(at.iteration))
+    scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
+    pairs = _pair_contexts(ctx, it, explorations, scorer_id) if _stops_early(ctx) else None
+    seed = ctx.seed(at.iteration)
+    job = ScoringJob(at, AGENT, it.scorer_path, tuple(queries), seed, it.number, pairs)
     rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
     ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
-    return Output(StepsScored(len(queries), ctx.engines.scorer_id(it.scorer_path)), rows)
+    return Output(StepsScored(len(queries), scorer_id), rows)
+
+
+def _stops_early(ctx: RunContext) -> bool:
+    return ctx.config.monte_carlo.early_stop
+
+
+def _pair_contexts(
+    ctx: RunContext, it: Iteration, explorations: Sequence[Exploration], scorer_id: str
+) -> tuple[PairContext, ...]:
+    """What each agent query's pair decision knows before sampling (`pipeline.agent_queries`
+    order): the expert step's reward, both outcomes, whether a step pair is mined there."""
+    experts = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, EXPERT)
+    suffix = ctx.config.mining.step_mode == "suffix"
+    return tuple(
+        PairContext(
+            expert_reward=experts.get((e.expert.task.task_id, e.prefix_len)),
+            expert_outcome=e.expert.outcome_reward,
+            agent_outcome=e.rollout.outcome_reward,
+            makes_step_pair=not (suffix and e.prefix_len == 0),
+        )
+        for e in explorations
+        if e.agent_step_query() is not None
+    )
 
 
 AGENT_STEP_REWARDS: Stage[StepsScored] = Stage(
@@ -663,6 +689,7 @@ AGENT_STEP_REWARDS: Stage[StepsScored] = Stage(
             ctx.store.explorations_hash(At(ctx.run_id, it.number)),
             it.number,
             ctx.seed(it.number),
+            *(_early_stop_inputs(ctx, it) if _stops_early(ctx) else ()),
         ],
         FINGERPRINT_CHARS,
     ),
@@ -673,9 +700,17 @@ AGENT_STEP_REWARDS: Stage[StepsScored] = Stage(
 )
 
 
+def _early_stop_inputs(ctx: RunContext, it: Iteration) -> list[Any]:
+    """What early stopping reads besides the explorations: the mining rule and the expert
+    step rewards."""
+    scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
+    expert = ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), EXPERT, scorer_id)
+    return [config_fields(ctx, "mining"), expert]
+
+
 # -- pairs ---------------------------------------------------------------------------------
 def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
-    scorer_id = ctx.engines.scorer_id(it.scorer_path)
+    scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
     expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, EXPERT)
     agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
@@ -692,7 +727,7 @@ def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
 
 
 def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
-    scorer_id = ctx.engines.scorer_id(it.scorer_path)
+    scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     return digest(
         [
             "mine-pairs",

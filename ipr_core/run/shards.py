@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from ipr_core.config import RunConfig
 from ipr_core.digest import digest
 from ipr_core.errors import IprError
+from ipr_core.method.mining import PairContext
 from ipr_core.method.step_rewards import StepQuery
 from ipr_core.run.context import Engines, ScoringJob, StepRows, score_steps
 from ipr_core.run.fingerprints import FINGERPRINT_CHARS, SCORING_FIELDS
@@ -51,8 +52,12 @@ class ShardJob:
     scorer_id: str
     iteration: int
     """The iteration the rows are stored under (0 for expert steps)."""
+    loop_iteration: int
+    """The loop iteration asking (it decides MC or the step reward model)."""
     seed: int
     queries: tuple[StepQuery, ...]
+    pairs: tuple[PairContext, ...] | None
+    """The queries' pair contexts when Monte Carlo may stop early."""
     index: int
     count: int
     directory: str
@@ -76,6 +81,7 @@ class ShardJob:
             self.iteration,
             self.seed,
             [asdict(query) for query in self.queries],
+            None if self.pairs is None else [asdict(pair) for pair in self.pairs],
         ]
         return digest(payload, FINGERPRINT_CHARS)
 
@@ -97,10 +103,12 @@ def plan_shards(config: RunConfig, job: ScoringJob, n_shards: int) -> list[Shard
         ShardJob(
             config=config,
             scorer_path=str(job.scorer_path),
-            scorer_id=Engines(config).scorer_id(job.scorer_path),
+            scorer_id=Engines(config).scorer_id(job.scorer_path, job.iteration),
             iteration=job.at.iteration,
+            loop_iteration=job.iteration,
             seed=job.seed,
             queries=tuple(queries[bounds[i] : bounds[i + 1]]),
+            pairs=None if job.pairs is None else job.pairs[bounds[i] : bounds[i + 1]],
             index=i,
             count=count,
             directory=directory,
@@ -146,9 +154,9 @@ def compute_shard(job: ShardJob) -> bool:
     """Run a shard's rollouts and write its files; False when they were already written."""
     if shard_complete(job):
         return False
-    config, mc = job.config, job.config.monte_carlo
+    config = job.config
     engines = Engines(config)
-    scorer = engines.scorer(Path(job.scorer_path))
+    scorer = engines.scorer(Path(job.scorer_path), job.loop_iteration)
     if scorer.scorer_id != job.scorer_id:
         raise ShardError(
             f"{job.name}: this worker's scorer is {scorer.scorer_id}, the plan was made "
@@ -156,9 +164,7 @@ def compute_shard(job: ShardJob) -> bool:
         )
     with ExitStack() as stack:
         engine = engines.engine(stack, Path(job.scorer_path))
-        rewards, rollouts = score_steps(
-            engine, job.queries, scorer, mc.n_samples, mc.temperature, job.seed
-        )
+        rewards, rollouts = score_steps(engine, job.queries, scorer, config, job.seed, job.pairs)
     at = At(job.run_id, job.iteration)
     rows = step_reward_rows(at, config.env, job.scorer_id, rewards, rollouts)
     _write_parquet(job, "rollouts", pa.Table.from_pylist(rows["rollouts"]))

@@ -9,15 +9,26 @@ just its new observation, the N samples of one prompt share one prefill, and all
 episodes share the system prompt. Prompts are always the chat template's tokens, so the
 model sees exactly what a re-encoding backend would.
 
+Prefill is batched too: the prompts of a call go through the model together, each
+feeding the tail it does not find in the prefix cache (left-padded to the longest tail of
+its group) over its cached prefix. A prompt that shares a longer prefix with another
+prompt of the same call than with the cache waits one wave, to reuse that prompt's KV.
+
 Decoding is batched over all rows of a call (micro-batches of rows with similar prompt
 lengths) in a preallocated `StaticCache`, with each row left-padded; every row samples
 from its own seeded generator, so a rollout's tokens do not depend on what else shares
 its batch.
+
+Prefill and decode each run in their own dtype (`prefill_dtype`, `decode_dtype`): on a CPU
+with AVX512-BF16, bfloat16 prefill is about 2x float32 while bfloat16 decode can be slower.
+`auto` measures both dtypes on the loaded model at startup (`throughput`) and keeps the
+faster one by a clear margin; the KV caches are kept in the decode dtype.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +36,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
+from ipr_core.config import DtypeSetting
 from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams
 from ipr_core.engine.backends.chat import (
     context_overflow,
@@ -32,6 +44,7 @@ from ipr_core.engine.backends.chat import (
     encode_prompt,
     fits_context,
 )
+from ipr_core.engine.backends.throughput import DTYPES, decode_rate, in_dtype, prefill_rate
 from ipr_core.types import Message
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -39,6 +52,18 @@ DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_CACHE_TOKENS = 131_072
 """Prefix-cache capacity in tokens (SmolLM2-135M: 46 KB of float32 KV per token, 6 GB): room
 for 64 live episodes of ~2,000-token conversations, so no episode re-prefills its history."""
+PREFILL_TOKENS_PER_PASS = 8192
+"""Prompt tokens (rows x padded tail) of one batched prefill pass: bounds its activations."""
+SHARE_AT_LEAST = 32
+"""A prompt waits for the next prefill wave when another prompt of the call shares this
+many more prefix tokens with it than the prefix cache does."""
+AUTO_MARGIN = 1.15
+"""`auto` picks bfloat16 only when it is this much faster: close calls keep float32, so a
+loaded machine's noise does not flip the choice between runs."""
+
+CONTIGUOUS = torch.contiguous_format
+"""Rows copied out of a batch own exactly their tokens (the prefix cache's bound)."""
+log = logging.getLogger(__name__)
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -148,10 +173,14 @@ class _Row:
 class WorkLog:
     """Shapes of the forward passes run, for the benchmark's bare-model limit."""
 
-    prefills: list[tuple[int, int]] = field(default_factory=list)
-    """(new tokens, cached tokens before them) per prefill pass (batch 1, no padding)."""
+    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(rows, tail tokens per row, cached tokens before them, prompt tokens it had to
+    compute) per batched prefill pass."""
     decodes: list[tuple[int, int]] = field(default_factory=list)
     """(rows, mean context length) per decode step."""
+    calls: list[list[tuple[list[int], int]]] = field(default_factory=list)
+    """Per generate call, each row's (prompt token ids, tokens generated): the same work for
+    another engine (`ipr bench rollouts --compare`)."""
 
 
 class TransformersBackend:
@@ -165,18 +194,25 @@ class TransformersBackend:
         max_context: int | None = None,
         device: str = "cpu",
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        prefill_dtype: DtypeSetting = "float32",
+        decode_dtype: DtypeSetting = "float32",
     ):
         model_path = Path(model_path)
         self.policy_id = policy_id or model_path.name
         self.max_batch_size = max_batch_size
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        # float32 on CPU: bf16 matmuls there are slower, not faster.
+        # float32 on CPU unless a setting says (or measures) otherwise; bfloat16 on a GPU.
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        self.model = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, local_files_only=True
         ).to(device)
-        self.model.eval()
+        loaded.eval()
+        self.prefill_dtype = self._choose("prefill", prefill_dtype, loaded)
+        self.decode_dtype = self._choose("decode", decode_dtype, loaded)
+        self.model = in_dtype(loaded, self.decode_dtype)
+        """The decode model (its config and name also describe the prefill model)."""
+        self.prefill_model = in_dtype(self.model, self.prefill_dtype)
         self.max_context = max_context or min(
             self.model.config.max_position_embeddings, DEFAULT_MAX_CONTEXT
         )
@@ -187,6 +223,24 @@ class TransformersBackend:
         self.work_log: WorkLog | None = None
         """Set to a WorkLog to record forward-pass shapes."""
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+
+    def _choose(self, phase: str, setting: DtypeSetting, model: torch.nn.Module) -> str:
+        """The dtype of a phase: the setting, or for `auto` the faster one measured here
+        (on a GPU, bfloat16 without measuring)."""
+        if setting != "auto":
+            return setting
+        if self.device != "cpu":
+            return "bfloat16"
+        rates = {}
+        for dtype in DTYPES:
+            candidate = in_dtype(model, dtype)
+            if phase == "prefill":
+                rates[dtype] = prefill_rate(candidate, 4, 128).tokens_per_s
+            else:
+                rates[dtype] = decode_rate(candidate, self.max_batch_size, 256, 4).tokens_per_s
+        chosen = "bfloat16" if rates["bfloat16"] > AUTO_MARGIN * rates["float32"] else "float32"
+        log.info("%s dtype %s, tokens/s %s", phase, chosen, {k: int(v) for k, v in rates.items()})
+        return chosen
 
     def encode(self, conversation: list[Message]) -> list[int]:
         return encode_prompt(self.tokenizer, conversation)
@@ -223,11 +277,14 @@ class TransformersBackend:
                 if params.temperature > 0:
                     generator = torch.Generator().manual_seed(row_seed(seeds[i], k))
                 rows.append((i, _Row(prompt, generator)))
-        for prompt in prompts.values():
-            self._prefill(prompt)
+        self._prefill_all(list(prompts.values()))
         ordered = sorted(rows, key=lambda item: len(item[1].prompt.tokens))
         for start in range(0, len(ordered), self.max_batch_size):
             self._decode([row for _, row in ordered[start : start + self.max_batch_size]], params)
+        if self.work_log is not None:
+            self.work_log.calls.append(
+                [(row.prompt.tokens.tolist(), len(row.generated)) for _, row in rows]
+            )
         counted: set[int] = set()
         for i, row in rows:
             first = id(row.prompt) not in counted
@@ -238,31 +295,104 @@ class TransformersBackend:
         return results
 
     # -- prefill -------------------------------------------------------------------------
-    def _prefill(self, prompt: _Prompt) -> None:
-        """KV of the whole prompt: the cached prefix plus a forward pass over the rest."""
-        entry, reuse = self.prefix_cache.longest_prefix(prompt.tokens)
-        reuse = min(reuse, len(prompt.tokens) - 1)  # the last token's logits are needed
+    def _prefill_all(self, prompts: list[_Prompt]) -> None:
+        """KV and first logits of every prompt, in waves of batched passes.
+
+        A prompt joins the current wave unless another prompt of the wave shares a much
+        longer prefix with it than the prefix cache holds: it then waits for the next wave,
+        where that prompt's KV is in the cache (an episode's N samples and the expert
+        prefixes of one task share most of their tokens)."""
+        waiting = sorted(prompts, key=lambda prompt: len(prompt.tokens))
+        while waiting:
+            wave: list[tuple[_Prompt, _Entry | None, int]] = []
+            later: list[_Prompt] = []
+            for prompt in waiting:
+                entry, reuse = self.prefix_cache.longest_prefix(prompt.tokens)
+                reuse = min(reuse, len(prompt.tokens) - 1)  # the last token's logits are needed
+                shared = max(
+                    (_common_prefix(other.tokens, prompt.tokens) for other, _, _ in wave),
+                    default=0,
+                )
+                if shared >= reuse + SHARE_AT_LEAST:
+                    later.append(prompt)
+                else:
+                    wave.append((prompt, entry if reuse > 0 else None, reuse))
+            wave.sort(key=lambda item: len(item[0].tokens) - item[2])
+            group: list[tuple[_Prompt, _Entry | None, int]] = []
+            for item in wave:
+                tail = len(item[0].tokens) - item[2]
+                if group and (
+                    len(group) == self.max_batch_size
+                    or (len(group) + 1) * tail > PREFILL_TOKENS_PER_PASS
+                ):
+                    self._prefill_pass(group)
+                    group = []
+                group.append(item)
+            if group:
+                self._prefill_pass(group)
+            waiting = later
+
+    def _prefill_pass(self, group: list[tuple[_Prompt, _Entry | None, int]]) -> None:
+        """One forward over the prompts of `group`: each row feeds its last `tail` tokens
+        (the longest uncached tail of the group; shorter prompts are left-padded) over a
+        left-padded cache of the rest of its prompt, taken from its prefix-cache entry."""
+        prompts = [prompt for prompt, _, _ in group]
+        lengths = [len(prompt.tokens) for prompt in prompts]
+        tail = max(length - reuse for length, (_, _, reuse) in zip(lengths, group, strict=True))
+        past = [max(length - tail, 0) for length in lengths]
+        width = max(past)
+        rows = len(group)
+        ids = torch.full((rows, tail), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((rows, width + tail), dtype=torch.long)
+        positions = torch.zeros((rows, tail), dtype=torch.long)
+        for r, (prompt, length, cached) in enumerate(zip(prompts, lengths, past, strict=True)):
+            fed = prompt.tokens[cached:]
+            ids[r, tail - len(fed) :] = fed
+            mask[r, width - cached :] = 1
+            mask[r, width : width + tail - len(fed)] = 0
+            positions[r, tail - len(fed) :] = torch.arange(cached, length)
         cache = DynamicCache()
-        if entry is not None and reuse > 0:
-            for layer, (keys, values) in enumerate(entry.kv):
-                cache.update(keys[None, :, :0], values[None, :, :0], layer)  # creates the layer
-                cache.layers[layer].keys = keys[None, :, :reuse]  # a view: no copy
-                cache.layers[layer].values = values[None, :, :reuse]
-        new = prompt.tokens[reuse:]
-        out = self.model(
-            input_ids=new[None].to(self.device),
+        if width:
+            config = self.model.config
+            template = next(entry for _, entry, _ in group if entry is not None).kv[0][0]
+            heads, dim = template.shape[0], template.shape[-1]
+            dtype = DTYPES[self.prefill_dtype]
+            for layer in range(config.num_hidden_layers):
+                keys = torch.zeros((rows, heads, width, dim), dtype=dtype, device=self.device)
+                values = torch.zeros_like(keys)
+                for r, ((_, entry, _), cached) in enumerate(zip(group, past, strict=True)):
+                    if cached:
+                        assert entry is not None
+                        keys[r, :, width - cached :] = entry.kv[layer][0][:, :cached]
+                        values[r, :, width - cached :] = entry.kv[layer][1][:, :cached]
+                cache.update(keys, values, layer)
+        out = self.prefill_model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        prompt.first_logits = out.logits[0, -1].float()
-        prompt.kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-        prompt.computed = len(new)
-        self.prefix_cache.insert(prompt.tokens, prompt.kv)  # later prompts of this call share it
-        self.stats["prefill_tokens"] += len(new)
-        self.stats["cached_tokens"] += reuse
+        dtype = DTYPES[self.decode_dtype]
+        computed = 0
+        for r, ((prompt, _, reuse), length) in enumerate(zip(group, lengths, strict=True)):
+            start = width + tail - length
+            prompt.kv = [
+                (
+                    layer.keys[r, :, start:].to(dtype, memory_format=CONTIGUOUS, copy=True),
+                    layer.values[r, :, start:].to(dtype, memory_format=CONTIGUOUS, copy=True),
+                )
+                for layer in cache.layers
+            ]
+            prompt.first_logits = out.logits[r, -1].float()
+            prompt.computed = length - reuse
+            computed += prompt.computed
+            self.prefix_cache.insert(prompt.tokens, prompt.kv)  # later waves share it
+            self.stats["prefill_tokens"] += prompt.computed
+            self.stats["cached_tokens"] += reuse
         if self.work_log is not None:
-            self.work_log.prefills.append((len(new), reuse))
+            self.work_log.prefills.append((rows, tail, width, computed))
 
     # -- decode --------------------------------------------------------------------------
     def _decode(self, rows: list[_Row], params: SamplingParams) -> None:
@@ -356,6 +486,7 @@ class TransformersBackend:
             return logits.argmax(dim=-1).tolist()
         cdf = torch.softmax(logits / params.temperature, dim=-1).cumsum(dim=-1)
         draws = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+        draws = draws.to(cdf.device)  # CPU generators: the same draws on any device
         targets = (draws * cdf[:, -1])[:, None]  # cdf[:, -1] is 1 up to rounding
         tokens = torch.searchsorted(cdf, targets, right=True)[:, 0]
         return tokens.clamp(max=cdf.shape[-1] - 1).tolist()
