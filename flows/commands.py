@@ -62,7 +62,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     parser = argparse.ArgumentParser(prog="ipr", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    envs = commands.add_parser("envs", help="list env ids, their parameters and step bounds")
+    envs = commands.add_parser(
+        "envs",
+        help="list env ids, their parameters and step bounds; with env ids, their distinct "
+        "games per split",
+    )
+    envs.add_argument(
+        "env_ids", nargs="*", help="settings to count distinct games of, e.g. 'twx/twc?items=1'"
+    )
     envs.set_defaults(handler=cmd_envs)
 
     ingest = commands.add_parser("ingest", help="store expert trajectories")
@@ -245,9 +252,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
-    from ipr_core.envs import describe_envs
+    from ipr_core.envs import describe_envs, describe_games
 
-    print(describe_envs())
+    print(describe_games(args.env_ids) if args.env_ids else describe_envs())
     return 0
 
 

@@ -27,7 +27,7 @@ from flows.report import markdown_table  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.run import loop  # noqa: E402
 from ipr_core.run.context import RunContext  # noqa: E402
-from ipr_core.run.loop import Iteration, IterationResult, StepsScored  # noqa: E402
+from ipr_core.run.loop import Iteration, IterationResult, Mined, StepsScored  # noqa: E402
 from ipr_core.store.transcripts import pair_transcript  # noqa: E402
 from tasks import stages  # noqa: E402
 
@@ -69,8 +69,14 @@ EXAMPLE_CHARS = 3000
 
 def agent_steps_line(agent: StepsScored | None) -> str:
     if agent is None:
-        return "- agent steps scored: none (the mixture reads no step pair)"
+        return "- agent steps scored: none (the method reads no step pair)"
     return f"- agent steps scored: {agent.queries} (scorer `{agent.scorer_id}`)"
+
+
+def pairs_line(mined: Mined | None) -> str:
+    if mined is None:
+        return "- pairs: none (the method trains on no pair)"
+    return f"- pairs: {mined.trajectory} trajectory-level, {mined.step} step-level"
 
 
 def cost_markdown(ctx: RunContext, number: int) -> str:
@@ -111,8 +117,7 @@ def iteration(config: RunConfig, it: Iteration) -> IterationResult:
                 f"- explorations: {result.explored.explorations} "
                 f"(policy `{result.explored.policy_id}`)",
                 agent_steps_line(result.agent),
-                f"- pairs: {result.mined.trajectory} trajectory-level, {result.mined.step} "
-                "step-level",
+                pairs_line(result.mined),
                 f"- checkpoint: `{result.trained.checkpoint_id}`",
                 f"- {config.dev_split}: reward {metrics.avg_reward}, "
                 f"success {metrics.success_rate}, steps {metrics.avg_steps}",

@@ -2,31 +2,45 @@
 
 Every table in the report is the result of the query printed under it, run as printed
 (the experiment id is written into the SQL text, not bound as a parameter), so a reader
-can paste any query into `ipr sql` and get the same numbers. The one exception, the
-paired bootstrap intervals, is computed in Python from a printed query's output, and the
-report names the function, its seed and resamples. The closing analysis is computed from
-those tables, never written by hand.
+can paste any query into `ipr sql` and get the same numbers. The exceptions: the paired
+statistics, computed by `flows.stats` (pure functions) from a printed query's output, with
+the function, seeds and resamples named; and the config's commits, read from git. The
+closing analysis is computed from those tables, never written by hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from flows.plots import plot_dev_curve
-from ipr_core.run.experiment import METHODS, ensure_known
+from flows.stats import (
+    ALPHA,
+    BOOTSTRAP_SEED,
+    MAX_EXACT_GAMES,
+    N_PERMUTATIONS,
+    N_RESAMPLES,
+    PERMUTATION_SEED,
+    paired_comparisons,
+)
+from ipr_core.config import read_yaml_mapping
+from ipr_core.errors import InputError
+from ipr_core.run.experiment import ensure_known
 from ipr_core.store.store import Store
+from ipr_core.training.methods import COMPARISONS, ETO, IPR, REGISTRY, SFT
 from ipr_core.types import FAILED_STATUSES
 
-PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in METHODS) + "]"
-"""Rows in the order of the paper's table: SFT, ETO, IPR, then the ablations."""
+PAPER_ORDER = "[" + ", ".join(f"'{m}'" for m in REGISTRY) + "]"
+"""Rows in the registry's order: SFT, ETO, IPR, the ablations, then the other baselines."""
+COMPARED = tuple((a.name, b.name) for a, b in COMPARISONS)
 
 SETTINGS_SQL = f"""
 SELECT json_extract_string(e.config, '$.run.env') AS env,
@@ -44,6 +58,8 @@ SELECT json_extract_string(e.config, '$.run.env') AS env,
        CAST(json_extract(e.config, '$.run.dev_limit') AS INTEGER) AS dev_tasks,
        CAST(json_extract(e.config, '$.test_limit') AS INTEGER) AS test_tasks,
        CAST(json_extract(e.config, '$.run.monte_carlo.n_samples') AS INTEGER) AS mc_samples,
+       coalesce(CAST(json_extract(e.config, '$.fallback_to_sft') AS BOOLEAN), false)
+           AS fallback_to_sft,
        (SELECT round(avg(outcome_reward), 3) FROM expert_trajectories
         WHERE env_id = json_extract_string(e.config, '$.run.env')
           AND split = json_extract_string(e.config, '$.run.train_split')) AS expert_reward
@@ -280,32 +296,43 @@ dev_tasks AS (
         SELECT 1 FROM evaluations t
         WHERE t.run_id = d.run_id AND t.iteration = d.iteration
           AND t.policy_id = d.policy_id AND t.split = m.test_split)),
-episodes AS (
-    SELECT m.method, m.seed, r.task_id, r.status IN {FAILED_LIST} AS failed,
-           coalesce(r.outcome_reward, 0) AS reward, r.n_steps AS steps
+tested AS (
+    SELECT m.method, m.seed, r.*
     FROM member m
     JOIN rollouts r ON r.run_id = m.run_id AND r.iteration = m.best_iteration
          AND r.policy_id = m.test_policy_id AND r.kind = 'eval'
-    WHERE r.task_id NOT IN (SELECT task_id FROM dev_tasks))"""
-"""The test episodes of each finished run's tested model. Rollouts carry no split and a
-model's dev and test episodes share (run, iteration, policy), so the dev tasks are learnt
-from dev evaluations with no test evaluation beside them (a trained run's iteration 0);
-`episode_mismatches` checks the result against the evaluations."""
+    WHERE r.task_id NOT IN (SELECT task_id FROM dev_tasks)),
+games AS (
+    SELECT task_id, min(task_id) OVER (PARTITION BY transcripts) AS game_id
+    FROM (SELECT task_id,
+                 string_agg(policy_id || md5(steps), ',' ORDER BY policy_id || md5(steps))
+                     AS transcripts
+          FROM tested GROUP BY task_id)),
+episodes AS (
+    SELECT t.method, t.seed, t.task_id, g.game_id, t.status IN {FAILED_LIST} AS failed,
+           coalesce(t.outcome_reward, 0) AS reward, t.n_steps AS steps
+    FROM tested t JOIN games g USING (task_id))"""
+"""The test episodes of each finished run's tested model, with their game. Rollouts carry
+no split and a model's dev and test episodes share (run, iteration, policy), so the dev
+tasks are learnt from dev evaluations with no test evaluation beside them (a trained run's
+iteration 0); `episode_mismatches` checks the result against the evaluations. A game is a
+set of test tasks on which every tested model wrote the same transcript (actions and
+observations): the seeds of a split made one game twice before splits were deduplicated
+(`ipr_core.envs`); such a game counts once, named by its first task id."""
 
-PER_TASK_SQL = f"""
+EPISODES_SQL = f"""
 WITH {TEST_EPISODES_CTES.strip()}
-SELECT method, task_id,
-       count(*) FILTER (WHERE NOT failed) AS seeds,
-       count(*) FILTER (WHERE failed) AS failed,
+SELECT method, seed, game_id, count(*) AS tasks,
+       bool_and(failed) AS failed,
        round(avg(reward) FILTER (WHERE NOT failed), 4) AS reward,
        round(avg(CAST(reward >= 1.0 AS DOUBLE)) FILTER (WHERE NOT failed), 4) AS success,
        round(avg(steps) FILTER (WHERE NOT failed), 4) AS steps
 FROM episodes
-GROUP BY method, task_id
-ORDER BY list_position({PAPER_ORDER}, method), task_id
+GROUP BY method, seed, game_id
+ORDER BY list_position({PAPER_ORDER}, method), seed, game_id
 """
-"""Per (method, test task): outcomes of the tested model averaged over the seeds whose
-episode finished; `failed` counts the seeds whose episode failed (left out, not 0)."""
+"""Per (method, seed, test game): the tested model's outcome (over the game's tasks, which
+are the same game); `failed`: every episode of it failed (left out, never scored 0)."""
 
 MANIFESTS_SQL = f"""
 SELECT x.method, x.seed, x.run_id,
@@ -323,21 +350,6 @@ ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at
 """
 """Each run's manifests (`ipr_core.run.manifest`): one row per distinct setup it ran with, so a
 run resumed with `--allow-manifest-change` shows both."""
-
-COMPARISONS: tuple[tuple[str, str], ...] = (
-    ("ipr", "sft"),
-    ("ipr", "eto"),
-    ("eto", "sft"),
-    ("ipr-no-odpo", "ipr"),
-    ("ipr-no-sdpo", "ipr"),
-    ("ipr-no-sft", "ipr"),
-)
-"""Paired comparisons (A, B) reported as A - B: the paper's main claims, then each ablation
-against full IPR."""
-
-N_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-METRICS = ("reward", "success", "steps")
 
 
 @dataclass(frozen=True)
@@ -390,11 +402,12 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     costs = run_query(store, COSTS_SQL, experiment_id)
     distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
-    per_task = run_query(store, PER_TASK_SQL, experiment_id)
+    episodes = run_query(store, EPISODES_SQL, experiment_id)
     manifests = run_query(store, MANIFESTS_SQL, experiment_id).markdown()
-    diffs = run_query(store, per_task_diff_sql(list(per_task.frame["method"])), experiment_id)
-    mismatches = episode_mismatches(per_task.frame, results.frame)
-    paired = pd.DataFrame() if mismatches else paired_comparisons(per_task.frame)
+    tests = run_query(store, TEST_EVALUATIONS_SQL, experiment_id)
+    diffs = run_query(store, per_game_diff_sql(list(episodes.frame["method"])), experiment_id)
+    mismatches = episode_mismatches(episodes.frame, results.frame)
+    paired = pd.DataFrame() if mismatches else paired_comparisons(episodes.frame, COMPARED)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = out.with_name(f"{out.stem}-dev-reward.png")
     plot_dev_curve(curve.frame, plot, experiment_id)
@@ -407,10 +420,10 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "## Settings",
         settings.markdown(),
         "## Test results per method",
-        "Each run picks its best iteration on the dev split (highest dev reward; IPR, ETO "
-        "and the ablations choose among their trained iterations, SFT is iteration 0); "
-        "that model is evaluated once on the test split. Mean, sample standard deviation "
-        "and min-max over seeds.",
+        "Each run picks its best iteration on the dev split (highest dev reward) and that "
+        "model is evaluated once on the test split; SFT is iteration 0. "
+        + iteration_rule(settings.frame)
+        + " Mean, sample standard deviation and min-max over seeds.",
         results.markdown(),
         "## Per seed",
         per_seed.markdown(),
@@ -451,18 +464,20 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "Over the whole experiment, each comparison counted once (the methods of a seed "
         "share iteration 1's step rewards, so the rows above repeat them):",
         overall.markdown(),
-        "## Paired comparisons on the test tasks",
-        paired_section(store, experiment_id, per_task.frame, paired, mismatches),
-        "### Per-task reward differences",
-        "Test reward per task, averaged over the seeds whose episode finished, and the "
-        "per-task differences the intervals above resample.",
+        "## Paired comparisons on the test games",
+        paired_section(store, experiment_id, episodes.frame, paired, mismatches),
+        "### Per-game reward differences",
+        "Test reward per game, averaged over the seeds whose episode finished, and the "
+        "per-game differences of the comparisons.",
         diffs.markdown(),
-        "### Per-task outcomes",
-        "The source of the paired statistics: per method and test task, the tested model's "
-        "outcomes averaged over the seeds whose episode finished (`seeds`); `failed` counts "
-        "the seeds whose episode failed.",
-        f"<details><summary>{len(per_task.frame)} rows</summary>\n\n{per_task.markdown()}"
+        "### Per-episode outcomes",
+        "The source of the paired statistics: per method, seed and test game, the tested "
+        "model's outcome (`tasks`: the game's test task ids, more than one where seeds made "
+        "the same game); `failed`: the episode failed (left out, never scored 0).",
+        f"<details><summary>{len(episodes.frame)} rows</summary>\n\n{episodes.markdown()}"
         "\n\n</details>",
+        "## Settled before test",
+        settled_section(experiment_id, tests),
         "## What the numbers show",
         analysis(settings.frame, results.frame, per_seed.frame, overall.frame, paired),
         "## Run manifests",
@@ -475,119 +490,56 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     return plot
 
 
-# -- paired statistics over test tasks ------------------------------------------------------
-def paired_bootstrap(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
-    n_resamples: int = N_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> tuple[float, float, float]:
-    """Mean of a - b over paired tasks and its percentile-bootstrap 95% interval.
-
-    `a[i]` and `b[i]` are two methods' outcomes on task i (each averaged over seeds). Tasks
-    are the resampling unit because they are what varies between this test set and the
-    next one drawn from the env: every method meets the same tasks, so resampling the
-    per-task differences keeps the pairing (a hard task is hard for both) and leaves out
-    the task-to-task variance a two-sample interval would wrongly add. Seeds are averaged
-    first: with 2-3 of them they are too few to resample, and greedy evaluation makes the
-    SFT row identical across seeds anyway.
-    """
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.ndim != 1 or x.shape != y.shape or len(x) == 0:
-        raise ValueError("paired_bootstrap needs two 1-d arrays of the same, non-zero length")
-    diff = x - y
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
-    means = diff[picks].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+# -- the rule and the settings ---------------------------------------------------------------
+def iteration_rule(settings: pd.DataFrame) -> str:
+    """The iteration-0 rule of the experiment (`fallback_to_sft`), one for every method."""
+    fallback = bool(settings["fallback_to_sft"].iloc[0]) if not settings.empty else False
+    if fallback:
+        return (
+            "Iteration-0 rule (`fallback_to_sft: true`, the same for every method): a trained "
+            "method may pick iteration 0, its SFT model, when dev says so."
+        )
+    return (
+        "Iteration-0 rule (`fallback_to_sft: false`, the same for every method): a trained "
+        "method picks among its trained iterations (>= 1), even where dev prefers the SFT "
+        "model."
+    )
 
 
-def paired_counts(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int]:
-    """Tasks where A > B, A < B and A = B (differences within 1e-9 count as equal)."""
-    diff = np.round(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), 9)
-    return int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum())
-
-
-def ci_verdict(low: float, high: float) -> str:
-    return "above 0" if low > 0 else "below 0" if high < 0 else "contains 0"
-
-
-def paired_comparisons(
-    per_task: pd.DataFrame,
-    comparisons: Sequence[tuple[str, str]] = COMPARISONS,
-    metrics: Sequence[str] = METRICS,
-    n_resamples: int = N_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> pd.DataFrame:
-    """A - B per metric over the tasks both methods have a finished episode on (one row per
-    comparison and metric), from PER_TASK_SQL's output; comparisons of absent methods are
-    left out."""
-    rows = []
-    present = set(per_task["method"])
-    wide = {m: per_task.pivot(index="task_id", columns="method", values=m) for m in metrics}
-    for a, b in comparisons:
-        if a not in present or b not in present:
-            continue
-        for metric in metrics:
-            both = wide[metric][[a, b]].dropna()
-            if both.empty:
-                continue
-            x, y = both[a].to_numpy(dtype=float), both[b].to_numpy(dtype=float)
-            diff, low, high = paired_bootstrap(x, y, n_resamples, seed)
-            higher, lower, equal = paired_counts(x, y)
-            rows.append(
-                {
-                    "comparison": f"{a} - {b}",
-                    "metric": metric,
-                    "tasks": len(both),
-                    "a_mean": round(float(x.mean()), 3),
-                    "b_mean": round(float(y.mean()), 3),
-                    "mean_diff": round(diff, 3),
-                    "ci_low": round(low, 3),
-                    "ci_high": round(high, 3),
-                    "ci": ci_verdict(low, high),
-                    "a_higher": higher,
-                    "a_lower": lower,
-                    "equal": equal,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def per_task_diff_sql(methods: Sequence[str]) -> str:
-    """The per-task reward of each method (seed-averaged, failed episodes left out) and the
-    paired differences of COMPARISONS, one row per test task; built for the methods run so
-    the printed query has no empty columns."""
-    ordered = [m for m in METHODS if m in methods]
+# -- paired comparisons over test games -----------------------------------------------------
+def per_game_diff_sql(methods: Sequence[str]) -> str:
+    """The per-game reward of each method (seed-averaged, failed episodes left out) and the
+    paired differences of the comparisons, one row per test game; built for the methods run
+    so the printed query has no empty columns."""
+    ordered = [m for m in REGISTRY if m in methods]
     reward = "max(reward) FILTER (WHERE method = '{}')"
     columns = [f'round({reward.format(m)}, 3) AS "{m}"' for m in ordered]
     columns += [
         f'round({reward.format(a)} - {reward.format(b)}, 3) AS "{a} - {b}"'
-        for a, b in COMPARISONS
+        for a, b in COMPARED
         if a in ordered and b in ordered
     ]
-    select = ",\n       ".join(["task_id", *columns])
+    select = ",\n       ".join(["game_id", *columns])
     return f"""
 WITH {TEST_EPISODES_CTES.strip()},
-per_task AS (
-    SELECT method, task_id, avg(reward) FILTER (WHERE NOT failed) AS reward
-    FROM episodes GROUP BY method, task_id)
+per_game AS (
+    SELECT method, game_id, avg(reward) FILTER (WHERE NOT failed) AS reward
+    FROM episodes GROUP BY method, game_id)
 SELECT {select}
-FROM per_task
-GROUP BY task_id
-ORDER BY task_id
+FROM per_game
+GROUP BY game_id
+ORDER BY game_id
 """
 
 
-def episode_mismatches(per_task: pd.DataFrame, results: pd.DataFrame) -> list[str]:
-    """Methods whose per-task episodes are not seeds x test tasks: the dev/test separation
-    of PER_TASK_SQL failed (e.g. no dev-only evaluation to learn the dev tasks from)."""
-    episodes = (per_task["seeds"] + per_task["failed"]).groupby(per_task["method"]).sum()
+def episode_mismatches(episodes: pd.DataFrame, results: pd.DataFrame) -> list[str]:
+    """Methods whose test episodes are not seeds x test tasks: the dev/test separation of
+    the episodes query failed (e.g. no dev-only evaluation to learn the dev tasks from)."""
+    found_by_method = episodes.groupby("method")["tasks"].sum()
     problems = []
     for row in results.itertuples():
         expected = int(row.seeds) * int(row.test_tasks)
-        found = int(episodes.get(row.method, 0))
+        found = int(found_by_method.get(row.method, 0))
         if found != expected:
             problems.append(f"{row.method}: {found} test episodes, expected {expected}")
     return problems
@@ -596,50 +548,61 @@ def episode_mismatches(per_task: pd.DataFrame, results: pd.DataFrame) -> list[st
 def paired_section(
     store: Store,
     experiment_id: str,
-    per_task: pd.DataFrame,
+    episodes: pd.DataFrame,
     paired: pd.DataFrame,
     mismatches: Sequence[str],
 ) -> str:
     """The paired-comparison table with how it was computed and how to recompute it."""
-    episodes = int((per_task["seeds"] + per_task["failed"]).sum()) if not per_task.empty else 0
-    failed = int(per_task["failed"].sum()) if not per_task.empty else 0
+    tasks = int(episodes["tasks"].sum()) if not episodes.empty else 0
+    failed = int((episodes["tasks"] * episodes["failed"].astype(int)).sum()) if tasks else 0
+    n_games = episodes["game_id"].nunique() if tasks else 0
+    per_run = episodes.groupby(["method", "seed"])["tasks"].sum().max() if tasks else 0
     code = f"{paired_comparisons.__module__}.{paired_comparisons.__qualname__}"
     text = [
-        f"All methods are evaluated on the same {per_task['task_id'].nunique()} test tasks, "
-        "so they are compared task by task. A - B is the mean over tasks of the per-task "
-        "difference (each task's outcome averaged over seeds first); its 95% interval is a "
-        "paired percentile bootstrap that resamples tasks with replacement. `a_higher`, "
-        "`a_lower` and `equal` count tasks. Reward and success: higher is better; steps: "
-        "fewer is the paper's action-efficiency claim.",
+        f"Each run is tested on {per_run} test tasks, which are {n_games} distinct games (a "
+        "game: every tested model wrote the same transcript on its tasks; splits now hold "
+        "each game once, older stores may hold one twice). Methods are "
+        "compared game by game and, within a game, seed by seed (the methods of a seed share "
+        "its SFT model and data). A - B is the mean over games of the game's mean over seeds "
+        "of A - B. Its 95% interval is a hierarchical percentile bootstrap (games resampled "
+        "with replacement, then seeds within each drawn game); `p` is a two-sided paired "
+        "sign-flip permutation test over games (exact over every sign vector up to "
+        f"{MAX_EXACT_GAMES} games, else {N_PERMUTATIONS} random ones). `verdict` applies the "
+        f"two-test rule: A is better only when the interval excludes 0 AND p < {ALPHA} "
+        "(else `not shown`). `a_higher`, `a_lower` and `equal` count games. Reward and "
+        "success: higher is better; steps: fewer is better (the paper's action-efficiency "
+        "claim).",
         f"Failed episodes (status {', '.join(sorted(FAILED_STATUSES))}) are excluded, never "
-        f"scored 0: {failed} of {episodes} test episodes failed. A task with no finished "
-        "episode for a method drops out of that method's comparisons (`tasks`).",
+        f"scored 0: {failed} of {tasks} test episodes failed. A game with no seed on which "
+        "both methods finished drops out of that comparison (`games`).",
         "Rollouts carry no split, and a model's dev and test episodes share its run and "
-        "iteration, so the per-task queries leave out the dev tasks, found as those of dev "
+        "iteration, so the per-game queries leave out the dev tasks, found as those of dev "
         "evaluations with no test evaluation of the same model beside them (a trained "
         "run's iteration 0); the episodes found are checked against seeds x test tasks.",
     ]
     if mismatches:
         text.append(
-            "Not computed: the per-task test episodes do not match the evaluations ("
+            "Not computed: the test episodes do not match the evaluations ("
             + "; ".join(mismatches)
             + "), so the test tasks could not be told apart from the dev tasks."
         )
         return "\n\n".join(text)
     text.append(
-        f"Computed in Python by `{code}` (`paired_bootstrap`: {N_RESAMPLES} resamples, "
-        f"`numpy.random.default_rng({BOOTSTRAP_SEED})`, 2.5/97.5 percentiles) from the output "
-        "of the per-task query under *Per-task outcomes*; this regenerates it:"
+        f"Computed in Python by `{code}` (bootstrap: {N_RESAMPLES} resamples, "
+        f"`numpy.random.default_rng({BOOTSTRAP_SEED})`, 2.5/97.5 percentiles; permutations: "
+        f"`numpy.random.default_rng({PERMUTATION_SEED})`) from the output of the episodes "
+        "query under *Per-episode outcomes*; this regenerates it:"
     )
     text.append(markdown_table(paired))
     text.append(
         "```python\n"
-        f"from {paired_comparisons.__module__} import PER_TASK_SQL, paired_comparisons, "
-        "run_query\nfrom ipr_core.store.store import Store\n\n"
+        f"from {__name__} import COMPARED, EPISODES_SQL, run_query\n"
+        f"from {paired_comparisons.__module__} import paired_comparisons\n"
+        "from ipr_core.store.store import Store\n\n"
         f"store_path = {_literal(str(store.path))}\n"
         f"experiment_id = {_literal(experiment_id)}\n"
-        "per_task = run_query(Store(store_path), PER_TASK_SQL, experiment_id)\n"
-        "print(paired_comparisons(per_task.frame))\n```"
+        "episodes = run_query(Store(store_path), EPISODES_SQL, experiment_id)\n"
+        "print(paired_comparisons(episodes.frame, COMPARED))\n```"
     )
     return "\n\n".join(text)
 
@@ -648,6 +611,132 @@ def _literal(text: str) -> str:
     """A double-quoted string literal: the printed code is as ruff formats it, and a literal
     assigned alone stays on its line however long the path is."""
     return json.dumps(text)
+
+
+# -- settled before test ----------------------------------------------------------------------
+TEST_EVALUATIONS_SQL = f"""
+SELECT x.method, x.seed, x.run_id,
+       strftime(t.created_at, '%Y-%m-%d %H:%M:%S') AS tested_at,
+       (SELECT json_extract_string(m.manifest, '$.git_commit') FROM run_manifests m
+        WHERE m.run_id = x.run_id AND m.created_at <= t.created_at
+        ORDER BY m.created_at DESC LIMIT 1) AS code_commit
+FROM experiment_runs x
+JOIN experiments e USING (experiment_id)
+JOIN evaluations t ON t.run_id = x.run_id AND t.iteration = x.best_iteration
+     AND t.policy_id = x.test_policy_id
+     AND t.split = json_extract_string(e.config, '$.test_split')
+WHERE x.experiment_id = {{exp}} AND x.status = 'finished'
+ORDER BY t.created_at, list_position({PAPER_ORDER}, x.method), x.seed
+"""
+"""Each finished run's test evaluation, when it was written and the project commit the run
+recorded (in its manifest) when it last started before that evaluation."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    sha: str
+    when: datetime
+    subject: str
+
+
+REPO = Path(__file__).resolve().parents[1]
+"""The project checkout whose `configs/` and git history the report reads."""
+
+
+def experiment_config_file(experiment_id: str, root: Path = REPO) -> Path | None:
+    """The committed config under `configs/` whose experiment_id is `experiment_id`."""
+    for path in sorted((root / "configs").glob("*.yaml")):
+        try:
+            if read_yaml_mapping(path).get("experiment_id") == experiment_id:
+                return path
+        except InputError:
+            continue
+    return None
+
+
+def config_commits(path: Path, root: Path = REPO) -> list[Commit] | None:
+    """The commits that changed `path`, newest first (None: no git history to read)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "log", "--format=%H%x09%cI%x09%s", "--", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    commits = []
+    for line in out.splitlines():
+        sha, when, subject = line.split("\t", 2)
+        commits.append(Commit(sha, datetime.fromisoformat(when).astimezone(UTC), subject))
+    return commits
+
+
+def settled_section(experiment_id: str, tests: Table) -> str:
+    """The config's commit before the first test evaluation and each test evaluation's
+    time, flagging any test evaluation older than the config's last change."""
+    text = [
+        "Tuning never evaluates a test task (a config with `tuning: true` stops at dev). "
+        "The experiment's settings must be committed before its first test evaluation: "
+        "each test evaluation below (time in UTC, as the store wrote it; `code_commit` is "
+        "the project commit the run's manifest recorded) is compared with the commits of "
+        "the experiment's config file."
+    ]
+    path = experiment_config_file(experiment_id)
+    times = [
+        datetime.strptime(t, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        for t in tests.frame["tested_at"]
+    ]
+    if path is None:
+        text.append(f"No config under `configs/` has `experiment_id: {experiment_id}`.")
+    else:
+        shown = str(path.relative_to(REPO))
+        text += settled_statements(shown, config_commits(path), times)
+    text.append(tests.markdown())
+    return "\n\n".join(text)
+
+
+def settled_statements(
+    config: str, commits: Sequence[Commit] | None, tested: Sequence[datetime]
+) -> list[str]:
+    """What the config's commits (newest first) say of the test evaluations' times."""
+    if not commits:
+        return [f"`{config}` has no commit in git (or git is absent)."]
+    last = commits[0]
+    if not tested:
+        return [f"No test evaluation yet; `{config}` was last changed in {last.sha[:12]} "
+                f"({_when(last.when)})."]  # fmt: skip
+    first = min(tested)
+    before = [c for c in commits if c.when <= first]
+    if before:
+        lines = [
+            f"Config `{config}`: the commit that last changed it before the first test "
+            f"evaluation ({_when(first)}) is {before[0].sha[:12]} ({_when(before[0].when)}, "
+            f'"{before[0].subject}").'
+        ]
+    else:
+        lines = [
+            f"**Flag:** config `{config}` had no commit before the first test evaluation "
+            f"({_when(first)}): its first commit is {commits[-1].sha[:12]} "
+            f"({_when(commits[-1].when)})."
+        ]
+    older = sum(t < last.when for t in tested)
+    if older:
+        lines.append(
+            f"**Flag:** {older} of {len(tested)} test evaluations are older than the config's "
+            f'last change, {last.sha[:12]} ({_when(last.when)}, "{last.subject}"): the '
+            "settings that produced them are not the committed ones."
+        )
+    else:
+        lines.append(
+            f"Every test evaluation is newer than the config's last change "
+            f"({last.sha[:12]}, {_when(last.when)})."
+        )
+    return lines
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 # -- analysis ------------------------------------------------------------------------------
@@ -669,36 +758,32 @@ def analysis(
         + ", ".join(f"{m} {_fmt(means[m])}" for m in ranking)
         + "."
     )
-    for better, worse in (("ipr", "eto"), ("eto", "sft"), ("ipr", "sft")):
+    for better, worse in ((IPR.name, ETO.name), (ETO.name, SFT.name), (IPR.name, SFT.name)):
         lines.append("- " + compare(better, worse, results, per_seed))
-    if all(m in means and means[m] is not None for m in ("ipr", "eto", "sft")):
-        holds = means["ipr"] > means["eto"] > means["sft"]
+    paper = (IPR.name, ETO.name, SFT.name)
+    if all(m in means and means[m] is not None for m in paper):
+        holds = means[IPR.name] > means[ETO.name] > means[SFT.name]
         lines.append(
             "- The paper's ordering IPR > ETO > SFT on mean test reward holds here: "
             + ("yes" if holds else "no")
             + _ordering_evidence(paired)
             + "."
         )
-    for ablation, what in (
-        ("ipr-no-odpo", "without o-DPO"),
-        ("ipr-no-sdpo", "without s-DPO"),
-        ("ipr-no-sft", "without the SFT term"),
-    ):
-        if ablation in means and "ipr" in means and None not in (means[ablation], means["ipr"]):
-            delta = means[ablation] - means["ipr"]
-            agrees = "agrees" if delta < 0 else "disagrees"
-            lines.append(
-                f"- IPR {what} ({ablation}): {_fmt(means[ablation])}, {_signed(delta)} against "
-                f"IPR; the paper has every ablation below IPR, so this {agrees} with it."
-            )
-    if "sft" in means and means["sft"] is not None:
-        sft_row = results[results["method"] == "sft"].iloc[0]
+    if SFT.name in means and means[SFT.name] is not None:
+        sft_row = results[results["method"] == SFT.name].iloc[0]
         expert = _num(settings["expert_reward"].iloc[0]) if not settings.empty else None
+        spread = _num(getattr(sft_row, "reward_std", None))
+        same = spread == 0.0 or int(sft_row.seeds) == 1
         lines.append(
-            f"- The SFT agent's test reward is {_fmt(means['sft'])} (success "
+            f"- The SFT agent's test reward is {_fmt(means[SFT.name])} (success "
             f"{_fmt(_num(sft_row.success_mean))}); the expert trajectories it learned from "
-            f"reach {_fmt(expert)}. One shared SFT checkpoint and greedy evaluation make the "
-            "SFT row the same for every seed."
+            f"reach {_fmt(expert)}."
+            + (
+                " The SFT row is the same on every seed (one SFT model, evaluated greedily), "
+                "so its seeds are not independent samples of SFT training."
+                if same
+                else ""
+            )
         )
     n_tasks = _num(results["test_tasks"].max())
     if n_tasks:
@@ -722,76 +807,79 @@ def analysis(
     return "\n".join(lines)
 
 
-ABLATED = {"ipr-no-odpo": "o-DPO", "ipr-no-sdpo": "s-DPO", "ipr-no-sft": "the SFT term"}
-
-
 def _ordering_evidence(paired: pd.DataFrame | None) -> str:
-    """Which steps of IPR > ETO > SFT the paired intervals show (means alone can be noise)."""
+    """Which steps of IPR > ETO > SFT the two-test rule shows (means alone can be noise)."""
     if paired is None or paired.empty:
         return ""
     rows = {(r.comparison, r.metric): r for r in paired.itertuples()}
-    steps = [rows.get((f"{a} - {b}", "reward")) for a, b in (("ipr", "eto"), ("eto", "sft"))]
+    steps = [rows.get((f"{a.name} - {b.name}", "reward")) for a, b in ((IPR, ETO), (ETO, SFT))]
     if any(row is None for row in steps):
         return ""
-    weak = [row.comparison.upper() for row in steps if row.ci != "above 0"]
+    weak = [row.comparison.upper() for row in steps if row.verdict != "A better"]
     if not weak:
-        return " (both steps with paired intervals above 0)"
-    return (
-        f" on the means, but the paired interval of {' and of '.join(weak)} contains or is below 0"
-    )
+        return " (both steps shown under the two-test rule)"
+    return f" on the means, but the two-test rule does not show {' nor '.join(weak)} above 0"
 
 
 def paired_statements(paired: pd.DataFrame) -> list[str]:
-    """The paired intervals as claims: does A beat B on the same tasks, read off the CI."""
+    """The comparisons as claims under the two-test rule, then which of them IPR wins."""
     if paired.empty:
-        return ["- Paired comparisons on test tasks: none computed."]
+        return ["- Paired comparisons on test games: none computed."]
     rows = {(r.comparison, r.metric): r for r in paired.itertuples()}
-    lines = []
-    for a, b in COMPARISONS[:3]:
+    lines, wins, not_shown = [], [], []
+    for a, b in COMPARED:
         row = rows.get((f"{a} - {b}", "reward"))
         if row is None:
             continue
-        claim = (
-            f"{a.upper()} beats {b.upper()}"
-            if row.ci == "above 0"
-            else (f"{a.upper()} does not beat {b.upper()}")
-        )
-        lines.append(f"- {claim}: {_interval(row, a.upper(), b.upper(), 'test reward')}.")
-    for a, b in COMPARISONS[:2]:
+        big_a, big_b = a.upper(), b.upper()
+        claim = {
+            "A better": f"{big_a} beats {big_b}",
+            "B better": f"{big_b} beats {big_a}",
+            "not shown": f"{big_a} does not beat {big_b}",
+        }[row.verdict]
+        lines.append(f"- {claim}: {_interval(row, big_a, big_b, 'test reward')}.")
+        if a == IPR.name:
+            (wins if row.verdict == "A better" else not_shown).append(big_b)
+    for a, b in COMPARED[:2]:
         row = rows.get((f"{a} - {b}", "steps"))
         if row is not None:
-            readings = {
-                "below 0": f"{a.upper()} needs fewer steps",
-                "above 0": f"{a.upper()} takes more steps",
-                "contains 0": "no difference in steps shown",
-            }
-            reading = readings[row.ci]
+            reading = {
+                "A better": f"{a.upper()} needs fewer steps",
+                "B better": f"{a.upper()} takes more steps",
+                "not shown": "no difference in steps shown",
+            }[row.verdict]
             lines.append(
                 f"- Action efficiency: {_interval(row, a.upper(), b.upper(), 'average steps')}"
                 f" ({reading})."
             )
-    for ablation, term in ABLATED.items():
-        row = rows.get((f"{ablation} - ipr", "reward"))
-        if row is None:
-            continue
-        readings = {
-            "below 0": f"removing {term} costs reward, as in the paper",
-            "contains 0": f"no evidence here that {term} matters",
-            "above 0": f"better without {term}, against the paper",
-        }
-        reading = readings[row.ci]
-        lines.append(f"- {_interval(row, ablation, 'IPR', 'test reward')}: {reading}.")
+    if wins or not_shown:
+        lines.append(
+            "- Under the two-test rule (interval above 0 and p < 0.05) IPR wins against: "
+            + (", ".join(wins) if wins else "none")
+            + "; not shown against: "
+            + (", ".join(not_shown) if not_shown else "none")
+            + "."
+        )
+    for ablated in (m for m in REGISTRY.values() if m.ablates):
+        row = rows.get((f"{IPR.name} - {ablated.name}", "reward"))
+        if row is not None:
+            reading = {
+                "A better": f"removing {ablated.ablates} costs reward, as in the paper",
+                "not shown": f"no evidence here that {ablated.ablates} matters",
+                "B better": f"better without {ablated.ablates}, against the paper",
+            }[row.verdict]
+            lines.append(f"- Without {ablated.ablates} ({ablated.name}): {reading}.")
     return lines
 
 
 def _interval(row: Any, a: str, b: str, what: str) -> str:
-    """'IPR 0.45 vs SFT 0.40, IPR - SFT test reward = +0.050, 95% CI [0.010, 0.090] over 50
-    tasks (...): above 0'."""
+    """'IPR 0.450 vs SFT 0.400, IPR - SFT test reward = +0.050, 95% CI [0.010, 0.090],
+    p = 0.012 over 50 games (...)'."""
     return (
         f"{a} {row.a_mean:.3f} vs {b} {row.b_mean:.3f}, {a} - {b} {what} = "
-        f"{_signed(row.mean_diff)}, 95% CI [{row.ci_low:.3f}, "
-        f"{row.ci_high:.3f}] over {row.tasks} tasks ({a} higher on {row.a_higher}, lower on "
-        f"{row.a_lower}, equal on {row.equal}): {row.ci}"
+        f"{_signed(row.mean_diff)}, 95% CI [{row.ci_low:.3f}, {row.ci_high:.3f}] "
+        f"({row.ci}), {_p(row.p)} over {row.games} games ({a} higher on {row.a_higher}, "
+        f"lower on {row.a_lower}, equal on {row.equal})"
     )
 
 
@@ -832,6 +920,10 @@ def _num(value: object) -> float | None:
 
 def _fmt(value: float | None) -> str:
     return "NULL" if value is None else f"{value:.3f}"
+
+
+def _p(value: float) -> str:
+    return f"p = {value:.4f}" if value >= 1e-4 else "p < 0.0001"
 
 
 def _signed(value: float) -> str:

@@ -20,7 +20,6 @@ from ipr_core.envs import canonical_env_id
 from ipr_core.errors import InputError, UnknownEnvError, kind_of, read_text
 from ipr_core.training.config import (
     IN_PROCESS,
-    PRESETS,
     ComputeConfig,
     MixtureConfig,
     Seed,
@@ -28,10 +27,19 @@ from ipr_core.training.config import (
     StrictConfig,
     check_layout,
 )
+from ipr_core.training.methods import REGISTRY, Needs, method
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
-Method = Literal["ipr", "eto", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft", "sft", "custom"]
+
+def _known_method(value: str) -> str:
+    if value not in REGISTRY:
+        raise ValueError(f"unknown method {value!r}; known: {', '.join(REGISTRY)}")
+    return value
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+"""A name of the method registry (`ipr_core.training.methods`)."""
 
 
 def _canonical_env_id(value: str) -> str:
@@ -163,8 +171,9 @@ class RunConfig(StrictConfig):
     env: EnvId
     model: str = "smollm2-135m-instruct"
     """The base model: a model spec (see ipr_core.engine.models.resolve_model)."""
-    method: Method = "ipr"
-    """A row of the paper's table (its loss weights); `custom` uses `mixture.weights`."""
+    method: MethodName = "ipr"
+    """A method of the registry (`ipr_core.training.methods`: its loss and what its
+    iterations need); `custom` trains the mixture with `mixture.weights`."""
     sft: SFTConfig | None = SFTConfig()
     """Stage 1; null uses the base model as the SFT model (scorer, reference, explorer 1)."""
     mixture: MixtureConfig = MixtureConfig()
@@ -217,14 +226,14 @@ class RunConfig(StrictConfig):
     def _weights_belong_to_custom(cls, value: MixtureConfig, info: ValidationInfo) -> MixtureConfig:
         """A method other than `custom` brings its own weights: silently training with
         them instead of the ones the config spells out would mislabel an ablation."""
-        method = info.data.get("method", "ipr")
-        if method != "custom" and "weights" in value.model_fields_set:
-            preset = PRESETS.get(method)
-            if preset is None or value.weights != preset:
-                raise ValueError(
-                    f"weights are fixed by method {method!r}; set method: custom to train "
-                    "with these"
-                )
+        name = info.data.get("method")
+        spec = REGISTRY.get(name) if isinstance(name, str) else None
+        custom = spec is not None and spec.training == "mixture" and spec.weights is None
+        fixed = None if spec is None else spec.weights
+        if not custom and "weights" in value.model_fields_set and value.weights != fixed:
+            raise ValueError(
+                f"weights are fixed by method {name!r}; set method: custom to train with these"
+            )
         return value
 
     @field_validator("compute")
@@ -254,11 +263,19 @@ class RunConfig(StrictConfig):
 
     @property
     def mixture_settings(self) -> MixtureConfig | None:
-        """The mixture of `method` (None for `sft`: no training after stage 1)."""
-        if self.method == "custom":
+        """The mixture of `method` (None for a method that trains none: sft, rft)."""
+        spec = method(self.method)
+        if spec.training != "mixture":
+            return None
+        if spec.weights is None:
             return self.mixture
-        weights = PRESETS[self.method]
-        return None if weights is None else self.mixture.model_copy(update={"weights": weights})
+        return self.mixture.model_copy(update={"weights": spec.weights})
+
+    @property
+    def needs(self) -> Needs:
+        """What each iteration of the run's method needs (`ipr_core.training.methods`)."""
+        mixture = self.mixture_settings
+        return method(self.method).needs(None if mixture is None else mixture.weights)
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -29,6 +29,10 @@ class UnknownEnvError(IprError):
     """An env id that no adapter is registered for."""
 
 
+class SplitTooSmall(IprError):
+    """A setting asks for more distinct games than a split of its env has."""
+
+
 class EnvParamError(UnknownEnvError):
     """An env id whose game parameters are unknown, malformed or out of range."""
 

@@ -56,6 +56,7 @@ class StageName(StrEnum):
     AGENT_STEP_REWARDS = "agent-step-rewards"
     MINE_PAIRS = "mine-pairs"
     TRAIN_MIXTURE = "train-mixture"
+    TRAIN_RFT = "train-rft"
     EVALUATE = "evaluate"
 
 

@@ -57,11 +57,15 @@ def test_splits_are_the_engines_variation_sets(
 ) -> None:
     env = envs[env_id]
     for split in ("train", "dev", "test"):
-        engine = [int(v) for v in env._call(f"getVariations{split.title()}")]
-        assert env.task_ids(split) == [f"{split}-{v}" for v in engine] and engine
+        engine = [f"{split}-{v}" for v in env._call(f"getVariations{split.title()}")]
+        distinct = env.task_ids(split)  # the engine's variations, each game once, in its order
+        assert distinct and distinct == [task_id for task_id in engine if task_id in distinct]
     assert not set(env.task_ids("train")) & set(env.task_ids("test"))
     sizes = tuple(len(env.task_ids(split)) for split in ("train", "dev", "test"))
-    assert variant_info(env_id).split_sizes == sizes  # what `ipr envs` lists
+    variations = variant_info(env_id).split_sizes  # what `ipr envs` lists
+    assert variations is not None and all(
+        0 < n <= v for n, v in zip(sizes, variations, strict=True)
+    )
     with pytest.raises(ValueError, match="validation"):
         env.task_ids("validation")
     for bad in ["train-999999", "dev-0", "train-x", "0"]:

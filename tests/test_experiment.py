@@ -9,16 +9,13 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 
 from flows.cli import main as cli_main
 from flows.commands import main
-from flows.report import (
-    PER_TASK_SQL,
-    markdown_table,
-    paired_comparisons,
-    run_query,
-)
+from flows.report import COMPARED, EPISODES_SQL, markdown_table, run_query
+from flows.stats import paired_comparisons
 from ipr_core.errors import InputError, IprError
 from ipr_core.run.experiment import load_experiment_config, run_experiment
 from ipr_core.run.manifest import ManifestChanged
@@ -181,8 +178,8 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
     # settings, results, per seed, dev curve, pairs, costs, step reward distribution,
-    # 2 x step accuracy, 2 x per task, manifests
-    assert len(blocks) == 12
+    # 2 x step accuracy, per-game differences, episodes, test evaluations, manifests
+    assert len(blocks) == 13
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
     settings = store.query(blocks[0][1])  # methods in the paper's order, seeds ascending
@@ -225,38 +222,31 @@ def test_a_run_resumed_with_another_package_version_is_refused(experiment, tmp_p
     assert copy.run_manifests("smoke-ipr-s0") == [stored]
 
 
-def test_report_pairs_methods_on_the_test_tasks_from_the_per_task_sql(experiment, tmp_path):
+def test_report_pairs_methods_on_the_test_games_from_the_episodes_sql(experiment, tmp_path):
     _, store, runs, *_ = experiment
     out = tmp_path / "results.md"
     args = ["report", "--experiment", "smoke", "--out", str(out), "--store", str(store.path)]
     assert main(args) == 0
     text = out.read_text()
-    section = text.split("## Paired comparisons on the test tasks")[1].split("## What the")[0]
-    per_task_table, per_task_sql = re.search(
-        r"### Per-task outcomes.*?((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", section, re.M | re.S
+    section = text.split("## Paired comparisons on the test games")[1].split("## Settled")[0]
+    episodes_table, episodes_sql = re.search(
+        r"### Per-episode outcomes.*?((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", section, re.M | re.S
     ).groups()
-    assert "'smoke'" in per_task_sql
-    per_task = store.query(per_task_sql)
-    assert markdown_table(per_task) == per_task_table.strip()
+    assert "'smoke'" in episodes_sql
+    episodes = store.query(episodes_sql)
+    assert markdown_table(episodes) == episodes_table.strip()
     # exactly the test episodes: 6 runs x 2 test tasks, no dev task among them
-    assert int((per_task["seeds"] + per_task["failed"]).sum()) == 12
-    assert set(per_task["task_id"]) == {"test-20000", "test-20001"}
+    assert int(episodes["tasks"].sum()) == 12
+    assert set(episodes["game_id"]) <= {"test-20000", "test-20001"}
     # the printed comparison table is paired_comparisons of that query's output
-    paired = paired_comparisons(per_task)
+    paired = paired_comparisons(episodes, COMPARED)
     assert markdown_table(paired) in section
     assert list(paired["comparison"].unique()) == ["ipr - sft", "ipr - eto", "eto - sft"]
-    assert "`flows.report.paired_comparisons`" in section and "10000 resamples" in section
-    # per-task means over tasks are the results table's means over seeds (nothing failed)
-    for method in ("ipr", "sft"):
-        mean = runs[runs["method"] == method]["test_reward"].mean()
-        row = paired[(paired["comparison"] == "ipr - sft") & (paired["metric"] == "reward")]
-        value = row["a_mean" if method == "ipr" else "b_mean"].iloc[0]
-        assert value == pytest.approx(mean, abs=1e-3)
-    claim = re.search(r"^- IPR (beats|does not beat) ETO: .*$", text, re.M).group(0)
+    assert "`flows.stats.paired_comparisons`" in section and "10000 resamples" in section
+    claim = re.search(r"^- (IPR beats ETO|ETO beats IPR|IPR does not beat ETO): .*$", text, re.M)
     ipr_eto = paired[(paired["comparison"] == "ipr - eto") & (paired["metric"] == "reward")]
-    assert f"[{ipr_eto['ci_low'].iloc[0]:.3f}, {ipr_eto['ci_high'].iloc[0]:.3f}]" in claim
-    assert claim.endswith(f": {ipr_eto['ci'].iloc[0]}.")
-    assert ("does not beat" in claim) == (ipr_eto["ci"].iloc[0] != "above 0")
+    assert f"[{ipr_eto['ci_low'].iloc[0]:.3f}, {ipr_eto['ci_high'].iloc[0]:.3f}]" in claim.group(0)
+    assert ("does not beat" in claim.group(0)) == (ipr_eto["verdict"].iloc[0] == "not shown")
     assert "0 of 12 test episodes failed" in section
     # the printed code regenerates the comparison table and is as ruff formats it
     [code] = re.findall(r"```python\n(.*?)```", section, re.S)
@@ -264,9 +254,13 @@ def test_report_pairs_methods_on_the_test_tasks_from_the_per_task_sql(experiment
     assert "ipr - sft" in ran.stdout
     ruff = [str(Path(sys.executable).with_name("ruff")), "format", "--diff", "-"]
     subprocess.run(ruff, input=code, capture_output=True, text=True, check=True)
+    # the test evaluations are listed with their times (the smoke config is not committed
+    # under this experiment id's name elsewhere, so it is found and compared)
+    settled = text.split("## Settled before test")[1].split("## What the")[0]
+    assert settled.count("| smoke-") == 6
 
 
-def test_per_task_sql_leaves_failed_episodes_out_and_averages_the_rest(experiment, tmp_path):
+def test_episodes_sql_leaves_failed_episodes_out_and_averages_the_rest(experiment, tmp_path):
     _, store, *_ = experiment
     copy = Store(tmp_path / "copy.duckdb")
     copy.path.write_bytes(store.path.read_bytes())
@@ -279,14 +273,18 @@ def test_per_task_sql_leaves_failed_episodes_out_and_averages_the_rest(experimen
             "UPDATE rollouts SET outcome_reward = 1.0, n_steps = 3 "
             "WHERE run_id = 'smoke-ipr-s1' AND kind = 'eval' AND task_id = 'test-20000'"
         )
-    frame = run_query(copy, PER_TASK_SQL, "smoke").frame
-    row = frame[(frame["method"] == "ipr") & (frame["task_id"] == "test-20000")].iloc[0]
-    assert (row.seeds, row.failed, row.reward, row.success, row.steps) == (1, 1, 1.0, 1.0, 3.0)
-    # the dev episodes of the same model are not test episodes
-    assert set(frame["task_id"]) == {"test-20000", "test-20001"} and len(frame) == 6
-    paired = paired_comparisons(frame, n_resamples=100)
+    frame = run_query(copy, EPISODES_SQL, "smoke").frame
+    ipr = frame[(frame["method"] == "ipr") & (frame["game_id"] == "test-20000")]
+    failed = ipr[ipr["seed"] == 0].iloc[0]
+    solved = ipr[ipr["seed"] == 1].iloc[0]
+    assert bool(failed.failed) and pd.isna(failed.reward)
+    assert (solved.failed, solved.reward, solved.success, solved.steps) == (False, 1.0, 1.0, 3.0)
+    # the dev episodes of the same model are not test episodes; the edited transcripts
+    # make the two test tasks two games
+    assert set(frame["game_id"]) == {"test-20000", "test-20001"} and len(frame) == 12
+    paired = paired_comparisons(frame, COMPARED, n_resamples=100)
     reward = paired[(paired["comparison"] == "ipr - sft") & (paired["metric"] == "reward")].iloc[0]
-    assert (reward.mean_diff, reward.a_higher, reward.equal) == (0.5, 1, 1)
+    assert reward.games == 2
 
 
 @pytest.mark.parametrize(
@@ -315,14 +313,34 @@ def test_report_of_unknown_experiment_is_a_clear_error(experiment, tmp_path, cap
 
 
 def test_an_experiment_recorded_before_sft_per_seed_resumes_with_one_sft_model(tmp_path):
-    """Its recorded settings lack `sft_per_seed`: it ran with one SFT model for all seeds."""
+    """Its recorded settings lack `sft_per_seed` (and the later `tuning`, `fallback_to_sft`):
+    it ran with one SFT model for all seeds, a test evaluation and trained models picked."""
     from ipr_core.run.experiment import register
 
     config = load_experiment_config(CONFIG, store=tmp_path / "x.duckdb")
     recorded = json.loads(config.shared_settings())
-    del recorded["sft_per_seed"], recorded["fixed_scorer"]
+    for later in ("sft_per_seed", "fixed_scorer", "tuning", "fallback_to_sft"):
+        del recorded[later]
     store = Store(config.run.store)
     store.write({"experiments": [{"experiment_id": "smoke", "config": json.dumps(recorded)}]})
     register(store, config.model_copy(update={"sft_per_seed": False}))
     with pytest.raises(IprError, match=r"\(sft_per_seed\)"):
         register(store, config)
+
+
+def test_a_tuning_experiment_never_evaluates_a_test_task(experiment, tmp_path):
+    config, store, *_ = experiment
+    copy = Path(shutil.copy(store.path, tmp_path / "tune.duckdb"))
+    run = config.run.model_copy(update={"store": copy})
+    tuning = config.model_copy(
+        update={"experiment_id": "tune", "methods": ["sft"], "tuning": True, "run": run}
+    )
+    runs = run_experiment(tuning, log=lambda _: None)
+    assert runs["status"].tolist() == ["finished", "finished"]
+    assert runs["test_reward"].isna().all()
+    tested = Store(copy).query(
+        "SELECT count(*) AS n FROM evaluations WHERE run_id LIKE 'tune-%' AND split = 'test'"
+    )
+    assert int(tested["n"].iloc[0]) == 0
+    [manifest] = Store(copy).run_manifests("tune-sft-s0")
+    assert set(manifest["splits"]) == {"train", "dev"}

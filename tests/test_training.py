@@ -22,7 +22,6 @@ from ipr_core.training.config import (
     MixtureConfig,
     MixtureWeights,
     SFTConfig,
-    mixture_preset,
 )
 from ipr_core.training.data import (
     TokenizationMismatch,
@@ -30,6 +29,7 @@ from ipr_core.training.data import (
     build_sft_examples,
     sft_data_hash,
 )
+from ipr_core.training.methods import mixture_preset
 from ipr_core.training.mixture import (
     MixtureTrainer,
     PairCollator,
@@ -135,15 +135,6 @@ def test_mixture_loss_matches_hand_computation() -> None:
     nan_nll = torch.tensor(float("nan"))
     loss = mixture_loss(PairLogps(pc, pr, rc, rr), is_step, nan_nll, beta, no_sft)
     assert loss.item() == pytest.approx((0.7 * o_dpo + 1.3 * s_dpo) / 2, abs=1e-5)
-
-
-def test_presets_follow_the_paper_rows() -> None:
-    assert mixture_preset("sft") is None
-    eto = mixture_preset("eto")
-    assert eto is not None and eto.weights == MixtureWeights(step_dpo=0.0, sft=0.0)
-    assert mixture_preset("ipr-no-sft", lr=1e-5).weights.sft == 0.0  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="unknown mixture preset"):
-        mixture_preset("ppo")
 
 
 # -- (b) the trainer's loss on a real batch --------------------------------------------------

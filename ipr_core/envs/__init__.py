@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from itertools import product
@@ -44,6 +44,7 @@ __all__ = [
     "StepResult",
     "VariantInfo",
     "canonical_env_id",
+    "describe_games",
     "env_spec",
     "known_env_ids",
     "make_env",
@@ -81,7 +82,9 @@ class VariantInfo:
     """The episode step bound of a setting (every parameter by name)."""
     params: tuple[Param, ...] = ()
     split_sizes: tuple[int, int, int] | None = None
-    """Tasks in train / dev / test where the engine fixes them; None: they depend on data."""
+    """Seeds (TWX) or variations (ScienceWorld) in train / dev / test where the engine fixes
+    them; None: they depend on data. A TWX split's tasks are its distinct games, fewer
+    (`ipr envs ID` counts them)."""
     rules: tuple[Rule, ...] = ()
 
 
@@ -408,6 +411,22 @@ def make_env(env_id: str) -> Env:
     return factory(spec)
 
 
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+def describe_games(env_ids: Sequence[str]) -> str:
+    """`ipr envs ID...`: the distinct games of each split of each setting (starts its env)."""
+    lines = ["env id: distinct games in train / dev / test"]
+    for env_id in env_ids:
+        env = make_env(env_id)
+        try:
+            counts = [len(env.task_ids(split)) for split in SPLIT_NAMES]
+        finally:
+            env.close()
+        lines.append(f"{canonical_env_id(env_id)}: {' / '.join(map(str, counts))}")
+    return "\n".join(lines)
+
+
 def describe_envs() -> str:
     """`ipr envs`: every env id with its step bound and split sizes, then its parameters."""
     width = max(map(len, known_env_ids())) + 2
@@ -436,6 +455,8 @@ def describe_envs() -> str:
         lines += [f"    {rule.text}" for rule in info.rules]
     lines.append(
         "Parameters go after '?', joined by '&', e.g. 'twx/twc?locations=1&items=2'; "
-        "max steps is the bound at the defaults (over the parameter ranges in brackets)."
+        "max steps is the bound at the defaults (over the parameter ranges in brackets); "
+        "train/dev/test counts the engine's seeds: `ipr envs ID...` counts a setting's "
+        "distinct games, what its splits hold."
     )
     return "\n".join(lines)

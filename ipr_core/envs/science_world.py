@@ -24,7 +24,11 @@ with two differences forced by the engine:
   interface once per (task, variation) and process. The gold agent is not seeded: a task's
   gold path may differ between processes (e.g. which flower pot it waters), never its world.
 
-Task ids are `<split>-<variation>` over ScienceWorld's own train/dev/test variation sets.
+Task ids are `<split>-<variation>` over ScienceWorld's own train/dev/test variation sets,
+each game once (`ipr_core.envs.games`): variations can make the same game (find-animal: 300
+variations, 270 distinct). A game's key is its task description and first observation (the
+gold agent is not seeded, so its path is left out; two variations that differ only outside
+the first room count as one game, the conservative side). Every variation still resets.
 The instruction is the task description; the initial observation is a free 'look around'.
 
 Scoring: the engine reports progress in [0, 1] (the package's API shows it as 0-100); it is
@@ -41,6 +45,7 @@ import json
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 from py4j.java_gateway import JavaGateway
@@ -49,6 +54,7 @@ from scienceworld.constants import BASEPATH, JAR_PATH
 
 from ipr_core.envs import EnvSpec, env_spec, scienceworld_is_electrical
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
+from ipr_core.envs.games import content_key, distinct_numbers
 from ipr_core.envs.jvm import SharedJvm
 
 SPLITS = ("train", "dev", "test")
@@ -226,7 +232,19 @@ class ScienceWorldEnv:
     def task_ids(self, split: str) -> list[str]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        return [f"{split}-{v}" for v in _SPLIT_VARIATIONS[self.task][split]]
+        setting = ["scienceworld", self.task, self._simplifications, version("scienceworld")]
+        scratch: list[Any] = []
+
+        def key(split: str, variation: int) -> str:
+            if not scratch:  # a second interface: this instance's episode stays as it is
+                scratch.append(self._new_interface())
+            server = scratch[0]
+            self._call("load", self.task, variation, self._simplifications, False, server=server)
+            observation = self._call("freeActionLook", server=server).strip()
+            return content_key(self._call("getTaskDescription", server=server).strip(), observation)
+
+        games = distinct_numbers(setting, _SPLIT_VARIATIONS[self.task], key)
+        return [f"{split}-{v}" for v in games[split]]
 
     def reset(self, task_id: str) -> EnvTask:
         split, _, variation = task_id.partition("-")

@@ -18,13 +18,20 @@ move); replaying them past `done` is harmless.
 
 Invalid actions are answered by TWX itself with "Unknown action: I'm not sure what you
 mean." and cost a step; they never raise.
+
+Distinct games (`ipr_core.envs.games`): TWX seeds can make the same game (twc with 1 room
+and 2 items: 50 test seeds held 47 games), so a split's task ids are its distinct games. A
+game is what the engine generates for a seed: its task description, first observation and
+gold path (coin's gold path is an unseeded random walk, so there it is left out). Every
+seed stays valid for `reset`, so stored task ids of duplicate seeds still read.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from py4j.java_gateway import JavaGateway
@@ -33,6 +40,7 @@ from textworld_express.constants import BASEPATH, JAR_PATH
 
 from ipr_core.envs import env_spec
 from ipr_core.envs.base import EnvCrashed, EnvTask, StepResult
+from ipr_core.envs.games import content_key, distinct_numbers
 from ipr_core.envs.jvm import SharedJvm
 
 SPLITS = ("train", "dev", "test")
@@ -53,6 +61,8 @@ class TwxVariant:
     action_hint: str
     fixed_params: dict[str, int] = field(default_factory=dict)
     """Engine settings the env id does not expose."""
+    seeded_gold: bool = True
+    """Whether the gold path is the same on every reset of a seed (part of a game's key)."""
 
 
 # The parameters an env id can set, their defaults (this project's), ranges and step bounds are
@@ -67,6 +77,7 @@ VARIANTS: dict[str, TwxVariant] = {
     ),
     "coin": TwxVariant(
         game="coin",
+        seeded_gold=False,
         action_hint=_COMMON_HINT + ", 'take X'. Take the coin once you see it.",
     ),
     "twc": TwxVariant(
@@ -131,6 +142,37 @@ def _ints(java_list: Any) -> list[int]:
     return [int(x) for x in json.loads(java_list.toString())]
 
 
+def game_key(server: Any, seed: int, split: str, seeded_gold: bool) -> str | None:
+    """The content of the game `seed` makes (None: the engine cannot generate it)."""
+    try:
+        info = json.loads(server.generateNewGameJSON(seed, split, True))
+        # the JVM list's text in one py4j call (iterating it costs a round trip per action)
+        gold = str(server.getGoldActionSequence().toString()) if seeded_gold else ""
+        return content_key(str(server.getTaskDescription()), info["observation"], gold)
+    except Py4JError:
+        return None
+
+
+def distinct_seeds(
+    make_server: Callable[[], Any],
+    variant: TwxVariant,
+    engine_params: Mapping[str, int],
+    seeds: Mapping[str, list[int]],
+) -> dict[str, list[int]]:
+    """Per split, the first seed of each game (`ipr_core.envs.games`); `make_server()` gives
+    a game server loaded with this setting, called once and only when the seeds are not
+    cached."""
+    setting = ["twx", variant.game, sorted(engine_params.items()), Path(JAR_PATH).name]
+    made: list[Any] = []
+
+    def key(split: str, seed: int) -> str | None:
+        if not made:
+            made.append(make_server())
+        return game_key(made[0], seed, split, variant.seeded_gold)
+
+    return distinct_numbers(setting, seeds, key)
+
+
 def _by_lower_case(valid_actions: list[str]) -> dict[str, str]:
     return {a.lower(): a for a in valid_actions}
 
@@ -157,22 +199,35 @@ class TextWorldExpressEnv:
             self._server = self._gateway.jvm.textworldexpress.runtime.PythonInterface()
             engine_params = {**spec.fixed_params, **env.engine_params()}
             error = self._server.load(spec.game, _params_str(engine_params))
+            if error:
+                self.close()
+                raise ValueError(f"{self.env_id}: bad game parameters: {error}")
             self._seeds = {
                 "train": _ints(self._server.getSeedsTrain()),
                 "dev": _ints(self._server.getSeedsDev()),
                 "test": _ints(self._server.getSeedsTest()),
             }
+            self._variant, self._engine_params = spec, engine_params
         except Py4JError as e:
             self.close()
             raise EnvCrashed(f"{self.env_id}: TWX JVM failed while loading: {e}") from e
-        if error:
-            self.close()
-            raise ValueError(f"{self.env_id}: bad game parameters: {error}")
 
     def task_ids(self, split: str) -> list[str]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        return [f"{split}-{seed}" for seed in self._seeds[split]]
+        games = distinct_seeds(
+            self._scratch_server, self._variant, self._engine_params, self._seeds
+        )
+        return [f"{split}-{seed}" for seed in games[split]]
+
+    def _scratch_server(self) -> Any:
+        """A second game server of this setting, so that generating every game of the
+        splits leaves this instance's episode alone."""
+        if self._gateway is None:
+            raise EnvCrashed(f"{self.env_id}: used after close()")
+        server = self._gateway.jvm.textworldexpress.runtime.PythonInterface()
+        server.load(self._variant.game, _params_str(self._engine_params))
+        return server
 
     def reset(self, task_id: str) -> EnvTask:
         split, _, seed = task_id.partition("-")

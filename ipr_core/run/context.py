@@ -23,7 +23,7 @@ from ipr_core.engine.models import resolve_model
 from ipr_core.engine.progress import ProgressBar, ProgressFn
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
 from ipr_core.envs import make_env
-from ipr_core.errors import InputError, IprError
+from ipr_core.errors import InputError, IprError, SplitTooSmall
 from ipr_core.method.mining import PairContext, pair_decided
 from ipr_core.method.step_rewards import (
     StepQuery,
@@ -87,11 +87,33 @@ class ScoringRunner(Protocol):
 
 
 class Engines:
-    """Backends and rollout engines of one config; needs no store."""
+    """Backends, rollout engines and split task ids of one config; needs no store."""
 
     def __init__(self, config: RunConfig, progress: ProgressFactory | None = None):
         self.config = config
         self.progress = progress
+        self._task_ids: dict[str, tuple[str, ...]] = {}
+
+    def task_ids(self, split: str) -> tuple[str, ...]:
+        """A split's task ids (an env is started once per split)."""
+        if split not in self._task_ids:
+            env = make_env(self.config.env)
+            try:
+                self._task_ids[split] = tuple(env.task_ids(split))
+            finally:
+                env.close()
+        return self._task_ids[split]
+
+    def first_tasks(self, split: str, limit: int, setting: str) -> tuple[str, ...]:
+        """The first `limit` distinct games of a split; more than it has is an error naming
+        `setting` (the config field asking), never a silent repeat or a shorter list."""
+        task_ids = self.task_ids(split)
+        if limit > len(task_ids):
+            raise SplitTooSmall(
+                f"{self.config.env}: split {split!r} has {len(task_ids)} distinct games; "
+                f"{setting} asks for {limit}"
+            )
+        return task_ids[:limit]
 
     def backend(self, path: Path) -> PolicyBackend:
         """A backend whose policy id is the model's content id (stable across runs)."""
@@ -206,7 +228,6 @@ class RunContext:
     allow_manifest_change: bool = False
     """Resume a run whose packages, model, splits or prompt changed (`ipr_core.run.manifest`)."""
     engines: Engines = field(init=False)
-    _task_ids: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.engines = Engines(self.config, self.progress or self._bar)
@@ -244,16 +265,6 @@ class RunContext:
         stored = [e.task.action_hint for e in self.experts() if e.task.action_hint]
         hint = stored[0] if stored else action_hint(self.config.env)
         return PromptFormat(hint, self.config.prompt.history_window)
-
-    def task_ids(self, split: str) -> tuple[str, ...]:
-        """A split's task ids (an env is started once per split and context)."""
-        if split not in self._task_ids:
-            env = make_env(self.config.env)
-            try:
-                self._task_ids[split] = tuple(env.task_ids(split))
-            finally:
-                env.close()
-        return self._task_ids[split]
 
     def base_path(self) -> Path:
         return resolve_model(self.config.model, self.config.cache_dir)

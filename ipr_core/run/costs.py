@@ -141,24 +141,32 @@ def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
     if config.sft is not None:
         evaluations += int(config.evaluate_base)
         work.append(Work("sft", 1, tasks * config.sft.epochs, "task x epoch"))
-    mixture = config.mixture_settings
-    if mixture is not None:
+    needs, mixture = config.needs, config.mixture_settings
+    if needs.exploration:
         k = config.iterations
         evaluations += k
-        if mixture.weights.uses_step_pairs:
+        if needs.monte_carlo:
             work += [
                 Work("expert-step-rewards", 1, steps * samples, "rollout"),
                 Work("explore", k, steps, "rollout"),
                 Work("agent-step-rewards", k, steps * samples, "rollout"),
             ]
-        else:  # trajectory pairs only (ETO): each task explored from its start
+        else:  # trajectory pairs or successes only (ETO, RFT): each task explored from its start
             work.append(Work("explore", k, explored, "rollout"))
-        work += [
-            Work("mine-pairs", k, 1, "iteration"),
-            Work("train-mixture", k, explored * mixture.epochs, "task x epoch"),
-        ]
+        if mixture is not None:
+            work += [
+                Work("mine-pairs", k, 1, "iteration"),
+                Work("train-mixture", k, explored * mixture.epochs, "task x epoch"),
+            ]
+        elif config.sft is not None:
+            work.append(Work("train-rft", k, rft_tasks(config) * config.sft.epochs, "task x epoch"))
     work.insert(1, Work("evaluate", evaluations, dev, "rollout"))
     return work
+
+
+def rft_tasks(config: RunConfig) -> int:
+    """RFT's training set at most: the experts and one success per explored task."""
+    return config.train_limit + explored_tasks(config)
 
 
 def explored_tasks(config: RunConfig) -> int:
@@ -215,11 +223,13 @@ def _config(text: str) -> RunConfig | None:
 
 def _measured_units(row: Mapping[str, Any], config: RunConfig | None) -> float:
     kind = row["stage"]
-    if kind in ("sft", "train-mixture"):
+    if kind in ("sft", "train-mixture", "train-rft"):
         if config is None:
             return 0.0
         if kind == "sft":
             settings, tasks = config.sft, config.train_limit
+        elif kind == "train-rft":
+            settings, tasks = config.sft, rft_tasks(config)
         else:
             settings, tasks = config.mixture_settings, explored_tasks(config)
         return float(tasks * settings.epochs) if settings is not None else 0.0

@@ -3,11 +3,12 @@
 An experiment runs every (method, seed) of its config as one run of the IPR loop
 (`ipr_core.run.loop.run_ipr`, the one stage list): SFT, dev evaluation after every
 iteration, the best iteration picked on dev (never on test), and that model evaluated on
-the test split. Each seed trains its own SFT model (`sft_per_seed`), which the methods of
-the seed share: the SFT stage's checkpoint is content-addressed, so the first run of a
-seed trains it and the others find it. The `experiment_runs` table says which runs are
-finished, so rerunning the experiment skips them. `ipr experiment` runs this as the
-`experiment` Prefect flow (`flows/experiment.py`); `--no-prefect` as plain calls.
+the test split (a `tuning` experiment stops at dev). Each seed trains its own SFT model
+(`sft_per_seed`), which the methods of the seed share: the SFT stage's checkpoint is
+content-addressed, so the first run of a seed trains it and the others find it. The
+`experiment_runs` table says which runs are finished, so rerunning the experiment skips
+them. `ipr experiment` runs this as the `experiment` Prefect flow (`flows/experiment.py`);
+`--no-prefect` as plain calls.
 
 Work whose inputs are the same in several runs is done once because a stage whose
 fingerprint matches another run's completion record copies that run's rows:
@@ -25,10 +26,10 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import pandas as pd
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ipr_core.config import (
     RunConfig,
@@ -39,27 +40,49 @@ from ipr_core.config import (
 )
 from ipr_core.errors import InputError, IprError
 from ipr_core.run import loop
-from ipr_core.run.context import Log, RunContext
-from ipr_core.run.loop import Iterate, Iteration, Runner, Split, run_iteration, run_stage
+from ipr_core.run.context import Engines, Log, RunContext
+from ipr_core.run.loop import (
+    Iterate,
+    Iteration,
+    Runner,
+    Split,
+    check_split_sizes,
+    run_iteration,
+    run_stage,
+)
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.config import Seed, StrictConfig
+from ipr_core.training.methods import EXPERIMENT_METHODS
 
-TableMethod = Literal["sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft"]
-METHODS: tuple[TableMethod, ...] = ("sft", "eto", "ipr", "ipr-no-odpo", "ipr-no-sdpo", "ipr-no-sft")
-"""The paper's main rows (SFT, ETO, IPR) and its three ablations, in its order."""
 PER_RUN_FIELDS = ("run_id", "method", "seed")
 """RunConfig fields the experiment sets for each run; the shared `run` settings leave them out."""
 FINISHED = "finished"
 SCORER_RUN = "scorer"
 """The run (`<experiment_id>-scorer`) whose SFT model is the fixed scorer (`fixed_scorer`)."""
-LEGACY_SETTINGS: dict[str, Any] = {"sft_per_seed": False, "fixed_scorer": False}
-"""What an experiment recorded before these settings existed ran with: one SFT model."""
+LEGACY_SETTINGS: dict[str, Any] = {
+    "sft_per_seed": False,
+    "fixed_scorer": False,
+    "tuning": False,
+    "fallback_to_sft": False,
+}
+"""What an experiment recorded before these settings existed ran with: one SFT model, a
+test evaluation, and a trained method's best iteration picked among its trained models."""
+
+
+def _experiment_method(name: str) -> str:
+    if name not in EXPERIMENT_METHODS:
+        known = ", ".join(EXPERIMENT_METHODS)
+        raise ValueError(f"unknown method {name!r}; an experiment runs: {known}")
+    return name
 
 
 class ExperimentConfig(StrictConfig):
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    methods: list[TableMethod] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[Annotated[str, AfterValidator(_experiment_method)]] = Field(
+        default_factory=lambda: list(EXPERIMENT_METHODS), min_length=1
+    )
+    """Methods of the registry (`ipr_core.training.methods`) that have a fixed loss."""
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     """Each seed sets the run's sampling seed (Monte Carlo, evaluation), the mixture
     trainer's seed and, with `sft_per_seed`, the SFT trainer's."""
@@ -71,8 +94,14 @@ class ExperimentConfig(StrictConfig):
     """True: the Monte Carlo step rewards of every seed come from one scorer, the SFT model
     of seed `run.sft.seed` (trained in run `<experiment_id>-scorer`); each seed's policy and
     DPO reference stay its own SFT model. False: each seed's SFT model scores its steps."""
+    tuning: bool = False
+    """Dev only: each run picks its best iteration on dev and stops; no test task is ever
+    evaluated (`test_split` and `test_limit` are not read)."""
     test_split: str = "test"
     test_limit: int = Field(8, gt=0)
+    fallback_to_sft: bool = False
+    """The iteration-0 rule, one for every method: whether a trained method may pick its
+    iteration 0 (the SFT model) when dev says so; false: it picks among its trained models."""
     run: RunConfig
     """Settings every run shares (without run_id, method and seed)."""
 
@@ -122,6 +151,10 @@ class ExperimentConfig(StrictConfig):
             update={"run_id": f"{self.experiment_id}-{SCORER_RUN}", "method": "sft"}
         )
 
+    def test(self) -> Split | None:
+        """The split each run evaluates its best iteration on; None when tuning."""
+        return None if self.tuning else Split(self.test_split, self.test_limit)
+
     def shared_settings(self) -> str:
         """The settings a resumed experiment must not change (methods and seeds may grow)."""
         return self.model_dump_json(exclude={"methods", "seeds"})
@@ -154,6 +187,8 @@ def run_experiment(
     `allow_manifest_change`: resume runs whose manifest changed results
     (`ipr_core.run.manifest`). `run` executes a stage and `run_one` a run (the Prefect
     flow passes its tasks and subflows; by default plain calls)."""
+    test = config.test()
+    check_split_sizes(Engines(config.run), *([] if test is None else [test]))
     store = Store(config.run.store)
     register(store, config)
     started = time.perf_counter()
@@ -222,7 +257,8 @@ def run_method(
     run: Runner = run_stage,
     iterate: Iterate = run_iteration,
 ) -> None:
-    """One run (`loop.run_ipr`): SFT, its iterations evaluated on dev, the best on test."""
+    """One run (`loop.run_ipr`): SFT, its iterations evaluated on dev, the best on test
+    (unless tuning)."""
     store = Store(config.run.store)
     run_config = config.run_config(method, seed)
     run_id = run_config.run_id
@@ -234,9 +270,7 @@ def run_method(
     started = time.perf_counter()
     ctx = RunContext(run_config, store, run_log, allow_manifest_change=allow_manifest_change)
     store.write({"experiment_runs": [{**key, "run_id": run_id, "status": "running"}]})
-    test = Split(config.test_split, config.test_limit)
-    result = loop.run_ipr(ctx, run, iterate, test=test, scorer=scorer)
-    assert result.best is not None  # a run given a test split picks its best iteration
+    result = loop.run_ipr(ctx, run, iterate, config.test(), scorer, config.fallback_to_sft)
     finished = {
         **key,
         "run_id": run_id,

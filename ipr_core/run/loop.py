@@ -37,7 +37,7 @@ from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import Exploration, explore
 from ipr_core.method.mining import PairContext, mine_pairs
 from ipr_core.run import pipeline
-from ipr_core.run.context import MissingConfig, RunContext, ScoringJob
+from ipr_core.run.context import Engines, MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
 from ipr_core.run.fingerprints import (
     FINGERPRINT_CHARS,
@@ -67,6 +67,7 @@ from ipr_core.training.checkpoints import (
     model_id,
 )
 from ipr_core.training.data import pairs_data_hash
+from ipr_core.training.methods import method
 from ipr_core.training.mixture import train_mixture, trainable_pairs
 from ipr_core.training.sft import train_sft
 from ipr_core.types import (
@@ -74,9 +75,11 @@ from ipr_core.types import (
     BASE_ITERATION,
     EXPERT,
     EXPERT_ITERATION,
+    FAILED_STATUSES,
     Actor,
     RolloutKind,
     StageName,
+    Trajectory,
 )
 
 R = TypeVar("R")
@@ -145,10 +148,11 @@ class Mined:
 @dataclass(frozen=True)
 class IterationResult:
     expert: StepsScored | None
-    """None (and `agent` too) when the mixture reads no step pair (`scores_steps`)."""
+    """None (and `agent` too) when the method reads no step pair (`Needs.monte_carlo`)."""
     explored: Explored
     agent: StepsScored | None
-    mined: Mined
+    mined: Mined | None
+    """None when the method trains on no pair (rft)."""
     trained: Trained
     evaluated: Evaluation
 
@@ -269,14 +273,16 @@ def _json(result: Any) -> dict[str, Any]:
 
 # -- the loop ------------------------------------------------------------------------------
 def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
-    """One IPR iteration: THE list of its stages, in order. A mixture that reads no step
-    pair (ETO) skips the Monte Carlo stages and explores from the start of each task only."""
-    steps = scores_steps(ctx)
-    expert = run(EXPERT_STEP_REWARDS, ctx, it) if steps else None
+    """One iteration: THE list of its stages, in order, each run where the method needs it
+    (`ipr_core.training.methods`). A method that reads no step pair (ETO, RFT) skips the
+    Monte Carlo stages and explores from the start of each task only; RFT mines no pairs and
+    trains the SFT objective on the experts and its successful explorations."""
+    needs = ctx.config.needs
+    expert = run(EXPERT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
     explored = run(EXPLORE, ctx, it)
-    agent = run(AGENT_STEP_REWARDS, ctx, it) if steps else None
-    mined = run(MINE_PAIRS, ctx, it)
-    trained = run(TRAIN_MIXTURE, ctx, it)
+    agent = run(AGENT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
+    mined = run(MINE_PAIRS, ctx, it) if needs.pairs else None
+    trained = run(TRAIN_MIXTURE if needs.pairs else TRAIN_RFT, ctx, it)
     evaluated = run(EVALUATE, ctx, replace(it, policy_path=Path(trained.path)))
     return IterationResult(expert, explored, agent, mined, trained, evaluated)
 
@@ -285,19 +291,18 @@ Iterate = Callable[[RunContext, Iteration, Runner], IterationResult]
 
 
 def scores_steps(ctx: RunContext) -> bool:
-    """Whether the run's mixture trains on step pairs, and so needs step rewards."""
-    mixture = ctx.config.mixture_settings
-    return mixture is not None and mixture.weights.uses_step_pairs
+    """Whether the run's method trains on step pairs, and so needs step rewards."""
+    return ctx.config.needs.monte_carlo
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run made: its model and dev evaluation per iteration (0: the SFT model) and,
-    given a test split, the iteration dev picked and its test evaluation."""
+    """What a run made: its model and dev evaluation per iteration (0: the SFT model), the
+    iteration dev picked and, given a test split, that model's test evaluation."""
 
     policies: dict[int, Path]
     dev: dict[int, Evaluation]
-    best: int | None = None
+    best: int
     test: Evaluation | None = None
 
 
@@ -307,12 +312,14 @@ def run_ipr(
     iterate: Iterate = run_iteration,
     test: Split | None = None,
     scorer: Path | None = None,
+    fallback_to_sft: bool = False,
 ) -> RunResult:
-    """A whole run: set-up, SFT, its evaluations, then the iterations; with `test`, the
-    iteration with the best dev evaluation evaluated on the test split. `scorer`: the step
-    scorer's model where it is not the run's SFT model."""
+    """A whole run: set-up, SFT, its evaluations, then the iterations of a method that
+    trains; the iteration with the best dev evaluation (a trained one unless
+    `fallback_to_sft`, the iteration-0 rule) and, with `test`, its test evaluation.
+    `scorer`: the step scorer's model where it is not the run's SFT model."""
     config = ctx.config
-    base = prepare_run(ctx, () if test is None else (test.name,))
+    base = prepare_run(ctx, () if test is None else (test,))
     setup = Iteration(0, base, base)
     run(INGEST, ctx, setup)
     sft = base
@@ -322,14 +329,15 @@ def run_ipr(
         sft = Path(run(SFT, ctx, setup).path)
     policies = {0: sft}
     dev = {0: run(EVALUATE, ctx, Iteration(0, sft, sft))}
-    if config.mixture_settings is not None:  # method `sft` stops after stage 1
+    trains = method(config.method).trains  # method `sft` stops after stage 1
+    if trains:
         for k in range(1, config.iterations + 1):
             result = iterate(ctx, Iteration(k, sft, policies[k - 1], scorer=scorer), run)
             policies[k], dev[k] = Path(result.trained.path), result.evaluated
-    if test is None:
-        return RunResult(policies, dev)
-    first = 0 if config.mixture_settings is None else 1  # trained methods pick a trained model
+    first = 1 if trains and not fallback_to_sft else 0
     best = best_iteration({k: e for k, e in dev.items() if k >= first})
+    if test is None:
+        return RunResult(policies, dev, best)
     tested = run(EVALUATE, ctx, Iteration(best, sft, policies[best], split=test))
     return RunResult(policies, dev, best, tested)
 
@@ -346,13 +354,14 @@ def best_iteration(dev: dict[int, Evaluation]) -> int:
     return max(dev, key=rank)
 
 
-def prepare_run(ctx: RunContext, more_splits: Sequence[str] = ()) -> Path:
+def prepare_run(ctx: RunContext, more_splits: Sequence[Split] = ()) -> Path:
     """Record the run, its manifest (over the train, dev and `more_splits` splits) and its
-    base model (built once into the cache); the base model. A resumed run whose manifest
-    changes results is refused before this."""
+    base model (built once into the cache); the base model. A split with fewer distinct
+    games than asked, or a resumed run whose manifest changes results, is refused first."""
+    check_split_sizes(ctx.engines, *more_splits)
     base = ctx.base_path()
     checkpoint = base_checkpoint(base)
-    splits = (ctx.config.train_split, ctx.config.dev_split, *more_splits)
+    splits = (ctx.config.train_split, ctx.config.dev_split, *(s.name for s in more_splits))
     row = {"run_id": ctx.run_id, "config": ctx.config.model_dump_json()}
     ctx.store.write(
         {
@@ -368,7 +377,7 @@ def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Ro
     """The run's manifest row (`ipr_core.run.manifest`), computed once where the run starts and
     checked against the manifest the run was started with (`check_resume`)."""
     config = ctx.config
-    split_ids = {split: ctx.task_ids(split) for split in splits}
+    split_ids = {split: ctx.engines.task_ids(split) for split in splits}
     now = run_manifest(config.env, config.backend, base_id, split_ids, ctx.prompt)
     stored = ctx.store.run_manifests(ctx.run_id)
     if stored:
@@ -378,6 +387,20 @@ def checked_manifest(ctx: RunContext, base_id: str, splits: Sequence[str]) -> Ro
 
 def eval_split(ctx: RunContext, it: Iteration) -> Split:
     return it.split or Split(ctx.config.dev_split, ctx.config.dev_limit)
+
+
+def check_split_sizes(engines: Engines, *splits: Split) -> None:
+    """Fail before a run writes anything (its store included) when the dev split (or one
+    of `splits`) has fewer distinct games than the config asks for."""
+    config = engines.config
+    for split in (Split(config.dev_split, config.dev_limit), *splits):
+        split_tasks(engines, split)
+
+
+def split_tasks(engines: Engines, split: Split) -> tuple[str, ...]:
+    """The distinct games an evaluation of `split` plays (too few is an error)."""
+    setting = "dev_limit" if split.name == engines.config.dev_split else "test_limit"
+    return engines.first_tasks(split.name, split.limit, setting)
 
 
 # -- fingerprints: what each stage reads, hashed -------------------------------------------
@@ -488,7 +511,7 @@ SFT: Stage[Trained] = Stage(
 # -- evaluation ----------------------------------------------------------------------------
 def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
     split = eval_split(ctx, it)
-    task_ids = ctx.task_ids(split.name)[: split.limit]
+    task_ids = split_tasks(ctx.engines, split)
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"evaluate[{it.number}]")
         result, rollouts = evaluate(engine, split.name, task_ids, ctx.config.seed)
@@ -507,7 +530,7 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
 
 def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) -> list[Scope]:
     split = eval_split(ctx, it)
-    task_ids = ctx.task_ids(split.name)[: split.limit]
+    task_ids = split_tasks(ctx.engines, split)
     return scopes.evaluation(at, r.policy_id, split.name, task_ids)
 
 
@@ -783,6 +806,61 @@ TRAIN_MIXTURE: Stage[Trained] = Stage(
     scopes=_checkpoint_scope,
     result_type=Trained,
     label=lambda it: f"train-mixture[{it.number}]",
+    reusable=False,
+    trains=True,
+)
+
+
+# -- rejection-sampling fine-tuning (rft) ---------------------------------------------------
+def rft_examples(
+    experts: Sequence[Trajectory], explored: Sequence[Exploration]
+) -> list[Trajectory]:
+    """What RFT trains on: the expert trajectories, then the explorations from the start of
+    a task that succeeded (reward 1; failed rollouts and step-level explorations left out)."""
+    successes = [
+        e.rollout.trajectory
+        for e in explored
+        if e.prefix_len == 0
+        and e.rollout.status not in FAILED_STATUSES
+        and (e.rollout.outcome_reward or 0.0) >= 1.0
+    ]
+    return [*experts, *successes]
+
+
+def _train_rft(ctx: RunContext, it: Iteration) -> Output[Trained]:
+    """The SFT objective, from the policy, on `rft_examples` (the SFT settings)."""
+    config = ctx.config
+    if config.sft is None:
+        raise MissingConfig("rft trains with the config's `sft` settings")
+    explored = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
+    examples = rft_examples(ctx.experts(), explored)
+    result = train_sft(
+        it.policy_path, examples, ctx.prompt, config.sft, config.checkpoints_dir, config.compute
+    )
+    ctx.log(
+        f"iteration {it.number}: rft {result.checkpoint_id} on {len(examples)} trajectories "
+        f"({len(examples) - len(ctx.experts())} explored) ({result.summary()})"
+    )
+    return _trained_output(ctx, it, result)
+
+
+TRAIN_RFT: Stage[Trained] = Stage(
+    name=StageName.TRAIN_RFT,
+    compute=_train_rft,
+    fingerprint=lambda ctx, it: digest(
+        [
+            "train-rft",
+            model_id(it.policy_path),
+            experts_hash(ctx, explored=False),
+            ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+            it.number,
+            config_fields(ctx, "env", "sft", "prompt", "cache_dir"),
+        ],
+        FINGERPRINT_CHARS,
+    ),
+    scopes=_checkpoint_scope,
+    result_type=Trained,
+    label=lambda it: f"train-rft[{it.number}]",
     reusable=False,
     trains=True,
 )

@@ -282,7 +282,7 @@ def sql_text(value: str) -> str:
 
 _EXPERT, _AGENT, _MC = sql_text(EXPERT), sql_text(AGENT), sql_text(RolloutKind.MC)
 _SCORING = ", ".join(sql_text(s) for s in (S.EXPERT_STEP_REWARDS, S.AGENT_STEP_REWARDS))
-_TRAINING = ", ".join(sql_text(s) for s in (S.SFT, S.TRAIN_MIXTURE))
+_TRAINING = ", ".join(sql_text(s) for s in (S.SFT, S.TRAIN_MIXTURE, S.TRAIN_RFT))
 
 VIEWS: dict[str, str] = {
     "pair_ids": f"SELECT {PAIR_ID} AS pair_id, * FROM pairs",

@@ -8,7 +8,6 @@ from ipr_core.training.config import (
     MixtureConfig,
     MixtureWeights,
     SFTConfig,
-    mixture_preset,
 )
 
-__all__ = ["LoraConfig", "MixtureConfig", "MixtureWeights", "SFTConfig", "mixture_preset"]
+__all__ = ["LoraConfig", "MixtureConfig", "MixtureWeights", "SFTConfig"]

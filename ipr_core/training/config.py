@@ -1,4 +1,4 @@
-"""Typed training settings and the presets of the paper's table rows.
+"""Typed training settings (each method's weights are in `ipr_core.training.methods`).
 
 The defaults follow the released IPR scripts (SFT lr 2e-5 for 3 epochs; mixture lr 3e-6,
 beta 0.1, equal weights). Batch sizes default small because this project trains on CPU;
@@ -178,27 +178,3 @@ def micro_batches(stage: SFTConfig | MixtureConfig, num_processes: int) -> tuple
             f"of batch_size {stage.batch_size}"
         )
     return micro, stage.grad_accum * share // micro
-
-
-PRESETS: dict[str, MixtureWeights | None] = {
-    "ipr": MixtureWeights(),
-    "eto": MixtureWeights(step_dpo=0.0, sft=0.0),
-    "ipr-no-odpo": MixtureWeights(trajectory_dpo=0.0),
-    "ipr-no-sdpo": MixtureWeights(step_dpo=0.0),
-    "ipr-no-sft": MixtureWeights(sft=0.0),
-    "sft": None,
-}
-"""The rows of the paper's main table and ablations; `sft` trains no mixture at all."""
-
-
-def mixture_preset(name: str, **overrides: object) -> MixtureConfig | None:
-    """Settings of a paper row (None for `sft`); `overrides` set the other fields.
-
-    `eto` is pure DPO on trajectory pairs: the trainer drops step pairs when their weight is 0.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"unknown mixture preset {name!r}; known: {', '.join(PRESETS)}")
-    weights = PRESETS[name]
-    if weights is None:
-        return None
-    return MixtureConfig(weights=weights, **overrides)
