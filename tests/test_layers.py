@@ -110,7 +110,6 @@ SQL = re.compile(
 SQL_HOMES = {
     "ipr_core/store": "the store package: schema, migrations, every query of the store",
     "ipr_core/envs": "InterCode-SQL's MySQL: the environment's own database, not the store",
-    "flows/report.py": "its queries, printed in the report, leave with the report split",
 }
 
 
