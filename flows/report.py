@@ -48,6 +48,7 @@ from ipr_core.store.report_queries import (
     STEP_ACCURACY_SQL,
     STEP_REWARD_DISTRIBUTION_SQL,
     TEST_EVALUATIONS_SQL,
+    TRAINING_STEPS_SQL,
     per_game_diff_sql,
 )
 from ipr_core.store.store import Store
@@ -101,6 +102,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     per_seed = run_query(store, PER_SEED_SQL, experiment_id)
     curve = run_query(store, DEV_CURVE_SQL, experiment_id)
     pairs = run_query(store, PAIRS_SQL, experiment_id)
+    training = run_query(store, TRAINING_STEPS_SQL, experiment_id)
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
     costs = run_query(store, COSTS_SQL, experiment_id)
     distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
@@ -140,6 +142,14 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "method's loss used (ETO drops step pairs, as its loss has no step term). Iteration "
         "1's pairs are shared by every method of a seed.",
         pairs.markdown(),
+        "## Training steps per iteration",
+        "The mixture's per-step diagnostics, averaged over each iteration's optimizer steps "
+        "and seeds: the loss and its SFT term and, per DPO level (o: trajectory pairs, s: "
+        "step pairs), pair accuracy (share with the chosen side's log-ratio above the "
+        "rejected one's) and implicit reward margin (beta times the gap); for the step "
+        "level also the chosen and rejected log-ratios. Empty for runs trained before "
+        "training steps were recorded.",
+        training.markdown(),
         "## Cost per iteration",
         "Wall and CPU seconds of the stages (`stage_costs`, summed over seeds), per pair "
         "mined and per point (0.01) of mean dev reward gained over the previous iteration, "

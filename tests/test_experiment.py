@@ -177,18 +177,24 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     text = out.read_text()
     assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
-    # settings, results, per seed, dev curve, pairs, costs, step reward distribution,
-    # 2 x step accuracy, per-game differences, episodes, test evaluations, manifests
-    assert len(blocks) == 13
+    # settings, results, per seed, dev curve, pairs, training steps, costs, step reward
+    # distribution, 2 x step accuracy, per-game differences, episodes, test evaluations,
+    # manifests
+    assert len(blocks) == 14
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
     settings = store.query(blocks[0][1])  # methods in the paper's order, seeds ascending
     assert settings[["methods", "seeds"]].values.tolist() == [["sft, eto, ipr", "0, 1"]]
-    costs = store.query(blocks[5][1])
+    training = store.query(blocks[5][1])
+    assert set(training["method"]) == {"eto", "ipr"}  # the trained methods, every iteration
+    step_accuracy = training.groupby("method")["s_dpo_accuracy"]
+    assert step_accuracy.count()["ipr"] == (training["method"] == "ipr").sum()
+    assert step_accuracy.count()["eto"] == 0  # ETO's loss has no step term
+    costs = store.query(blocks[6][1])
     assert set(costs["method"]) == {"sft", "eto", "ipr"}
     # a seed's later methods copy the dev evaluation of the seed's SFT model
     assert costs.loc[costs["iteration"] == 0, "copied_stages"].sum() > 0
-    distribution = store.query(blocks[6][1])
+    distribution = store.query(blocks[7][1])
     assert set(distribution["reward"]) == {"expert", "agent", "margin"}
     results_table = blocks[1][0]
     rows = [line.split("|")[1].strip() for line in results_table.strip().splitlines()[2:]]

@@ -124,6 +124,24 @@ ORDER BY list_position({PAPER_ORDER}, i.method), i.iteration
 """
 
 
+TRAINING_STEPS_SQL = f"""
+SELECT x.method, t.iteration, count(DISTINCT x.seed) AS seeds, count(*) AS steps,
+       round(avg(t.loss), 3) AS loss, round(avg(t.sft_loss), 3) AS sft_loss,
+       round(avg(t.o_dpo_accuracy), 3) AS o_dpo_accuracy,
+       round(avg(t.o_dpo_margin), 3) AS o_dpo_margin,
+       round(avg(t.s_dpo_accuracy), 3) AS s_dpo_accuracy,
+       round(avg(t.s_dpo_margin), 3) AS s_dpo_margin,
+       round(avg(t.s_dpo_chosen_logratio), 3) AS s_dpo_chosen_logratio,
+       round(avg(t.s_dpo_rejected_logratio), 3) AS s_dpo_rejected_logratio
+FROM experiment_runs x
+JOIN training_steps t ON t.run_id = x.run_id AND t.iteration >= 1
+WHERE x.experiment_id = {{exp}} AND x.status = 'finished'
+GROUP BY x.method, t.iteration
+ORDER BY list_position({PAPER_ORDER}, x.method), t.iteration
+"""
+"""Each iteration's training steps (`training_steps`), averaged over its steps and seeds:
+whether the step term (s-DPO) learns anything the trajectory term (o-DPO) does not."""
+
 COSTS_SQL = f"""
 WITH member AS (
     SELECT x.method, x.run_id, json_extract_string(e.config, '$.run.dev_split') AS dev_split
