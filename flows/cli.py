@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     return cli.main(argv, parser)
 
 
+def _under_prefect(module: str, flow: str, *args: object) -> pd.DataFrame | None:
+    """Run `module.flow(*args)` under Prefect (ephemeral unless PREFECT_API_URL is set) and
+    return its rows; None, with the failed stage on stderr, when a stage failed. The flow's
+    module is imported only after Prefect's settings are in the environment."""
+    from tasks.settings import configure_prefect_env
+
+    configure_prefect_env()  # before prefect is imported
+    from tasks import StageFailed
+
+    try:
+        return pd.DataFrame(getattr(importlib.import_module(module), flow)(*args))
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = cli.config_from_args(args)
     if args.no_prefect:
@@ -69,17 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         summary = run_pipeline(config, allow_manifest_change=args.allow_manifest_change)
     else:
-        from tasks.settings import configure_prefect_env
-
-        configure_prefect_env()  # before prefect is imported
-        from flows.ipr_flow import ipr
-        from tasks import StageFailed
-
-        try:
-            # ephemeral Prefect unless PREFECT_API_URL is set
-            summary = pd.DataFrame(ipr(config, args.allow_manifest_change))
-        except StageFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        summary = _under_prefect("flows.ipr_flow", "ipr", config, args.allow_manifest_change)
+        if summary is None:
             return 1
     cli.print_table(summary, max_rows=len(summary))
     from ipr_core.store.store import Store
@@ -97,17 +105,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.no_prefect:
         runs = run_experiment(config, allow_manifest_change=args.allow_manifest_change)
     else:
-        from tasks.settings import configure_prefect_env
-
-        configure_prefect_env()  # before prefect is imported
-        from flows.experiment import experiment
-        from tasks import StageFailed
-
-        try:
-            # ephemeral Prefect unless PREFECT_API_URL is set
-            runs = pd.DataFrame(experiment(config, args.allow_manifest_change))
-        except StageFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        runs = _under_prefect("flows.experiment", "experiment", config, args.allow_manifest_change)
+        if runs is None:
             return 1
     cli.print_table(runs, max_rows=len(runs))
     return 1 if (runs["status"] != "finished").any() else 0
