@@ -11,7 +11,11 @@ samples each) are computed three ways on one model:
   d. hardware   -- the bare model's prefill and decode tokens/s at the best batch and dtype
                    of a small sweep (`hardware_rates`): the time those rates need for a's
                    prefilled and generated tokens, over a's wall time, is
-                   `fraction_of_hardware`, a limit that does not inherit a's small batches.
+                   `fraction_of_hardware`, a limit that does not inherit a's batches. The
+                   sweep runs at a's own context lengths (its mean new-token tail over its
+                   mean cached prefix, its mean decode context: attention over a long
+                   conversation is work the model must do whatever the batch), and again at
+                   the fixed `sweep_context` (`fraction_of_hardware_at_fixed_context`).
 Then a and b run greedily on the same queries and their outcomes are compared: they must
 agree, up to a rare batching near-tie.
 """
@@ -64,9 +68,15 @@ class BenchConfig(BaseModel):
     """The engine's dtypes (the reference stays float32); `auto` measures them at startup."""
     seed: Seed = 0
     sweep_rows: tuple[PositiveInt, ...] = (8, 32, 128)
-    """Decode batch sizes of the hardware sweep (prefill: 1 and 8 prompts)."""
+    """Decode batch sizes of the hardware sweep (prefill: PREFILL_ROWS prompts)."""
     sweep_context: int = Field(256, gt=0)
-    """Prompt length of the sweep's prefills and KV length of its decode steps."""
+    """Prompt length of the fixed-context sweep's prefills and KV length of its decode steps."""
+    reference_tasks: int | None = Field(None, gt=0)
+    """b runs the queries of the first k tasks only (it is ~6x slower than a); its time is
+    compared with a's per rollout. None: every task."""
+    compare_rows_per_call: int | None = Field(None, gt=0)
+    """`--compare` replays the first k rows of each of a's generate calls and scales its time
+    by a's tokens over the replayed ones. None: every row."""
 
 
 def load_bench_config(path: Path) -> BenchConfig:
@@ -112,19 +122,24 @@ def run_bench(
 
     a, a_greedy = _estimate(config, engine_backend, config.max_live_episodes, queries)
     log(f"a. engine: {a.wall_s:.1f} s")
-    b, b_greedy = _estimate(config, reference_backend, 1, queries)
-    log(f"b. reference: {b.wall_s:.1f} s")
+    reference_queries = _reference_queries(config, queries)
+    b, b_greedy = _estimate(config, reference_backend, 1, reference_queries)
+    log(f"b. reference: {b.wall_s:.1f} s for {b.rollouts} rollouts")
     c = bare_model_limit(engine_backend, work)
     log(f"c. limit: {c.wall_s:.1f} s")
-    rates = hardware_rates(engine_backend.model, config.sweep_rows, config.sweep_context)
-    prefill, decode = best(rates, "prefill"), best(rates, "decode")
-    hardware_s = a.prefill_tokens / prefill.tokens_per_s + a.generated_tokens / decode.tokens_per_s
-    log(f"d. hardware: {hardware_s:.1f} s (prefill {prefill}, decode {decode})")
+    tail, cached, context = work_contexts(work)
+    hardware = hardware_limit(engine_backend, a, config.sweep_rows, (tail, cached), context)
+    log(f"d. hardware at a's contexts: {hardware['wall_s']:.1f} s")
+    fixed = hardware_limit(
+        engine_backend, a, config.sweep_rows, (config.sweep_context, 0), config.sweep_context
+    )
+    log(f"d. hardware at {config.sweep_context} tokens: {fixed['wall_s']:.1f} s")
 
     compared = None
     if compare is not None:
         compared = ctranslate2_replay(model_path, config, work)
-        log(f"e. {compare} int8: {compared['wall_s']:.1f} s")
+        log(f"e. {compare} int8: {compared['scaled_wall_s']:.1f} s")
+    a_greedy = a_greedy[: len(b_greedy)]  # b's queries are a's first ones
     agree = [x.outcome_reward == y.outcome_reward for x, y in zip(a_greedy, b_greedy, strict=True)]
     same_actions = [
         [s.action for s in x.trajectory.steps] == [s.action for s in y.trajectory.steps]
@@ -136,18 +151,18 @@ def run_bench(
         "engine": asdict(a) | {"tokens_per_s": a.tokens_per_s},
         "reference": asdict(b) | {"tokens_per_s": b.tokens_per_s},
         "limit": asdict(c) | {"tokens_per_s": c.tokens_per_s},
-        "prefill_tokens_ratio": b.prefill_tokens / a.prefill_tokens,
-        "wall_speedup": b.wall_s / a.wall_s,
+        "prefill_tokens_ratio": (b.prefill_tokens / b.rollouts) / (a.prefill_tokens / a.rollouts),
+        "wall_speedup": (b.wall_s / b.rollouts) / (a.wall_s / a.rollouts),
         "fraction_of_limit": c.wall_s / a.wall_s,
-        "hardware": {
-            "sweep": [asdict(rate) for rate in rates],
-            "best_prefill": asdict(prefill),
-            "best_decode": asdict(decode),
-            "wall_s": hardware_s,
-        },
-        "fraction_of_hardware": hardware_s / a.wall_s,
+        "work_contexts": {"prefill_tail": tail, "prefill_cached": cached, "decode": context},
+        "hardware": hardware,
+        "fraction_of_hardware": hardware["wall_s"] / a.wall_s,
+        "hardware_at_fixed_context": fixed,
+        "fraction_of_hardware_at_fixed_context": fixed["wall_s"] / a.wall_s,
         "compare": compared,
-        "engine_speedup_over_compare": None if compared is None else compared["wall_s"] / a.wall_s,
+        "engine_speedup_over_compare": (
+            None if compared is None else compared["scaled_wall_s"] / a.wall_s
+        ),
         "greedy_outcome_agreement": sum(agree) / len(agree),
         "greedy_action_agreement": sum(same_actions) / len(same_actions),
         "greedy_rollouts": len(agree),
@@ -173,6 +188,13 @@ def gold_trajectories(env_id: str, split: str, count: int) -> tuple[list[Traject
 def _queries(config: BenchConfig) -> list[StepQuery]:
     experts, _ = gold_trajectories(config.env, config.split, config.tasks)
     return [q for expert in experts for q in expert_queries(expert)[: config.queries_per_task]]
+
+
+def _reference_queries(config: BenchConfig, queries: list[StepQuery]) -> list[StepQuery]:
+    if config.reference_tasks is None:
+        return queries
+    tasks = list(dict.fromkeys(query.task_id for query in queries))[: config.reference_tasks]
+    return [query for query in queries if query.task_id in tasks]
 
 
 def _estimate(
@@ -208,7 +230,7 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
     heads = config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     wall = 0.0
-    for rows, new, cached, _ in work.prefills:
+    for rows, new, cached, *_ in work.prefills:
         model = backend.prefill_model
         cache = DynamicCache()
         if cached:
@@ -235,7 +257,7 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
         )
         wall += time.perf_counter() - started
     return Measurement(
-        prefill_tokens=sum(computed for *_, computed in work.prefills),
+        prefill_tokens=sum(computed for *_, computed, _ in work.prefills),
         generated_tokens=sum(rows for rows, _ in work.decodes)
         + sum(rows for rows, *_ in work.prefills),
         env_steps=0,
@@ -244,15 +266,55 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
     )
 
 
-def hardware_rates(model: torch.nn.Module, rows: Sequence[int], context: int) -> list[Rate]:
-    """The bare model's prefill (1 and 8 prompts) and decode (`rows` rows) tokens/s over
-    `context` tokens, in float32 and bfloat16: where this machine runs the model fastest."""
+PREFILL_ROWS = (1, 8, 32)
+"""Prompts per prefill pass in the hardware sweep."""
+
+
+def work_contexts(work: WorkLog) -> tuple[int, int, int]:
+    """a's mean prefill tail and mean cached prefix under it (per prefilled row) and its
+    mean decode context (per decoded row): the context lengths the hardware sweep uses."""
+    rows = sum(p[0] for p in work.prefills) or 1
+    tail = sum(p[3] for p in work.prefills) / rows
+    cached = sum(p[4] for p in work.prefills) / rows
+    decoded = sum(n for n, _ in work.decodes) or 1
+    context = sum(n * length for n, length in work.decodes) / decoded
+    return max(round(tail), 1), round(cached), max(round(context), 1)
+
+
+def hardware_rates(
+    model: torch.nn.Module, rows: Sequence[int], prefill: tuple[int, int], context: int
+) -> list[Rate]:
+    """The bare model's prefill tokens/s (PREFILL_ROWS prompts of `prefill` = (new tokens,
+    cached tokens)) and decode tokens/s (`rows` rows over `context` tokens), in float32 and
+    bfloat16: where this machine runs the model fastest."""
     rates = []
     for dtype in DTYPES:
         candidate = in_dtype(model, dtype)
-        rates += [prefill_rate(candidate, prompts, context) for prompts in (1, 8)]
+        rates += [prefill_rate(candidate, prompts, *prefill) for prompts in PREFILL_ROWS]
         rates += [decode_rate(candidate, batch, context) for batch in rows]
     return rates
+
+
+def hardware_limit(
+    backend: TransformersBackend,
+    a: Measurement,
+    rows: Sequence[int],
+    prefill: tuple[int, int],
+    context: int,
+) -> dict[str, Any]:
+    """The time the sweep's best prefill and decode rates need for a's tokens."""
+    rates = hardware_rates(backend.model, rows, prefill, context)
+    fastest_prefill, fastest_decode = best(rates, "prefill"), best(rates, "decode")
+    wall = (
+        a.prefill_tokens / fastest_prefill.tokens_per_s
+        + a.generated_tokens / fastest_decode.tokens_per_s
+    )
+    return {
+        "sweep": [asdict(rate) for rate in rates],
+        "best_prefill": asdict(fastest_prefill),
+        "best_decode": asdict(fastest_decode),
+        "wall_s": wall,
+    }
 
 
 def best(rates: Sequence[Rate], phase: str) -> Rate:
@@ -284,7 +346,9 @@ def ctranslate2_replay(model_path: Path, config: BenchConfig, work: WorkLog) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     prompt_tokens = generated = 0
     wall = 0.0
-    for call in work.calls:
+    every_row = sum(len(ids) + n for call in work.calls for ids, n in call)
+    for whole_call in work.calls:
+        call = whole_call[: config.compare_rows_per_call]
         for start in range(0, len(call), config.max_batch_size):
             rows = call[start : start + config.max_batch_size]
             longest = max(n for _, n in rows)
@@ -301,12 +365,17 @@ def ctranslate2_replay(model_path: Path, config: BenchConfig, work: WorkLog) -> 
             wall += time.perf_counter() - started
             prompt_tokens += sum(len(ids) for ids, _ in rows)
             generated += sum(len(r.sequences_ids[0]) for r in results)
+    replayed = sum(
+        len(ids) + n for call in work.calls for ids, n in call[: config.compare_rows_per_call]
+    )
     return {
         "engine": f"ctranslate2 {ctranslate2.__version__} int8",
         "prompt_tokens": prompt_tokens,
         "generated_tokens": generated,
         "wall_s": wall,
         "tokens_per_s": (prompt_tokens + generated) / wall,
+        "replayed_share": replayed / every_row,
+        "scaled_wall_s": wall * every_row / replayed,
     }
 
 
@@ -324,7 +393,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"prefill_tokens_ratio {report['prefill_tokens_ratio']:.1f}  "
         f"wall_speedup {report['wall_speedup']:.1f}  "
         f"fraction_of_limit {report['fraction_of_limit']:.2f}  "
-        f"fraction_of_hardware {report['fraction_of_hardware']:.2f}  "
+        f"fraction_of_hardware {report['fraction_of_hardware']:.2f} "
+        f"(at {report['config']['sweep_context']} tokens: "
+        f"{report['fraction_of_hardware_at_fixed_context']:.2f})  "
         f"greedy outcome agreement {report['greedy_outcome_agreement']:.2f} "
         f"(actions {report['greedy_action_agreement']:.2f}, {report['greedy_rollouts']} rollouts)"
     )
@@ -332,7 +403,8 @@ def format_table(report: dict[str, Any]) -> str:
         other = report["compare"]
         lines.append(
             f"{other['engine']}: {other['prompt_tokens']} prompt + {other['generated_tokens']} "
-            f"generated tokens in {other['wall_s']:.1f} s; the engine is "
+            f"generated tokens in {other['wall_s']:.1f} s ({other['replayed_share']:.0%} of the "
+            f"engine's calls; all of them: {other['scaled_wall_s']:.1f} s); the engine is "
             f"{report['engine_speedup_over_compare']:.2f}x as fast"
         )
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from ipr_core.engine.backends import SamplingParams, make_backend
+from ipr_core.engine.backends import SamplingParams, make_backend, transformers_backend
 from ipr_core.engine.backends.transformers_backend import TransformersBackend
 from ipr_core.engine.models import SMOLLM2, TINY_LLAMA, build_tiny_llama, resolve_model
 from ipr_core.errors import InputError
@@ -330,3 +330,35 @@ def test_auto_dtypes_are_measured_choices(tiny_model_path: Path):
     assert str(auto.model.dtype) == f"torch.{auto.decode_dtype}"
     [[completion]] = auto.generate([CONVERSATIONS[0]], SamplingParams(max_new_tokens=4))
     assert completion.generated_tokens > 0
+
+
+def test_batched_passes_bound_their_padding_and_rows():
+    """Rows of a pass are padded to its longest fed length and total: a pass never pads its
+    rows by more than PAD_AT_MOST of their cost, holds at most max_rows rows, and every
+    item lands in exactly one pass (a mix of short and long tails, as later turns make)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [
+        (int(torch.randint(20, 160, (1,), generator=generator)),
+         int(torch.randint(300, 1500, (1,), generator=generator)))
+        for _ in range(300)
+    ]  # fmt: skip
+    items = list(range(len(shapes)))
+    passes = transformers_backend._passes(items, shapes, max_rows=32)
+    assert sorted(i for group in passes for i in group) == items
+    columns, pad = transformers_backend.LINEAR_COLUMNS, transformers_backend.PAD_AT_MOST
+    for group in passes:
+        assert len(group) <= 32
+        fed = max(shapes[i][0] for i in group)
+        total = max(shapes[i][1] for i in group)
+        real = sum(shapes[i][0] * (columns + shapes[i][1]) for i in group)
+        if len(group) > 1:
+            assert len(group) * fed * (columns + total) <= (1 + pad) * real
+    # later turns of an episode feed tails of similar length: they still share passes
+    turns = [(40 + i % 5, 600 + (i * 37) % 200) for i in range(300)]
+    assert len(transformers_backend._passes(list(range(300)), turns, max_rows=32)) <= 20
+
+
+def test_decode_rows_of_similar_length_share_a_pass():
+    shapes = [(1, 300)] * 10 + [(1, 2000)] * 10  # decode: one fed token over the context
+    passes = transformers_backend._passes(list(range(20)), shapes, max_rows=64)
+    assert sorted(map(sorted, passes)) == [list(range(10)), list(range(10, 20))]

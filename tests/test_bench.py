@@ -18,8 +18,9 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
             {
                 "env": "twx/cookingworld",
                 "model": str(tiny_model_path),
-                "tasks": 1,
-                "queries_per_task": 2,
+                "tasks": 2,
+                "queries_per_task": 1,
+                "reference_tasks": 1,
                 "n_samples": 2,
                 "max_steps": 3,
                 "max_new_tokens": 6,
@@ -39,31 +40,50 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
     report = json.loads(out.read_text())
     engine, reference, limit = report["engine"], report["reference"], report["limit"]
     assert report["queries"] == 2
-    assert engine["rollouts"] == reference["rollouts"] == 4  # 2 queries x N=2
-    # the reference re-encodes every turn: it prefills more than the engine
-    assert reference["prefill_tokens"] > engine["prefill_tokens"] > 0
-    assert report["prefill_tokens_ratio"] == reference["prefill_tokens"] / engine["prefill_tokens"]
+    assert engine["rollouts"] == 4  # 2 tasks x 1 query x N=2
+    assert reference["rollouts"] == 2  # the first task's query only (reference_tasks)
+    # the reference re-encodes every turn: it prefills more per rollout than the engine
+    per_rollout = {
+        k: m["prefill_tokens"] / m["rollouts"] for k, m in (("a", engine), ("b", reference))
+    }
+    assert per_rollout["b"] > per_rollout["a"] > 0
+    assert report["prefill_tokens_ratio"] == per_rollout["b"] / per_rollout["a"]
+    assert report["wall_speedup"] == pytest.approx(
+        (reference["wall_s"] / 2) / (engine["wall_s"] / 4)
+    )
     # the limit replays exactly the engine's prefill passes
     assert limit["prefill_tokens"] == engine["prefill_tokens"]
     assert report["fraction_of_limit"] == limit["wall_s"] / engine["wall_s"]
-    # the hardware limit: the sweep's best rates applied to the engine's tokens
-    hardware = report["hardware"]
-    assert {(r["phase"], r["dtype"], r["rows"]) for r in hardware["sweep"]} == {
-        (phase, dtype, rows)
-        for dtype in ("float32", "bfloat16")
-        for phase, rows in (("prefill", 1), ("prefill", 8), ("decode", 2), ("decode", 4))
-    }
-    prefill, decode = hardware["best_prefill"], hardware["best_decode"]
-    assert prefill["tokens_per_s"] == max(
-        r["tokens_per_s"] for r in hardware["sweep"] if r["phase"] == "prefill"
-    )
-    assert hardware["wall_s"] == pytest.approx(
-        engine["prefill_tokens"] / prefill["tokens_per_s"]
-        + engine["generated_tokens"] / decode["tokens_per_s"]
-    )
-    assert report["fraction_of_hardware"] == hardware["wall_s"] / engine["wall_s"]
+    # the hardware limits: the sweep's best rates applied to the engine's tokens, at the
+    # engine's own context lengths and at the fixed sweep_context
+    contexts = report["work_contexts"]
+    assert contexts["prefill_tail"] > 0 and contexts["prefill_cached"] > 0  # later turns
+    assert contexts["decode"] > contexts["prefill_tail"]
+    for key, fraction, prefill_context, decode_context in (
+        ("hardware", "fraction_of_hardware",
+         contexts["prefill_tail"] + contexts["prefill_cached"], contexts["decode"]),
+        ("hardware_at_fixed_context", "fraction_of_hardware_at_fixed_context", 16, 16),
+    ):  # fmt: skip
+        hardware = report[key]
+        assert {(r["phase"], r["dtype"], r["rows"], r["tokens"]) for r in hardware["sweep"]} == {
+            (phase, dtype, rows, tokens)
+            for dtype in ("float32", "bfloat16")
+            for phase, rows, tokens in (
+                *(("prefill", rows, prefill_context) for rows in (1, 8, 32)),
+                *(("decode", rows, decode_context) for rows in (2, 4)),
+            )
+        }
+        prefill, decode = hardware["best_prefill"], hardware["best_decode"]
+        assert prefill["tokens_per_s"] == max(
+            r["tokens_per_s"] for r in hardware["sweep"] if r["phase"] == "prefill"
+        )
+        assert hardware["wall_s"] == pytest.approx(
+            engine["prefill_tokens"] / prefill["tokens_per_s"]
+            + engine["generated_tokens"] / decode["tokens_per_s"]
+        )
+        assert report[fraction] == hardware["wall_s"] / engine["wall_s"]
     assert 0.0 <= report["greedy_outcome_agreement"] <= 1.0
-    assert report["greedy_rollouts"] == 2
+    assert report["greedy_rollouts"] == 1  # the reference's queries
     assert "fraction_of_hardware" in done.stdout  # the printed table
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
@@ -23,8 +24,8 @@ class Rate:
     """Tokens per second of one phase at one shape and dtype."""
 
     phase: str
-    """prefill (`rows` prompts of `tokens` tokens) or decode (`rows` rows over a KV cache
-    of `tokens` tokens)."""
+    """prefill (`rows` prompts ending at `tokens` tokens: new ones over a cached prefix) or
+    decode (`rows` rows over a KV cache of `tokens` tokens)."""
     dtype: str
     rows: int
     tokens: int
@@ -39,14 +40,24 @@ def in_dtype(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
 
 
 @torch.inference_mode()
-def prefill_rate(model: PreTrainedModel, rows: int, length: int) -> Rate:
-    """One forward over `rows` random prompts of `length` tokens (after a short warm-up)."""
+def prefill_rate(model: PreTrainedModel, rows: int, length: int, cached: int = 0) -> Rate:
+    """One forward over `rows` random prompts of `length` tokens (after a short warm-up),
+    each over `cached` tokens of keys and values already in the cache (a later turn's
+    prompt: its new tokens attend over the conversation so far)."""
     tokens = torch.randint(model.config.vocab_size, (rows, length), device=model.device)
     model(input_ids=tokens[:, :8], use_cache=True, logits_to_keep=1)
+    cache = DynamicCache()
+    if cached:
+        config = model.config
+        kv = torch.randn(
+            rows, config.num_key_value_heads, cached, _head_dim(config), dtype=model.dtype
+        )
+        for layer in range(config.num_hidden_layers):
+            cache.update(kv, kv.clone(), layer)
     started = time.perf_counter()
-    model(input_ids=tokens, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
     wall = time.perf_counter() - started
-    return Rate("prefill", _name(model), rows, length, rows * length / wall)
+    return Rate("prefill", _name(model), rows, cached + length, rows * length / wall)
 
 
 @torch.inference_mode()
@@ -54,9 +65,10 @@ def decode_rate(model: PreTrainedModel, rows: int, context: int, steps: int = 8)
     """`steps` decode steps of `rows` rows over a static cache holding `context` tokens."""
     config = model.config
     heads = config.num_key_value_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache = StaticCache(config=config, max_cache_len=context + steps + 1)
-    kv = torch.randn(rows, heads, context, dim, dtype=model.dtype, device=model.device)
+    kv = torch.randn(
+        rows, heads, context, _head_dim(config), dtype=model.dtype, device=model.device
+    )
     for layer in range(config.num_hidden_layers):
         cache.update(kv, kv, layer)
     tokens = torch.randint(config.vocab_size, (rows, 1), device=model.device)
@@ -71,6 +83,10 @@ def decode_rate(model: PreTrainedModel, rows: int, context: int, steps: int = 8)
         )
         wall += (time.perf_counter() - started) if step else 0.0
     return Rate("decode", _name(model), rows, context, rows * steps / wall)
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _name(model: PreTrainedModel) -> str:
