@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipr_core.config import RunConfig
+from ipr_core.config import RunConfig, read_yaml_mapping
 from ipr_core.errors import IprError, raised_by_interrupt
 
 RUN_DEFAULTS = RunConfig.model_fields
@@ -222,12 +222,30 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from ipr_core.run.costs import estimate, format_estimate, record_estimate
     from ipr_core.store.store import Store
 
+    if "experiment_id" in read_yaml_mapping(args.config):
+        return _estimate_experiment(args)
     config = config_from_args(args)
     store = Store(config.store)
     made = estimate(store, config)
     print(format_estimate(made, store.previous_estimate()))
     if len(made.unmeasured) < len(made.table):  # a prediction without a rate is not kept
         record_estimate(store, config, made)
+    return 0
+
+
+def _estimate_experiment(args: argparse.Namespace) -> int:
+    from ipr_core.run.experiment import estimate_experiment, load_experiment_config
+    from ipr_core.store.store import Store
+
+    config = load_experiment_config(args.config, args.overrides, args.store)
+    runs = estimate_experiment(Store(config.run.store), config)
+    total = runs["predicted_s"].sum()
+    print(
+        f"experiment {config.experiment_id!r}: predicted at most {total:,.0f} s "
+        f"({total / 3600:.1f} h) on this machine, {len(runs)} runs (stages a seed's runs share "
+        "counted once, iteration 1's exploration for each method; test evaluations included)"
+    )
+    print(runs.to_string(index=False, float_format=lambda v: f"{v:,.0f}"))
     return 0
 
 

@@ -1,11 +1,19 @@
 """`ipr estimate`'s plan of a run: the work it expects each stage to do."""
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from ipr_core.config import load_config
-from ipr_core.run.costs import planned_work
+from ipr_core.run.costs import estimate, planned_work
+from ipr_core.run.experiment import estimate_experiment, load_experiment_config
+from ipr_core.store.store import Store
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+REPRO = DEMO.parent / "repro-full-sft.yaml"
 
 
 def _units(overrides: dict) -> dict[str, float]:
@@ -29,3 +37,60 @@ def test_eto_plans_no_step_rewards_and_explores_each_task_from_its_start_only():
     assert eto["explore"] == 4  # one episode per task, not one per expert step
     ipr = _units({"train_limit": 16, "explore_limit": 4, "method": "ipr"})
     assert ipr["explore"] == 4 * 5.0 and ipr["agent-step-rewards"] > 0
+
+
+def test_an_experiment_estimate_counts_what_a_seed_shares_once_and_adds_its_test(tmp_path):
+    """Measured rates: the committed store of the iteration-1 stage benchmark. A method of
+    a seed finds what an earlier method of the seed ran done: the ingest, the SFT model and
+    its dev evaluation, the expert step rewards; a tuning experiment has no test evaluation."""
+    store_path = tmp_path / "rates.duckdb"
+    shutil.copy(DEMO.parents[1] / "docs" / "results" / "bench-stages.duckdb", store_path)
+    store = Store(store_path)
+    methods = ("sft", "ipr", "ipr-no-sdpo")
+    experiment = load_experiment_config(
+        REPRO, ["seeds=[0, 1]", f"methods=[{', '.join(methods)}]"], store_path
+    ).model_copy(update={"sft_per_seed": True})
+    runs = estimate_experiment(store, experiment).set_index("run_id")["predicted_s"]
+    assert list(runs.index) == [f"repro-full-sft-{m}-s{s}" for s in (0, 1) for m in methods]
+
+    def alone(method: str) -> tuple[float, dict[str, float]]:
+        table = estimate(store, experiment.run_config(method, 0)).table.set_index("stage")
+        seconds = table["seconds"].fillna(0.0)
+        return seconds.sum(), {
+            **seconds.to_dict(),
+            "sft dev evaluation": table.loc["evaluate", "units"] * table.loc["evaluate", "rate_s"],
+            "test": experiment.test_limit * table.loc["evaluate", "rate_s"],
+        }
+
+    total, ipr = alone("ipr")
+    assert all(ipr[s] > 0 for s in ("sft", "expert-step-rewards", "sft dev evaluation", "test"))
+    # after the sft method: ingest, SFT and its evaluation are done; the expert MC is not
+    assert runs["repro-full-sft-ipr-s0"] == pytest.approx(
+        total - ipr["ingest"] - ipr["sft"] - ipr["sft dev evaluation"] + ipr["test"]
+    )
+    total, no_sdpo = alone("ipr-no-sdpo")  # after ipr: the expert MC is done too
+    assert runs["repro-full-sft-ipr-no-sdpo-s0"] == pytest.approx(
+        total
+        - sum(no_sdpo[s] for s in ("ingest", "sft", "expert-step-rewards", "sft dev evaluation"))
+        + no_sdpo["test"]
+    )
+    for method in methods:  # seed 1 trains its own SFT model: the same cost again
+        key = f"repro-full-sft-{method}-s"
+        assert runs[key + "1"] == pytest.approx(runs[key + "0"])
+
+    tuning = estimate_experiment(store, experiment.model_copy(update={"tuning": True}))
+    assert tuning["predicted_s"].sum() == pytest.approx(runs.sum() - 6 * ipr["test"])
+
+
+def test_ipr_estimate_of_an_experiment_config_prints_every_run_and_the_total(tmp_path):
+    store_path = tmp_path / "rates.duckdb"
+    shutil.copy(DEMO.parents[1] / "docs" / "results" / "bench-stages.duckdb", store_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.commands", "estimate", "--config", REPRO,
+         "--store", store_path, "--set", "seeds=[0, 1]"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "experiment 'repro-full-sft': predicted at most" in done.stdout
+    for run in ("sft-s0", "eto-s1", "ipr-s1"):
+        assert f"repro-full-sft-{run}" in done.stdout

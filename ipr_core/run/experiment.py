@@ -287,3 +287,46 @@ def run_method(
 def ensure_known(store: Store, experiment_id: str) -> None:
     if store.experiment_settings(experiment_id) is None:
         raise InputError(str(store.path), "no such experiment", record=experiment_id)
+
+
+# -- ipr estimate of a whole experiment ------------------------------------------------------
+SHARED_PER_SFT_MODEL = ("ingest", "sft", "expert-step-rewards")
+"""Stages the runs sharing an SFT model (a seed's, or the one model without `sft_per_seed`)
+find done by the first of them (copied rows cost ~0 s)."""
+
+
+def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
+    """Predicted seconds of every (method, seed) run of `config`, from the store's measured
+    rates (`costs.estimate`), with its test evaluation added (unless tuning) and the stages
+    the runs of one SFT model share counted once: the ingest, the SFT training, its dev
+    evaluation and the expert step rewards. Iteration 1's exploration, agent step rewards and
+    pairs are also shared by the methods of a seed but counted for each: an upper bound."""
+    from ipr_core.run.costs import estimate
+
+    rows = []
+    seen: set[tuple[int | None, str]] = set()
+    for seed in config.seeds:
+        group = seed if config.sft_per_seed else None
+        for method in config.methods:
+            made = estimate(store, config.run_config(method, seed))
+            table = made.table.set_index("stage")
+            seconds = 0.0
+            for stage, row in table.fillna({"seconds": 0.0, "rate_s": 0.0}).iterrows():
+                key = (group, str(stage))
+                shared = key in seen and (stage in SHARED_PER_SFT_MODEL or stage == "evaluate")
+                seen.add(key)
+                if not shared:
+                    seconds += row["seconds"]
+                elif stage == "evaluate":  # all but the SFT model's dev evaluation
+                    seconds += row["seconds"] - row["units"] * row["rate_s"]
+            test = config.test()
+            if test is not None and "evaluate" in table.index:
+                seconds += test.limit * float(table["rate_s"].fillna(0.0)["evaluate"])
+            rows.append(
+                {
+                    "run_id": config.run_id(method, seed),
+                    "predicted_s": seconds,
+                    "unmeasured": ", ".join(made.unmeasured),
+                }
+            )
+    return pd.DataFrame(rows)
