@@ -35,7 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import DynamicCache, StaticCache
 
 from ipr_core.config import DtypeSetting, EnvId, read_yaml_mapping, validate_config
-from ipr_core.engine.backends.throughput import DTYPES, Rate, decode_rate, in_dtype, prefill_rate
+from ipr_core.engine.backends.throughput import (
+    DTYPES,
+    Rate,
+    decode_rate,
+    head_dim,
+    in_dtype,
+    prefill_rate,
+)
 from ipr_core.engine.backends.transformers_backend import TransformersBackend, WorkLog
 from ipr_core.engine.models import resolve_model
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutResult
@@ -228,7 +235,7 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
     config = backend.model.config
     vocab = config.vocab_size
     heads = config.num_key_value_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     wall = 0.0
     for rows, new, cached, *_ in work.prefills:
         model = backend.prefill_model
@@ -257,9 +264,8 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
         )
         wall += time.perf_counter() - started
     return Measurement(
-        prefill_tokens=sum(computed for *_, computed, _ in work.prefills),
-        generated_tokens=sum(rows for rows, _ in work.decodes)
-        + sum(rows for rows, *_ in work.prefills),
+        prefill_tokens=sum(p.computed for p in work.prefills),
+        generated_tokens=sum(rows for rows, _ in work.decodes) + sum(p.rows for p in work.prefills),
         env_steps=0,
         rollouts=0,
         wall_s=wall,
@@ -273,9 +279,9 @@ PREFILL_ROWS = (1, 8, 32)
 def work_contexts(work: WorkLog) -> tuple[int, int, int]:
     """a's mean prefill tail and mean cached prefix under it (per prefilled row) and its
     mean decode context (per decoded row): the context lengths the hardware sweep uses."""
-    rows = sum(p[0] for p in work.prefills) or 1
-    tail = sum(p[3] for p in work.prefills) / rows
-    cached = sum(p[4] for p in work.prefills) / rows
+    rows = sum(p.rows for p in work.prefills) or 1
+    tail = sum(p.computed for p in work.prefills) / rows
+    cached = sum(p.cached for p in work.prefills) / rows
     decoded = sum(n for n, _ in work.decodes) or 1
     context = sum(n * length for n, length in work.decodes) / decoded
     return max(round(tail), 1), round(cached), max(round(context), 1)
@@ -347,8 +353,10 @@ def ctranslate2_replay(model_path: Path, config: BenchConfig, work: WorkLog) -> 
     prompt_tokens = generated = 0
     wall = 0.0
     every_row = sum(len(ids) + n for call in work.calls for ids, n in call)
+    replayed = 0
     for whole_call in work.calls:
         call = whole_call[: config.compare_rows_per_call]
+        replayed += sum(len(ids) + n for ids, n in call)
         for start in range(0, len(call), config.max_batch_size):
             rows = call[start : start + config.max_batch_size]
             longest = max(n for _, n in rows)
@@ -365,9 +373,6 @@ def ctranslate2_replay(model_path: Path, config: BenchConfig, work: WorkLog) -> 
             wall += time.perf_counter() - started
             prompt_tokens += sum(len(ids) for ids, _ in rows)
             generated += sum(len(r.sequences_ids[0]) for r in results)
-    replayed = sum(
-        len(ids) + n for call in work.calls for ids, n in call[: config.compare_rows_per_call]
-    )
     return {
         "engine": f"ctranslate2 {ctranslate2.__version__} int8",
         "prompt_tokens": prompt_tokens,

@@ -41,6 +41,7 @@ from ipr_core.config import (
 from ipr_core.errors import InputError, IprError
 from ipr_core.run import loop
 from ipr_core.run.context import Engines, Log, RunContext
+from ipr_core.run.costs import estimate
 from ipr_core.run.loop import (
     Iterate,
     Iteration,
@@ -300,18 +301,17 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
     rates (`costs.estimate`), with its test evaluation added (unless tuning) and the stages
     the runs of one SFT model share counted once: the ingest, the SFT training, its dev
     evaluation and the expert step rewards. Iteration 1's exploration, agent step rewards and
-    pairs are also shared by the methods of a seed but counted for each: an upper bound."""
-    from ipr_core.run.costs import estimate
-
+    pairs are also shared by the methods of a seed (and a `fixed_scorer`'s expert step rewards
+    by every seed) but counted for each: an upper bound."""
     rows = []
     seen: set[tuple[int | None, str]] = set()
     for seed in config.seeds:
         group = seed if config.sft_per_seed else None
         for method in config.methods:
             made = estimate(store, config.run_config(method, seed))
-            table = made.table.set_index("stage")
+            table = made.table.set_index("stage").fillna({"seconds": 0.0, "rate_s": 0.0})
             seconds = 0.0
-            for stage, row in table.fillna({"seconds": 0.0, "rate_s": 0.0}).iterrows():
+            for stage, row in table.iterrows():
                 key = (group, str(stage))
                 shared = key in seen and (stage in SHARED_PER_SFT_MODEL or stage == "evaluate")
                 seen.add(key)
@@ -321,7 +321,7 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
                     seconds += row["seconds"] - row["units"] * row["rate_s"]
             test = config.test()
             if test is not None and "evaluate" in table.index:
-                seconds += test.limit * float(table["rate_s"].fillna(0.0)["evaluate"])
+                seconds += test.limit * table.loc["evaluate", "rate_s"]
             rows.append(
                 {
                     "run_id": config.run_id(method, seed),

@@ -50,7 +50,7 @@ def prefill_rate(model: PreTrainedModel, rows: int, length: int, cached: int = 0
     if cached:
         config = model.config
         kv = torch.randn(
-            rows, config.num_key_value_heads, cached, _head_dim(config), dtype=model.dtype
+            rows, config.num_key_value_heads, cached, head_dim(config), dtype=model.dtype
         )
         for layer in range(config.num_hidden_layers):
             cache.update(kv, kv.clone(), layer)
@@ -66,9 +66,7 @@ def decode_rate(model: PreTrainedModel, rows: int, context: int, steps: int = 8)
     config = model.config
     heads = config.num_key_value_heads
     cache = StaticCache(config=config, max_cache_len=context + steps + 1)
-    kv = torch.randn(
-        rows, heads, context, _head_dim(config), dtype=model.dtype, device=model.device
-    )
+    kv = torch.randn(rows, heads, context, head_dim(config), dtype=model.dtype, device=model.device)
     for layer in range(config.num_hidden_layers):
         cache.update(kv, kv, layer)
     tokens = torch.randint(config.vocab_size, (rows, 1), device=model.device)
@@ -85,7 +83,8 @@ def decode_rate(model: PreTrainedModel, rows: int, context: int, steps: int = 8)
     return Rate("decode", _name(model), rows, context, rows * steps / wall)
 
 
-def _head_dim(config: Any) -> int:
+def head_dim(config: Any) -> int:
+    """Width of one attention head's keys and values."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 

@@ -32,7 +32,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
@@ -169,26 +169,26 @@ def _passes(items: list[T], shapes: list[tuple[int, int]], max_rows: int) -> lis
     `max_rows` rows or PREFILL_TOKENS_PER_PASS fed tokens. Small passes cost little extra
     here (a CPU runs 8 prefill rows at the rate of 125; a decode step's fixed cost is ~35 ms
     against ~2.8 ms per row at 675 tokens), while padding costs in full."""
-    order = sorted(range(len(items)), key=lambda i: shapes[i])
     passes: list[list[T]] = []
-    group: list[int] = []
-    real = 0
-    for i in order:
-        fed, total = shapes[i]
-        rows = [*group, i]
-        width = max(shapes[j][0] for j in rows)
-        padded = len(rows) * width * (LINEAR_COLUMNS + max(shapes[j][1] for j in rows))
+    group: list[T] = []
+    real = width = longest = 0
+    for fed, total, item in sorted(
+        ((*shape, item) for shape, item in zip(shapes, items, strict=True)),
+        key=lambda entry: entry[:2],
+    ):
+        rows, cost = len(group) + 1, fed * (LINEAR_COLUMNS + total)
+        padded = rows * max(width, fed) * (LINEAR_COLUMNS + max(longest, total))
         if group and (
-            len(rows) > max_rows
-            or len(rows) * width > PREFILL_TOKENS_PER_PASS
-            or padded > (1 + PAD_AT_MOST) * (real + fed * (LINEAR_COLUMNS + total))
+            rows > max_rows
+            or rows * max(width, fed) > PREFILL_TOKENS_PER_PASS
+            or padded > (1 + PAD_AT_MOST) * (real + cost)
         ):
-            passes.append([items[j] for j in group])
-            group, real = [], 0
-        group.append(i)
-        real += fed * (LINEAR_COLUMNS + total)
+            passes.append(group)
+            group, real, width, longest = [], 0, 0, 0
+        group.append(item)
+        real, width, longest = real + cost, max(width, fed), max(longest, total)
     if group:
-        passes.append([items[j] for j in group])
+        passes.append(group)
     return passes
 
 
@@ -217,13 +217,25 @@ class _Row:
     text: str = ""
 
 
+class PrefillPass(NamedTuple):
+    """The shape of one batched prefill pass."""
+
+    rows: int
+    tail: int
+    """Tokens fed per row (the longest uncached tail; shorter ones left-padded)."""
+    width: int
+    """Cached tokens before the tail, padded to the row with the most."""
+    computed: int
+    """Prompt tokens it had to compute, over all rows."""
+    cached: int
+    """Cached tokens of its rows, unpadded, over all rows."""
+
+
 @dataclass
 class WorkLog:
     """Shapes of the forward passes run, for the benchmark's bare-model limit."""
 
-    prefills: list[tuple[int, int, int, int, int]] = field(default_factory=list)
-    """(rows, tail tokens per row, cached tokens before them (padded), prompt tokens it had
-    to compute, cached tokens of its rows unpadded) per batched prefill pass."""
+    prefills: list[PrefillPass] = field(default_factory=list)
     decodes: list[tuple[int, int]] = field(default_factory=list)
     """(rows, mean context length) per decode step."""
     calls: list[list[tuple[list[int], int]]] = field(default_factory=list)
@@ -431,7 +443,7 @@ class TransformersBackend:
             self.stats["prefill_tokens"] += prompt.computed
             self.stats["cached_tokens"] += reuse
         if self.work_log is not None:
-            self.work_log.prefills.append((rows, tail, width, computed, sum(past)))
+            self.work_log.prefills.append(PrefillPass(rows, tail, width, computed, sum(past)))
 
     # -- decode --------------------------------------------------------------------------
     def _decode(self, rows: list[_Row], params: SamplingParams) -> None:
