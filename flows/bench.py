@@ -8,9 +8,10 @@ samples each) are computed three ways on one model:
   c. limit      -- the bare model running exactly a's prefill and decode shapes as plain
                    forward passes (random tokens, no environment, no bookkeeping, no
                    padding): what a's own shapes cost at best;
-  d. hardware   -- the bare model's prefill and decode tokens/s at the best batch and dtype
-                   of a small sweep (`hardware_rates`): the time those rates need for a's
-                   prefilled and generated tokens, over a's wall time, is
+  d. hardware   -- the bare model's prefill and decode tokens/s at the best batch, dtype
+                   and decode attention of a small sweep (`hardware_rates`): the time
+                   those rates need for a's prefilled and generated tokens, over a's wall
+                   time, is
                    `fraction_of_hardware`, a limit that does not inherit a's batches. The
                    sweep runs at a's own context lengths (its mean new-token tail over its
                    mean cached prefix, its mean decode context: attention over a long
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import DynamicCache, StaticCache
 
 from ipr_core.config import DtypeSetting, EnvId, read_yaml_mapping, validate_config
+from ipr_core.engine.backends.attention import ATTENTIONS, decoding_with
 from ipr_core.engine.backends.throughput import (
     DTYPES,
     Rate,
@@ -248,21 +250,21 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
         started = time.perf_counter()
         model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
         wall += time.perf_counter() - started
-    for rows, context in work.decodes:
-        model = backend.model
-        cache = StaticCache(config=config, max_cache_len=context)
-        kv = torch.randn(rows, heads, context - 1, dim, dtype=model.dtype)
-        for layer in range(config.num_hidden_layers):
-            cache.update(kv, kv, layer)
-        tokens = torch.randint(vocab, (rows, 1))
-        started = time.perf_counter()
-        model(
-            input_ids=tokens,
-            past_key_values=cache,
-            cache_position=torch.tensor([context - 1]),
-            use_cache=True,
-        )
-        wall += time.perf_counter() - started
+    with decoding_with(backend.model, backend.decode_attention) as model:
+        for rows, context in work.decodes:
+            cache = StaticCache(config=config, max_cache_len=context)
+            kv = torch.randn(rows, heads, context - 1, dim, dtype=model.dtype)
+            for layer in range(config.num_hidden_layers):
+                cache.update(kv, kv, layer)
+            tokens = torch.randint(vocab, (rows, 1))
+            started = time.perf_counter()
+            model(
+                input_ids=tokens,
+                past_key_values=cache,
+                cache_position=torch.tensor([context - 1]),
+                use_cache=True,
+            )
+            wall += time.perf_counter() - started
     return Measurement(
         prefill_tokens=sum(p.computed for p in work.prefills),
         generated_tokens=sum(rows for rows, _ in work.decodes) + sum(p.rows for p in work.prefills),
@@ -291,13 +293,16 @@ def hardware_rates(
     model: torch.nn.Module, rows: Sequence[int], prefill: tuple[int, int], context: int
 ) -> list[Rate]:
     """The bare model's prefill tokens/s (PREFILL_ROWS prompts of `prefill` = (new tokens,
-    cached tokens)) and decode tokens/s (`rows` rows over `context` tokens), in float32 and
-    bfloat16: where this machine runs the model fastest."""
+    cached tokens)) and decode tokens/s (`rows` rows over `context` tokens, with each decode
+    attention implementation), in float32 and bfloat16: where this machine runs the model
+    fastest."""
     rates = []
     for dtype in DTYPES:
         candidate = in_dtype(model, dtype)
         rates += [prefill_rate(candidate, prompts, *prefill) for prompts in PREFILL_ROWS]
-        rates += [decode_rate(candidate, batch, context) for batch in rows]
+        for attention in ATTENTIONS:
+            with decoding_with(candidate, attention):
+                rates += [decode_rate(candidate, batch, context) for batch in rows]
     return rates
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from flows.bench_training import load_training_bench_config
+from ipr_core.engine.backends.attention import GROUPED_DECODE
 from ipr_core.errors import InputError
 
 
@@ -65,14 +66,17 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
         ("hardware_at_fixed_context", "fraction_of_hardware_at_fixed_context", 16, 16),
     ):  # fmt: skip
         hardware = report[key]
-        assert {(r["phase"], r["dtype"], r["rows"], r["tokens"]) for r in hardware["sweep"]} == {
-            (phase, dtype, rows, tokens)
+        sweep = [(r["phase"], r["dtype"], r["attention"], r["rows"], r["tokens"]) for r in
+                 hardware["sweep"]]  # fmt: skip
+        assert sorted(sweep) == sorted(
+            (phase, dtype, attention, rows, tokens)
             for dtype in ("float32", "bfloat16")
-            for phase, rows, tokens in (
-                *(("prefill", rows, prefill_context) for rows in (1, 8, 32)),
-                *(("decode", rows, decode_context) for rows in (2, 4)),
+            for phase, attentions, rows, tokens in (
+                *(("prefill", ["sdpa"], rows, prefill_context) for rows in (1, 8, 32)),
+                *(("decode", ["sdpa", GROUPED_DECODE], rows, decode_context) for rows in (2, 4)),
             )
-        }
+            for attention in attentions
+        )
         prefill, decode = hardware["best_prefill"], hardware["best_decode"]
         assert prefill["tokens_per_s"] == max(
             r["tokens_per_s"] for r in hardware["sweep"] if r["phase"] == "prefill"

@@ -27,6 +27,8 @@ class Rate:
     """prefill (`rows` prompts ending at `tokens` tokens: new ones over a cached prefix) or
     decode (`rows` rows over a KV cache of `tokens` tokens)."""
     dtype: str
+    attention: str
+    """The model's attention implementation (`sdpa`, or the grouped decode attention)."""
     rows: int
     tokens: int
     tokens_per_s: float
@@ -57,7 +59,9 @@ def prefill_rate(model: PreTrainedModel, rows: int, length: int, cached: int = 0
     started = time.perf_counter()
     model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
     wall = time.perf_counter() - started
-    return Rate("prefill", _name(model), rows, cached + length, rows * length / wall)
+    return Rate(
+        "prefill", _name(model), _attention(model), rows, cached + length, rows * length / wall
+    )
 
 
 @torch.inference_mode()
@@ -80,7 +84,7 @@ def decode_rate(model: PreTrainedModel, rows: int, context: int, steps: int = 8)
             use_cache=True,
         )
         wall += (time.perf_counter() - started) if step else 0.0
-    return Rate("decode", _name(model), rows, context, rows * steps / wall)
+    return Rate("decode", _name(model), _attention(model), rows, context, rows * steps / wall)
 
 
 def head_dim(config: Any) -> int:
@@ -90,3 +94,7 @@ def head_dim(config: Any) -> int:
 
 def _name(model: PreTrainedModel) -> str:
     return str(model.dtype).removeprefix("torch.")
+
+
+def _attention(model: PreTrainedModel) -> str:
+    return model.config._attn_implementation

@@ -1,0 +1,78 @@
+"""Decode attention as two grouped matmuls, registered with transformers' AttentionInterface.
+
+A decode step's attention reads every row's whole KV cache for one new token: it is
+bound by memory, not arithmetic. On a CPU, PyTorch's fused SDPA kernel runs that shape at
+half the speed of a plain `q @ K^T`, softmax, `@ V` (SmolLM2-135M, bfloat16, 128 rows over
+700 tokens, 2 AVX512-BF16 cores: 8.8 ms vs 4.2 ms per layer; in the bench's rollouts SDPA was
+41 of 92 s). The query heads of one key/value head are stacked into one matrix, so the
+cache is read once per KV head, never copied per query head (`repeat_kv`).
+Prefill stays on SDPA (`decoding_with`): bfloat16 scores rounded before the softmax move
+logits by a few hundredths (KL to float32 no larger than SDPA's in bfloat16), and a prompt
+must get the same first logits whether it was prefilled whole or its last token alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+GROUPED_DECODE = "ipr_grouped_decode"
+"""The attention implementation's name in transformers' registries."""
+
+
+def grouped_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Query [B, H, 1, D] over keys and values [B, KV, L, D]; mask boolean [B, 1, 1, L]
+    (True: attend). Returns [B, 1, H, D], as every transformers attention function."""
+    batch, heads, q_length, dim = query.shape
+    if q_length != 1 or dropout > 0:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    kv_heads = key.shape[1]
+    scale = dim**-0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale
+    scores = torch.matmul(grouped, key.transpose(-1, -2))
+    if attention_mask is not None:
+        visible = attention_mask[..., : key.shape[-2]]
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).reshape(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)  # boolean masks, as SDPA's
+
+
+ATTENTIONS = ("sdpa", GROUPED_DECODE)
+"""The implementations the benchmark's hardware sweep measures decode with."""
+
+
+def decode_attention(device: str) -> str:
+    """The implementation a backend decodes with: the grouped matmuls on a CPU (2x SDPA's
+    decode attention there), SDPA's fused kernels on an accelerator."""
+    return GROUPED_DECODE if device == "cpu" else "sdpa"
+
+
+@contextmanager
+def decoding_with(model: PreTrainedModel, implementation: str) -> Iterator[PreTrainedModel]:
+    """The model with `implementation` as its attention for the block, then as it was."""
+    loaded = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(loaded)
