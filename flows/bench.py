@@ -9,7 +9,7 @@ samples each) are computed three ways on one model:
                    forward passes (random tokens, no environment, no bookkeeping, no
                    padding): what a's own shapes cost at best;
   d. hardware   -- the bare model's prefill and decode tokens/s at the best batch, dtype
-                   and decode attention of a small sweep (`hardware_rates`): the time
+                   and attention of a small sweep (`hardware_rates`): the time
                    those rates need for a's prefilled and generated tokens, over a's wall
                    time, is
                    `fraction_of_hardware`, a limit that does not inherit a's batches. The
@@ -36,7 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import DynamicCache, StaticCache
 
 from ipr_core.config import DtypeSetting, EnvId, read_yaml_mapping, validate_config
-from ipr_core.engine.backends.attention import ATTENTIONS, decoding_with
+from ipr_core.engine.backends.attention import (
+    DECODE_ATTENTIONS,
+    PREFILL_ATTENTIONS,
+    attending_with,
+)
 from ipr_core.engine.backends.throughput import (
     DTYPES,
     Rate,
@@ -250,7 +254,7 @@ def bare_model_limit(backend: TransformersBackend, work: WorkLog) -> Measurement
         started = time.perf_counter()
         model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
         wall += time.perf_counter() - started
-    with decoding_with(backend.model, backend.decode_attention) as model:
+    with attending_with(backend.model, backend.decode_attention) as model:
         for rows, context in work.decodes:
             cache = StaticCache(config=config, max_cache_len=context)
             kv = torch.randn(rows, heads, context - 1, dim, dtype=model.dtype)
@@ -293,15 +297,17 @@ def hardware_rates(
     model: torch.nn.Module, rows: Sequence[int], prefill: tuple[int, int], context: int
 ) -> list[Rate]:
     """The bare model's prefill tokens/s (PREFILL_ROWS prompts of `prefill` = (new tokens,
-    cached tokens)) and decode tokens/s (`rows` rows over `context` tokens, with each decode
-    attention implementation), in float32 and bfloat16: where this machine runs the model
-    fastest."""
+    cached tokens)) and decode tokens/s (`rows` rows over `context` tokens), with each
+    attention implementation of the phase, in float32 and bfloat16: where this machine runs
+    the model fastest."""
     rates = []
     for dtype in DTYPES:
         candidate = in_dtype(model, dtype)
-        rates += [prefill_rate(candidate, prompts, *prefill) for prompts in PREFILL_ROWS]
-        for attention in ATTENTIONS:
-            with decoding_with(candidate, attention):
+        for attention in PREFILL_ATTENTIONS:
+            with attending_with(candidate, attention):
+                rates += [prefill_rate(candidate, prompts, *prefill) for prompts in PREFILL_ROWS]
+        for attention in DECODE_ATTENTIONS:
+            with attending_with(candidate, attention):
                 rates += [decode_rate(candidate, batch, context) for batch in rows]
     return rates
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ipr_core.engine.backends import SamplingParams, make_backend, transformers_backend
-from ipr_core.engine.backends.attention import GROUPED_DECODE
+from ipr_core.engine.backends.attention import GQA_PREFILL, GROUPED_DECODE
 from ipr_core.engine.backends.transformers_backend import TransformersBackend
 from ipr_core.engine.models import SMOLLM2, TINY_LLAMA, build_tiny_llama, resolve_model
 from ipr_core.errors import InputError
@@ -368,9 +368,10 @@ def test_decode_rows_of_similar_length_share_a_pass():
     assert sorted(map(sorted, passes)) == [list(range(10)), list(range(10, 20))]
 
 
-def test_grouped_decode_attention_equals_sdpa_on_a_padded_gqa_batch():
-    """The CPU backend's decode attention (grouped matmuls) computes what SDPA does: two
-    query heads per key/value head, rows left-padded by different amounts."""
+def test_the_cpu_attentions_equal_sdpa_on_a_padded_gqa_batch():
+    """The CPU backend's prefill (grouped SDPA) and decode (grouped matmuls) attentions
+    compute what transformers' SDPA does: two query heads per key/value head, rows
+    left-padded by different amounts."""
     config = LlamaConfig(
         vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -382,20 +383,21 @@ def test_grouped_decode_attention_equals_sdpa_on_a_padded_gqa_batch():
     mask[1, :4] = mask[2, :9] = 0
     logits = {}
     with torch.inference_mode():
-        for attention in ("sdpa", GROUPED_DECODE):
-            model.set_attn_implementation(attention)
+        for prefill, decode in (("sdpa", "sdpa"), (GQA_PREFILL, GROUPED_DECODE)):
+            model.set_attn_implementation(prefill)
             cache = StaticCache(config=config, max_cache_len=16)
-            model(input_ids=ids, attention_mask=mask[:, :12], past_key_values=cache)
+            first = model(input_ids=ids, attention_mask=mask[:, :12], past_key_values=cache)
+            model.set_attn_implementation(decode)
             step = model(
                 input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache,
                 cache_position=torch.tensor([12]),
             )  # fmt: skip
-            logits[attention] = step.logits[:, -1]
+            logits[decode] = torch.stack([first.logits[:, -1], step.logits[:, -1]])
     assert torch.allclose(logits["sdpa"], logits[GROUPED_DECODE], atol=1e-5)
-    assert not torch.allclose(logits["sdpa"][1], logits["sdpa"][2])  # the padding mattered
+    assert not torch.allclose(logits["sdpa"][:, 1], logits["sdpa"][:, 2])  # padding mattered
 
 
-def test_the_cpu_backend_decodes_with_grouped_attention_and_prefills_with_sdpa(
+def test_the_cpu_backend_prefills_and_decodes_each_with_its_attention(
     backend: TransformersBackend, monkeypatch
 ):
     seen = []
@@ -410,6 +412,6 @@ def test_the_cpu_backend_decodes_with_grouped_attention_and_prefills_with_sdpa(
                      SamplingParams(max_new_tokens=4))  # fmt: skip
     prefills = [attention for width, attention in seen if width > 1]
     decodes = [attention for width, attention in seen if width == 1]
-    assert prefills and set(prefills) == {"sdpa"}
+    assert prefills and set(prefills) == {GQA_PREFILL}
     assert decodes and set(decodes) == {GROUPED_DECODE}
-    assert backend.model.config._attn_implementation == "sdpa"
+    assert backend.model.config._attn_implementation == GQA_PREFILL

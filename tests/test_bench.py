@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from flows.bench_training import load_training_bench_config
-from ipr_core.engine.backends.attention import GROUPED_DECODE
+from ipr_core.engine.backends.attention import GQA_PREFILL, GROUPED_DECODE
 from ipr_core.errors import InputError
 
 
@@ -72,7 +72,7 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
             (phase, dtype, attention, rows, tokens)
             for dtype in ("float32", "bfloat16")
             for phase, attentions, rows, tokens in (
-                *(("prefill", ["sdpa"], rows, prefill_context) for rows in (1, 8, 32)),
+                *(("prefill", ["sdpa", GQA_PREFILL], rows, prefill_context) for rows in (1, 8, 32)),
                 *(("decode", ["sdpa", GROUPED_DECODE], rows, decode_context) for rows in (2, 4)),
             )
             for attention in attentions

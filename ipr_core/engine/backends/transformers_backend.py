@@ -20,7 +20,8 @@ from its own seeded generator, so a rollout's tokens do not depend on what else 
 its batch.
 
 On a CPU, decode steps attend with two grouped matmuls rather than SDPA's fused kernel
-(`attention`: twice as fast for one new token over a long cache); prefill keeps SDPA.
+(`attention`: twice as fast for one new token over a long cache), and prefill with SDPA
+over grouped heads (no copy of each key and value head per query head).
 
 Prefill and decode each run in their own dtype (`prefill_dtype`, `decode_dtype`): on a CPU
 with AVX512-BF16, bfloat16 prefill is about 2x float32 while bfloat16 decode can be slower.
@@ -38,10 +39,14 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 from ipr_core.config import DtypeSetting
-from ipr_core.engine.backends.attention import decode_attention, decoding_with
+from ipr_core.engine.backends.attention import (
+    attending_with,
+    decode_attention,
+    prefill_attention,
+)
 from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams
 from ipr_core.engine.backends.chat import (
     context_overflow,
@@ -49,7 +54,13 @@ from ipr_core.engine.backends.chat import (
     encode_prompt,
     fits_context,
 )
-from ipr_core.engine.backends.throughput import DTYPES, decode_rate, in_dtype, prefill_rate
+from ipr_core.engine.backends.throughput import (
+    DTYPES,
+    decode_rate,
+    head_dim,
+    in_dtype,
+    prefill_rate,
+)
 from ipr_core.types import Message
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -269,7 +280,10 @@ class TransformersBackend:
         # float32 on CPU unless a setting says (or measures) otherwise; bfloat16 on a GPU.
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         loaded = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+            model_path,
+            dtype=dtype,
+            attn_implementation=prefill_attention(device),
+            local_files_only=True,
         ).to(device)
         self.decode_attention = decode_attention(device)
         loaded.eval()
@@ -302,7 +316,7 @@ class TransformersBackend:
             if phase == "prefill":
                 rates[dtype] = prefill_rate(candidate, 4, 128).tokens_per_s
             else:
-                with decoding_with(candidate, self.decode_attention):
+                with attending_with(candidate, self.decode_attention):
                     rate = decode_rate(candidate, self.max_batch_size, 256, 4)
                 rates[dtype] = rate.tokens_per_s
         chosen = "bfloat16" if rates["bfloat16"] > AUTO_MARGIN * rates["float32"] else "float32"
@@ -347,7 +361,7 @@ class TransformersBackend:
         self._prefill_all(list(prompts.values()))
         batch = [row for _, row in rows]
         shapes = [(1, len(row.prompt.tokens) + params.max_new_tokens) for row in batch]
-        with decoding_with(self.model, self.decode_attention):
+        with attending_with(self.model, self.decode_attention):
             for group in _passes(batch, shapes, self.max_batch_size):
                 self._decode(group, params)
         if self.work_log is not None:
@@ -410,26 +424,25 @@ class TransformersBackend:
             mask[r, width - cached :] = 1
             mask[r, width : width + tail - len(fed)] = 0
             positions[r, tail - len(fed) :] = torch.arange(cached, length)
-        cache = DynamicCache()
-        if width:
-            config = self.model.config
-            template = next(entry for _, entry, _ in group if entry is not None).kv[0][0]
-            heads, dim = template.shape[0], template.shape[-1]
-            dtype = DTYPES[self.prefill_dtype]
-            for layer in range(config.num_hidden_layers):
-                keys = torch.zeros((rows, heads, width, dim), dtype=dtype, device=self.device)
-                values = torch.zeros_like(keys)
-                for r, ((_, entry, _), cached) in enumerate(zip(group, past, strict=True)):
-                    if cached:
-                        assert entry is not None
-                        keys[r, :, width - cached :] = entry.kv[layer][0][:, :cached]
-                        values[r, :, width - cached :] = entry.kv[layer][1][:, :cached]
-                cache.update(keys, values, layer)
+        # One buffer per layer for the cached prefix and the fed tail: the model writes the
+        # tail in place, where a DynamicCache would copy the whole prefix again to append it.
+        cache = StaticCache(config=self.model.config, max_cache_len=width + tail)
+        shape = (rows, self.model.config.num_key_value_heads, 0, head_dim(self.model.config))
+        empty = torch.empty(shape, dtype=DTYPES[self.prefill_dtype], device=self.device)
+        for layer, buffer in enumerate(cache.layers):
+            buffer.lazy_initialization(empty, empty)
+            buffer.cumulative_length.fill_(width)
+            for r, ((_, entry, _), cached) in enumerate(zip(group, past, strict=True)):
+                if cached:
+                    assert entry is not None
+                    buffer.keys[r, :, width - cached : width] = entry.kv[layer][0][:, :cached]
+                    buffer.values[r, :, width - cached : width] = entry.kv[layer][1][:, :cached]
         out = self.prefill_model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=cache,
+            cache_position=torch.arange(width, width + tail, device=self.device),
             use_cache=True,
             logits_to_keep=1,
         )
