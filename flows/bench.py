@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import DynamicCache, StaticCache
 
-from ipr_core.config import DtypeSetting, EnvId, read_yaml_mapping, validate_config
+from ipr_core.config import DecodeAttention, DtypeSetting, EnvId, read_yaml_mapping, validate_config
 from ipr_core.engine.backends.attention import (
     DECODE_ATTENTIONS,
     PREFILL_ATTENTIONS,
@@ -79,6 +79,8 @@ class BenchConfig(BaseModel):
     prefill_dtype: DtypeSetting = "float32"
     decode_dtype: DtypeSetting = "float32"
     """The engine's dtypes (the reference stays float32); `auto` measures them at startup."""
+    decode_attention: DecodeAttention = "sdpa"
+    """The engine's decode attention (`generation.decode_attention`)."""
     seed: Seed = 0
     sweep_rows: tuple[PositiveInt, ...] = (8, 32, 128)
     """Decode batch sizes of the hardware sweep (prefill: PREFILL_ROWS prompts)."""
@@ -127,6 +129,7 @@ def run_bench(
         max_batch_size=config.max_batch_size,
         prefill_dtype=config.prefill_dtype,
         decode_dtype=config.decode_dtype,
+        decode_attention=config.decode_attention,
     )
     dtypes = engine_backend.prefill_dtype, engine_backend.decode_dtype
     log("engine dtypes: prefill {}, decode {}".format(*dtypes))

@@ -397,21 +397,19 @@ def test_the_cpu_attentions_equal_sdpa_on_a_padded_gqa_batch():
     assert not torch.allclose(logits["sdpa"][:, 1], logits["sdpa"][:, 2])  # padding mattered
 
 
-def test_the_cpu_backend_prefills_and_decodes_each_with_its_attention(
-    backend: TransformersBackend, monkeypatch
-):
-    seen = []
-    forward = backend.model.forward
+def test_the_cpu_backend_prefills_and_decodes_each_with_its_attention(tiny_model_path: Path):
+    """Prefill with grouped SDPA; decode with SDPA, or the grouped matmuls when asked."""
+    for setting, expected in (("sdpa", "sdpa"), ("grouped", GROUPED_DECODE)):
+        backend = TransformersBackend(tiny_model_path, decode_attention=setting)
+        seen = []
+        forward = backend.model.forward
 
-    def recording(**kwargs):
-        seen.append((kwargs["input_ids"].shape[1], backend.model.config._attn_implementation))
-        return forward(**kwargs)
+        def recording(forward=forward, backend=backend, seen=seen, **kwargs):
+            seen.append((kwargs["input_ids"].shape[1], backend.model.config._attn_implementation))
+            return forward(**kwargs)
 
-    monkeypatch.setattr(backend.model, "forward", recording)
-    backend.generate([CONVERSATIONS[1] + [{"role": "user", "content": "again"}]],
-                     SamplingParams(max_new_tokens=4))  # fmt: skip
-    prefills = [attention for width, attention in seen if width > 1]
-    decodes = [attention for width, attention in seen if width == 1]
-    assert prefills and set(prefills) == {GQA_PREFILL}
-    assert decodes and set(decodes) == {GROUPED_DECODE}
-    assert backend.model.config._attn_implementation == GQA_PREFILL
+        backend.model.forward = recording
+        backend.generate([CONVERSATIONS[1]], SamplingParams(max_new_tokens=4))
+        assert {attention for width, attention in seen if width > 1} == {GQA_PREFILL}
+        assert {attention for width, attention in seen if width == 1} == {expected}
+        assert backend.model.config._attn_implementation == GQA_PREFILL

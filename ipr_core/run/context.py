@@ -136,6 +136,7 @@ class Engines:
             "max_batch_size": gen.max_batch_size,
             "prefill_dtype": gen.prefill_dtype,
             "decode_dtype": gen.decode_dtype,
+            "decode_attention": gen.decode_attention,
         }
 
     def engine(self, stack: ExitStack, path: Path, label: str | None = None) -> RolloutEngine:

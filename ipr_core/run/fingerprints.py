@@ -16,7 +16,11 @@ FINGERPRINT_CHARS = 32
 """A fingerprint's length in hex digits (`ipr_core.digest`), as stored records have it."""
 
 ADDED_AFTER_STORES: dict[str, dict[str, Any]] = {
-    "generation": {"prefill_dtype": "float32", "decode_dtype": "float32"},
+    "generation": {
+        "prefill_dtype": "float32",
+        "decode_dtype": "float32",
+        "decode_attention": "sdpa",
+    },
     "monte_carlo": {"early_stop": False},
 }
 """Settings added after stores were written, with the value that means what those stores

@@ -8,10 +8,13 @@ AttentionInterface (the public way to plug one in): each phase with what runs it
   SDPA was 41 of 92 s). The query heads of one key/value head are stacked into one matrix,
   so the cache is read once per KV head, never copied per query head.
 - Prefill: SDPA itself, told the heads are grouped (`GQA_PREFILL`).
-A backend loads its model with the prefill attention and switches to the decode one for
-its decode steps (`attending_with`): bfloat16 scores rounded before the softmax move logits
-by a few hundredths (KL to float32 no larger than SDPA's in bfloat16), and a prompt must get
-the same first logits whether it was prefilled whole or its last token alone.
+A backend loads its model with the prefill attention and switches to the decode one (the
+`generation.decode_attention` setting) for its decode steps (`attending_with`): bfloat16
+scores rounded before the softmax move logits by a few hundredths (KL to float32 no larger
+than SDPA's in bfloat16), and a prompt must get the same first logits whether it was
+prefilled whole or its last token alone. The grouped decode's rounding depends on how far a
+row is left-padded (its softmax and `@ V` sum over the padded length), so unlike SDPA it does
+not give a row bit-identical tokens in every batch: it is opt-in.
 """
 
 from __future__ import annotations
@@ -99,12 +102,6 @@ for _name, _function in (
 DECODE_ATTENTIONS = ("sdpa", GROUPED_DECODE)
 PREFILL_ATTENTIONS = ("sdpa", GQA_PREFILL)
 """The implementations the benchmark's hardware sweep measures each phase with."""
-
-
-def decode_attention(device: str) -> str:
-    """The implementation a backend decodes with: the grouped matmuls on a CPU (2x SDPA's
-    decode attention there), SDPA's fused kernels on an accelerator."""
-    return GROUPED_DECODE if device == "cpu" else "sdpa"
 
 
 def prefill_attention(device: str) -> str:

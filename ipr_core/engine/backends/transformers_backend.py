@@ -19,9 +19,10 @@ lengths) in a preallocated `StaticCache`, with each row left-padded; every row s
 from its own seeded generator, so a rollout's tokens do not depend on what else shares
 its batch.
 
-On a CPU, decode steps attend with two grouped matmuls rather than SDPA's fused kernel
-(`attention`: twice as fast for one new token over a long cache), and prefill with SDPA
-over grouped heads (no copy of each key and value head per query head).
+On a CPU, prefill attends with SDPA over grouped heads (no copy of each key and value head
+per query head); decode steps, with `decode_attention="grouped"`, with two grouped matmuls
+rather than SDPA's fused kernel (`attention`: twice as fast for one new token over a long
+cache, but not bit-identical across batch layouts).
 
 Prefill and decode each run in their own dtype (`prefill_dtype`, `decode_dtype`): on a CPU
 with AVX512-BF16, bfloat16 prefill is about 2x float32 while bfloat16 decode can be slower.
@@ -41,10 +42,10 @@ from typing import NamedTuple, TypeVar
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
-from ipr_core.config import DtypeSetting
+from ipr_core.config import DecodeAttention, DtypeSetting
 from ipr_core.engine.backends.attention import (
+    GROUPED_DECODE,
     attending_with,
-    decode_attention,
     prefill_attention,
 )
 from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams
@@ -271,6 +272,7 @@ class TransformersBackend:
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
         prefill_dtype: DtypeSetting = "float32",
         decode_dtype: DtypeSetting = "float32",
+        decode_attention: DecodeAttention = "sdpa",
     ):
         model_path = Path(model_path)
         self.policy_id = policy_id or model_path.name
@@ -285,7 +287,7 @@ class TransformersBackend:
             attn_implementation=prefill_attention(device),
             local_files_only=True,
         ).to(device)
-        self.decode_attention = decode_attention(device)
+        self.decode_attention = GROUPED_DECODE if decode_attention == "grouped" else "sdpa"
         loaded.eval()
         self.prefill_dtype = self._choose("prefill", prefill_dtype, loaded)
         self.decode_dtype = self._choose("decode", decode_dtype, loaded)
