@@ -24,7 +24,6 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 GROUPED_DECODE = "ipr_grouped_decode"
@@ -50,9 +49,7 @@ def grouped_decode_attention(
     (True: attend). Returns [B, 1, H, D], as every transformers attention function."""
     batch, heads, q_length, dim = query.shape
     if q_length != 1 or dropout > 0:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return gqa_prefill_attention(module, query, key, value, attention_mask, dropout, scaling)
     kv_heads = key.shape[1]
     scale = dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale
