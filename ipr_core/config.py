@@ -56,8 +56,9 @@ the store for every spelling of one setting)."""
 
 
 DtypeSetting = Literal["auto", "float32", "bfloat16"]
-DecodeAttention = Literal["sdpa", "grouped"]
 """A phase's dtype in the transformers backend; `auto` measures both at startup."""
+DecodeAttention = Literal["sdpa", "grouped"]
+"""The transformers backend's decode attention (`GenerationConfig.decode_attention`)."""
 
 
 class GenerationConfig(StrictConfig):

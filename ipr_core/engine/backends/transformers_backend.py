@@ -428,17 +428,11 @@ class TransformersBackend:
             positions[r, tail - len(fed) :] = torch.arange(cached, length)
         # One buffer per layer for the cached prefix and the fed tail: the model writes the
         # tail in place, where a DynamicCache would copy the whole prefix again to append it.
-        cache = StaticCache(config=self.model.config, max_cache_len=width + tail)
-        shape = (rows, self.model.config.num_key_value_heads, 0, head_dim(self.model.config))
-        empty = torch.empty(shape, dtype=DTYPES[self.prefill_dtype], device=self.device)
-        for layer, buffer in enumerate(cache.layers):
-            buffer.lazy_initialization(empty, empty)
-            buffer.cumulative_length.fill_(width)
-            for r, ((_, entry, _), cached) in enumerate(zip(group, past, strict=True)):
-                if cached:
-                    assert entry is not None
-                    buffer.keys[r, :, width - cached : width] = entry.kv[layer][0][:, :cached]
-                    buffer.values[r, :, width - cached : width] = entry.kv[layer][1][:, :cached]
+        prefixes = [
+            [(k[:, :cached], v[:, :cached]) for k, v in entry.kv] if cached else None
+            for (_, entry, _), cached in zip(group, past, strict=True)
+        ]
+        cache = self._right_aligned(prefixes, width, width + tail, self.prefill_dtype)
         out = self.prefill_model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -520,22 +514,32 @@ class TransformersBackend:
     ) -> tuple[StaticCache, torch.Tensor]:
         """A cache holding every row's prompt KV, right-aligned; its attention mask."""
         width = max(lengths)
-        template = rows[0].prompt.kv
-        assert template is not None
-        heads, dim = template[0][0].shape[0], template[0][0].shape[-1]
-        cache = StaticCache(config=self.model.config, max_cache_len=total)
-        empty = template[0][0].new_empty((len(rows), heads, 0, dim))
-        for layer in cache.layers:
-            layer.lazy_initialization(empty, empty)
-            layer.cumulative_length.fill_(width)
+        cache = self._right_aligned(
+            [row.prompt.kv for row in rows], width, total, self.decode_dtype
+        )
         mask = torch.zeros((len(rows), total), dtype=torch.long)
-        for r, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            assert row.prompt.kv is not None
-            for layer, (keys, values) in zip(cache.layers, row.prompt.kv, strict=True):
-                layer.keys[r, :, width - length : width] = keys
-                layer.values[r, :, width - length : width] = values
+        for r, length in enumerate(lengths):
             mask[r, width - length : width] = 1
         return cache, mask
+
+    def _right_aligned(
+        self, kvs: list[KV | None], width: int, total: int, dtype: str
+    ) -> StaticCache:
+        """A static cache of `total` positions per row in `dtype`, row r holding `kvs[r]`
+        (if any) so that it ends at `width`; the model writes what it feeds from `width` on."""
+        config = self.model.config
+        cache = StaticCache(config=config, max_cache_len=total)
+        shape = (len(kvs), config.num_key_value_heads, 0, head_dim(config))
+        empty = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
+        for layer, buffer in enumerate(cache.layers):
+            buffer.lazy_initialization(empty, empty)
+            buffer.cumulative_length.fill_(width)
+            for r, kv in enumerate(kvs):
+                if kv is not None:
+                    keys, values = kv[layer]
+                    buffer.keys[r, :, width - keys.shape[1] : width] = keys
+                    buffer.values[r, :, width - values.shape[1] : width] = values
+        return cache
 
     def _remember(self, row: _Row, cache: StaticCache, j: int, start: int) -> None:
         """Put a finished row's sequence in the prefix cache: its prompt and every generated
