@@ -178,11 +178,11 @@ class FailingBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def generate(self, conversations, params: SamplingParams, seeds=None):
+    def generate(self, conversations, params: SamplingParams):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("out of memory")
-        return self.inner.generate(conversations, params, seeds)
+        return self.inner.generate(conversations, params)
 
 
 def test_generation_error_marks_live_episodes_failed(tiny_model_path):

@@ -1,10 +1,7 @@
-"""The rollout engine.
+"""The lock-step rollout engine.
 
-Many episodes advance together, up to `max_live` at once: each episode's next turn goes to
-the backend's turn stream, and an episode whose turn finished steps its environment and
-submits its next turn. A backend that decodes continuously keeps its batch full this way;
-any other runs lock-step rounds (one batched generate call for every live episode, then
-every env step). An episode may start from a
+Many episodes advance together: each round makes ONE batched generate call for every
+live episode, then steps each episode's environment. An episode may start from a
 replayed prefix of assistant turns (an expert prefix, or a prefix plus the action
 whose step reward is being estimated). Finished episodes free their slot at once, so
 up to `max_live` episodes are always in flight.
@@ -32,13 +29,7 @@ from ipr_core.agent.prompts import (
     build_conversation,
 )
 from ipr_core.agent.react import parse_react
-from ipr_core.engine.backends.base import (
-    Completion,
-    PolicyBackend,
-    SamplingParams,
-    TurnKey,
-    open_stream,
-)
+from ipr_core.engine.backends.base import Completion, PolicyBackend, SamplingParams
 from ipr_core.engine.progress import ProgressFn
 from ipr_core.envs import Env, EnvTask, StepResult, make_env
 from ipr_core.types import Message, RolloutStatus, Step, Trajectory, is_failed
@@ -166,24 +157,11 @@ class RolloutEngine:
     def run(
         self, specs: Sequence[RolloutSpec], temperature: float, seed: int = 0
     ) -> list[RolloutResult]:
-        """Run every spec to the end of its episode; results in the order of `specs`.
-
-        Turns go to the backend's stream as they become ready: where the backend decodes
-        continuously, an episode whose turn finished steps its env and submits its next
-        turn while the others are still decoding. Sampling: every turn gets its own seed,
-        from the run seed, its spec and the turn number, so a rollout is the same whatever
-        batch it runs in (and however a run is sharded). Greedy: identical conversations in
-        flight share one completion, generated once.
-        """
+        """Run every spec to the end of its episode; results in the order of `specs`."""
         results: list[RolloutResult | None] = [None] * len(specs)
         pending = deque(enumerate(specs))
-        live: dict[int, _Episode] = {}
-        awaiting: dict[TurnKey, list[int]] = {}
-        """Each turn in flight, and the live episodes (by index) that get its completion."""
-        params = SamplingParams(
-            temperature=temperature, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS
-        )
-        stream = open_stream(self.backend, params)
+        live: list[tuple[int, _Episode]] = []
+
         finished = 0
 
         def finish(index: int, episode: _Episode) -> None:
@@ -193,42 +171,34 @@ class RolloutEngine:
             if self.progress is not None:
                 self.progress(finished, len(specs))
 
-        def submit(index: int, episode: _Episode) -> None:
-            assert episode.task is not None
-            conversation = self.conversation(episode.task, episode.steps)
-            key: TurnKey = index if temperature > 0 else json.dumps(conversation)
-            if key not in awaiting:
-                stream.submit(key, conversation, turn_seed(seed, episode.spec, len(episode.steps)))
-            awaiting.setdefault(key, []).append(index)
-
+        params = SamplingParams(
+            temperature=temperature, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS
+        )
         while pending or live:
             while pending and len(live) < self.max_live:
                 index, spec = pending.popleft()
                 episode = _Episode(spec=spec)
                 self._start(episode)
                 if episode.status is None:
-                    live[index] = episode
-                    submit(index, episode)
+                    live.append((index, episode))
                 else:
                     finish(index, episode)
             if not live:
                 continue
             try:
-                completed = stream.step()
+                completions = self._generate([ep for _, ep in live], params, seed)
             except Exception as exc:  # the backend failed: every live episode failed with it
-                for episode in live.values():
+                for _, episode in live:
                     episode.status, episode.error = "generation_error", repr(exc)
-                completed, awaiting = [], {}
-                stream = open_stream(self.backend, params)
-            turns = [(i, completion) for key, completion in completed for i in awaiting.pop(key)]
-            self._advance_all([live[i] for i, _ in turns], [completion for _, completion in turns])
-            for index, episode in list(live.items()):
-                if episode.status is not None:
-                    del live[index]
+            else:
+                self._advance_all([ep for _, ep in live], completions)
+            still_live = []
+            for index, episode in live:
+                if episode.status is None:
+                    still_live.append((index, episode))
+                else:
                     finish(index, episode)
-            for index, _ in turns:
-                if index in live:
-                    submit(index, live[index])
+            live = still_live
         return [result for result in results if result is not None]
 
     # -- episode mechanics ---------------------------------------------------------------
@@ -346,6 +316,25 @@ class RolloutEngine:
     # -- resources -----------------------------------------------------------------------
     def _acquire_env(self) -> Env:
         return self._idle_envs.pop() if self._idle_envs else make_env(self.env_id)
+
+    def _generate(
+        self, episodes: list[_Episode], params: SamplingParams, seed: int
+    ) -> list[Completion]:
+        """One backend call for the round.
+
+        Sampling: every episode's turn gets its own seed, from the run seed, its spec and
+        the turn number, so a rollout is the same whatever batch it runs in (and however a
+        run is sharded). Greedy: identical conversations get one completion, generated once.
+        """
+        conversations = [self.conversation(ep.task, ep.steps) for ep in episodes]
+        if params.temperature > 0:
+            seeds = [turn_seed(seed, ep.spec, len(ep.steps)) for ep in episodes]
+            return [out[0] for out in self.backend.generate(conversations, params, seeds)]
+        keys = [json.dumps(conversation) for conversation in conversations]
+        unique = {key: conversation for key, conversation in zip(keys, conversations, strict=True)}
+        outputs = self.backend.generate(list(unique.values()), params)
+        served = {key: out[0] for key, out in zip(unique, outputs, strict=True)}
+        return [served[key] for key in keys]
 
 
 def _close_quietly(env: Env) -> None:

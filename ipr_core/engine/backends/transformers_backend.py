@@ -48,7 +48,7 @@ from ipr_core.engine.backends.attention import (
     attending_with,
     prefill_attention,
 )
-from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams, TurnKey
+from ipr_core.engine.backends.base import Completion, FinishReason, SamplingParams
 from ipr_core.engine.backends.chat import (
     context_overflow,
     conversation_seeds,
@@ -76,10 +76,6 @@ PAD_AT_MOST = 0.15
 LINEAR_COLUMNS = 800
 """What a fed token's linear layers cost, in columns of attention (SmolLM2-135M on this
 CPU: prefill 1,390 tokens/s without a cached prefix, 745 over 800 cached tokens)."""
-ADMIT_SHARE = 0.25
-"""A continuous batch prefills waiting turns once they would fill this share of its rows (or
-outnumber the rows decoding): one prefill pass of many rows costs little more than one of a
-few, and each pass holds up every decoding row."""
 SHARE_AT_LEAST = 32
 """A prompt waits for the next prefill wave when another prompt of the call shares this
 many more prefix tokens with it than the prefix cache does."""
@@ -230,16 +226,11 @@ class _Prompt:
 
 @dataclass(eq=False)
 class _Row:
-    key: TurnKey
     prompt: _Prompt
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     text: str = ""
-    prefilled: int = 0
-    """Prompt tokens computed for this row (a prompt shared by rows counts on its first)."""
-    call: list[tuple[list[int], int]] | None = None
-    """The WorkLog call it was admitted in, when one is recorded."""
 
 
 class PrefillPass(NamedTuple):
@@ -340,10 +331,6 @@ class TransformersBackend:
     def count_tokens(self, conversation: list[Message]) -> int:
         return len(self.encode(conversation))
 
-    def stream(self, params: SamplingParams) -> ContinuousBatch:
-        """A continuous decode batch for turns sampled with `params` (a `TurnStream`)."""
-        return ContinuousBatch(self, params)
-
     @torch.inference_mode()
     def generate(
         self,
@@ -359,14 +346,38 @@ class TransformersBackend:
         are free, and a prompt shared by n samples is counted once, on the first.
         """
         seeds = conversation_seeds(params, len(conversations), seeds)
-        stream = self.stream(params)
+        prompts: dict[tuple[int, ...], _Prompt] = {}
+        rows: list[tuple[int, _Row]] = []
+        results: list[list[Completion]] = [[] for _ in conversations]
         for i, conversation in enumerate(conversations):
+            ids = self.encode(conversation)
+            if not fits_context(len(ids), params.max_new_tokens, self.max_context):
+                results[i] = context_overflow(params.n)
+                continue
+            prompt = prompts.setdefault(tuple(ids), _Prompt(torch.tensor(ids)))
             for k in range(params.n):
-                stream.submit((i, k), conversation, seeds[i], sample=k)
-        done: dict[TurnKey, Completion] = {}
-        while len(done) < len(conversations) * params.n:
-            done.update(stream.step())
-        return [[done[i, k] for k in range(params.n)] for i in range(len(conversations))]
+                generator = None
+                if params.temperature > 0:
+                    generator = torch.Generator().manual_seed(row_seed(seeds[i], k))
+                rows.append((i, _Row(prompt, generator)))
+        self._prefill_all(list(prompts.values()))
+        batch = [row for _, row in rows]
+        shapes = [(1, len(row.prompt.tokens) + params.max_new_tokens) for row in batch]
+        with attending_with(self.model, self.decode_attention):
+            for group in _passes(batch, shapes, self.max_batch_size):
+                self._decode(group, params)
+        if self.work_log is not None:
+            self.work_log.calls.append(
+                [(row.prompt.tokens.tolist(), len(row.generated)) for _, row in rows]
+            )
+        counted: set[int] = set()
+        for i, row in rows:
+            first = id(row.prompt) not in counted
+            counted.add(id(row.prompt))
+            prefilled = row.prompt.computed if first else 0
+            results[i].append(Completion(row.text, prefilled, len(row.generated), row.finish))
+            self.stats["generated_tokens"] += len(row.generated)
+        return results
 
     # -- prefill -------------------------------------------------------------------------
     def _prefill_all(self, prompts: list[_Prompt]) -> None:
@@ -452,6 +463,65 @@ class TransformersBackend:
             self.work_log.prefills.append(PrefillPass(rows, tail, width, computed, sum(past)))
 
     # -- decode --------------------------------------------------------------------------
+    def _decode(self, rows: list[_Row], params: SamplingParams) -> None:
+        """Generate every row to EOS, a stop string or max_new_tokens, in one static cache.
+
+        Rows are left-padded to the longest prompt; once a quarter of them are finished,
+        the finished ones leave the batch.
+        """
+        lengths = [len(row.prompt.tokens) for row in rows]
+        width = max(lengths)
+        cache, mask = self._static_cache(rows, lengths, width + params.max_new_tokens)
+        positions = torch.tensor(lengths)
+        batch = list(range(len(rows)))
+        """batch[j] is the index in `rows` of the cache's j-th row."""
+        for r, row in enumerate(rows):
+            assert row.prompt.first_logits is not None
+            self._append(row, self._sample(row.prompt.first_logits[None], [row], params)[0], params)
+            if row.finish is not None:
+                self._remember(row, cache, r, width - lengths[r])
+        for step in range(params.max_new_tokens - 1):
+            live = [j for j, r in enumerate(batch) if rows[r].finish is None]
+            if not live:
+                break
+            if len(live) <= 0.75 * len(batch):
+                keep = torch.tensor(live)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+                mask, positions = mask[keep], positions[keep]
+                batch, live = [batch[j] for j in live], list(range(len(live)))
+            mask[:, width + step] = 1
+            out = self.model(
+                input_ids=torch.tensor([[rows[r].generated[-1]] for r in batch]).to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions[:, None].to(self.device),
+                past_key_values=cache,
+                cache_position=torch.tensor([width + step], device=self.device),
+                use_cache=True,
+            )
+            positions = positions + 1
+            if self.work_log is not None:
+                self.work_log.decodes.append((len(batch), int(positions.float().mean())))
+            live_rows = [rows[batch[j]] for j in live]
+            tokens = self._sample(out.logits[live, -1].float(), live_rows, params)
+            for j, row, token in zip(live, live_rows, tokens, strict=True):
+                self._append(row, token, params)
+                if row.finish is not None:
+                    self._remember(row, cache, j, width - lengths[batch[j]])
+
+    def _static_cache(
+        self, rows: list[_Row], lengths: list[int], total: int
+    ) -> tuple[StaticCache, torch.Tensor]:
+        """A cache holding every row's prompt KV, right-aligned; its attention mask."""
+        width = max(lengths)
+        cache = self._right_aligned(
+            [row.prompt.kv for row in rows], width, total, self.decode_dtype
+        )
+        mask = torch.zeros((len(rows), total), dtype=torch.long)
+        for r, length in enumerate(lengths):
+            mask[r, width - length : width] = 1
+        return cache, mask
+
     def _right_aligned(
         self, kvs: list[KV | None], width: int, total: int, dtype: str
     ) -> StaticCache:
@@ -470,6 +540,22 @@ class TransformersBackend:
                     buffer.keys[r, :, width - keys.shape[1] : width] = keys
                     buffer.values[r, :, width - values.shape[1] : width] = values
         return cache
+
+    def _remember(self, row: _Row, cache: StaticCache, j: int, start: int) -> None:
+        """Put a finished row's sequence in the prefix cache: its prompt and every generated
+        token fed back to the model (all but the last).
+
+        The row's keys and values are copied out of the batch's static cache: a view would
+        keep the whole batch alive and count as all of it against the capacity, evicting
+        the other episodes' histories (they were then prefilled again every turn)."""
+        fed = len(row.generated) - 1
+        end = start + len(row.prompt.tokens) + fed
+        tokens = torch.cat([row.prompt.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
+        kv = [
+            (layer.keys[j, :, start:end].clone(), layer.values[j, :, start:end].clone())
+            for layer in cache.layers
+        ]
+        self.prefix_cache.insert(tokens, kv)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> list[int]:
         """Greedy, or inverse-CDF sampling of the whole batch at once, each row drawing its
@@ -498,190 +584,3 @@ class TransformersBackend:
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-class ContinuousBatch:
-    """One decode batch that persists across turns (the backend's `TurnStream`).
-
-    A submitted turn waits until enough turns wait (`ADMIT_SHARE`), then the waiting turns
-    are prefilled together and join the batch; every `step` decodes one token for every
-    row, and a row that stops leaves at once, its completion returned, so its caller can
-    step the environment and submit the episode's next turn while the others decode.
-
-    Rows sit in one static cache, right-aligned at a shared write column. A joining row
-    takes a finished row's place where its prompt fits left of that column; otherwise the
-    cache is rebuilt (the live rows' keys and values copied, the finished ones dropped), as
-    it is when a quarter of its rows have finished. A finished row's sequence goes into
-    the prefix cache, so the episode's next turn prefills only its new observation.
-    """
-
-    def __init__(self, backend: TransformersBackend, params: SamplingParams):
-        self.backend, self.params = backend, params
-        self.waiting: list[_Row] = []
-        self.ready: list[tuple[TurnKey, Completion]] = []
-        """Turns finished without decoding: prompts that do not fit the context."""
-        self.rows: list[_Row | None] = []
-        """The cache's rows; None where a row finished (until the next rebuild)."""
-        self.starts: list[int] = []
-        """Each cache row's first column."""
-        self.cache: StaticCache | None = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long)
-        self.positions = torch.zeros(0, dtype=torch.long)
-        self.column = 0
-        """The column the next decode step writes."""
-
-    def submit(self, key: TurnKey, conversation: list[Message], seed: int, sample: int = 0) -> None:
-        ids = self.backend.encode(conversation)
-        if not fits_context(len(ids), self.params.max_new_tokens, self.backend.max_context):
-            self.ready.append((key, context_overflow(1)[0]))
-            return
-        generator = None
-        if self.params.temperature > 0:
-            generator = torch.Generator().manual_seed(row_seed(seed, sample))
-        self.waiting.append(_Row(key, _Prompt(torch.tensor(ids)), generator))
-
-    @torch.inference_mode()
-    def step(self) -> list[tuple[TurnKey, Completion]]:
-        done, self.ready = self.ready, []
-        live = sum(row is not None for row in self.rows)
-        free = self.backend.max_batch_size - live
-        admit_at = max(1, int(ADMIT_SHARE * self.backend.max_batch_size))
-        if self.waiting and free > 0 and len(self.waiting) >= min(free, admit_at, max(live, 1)):
-            joining, self.waiting = self.waiting[:free], self.waiting[free:]
-            done += [(row.key, self._completion(row)) for row in self._admit(joining)]
-        if any(row is not None for row in self.rows):
-            done += [(row.key, self._completion(row)) for row in self._decode_step()]
-        return done
-
-    def _admit(self, rows: list[_Row]) -> list[_Row]:
-        """Prefill the rows' prompts (rows with equal prompts share one), sample each row's
-        first token, and rebuild the batch with the rows that go on; returns those that
-        already stopped."""
-        backend = self.backend
-        prompts: dict[tuple[int, ...], _Prompt] = {}
-        for row in rows:
-            row.prompt = prompts.setdefault(tuple(row.prompt.tokens.tolist()), row.prompt)
-        backend._prefill_all(list(prompts.values()))
-        call: list[tuple[list[int], int]] | None = None
-        if backend.work_log is not None:
-            call = []
-            backend.work_log.calls.append(call)
-        counted: set[int] = set()
-        joining, stopped = [], []
-        for row in rows:
-            row.prefilled = 0 if id(row.prompt) in counted else row.prompt.computed
-            counted.add(id(row.prompt))
-            row.call = call
-            assert row.prompt.first_logits is not None
-            first = backend._sample(row.prompt.first_logits[None], [row], self.params)[0]
-            backend._append(row, first, self.params)
-            (stopped if row.finish is not None else joining).append(row)
-        self._place(joining)
-        return stopped
-
-    def _place(self, joining: list[_Row]) -> None:
-        """Put joining rows into finished rows' places where they fit: the prompt left of
-        the write column, its tokens right of it; rebuild the cache for the rest."""
-        free = [r for r, row in enumerate(self.rows) if row is None]
-        rest = []
-        room = self.column + self.params.max_new_tokens <= self.mask.shape[1]
-        for row in joining:
-            length = len(row.prompt.tokens)
-            if not (free and room and length <= self.column):
-                rest.append(row)
-                continue
-            r, start = free.pop(), self.column - length
-            assert self.cache is not None and row.prompt.kv is not None
-            for layer, (keys, values) in zip(self.cache.layers, row.prompt.kv, strict=True):
-                layer.keys[r, :, start : self.column] = keys
-                layer.values[r, :, start : self.column] = values
-            self.rows[r], self.starts[r], self.positions[r] = row, start, length
-            self.mask[r] = 0
-            self.mask[r, start : self.column] = 1
-        if rest:
-            self._rebuild(rest)
-
-    def _rebuild(self, joining: list[_Row]) -> None:
-        """A new cache of the live rows and `joining`, right-aligned at the longest, with
-        room for every row's remaining tokens and for rows that join in the next
-        `max_new_tokens` steps."""
-        kept = [(r, row) for r, row in enumerate(self.rows) if row is not None]
-        lengths = [self.column - self.starts[r] for r, _ in kept]
-        lengths += [len(row.prompt.tokens) for row in joining]
-        kvs: list[KV | None] = [
-            [(layer.keys[r, :, self.starts[r] : self.column],
-              layer.values[r, :, self.starts[r] : self.column]) for layer in self.cache.layers]
-            for r, _ in kept
-        ] if self.cache is not None else []  # fmt: skip
-        kvs += [row.prompt.kv for row in joining]
-        self.rows = [row for _, row in kept] + joining
-        width = max(lengths, default=0)
-        total = width + 2 * self.params.max_new_tokens
-        self.cache = self.backend._right_aligned(kvs, width, total, self.backend.decode_dtype)
-        self.starts = [width - length for length in lengths]
-        self.mask = torch.zeros((len(self.rows), total), dtype=torch.long)
-        for r, start in enumerate(self.starts):
-            self.mask[r, start:width] = 1
-        self.positions = torch.tensor(lengths, dtype=torch.long)
-        self.column = width
-
-    def _decode_step(self) -> list[_Row]:
-        """Feed every live row its last token; returns the rows that stopped."""
-        live = [r for r, row in enumerate(self.rows) if row is not None]
-        full = self.column >= self.mask.shape[1]
-        if full or len(live) <= 0.75 * len(self.rows):  # a finished row costs a live one
-            self._rebuild([])
-            live = list(range(len(self.rows)))
-        backend, model = self.backend, self.backend.model
-        pad = backend.tokenizer.pad_token_id or 0
-        ids = [[row.generated[-1] if row is not None else pad] for row in self.rows]
-        self.mask[:, self.column] = 1
-        with attending_with(model, backend.decode_attention):
-            out = model(
-                input_ids=torch.tensor(ids).to(backend.device),
-                attention_mask=self.mask.to(backend.device),
-                position_ids=self.positions[:, None].to(backend.device),
-                past_key_values=self.cache,
-                cache_position=torch.tensor([self.column], device=backend.device),
-                use_cache=True,
-            )
-        self.positions += 1
-        self.column += 1
-        if backend.work_log is not None:
-            context = int(self.positions[live].float().mean())
-            backend.work_log.decodes.append((len(self.rows), context))
-        rows = [self.rows[r] for r in live]
-        tokens = backend._sample(out.logits[live, -1].float(), rows, self.params)
-        stopped = []
-        for r, row, token in zip(live, rows, tokens, strict=True):
-            assert row is not None
-            backend._append(row, token, self.params)
-            if row.finish is not None:
-                self._remember(r, row)
-                self.rows[r] = None
-                stopped.append(row)
-        return stopped
-
-    def _remember(self, r: int, row: _Row) -> None:
-        """Put a finished row's sequence in the prefix cache: its prompt and every generated
-        token fed back to the model (all but the last).
-
-        The row's keys and values are copied out of the batch's cache: a view would keep
-        the whole batch alive and count as all of it against the capacity, evicting the
-        other episodes' histories (they were then prefilled again every turn)."""
-        assert self.cache is not None
-        fed = len(row.generated) - 1
-        tokens = torch.cat([row.prompt.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
-        kv = [
-            (layer.keys[r, :, self.starts[r] : self.column].clone(),
-             layer.values[r, :, self.starts[r] : self.column].clone())
-            for layer in self.cache.layers
-        ]  # fmt: skip
-        self.backend.prefix_cache.insert(tokens, kv)
-
-    def _completion(self, row: _Row) -> Completion:
-        assert row.finish is not None
-        self.backend.stats["generated_tokens"] += len(row.generated)
-        if row.call is not None:
-            row.call.append((row.prompt.tokens.tolist(), len(row.generated)))
-        return Completion(row.text, row.prefilled, len(row.generated), row.finish)
