@@ -238,7 +238,7 @@ def _estimate_experiment(args: argparse.Namespace) -> int:
     from ipr_core.store.store import Store
 
     config = load_experiment_config(args.config, args.overrides, args.store)
-    runs = estimate_experiment(Store(config.run.store), config)
+    runs = estimate_experiment(Store(config.run.store, read_only=True), config)
     total = runs["predicted_s"].sum()
     print(
         f"experiment {config.experiment_id!r}: predicted at most {total:,.0f} s "

@@ -413,3 +413,31 @@ def test_the_cpu_backend_prefills_and_decodes_each_with_its_attention(tiny_model
         assert {attention for width, attention in seen if width > 1} == {GQA_PREFILL}
         assert {attention for width, attention in seen if width == 1} == {expected}
         assert backend.model.config._attn_implementation == GQA_PREFILL
+
+
+def test_a_right_aligned_cache_is_zero_wherever_attention_reads_and_no_row_wrote(
+    backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+):
+    """The cache's buffers are not zero-filled whole: where attention reads but no row's
+    keys and values went (left pads, columns ahead of the prompts) must still be zero, or a
+    masked column's 0 weight times garbage (NaN) poisons the row. Fresh memory is made NaN
+    here, so a region left unwritten shows."""
+    config = backend.model.config
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    layers = config.num_hidden_layers
+
+    def kv(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.randn(heads, length, dim), torch.randn(heads, length, dim))] * layers
+
+    rows = [kv(3), kv(5), None]
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    cache = backend._right_aligned(rows, 6, 9, "float32")
+    monkeypatch.undo()
+    for layer in cache.layers:
+        for tensor, index in ((layer.keys, 0), (layer.values, 1)):
+            assert not tensor.isnan().any()
+            assert torch.equal(tensor[0, :, 3:6], rows[0][0][index])
+            assert torch.equal(tensor[1, :, 1:6], rows[1][0][index])
+            assert not tensor[0, :, :3].any() and not tensor[1, :, :1].any()
+            assert not tensor[2].any() and not tensor[:, :, 6:].any()

@@ -85,6 +85,7 @@ def test_an_experiment_estimate_counts_what_a_seed_shares_once_and_adds_its_test
 def test_ipr_estimate_of_an_experiment_config_prints_every_run_and_the_total(tmp_path):
     store_path = tmp_path / "rates.duckdb"
     shutil.copy(DEMO.parents[1] / "docs" / "results" / "bench-stages.duckdb", store_path)
+    before = store_path.read_bytes()
     done = subprocess.run(
         [sys.executable, "-m", "flows.commands", "estimate", "--config", REPRO,
          "--store", store_path, "--set", "seeds=[0, 1]"],
@@ -94,3 +95,4 @@ def test_ipr_estimate_of_an_experiment_config_prints_every_run_and_the_total(tmp
     assert "experiment 'repro-full-sft': predicted at most" in done.stdout
     for run in ("sft-s0", "eto-s1", "ipr-s1"):
         assert f"repro-full-sft-{run}" in done.stdout
+    assert store_path.read_bytes() == before  # it reads the rates: a committed store stays as it is

@@ -526,19 +526,30 @@ class TransformersBackend:
         self, kvs: list[KV | None], width: int, total: int, dtype: str
     ) -> StaticCache:
         """A static cache of `total` positions per row in `dtype`, row r holding `kvs[r]`
-        (if any) so that it ends at `width`; the model writes what it feeds from `width` on."""
+        (if any) so that it ends at `width`; the model writes what it feeds from `width` on.
+
+        Its buffers are not zero-filled whole (in a profile of a 100-game evaluation at
+        ~1,500-token contexts, zero-filling took 35 of 393 s): only
+        what attention reads and no row writes, the left pads and the columns ahead, which
+        must hold finite numbers (a masked score weighs a value by 0, and 0 x NaN is NaN)."""
         config = self.model.config
         cache = StaticCache(config=config, max_cache_len=total)
-        shape = (len(kvs), config.num_key_value_heads, 0, head_dim(config))
-        empty = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
+        shape = (len(kvs), config.num_key_value_heads, total, head_dim(config))
+        shortest = min((0 if kv is None else kv[0][0].shape[1] for kv in kvs), default=0)
+        empty = {"dtype": DTYPES[dtype], "device": self.device}
         for layer, buffer in enumerate(cache.layers):
-            buffer.lazy_initialization(empty, empty)
+            keys, values = torch.empty(shape, **empty), torch.empty(shape, **empty)
+            buffer.lazy_initialization(keys[:0], values[:0])  # no rows: allocates nothing
+            buffer.keys, buffer.values, buffer.batch_size = keys, values, len(kvs)
             buffer.cumulative_length.fill_(width)
+            for tensor in (keys, values):
+                tensor[:, :, : width - shortest] = 0
+                tensor[:, :, width:] = 0
             for r, kv in enumerate(kvs):
                 if kv is not None:
-                    keys, values = kv[layer]
-                    buffer.keys[r, :, width - keys.shape[1] : width] = keys
-                    buffer.values[r, :, width - values.shape[1] : width] = values
+                    layer_keys, layer_values = kv[layer]
+                    keys[r, :, width - layer_keys.shape[1] : width] = layer_keys
+                    values[r, :, width - layer_values.shape[1] : width] = layer_values
         return cache
 
     def _remember(self, row: _Row, cache: StaticCache, j: int, start: int) -> None:
