@@ -189,6 +189,20 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     add_overrides_argument(estimate)
     estimate.set_defaults(handler=cmd_estimate)
 
+    checkpoints = commands.add_parser(
+        "checkpoints", help="a store's LoRA checkpoints as small files to commit, and back"
+    )
+    moves = checkpoints.add_subparsers(required=True, metavar="ACTION")
+    export = moves.add_parser("export", help="adapters and records of the store's checkpoints")
+    export.add_argument("--store", type=Path, required=True)
+    export.add_argument("--to", type=Path, required=True, help="folder to commit beside the store")
+    export.set_defaults(handler=cmd_checkpoints_export)
+    restore = moves.add_parser("import", help="rebuild exported checkpoints this machine lacks")
+    restore.add_argument("--store", type=Path, required=True)
+    restore.add_argument("--from", dest="source", type=Path, required=True)
+    restore.add_argument("--cache-dir", type=Path, default=Path(".ipr"))
+    restore.set_defaults(handler=cmd_checkpoints_import)
+
     show = commands.add_parser("show", help="a stored rollout or pair as a transcript")
     show.add_argument("what", choices=["rollout", "pair"])
     show.add_argument("id", help="the short id (rollout_ids / pair_ids views, ipr report)")
@@ -324,6 +338,27 @@ def _write_bench_report(report: dict, table: str, out: Path) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_checkpoints_export(args: argparse.Namespace) -> int:
+    from ipr_core.run.portable import export_checkpoints
+    from ipr_core.store.store import Store
+
+    exported, skipped = export_checkpoints(Store(args.store, read_only=True), args.to)
+    print(f"{len(exported)} checkpoints in {args.to}: {' '.join(exported)}")
+    if skipped:
+        print(f"not exported (not on this machine, or no adapter): {' '.join(skipped)}")
+    return 0
+
+
+def cmd_checkpoints_import(args: argparse.Namespace) -> int:
+    from ipr_core.run.portable import import_checkpoints
+    from ipr_core.store.store import Store
+
+    store = Store(args.store, read_only=True)
+    rebuilt = import_checkpoints(store, args.source, args.cache_dir)
+    print(f"{len(rebuilt)} checkpoints rebuilt in {args.cache_dir}: {' '.join(rebuilt)}")
     return 0
 
 

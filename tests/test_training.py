@@ -13,10 +13,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
+from flows import commands
 from ipr_core.agent.prompts import PromptFormat, build_conversation, step_messages
 from ipr_core.envs.base import EnvTask
+from ipr_core.errors import InputError
+from ipr_core.run.portable import export_checkpoints, import_checkpoints
 from ipr_core.store.store import Store
-from ipr_core.training.checkpoints import checkpoint_id, model_id
+from ipr_core.training.checkpoints import base_checkpoint, checkpoint_id, checkpoint_row, model_id
 from ipr_core.training.config import (
     ComputeConfig,
     MixtureConfig,
@@ -423,3 +426,56 @@ def test_a_right_padded_batch_is_attended_causally_with_the_same_scored_log_prob
     with torch.no_grad():
         trained(input_ids=ids, attention_mask=left)
     assert masks_seen[-1] is not None and torch.equal(masks_seen[-1], left)
+
+
+# -- portable checkpoints ----------------------------------------------------------------------
+def test_exported_lora_checkpoints_rebuild_bit_for_bit_on_a_fresh_machine(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """A LoRA SFT model and a mixture trained from it, exported as adapters and records and
+    imported into an empty cache: every file of both model folders is rebuilt byte for byte,
+    the SFT model before the mixture merged into it."""
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    root = tmp_path / "ipr" / "checkpoints"
+    sft_settings = SFTConfig(epochs=1, lr=3e-3, batch_size=2, max_length=1024, lora=lora)
+    sft = train_sft(tiny_model_path, [_expert(i) for i in range(2)], PROMPT, sft_settings, root)
+    mixture_settings = MixtureConfig(epochs=1, batch_size=2, max_length=1024, lora=lora)
+    mixture = train_mixture(sft.path, _pairs(2), mixture_settings, root)
+    assert mixture.parent_id == sft.checkpoint_id
+    store = Store(tmp_path / "run.duckdb")
+    rows = [checkpoint_row(base_checkpoint(tiny_model_path)), checkpoint_row(sft, "r", 0)]
+    store.write({"checkpoints": [*rows, checkpoint_row(mixture, "r", 1)]})
+
+    exported, skipped = export_checkpoints(store, tmp_path / "portable")
+    assert exported == [sft.checkpoint_id, mixture.checkpoint_id] and skipped == []
+    weights = sorted(p.name for p in (tmp_path / "portable").rglob("*.safetensors"))
+    assert weights == ["adapter_model.safetensors"] * 2  # no merged model: that is rebuilt
+
+    fresh = tmp_path / "fresh"
+    rebuilt = import_checkpoints(store, tmp_path / "portable", fresh)
+    assert rebuilt == [sft.checkpoint_id, mixture.checkpoint_id]
+    for trained in (sft, mixture):
+        files = sorted(p.name for p in trained.path.iterdir())
+        again = fresh / "checkpoints" / trained.checkpoint_id / "model"
+        assert sorted(p.name for p in again.iterdir()) == files
+        for name in files:
+            assert (again / name).read_bytes() == (trained.path / name).read_bytes(), name
+    assert import_checkpoints(store, tmp_path / "portable", fresh) == []  # nothing missing
+
+
+def test_importing_a_checkpoint_whose_parent_is_unknown_names_the_file_and_field(
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    settings = SFTConfig(epochs=1, batch_size=2, max_length=1024, lora=lora)
+    sft = train_sft(tiny_model_path, [_expert(0)], PROMPT, settings, tmp_path / "checkpoints")
+    store = Store(tmp_path / "run.duckdb")
+    store.write({"checkpoints": [checkpoint_row(sft, "r", 0)]})  # its base is not recorded
+    export_checkpoints(store, tmp_path / "portable")
+    with pytest.raises(InputError, match="result.json, field 'parent_id'"):
+        import_checkpoints(store, tmp_path / "portable", tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "checkpoints" / sft.checkpoint_id).exists()
+    args = ["--store", str(store.path), "--from", str(tmp_path / "portable"), "--cache-dir"]
+    args.append(str(tmp_path / "fresh"))
+    assert commands.main(["checkpoints", "import", *args]) == 2
+    assert f"{sft.checkpoint_id}/result.json, field 'parent_id'" in capsys.readouterr().err

@@ -788,6 +788,13 @@ class Store:
         """Per run: method, seed, status, best iteration, its dev and test reward."""
         return self.query(EXPERIMENT_RUNS_SQL, [experiment_id])
 
+    def checkpoint_records(self) -> pd.DataFrame:
+        """Every checkpoint the store names (the base models too): id, parent, kind, path;
+        parents before their children."""
+        return self.query(
+            "SELECT checkpoint_id, parent_id, kind, path FROM checkpoints ORDER BY created_at"
+        )
+
     def scorer_ids(self, run_id: str) -> list[str]:
         """The scorers whose step rewards a run holds."""
         found = self.query(

@@ -120,6 +120,17 @@ def save_trained(trainer: Trainer, tokenizer, work: Path) -> None:
     shutil.rmtree(work / TRAINER_DIR, ignore_errors=True)
 
 
+def merge_adapter(parent: Path, adapter: Path, out: Path) -> None:
+    """Write into model folder `out` the weights of `parent` with the LoRA `adapter` merged
+    into it: those `save_trained` wrote, bit for bit (both merge in float32). The files `out`
+    holds already (config, tokenizer, as training saved them) are kept."""
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    merged = PeftModel.from_pretrained(load_model(parent), adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    for name, content in kept.items():
+        (out / name).write_bytes(content)
+
+
 class StepBar(ProgressCallback):
     """A terminal bar over optimizer steps, the Trainer's log lines printed above it."""
 

@@ -1,0 +1,95 @@
+"""A store's LoRA checkpoints as small files to commit beside it, and back.
+
+A run resumes from its store, but its trained models live in the machine's cache
+(`<cache_dir>/checkpoints`), ~540 MB each for SmolLM2-135M: on a fresh clone every stage
+whose model is missing would train again. Exported, a LoRA checkpoint is its adapter and
+records (~20 MB); imported, it is merged into its parent again, bit for bit, parents first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ipr_core.engine.models import MODEL_SPECS, is_complete_model, resolve_model
+from ipr_core.errors import InputError
+from ipr_core.store.store import Store
+from ipr_core.training.checkpoints import (
+    COMPLETE_MARKER,
+    MODEL_DIR,
+    RESULT_FILE,
+    export_portable,
+    import_portable,
+    model_id,
+)
+
+
+def export_checkpoints(store: Store, to: Path) -> tuple[list[str], list[str]]:
+    """Export every trained checkpoint the store names that this machine holds; returns
+    (exported, skipped: missing here or without an adapter)."""
+    exported, skipped = [], []
+    for record in store.checkpoint_records().itertuples():
+        if record.kind == "base":
+            continue
+        folder = Path(record.path).parent
+        done = folder.name == record.checkpoint_id and export_portable(folder, to)
+        (exported if done else skipped).append(record.checkpoint_id)
+    return exported, skipped
+
+
+def import_checkpoints(store: Store, packed_root: Path, cache_dir: Path) -> list[str]:
+    """Rebuild every exported checkpoint under `packed_root` that the cache's checkpoints
+    lack, each merged into its parent: a checkpoint here or imported first, or the store's
+    base model (built from its spec if this machine has not yet). Returns the ids rebuilt."""
+    checkpoints_root = cache_dir / "checkpoints"
+    bases = {
+        r.checkpoint_id: Path(r.path)
+        for r in store.checkpoint_records().itertuples()
+        if r.kind == "base"
+    }
+    packed = {p.name: p for p in sorted(packed_root.iterdir()) if (p / RESULT_FILE).is_file()}
+    rebuilt: list[str] = []
+
+    def model_of(checkpoint: str, needed_by: Path) -> Path:
+        local = checkpoints_root / checkpoint
+        if (local / COMPLETE_MARKER).exists():
+            return local / MODEL_DIR
+        if checkpoint in packed:
+            return rebuild(checkpoint)
+        if checkpoint in bases:
+            return base_model(checkpoint, bases[checkpoint], cache_dir)
+        raise InputError(
+            str(needed_by / RESULT_FILE),
+            f"{checkpoint!r} is neither a checkpoint here, nor exported, nor a base model "
+            "of the store",
+            field="parent_id",
+        )
+
+    def rebuild(checkpoint: str) -> Path:
+        folder = packed[checkpoint]
+        parent = json.loads((folder / RESULT_FILE).read_text())["parent_id"]
+        result = import_portable(folder, checkpoints_root, model_of(parent, folder))
+        rebuilt.append(checkpoint)
+        return result.path
+
+    for checkpoint in packed:
+        if not (checkpoints_root / checkpoint / COMPLETE_MARKER).exists():
+            rebuild(checkpoint)
+    return rebuilt
+
+
+def base_model(checkpoint: str, recorded: Path, cache_dir: Path) -> Path:
+    """The base model the store recorded as `checkpoint`, where it was; else built from its
+    spec (the recorded folder's name) into this machine's cache. Its weights must hash to
+    the recorded id: merging an adapter into other weights would not rebuild the model."""
+    path = recorded
+    if not is_complete_model(path):
+        if recorded.name not in MODEL_SPECS:
+            missing = f"base model {checkpoint} is not at {recorded}"
+            raise InputError("store", missing, "checkpoints")
+        path = resolve_model(recorded.name, cache_dir)
+    if model_id(path) != checkpoint:
+        raise InputError(
+            "store", f"the model at {path} is not {checkpoint}, the store's base", "checkpoints"
+        )
+    return path
