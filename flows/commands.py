@@ -488,7 +488,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
     config = tokens_config(args)
     ctx = RunContext(config, Store(config.store))
-    experts = ensure_experts(ctx.store, config, print)
+    experts = ensure_experts(ctx)
     tokenizer = load_tokenizer(ctx.base_path())
     print(f"history window: {config.prompt.history_window}; {len(experts)} expert conversations")
     print(token_table(experts, ctx.prompt, tokenizer).to_string(index=False))

@@ -17,7 +17,7 @@ from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.run import loop
 from ipr_core.run.context import Engines, RunContext, action_hint
 from ipr_core.run.direct import run_pipeline
-from ipr_core.run.pipeline import ingest_gold
+from ipr_core.run.pipeline import ensure_experts, ingest_gold
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import (
@@ -351,3 +351,18 @@ def test_early_stopped_monte_carlo_draws_a_prefix_of_the_samples_and_keeps_the_p
         ]
         assert winners[0] == winners[1]
     assert sum(map(len, early)) < sum(map(len, full))
+
+
+def test_a_runs_experts_do_not_depend_on_what_else_its_store_holds(smoke_run, tmp_path):
+    """Another run's larger train_limit stores more gold experts; a run with the smaller
+    limit still trains on the split's first games (task ids sort 'train-10' before
+    'train-2', so the first k stored by id were other games, and its SFT data changed)."""
+    config, _, _ = smoke_run
+    store = Store(tmp_path / "shared.duckdb")
+    larger = config.model_copy(update={"store": tmp_path / "shared.duckdb", "train_limit": 12})
+    ensure_experts(RunContext(larger, store, log=lambda _: None))
+    ctx = RunContext(larger.model_copy(update={"train_limit": 4}), store)
+    first = ctx.engines.task_ids(config.train_split)[:4]
+    assert sorted(e.task.task_id for e in ctx.experts()) == sorted(first)
+    stored = sorted(e.task.task_id for e in store.expert_trajectories(config.env))
+    assert len(stored) == 12 and stored[:4] != sorted(first)  # what the old rule took

@@ -251,9 +251,11 @@ class RunContext:
         return self.config.seed * 1000 + iteration
 
     def experts(self) -> list[Trajectory]:
-        """The expert trajectories SFT trains on (as stored)."""
+        """The expert trajectories SFT trains on (`select_experts`)."""
         config = self.config
-        return self.store.expert_trajectories(config.env, config.train_split, config.train_limit)
+        stored = self.store.expert_trajectories(config.env, config.train_split)
+        split = self.engines.task_ids(config.train_split)
+        return select_experts(stored, split, config.train_limit)
 
     def explored(self) -> list[Trajectory]:
         """The experts exploration starts from (and whose steps are scored)."""
@@ -269,6 +271,18 @@ class RunContext:
 
     def base_path(self) -> Path:
         return resolve_model(self.config.model, self.config.cache_dir)
+
+
+def select_experts(
+    stored: Sequence[Trajectory], split_task_ids: Sequence[str], limit: int
+) -> list[Trajectory]:
+    """A run's experts: of those stored for its train split, the first `limit` in the
+    split's own order (ingestion stores the split's first games), listed by task id. Rows the
+    store holds beyond them (another run's larger `train_limit`) do not change which: a run's
+    training data does not depend on what else shares its store."""
+    rank = {task_id: i for i, task_id in enumerate(split_task_ids)}
+    first = sorted(stored, key=lambda e: (rank.get(e.task.task_id, len(rank)), e.task.task_id))
+    return sorted(first[:limit], key=lambda e: e.task.task_id)
 
 
 def action_hint(env_id: str) -> str:

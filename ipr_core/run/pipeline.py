@@ -16,7 +16,7 @@ from ipr_core.errors import InputError
 from ipr_core.method.expert import Rejected, gold_trajectories
 from ipr_core.method.explore import Exploration
 from ipr_core.method.step_rewards import StepQuery, expert_queries
-from ipr_core.run.context import Log
+from ipr_core.run.context import Log, RunContext
 from ipr_core.store.store import Row, Store, expert_to_row
 from ipr_core.types import EXPERT, EXPERT_ITERATION, Trajectory
 
@@ -102,10 +102,10 @@ def missing_expert_rows(store: Store, config: RunConfig, log: Log) -> list[Row]:
     return [row for row in gold.rows if row["task_id"] not in held]  # stored rows stay
 
 
-def ensure_experts(store: Store, config: RunConfig, log: Log) -> list[Trajectory]:
+def ensure_experts(ctx: RunContext) -> list[Trajectory]:
     """The run's expert trajectories, ingested first where the store lacks them."""
-    store.write({"expert_trajectories": missing_expert_rows(store, config, log)})
-    return store.expert_trajectories(config.env, config.train_split, config.train_limit)
+    ctx.store.write({"expert_trajectories": missing_expert_rows(ctx.store, ctx.config, ctx.log)})
+    return ctx.experts()
 
 
 def pending_expert_queries(
