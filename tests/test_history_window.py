@@ -109,8 +109,8 @@ def test_a_windowed_run_gives_its_engines_the_prompt_sft_and_mining_build(tmp_pa
     config = RunConfig(
         env=ENV, store=tmp_path / "s.duckdb", train_limit=1, prompt={"history_window": WINDOW}
     )
-    ctx = RunContext(config, Store(config.store))
-    ensure_experts(ctx.store, config, lambda message: None)
+    ctx = RunContext(config, Store(config.store), log=lambda message: None)
+    ensure_experts(ctx)
     with ExitStack() as stack:  # what exploration, Monte Carlo and evaluation run with
         engine = ctx.engines.open(stack, RecordingBackend())
         assert engine.prompt == ctx.prompt  # what SFT and mining are given

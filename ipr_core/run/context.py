@@ -251,9 +251,13 @@ class RunContext:
         return self.config.seed * 1000 + iteration
 
     def experts(self) -> list[Trajectory]:
-        """The expert trajectories SFT trains on (`select_experts`)."""
+        """The expert trajectories SFT trains on: all the store holds for the train split,
+        or where it holds more than `train_limit`, `select_experts` (which starts an env
+        for the split's order)."""
         config = self.config
         stored = self.store.expert_trajectories(config.env, config.train_split)
+        if len(stored) <= config.train_limit:
+            return stored
         split = self.engines.task_ids(config.train_split)
         return select_experts(stored, split, config.train_limit)
 
