@@ -162,7 +162,7 @@ def export_portable(folder: Path, to: Path) -> bool:
     shutil.copytree(folder / ADAPTER_DIR, work / ADAPTER_DIR)
     weights = shutil.ignore_patterns("*.safetensors", "*.bin")
     shutil.copytree(folder / MODEL_DIR, work / MODEL_DIR, ignore=weights)
-    for name in (STEPS_FILE, RESULT_FILE):  # the result last: it marks the copy complete
+    for name in (STEPS_FILE, RESULT_FILE):
         if (folder / name).exists():
             shutil.copy2(folder / name, work / name)
     os.replace(work, dest)
