@@ -200,7 +200,7 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     restore = moves.add_parser("import", help="rebuild exported checkpoints this machine lacks")
     restore.add_argument("--store", type=Path, required=True)
     restore.add_argument("--from", dest="source", type=Path, required=True)
-    restore.add_argument("--cache-dir", type=Path, default=Path(".ipr"))
+    restore.add_argument("--cache-dir", type=Path, default=RUN_DEFAULTS["cache_dir"].default)
     restore.set_defaults(handler=cmd_checkpoints_import)
 
     show = commands.add_parser("show", help="a stored rollout or pair as a transcript")

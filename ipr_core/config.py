@@ -287,7 +287,12 @@ class RunConfig(StrictConfig):
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.cache_dir / "checkpoints"
+        return checkpoints_dir(self.cache_dir)
+
+
+def checkpoints_dir(cache_dir: Path) -> Path:
+    """Where a cache keeps its trained checkpoints (`ipr_core.training.checkpoints`)."""
+    return cache_dir / "checkpoints"
 
 
 def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ipr_core.config import checkpoints_dir
 from ipr_core.engine.models import MODEL_SPECS, is_complete_model, resolve_model
 from ipr_core.errors import InputError
 from ipr_core.store.store import Store
@@ -41,7 +42,7 @@ def import_checkpoints(store: Store, packed_root: Path, cache_dir: Path) -> list
     """Rebuild every exported checkpoint under `packed_root` that the cache's checkpoints
     lack, each merged into its parent: a checkpoint here or imported first, or the store's
     base model (built from its spec if this machine has not yet). Returns the ids rebuilt."""
-    checkpoints_root = cache_dir / "checkpoints"
+    checkpoints_root = checkpoints_dir(cache_dir)
     bases = {
         r.checkpoint_id: Path(r.path)
         for r in store.checkpoint_records().itertuples()

@@ -128,9 +128,7 @@ def train_once(
     final = checkpoints_root / ckpt_id
     if (final / COMPLETE_MARKER).exists():
         return load_result(final)
-    checkpoints_root.mkdir(parents=True, exist_ok=True)
-    work = checkpoints_root / f".{ckpt_id}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    work = _work_folder(checkpoints_root, ckpt_id)
     work.mkdir()
     metrics = train(work)
     result = TrainResult(
@@ -142,10 +140,24 @@ def train_once(
         metrics=metrics,
     )
     (work / RESULT_FILE).write_text(result.to_json())
+    _publish(work, final)
+    return result
+
+
+def _work_folder(checkpoints_root: Path, ckpt_id: str) -> Path:
+    """Where checkpoint `ckpt_id` is written before `_publish` moves it into place (this
+    process's own; a folder left by an earlier attempt is removed, not reused)."""
+    checkpoints_root.mkdir(parents=True, exist_ok=True)
+    work = checkpoints_root / f".{ckpt_id}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def _publish(work: Path, final: Path) -> None:
+    """Mark a written checkpoint complete and rename it into place in one step."""
     (work / COMPLETE_MARKER).touch()
     shutil.rmtree(final, ignore_errors=True)  # an incomplete folder left by other means
     os.replace(work, final)
-    return result
 
 
 def export_portable(folder: Path, to: Path) -> bool:
@@ -177,14 +189,10 @@ def import_portable(packed: Path, checkpoints_root: Path, parent: Path) -> Train
     final = checkpoints_root / packed.name
     if (final / COMPLETE_MARKER).exists():
         return load_result(final)
-    checkpoints_root.mkdir(parents=True, exist_ok=True)
-    work = checkpoints_root / f".{packed.name}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    work = _work_folder(checkpoints_root, packed.name)
     shutil.copytree(packed, work)
     merge_adapter(parent, work / ADAPTER_DIR, work / MODEL_DIR)  # keeps the exported files
-    (work / COMPLETE_MARKER).touch()
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(work, final)
+    _publish(work, final)
     return load_result(final)
 
 
