@@ -404,7 +404,7 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     if config.sft is None:
         raise IprError(f"{args.config}: the config has no sft settings")
     store = Store(config.store)
-    if not store.expert_trajectories(config.env, config.train_split, config.train_limit):
+    if not store.expert_trajectories(config.env, config.train_split):
         raise IprError(f"{config.store}: no expert trajectories of {config.env}; run ipr ingest")
     ctx = RunContext(config, store)
     base = ctx.base_path()

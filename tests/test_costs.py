@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from ipr_core.config import load_config
+from ipr_core.envs.base import EnvTask
 from ipr_core.run.costs import estimate, planned_work
 from ipr_core.run.experiment import estimate_experiment, load_experiment_config
-from ipr_core.store.store import Store
+from ipr_core.store.store import Store, expert_to_row
+from ipr_core.types import Step, Trajectory
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 REPRO = DEMO.parent / "repro-full-sft.yaml"
@@ -96,3 +98,22 @@ def test_ipr_estimate_of_an_experiment_config_prints_every_run_and_the_total(tmp
     for run in ("sft-s0", "eto-s1", "ipr-s1"):
         assert f"repro-full-sft-{run}" in done.stdout
     assert store_path.read_bytes() == before  # it reads the rates: a committed store stays as it is
+
+
+def test_expert_steps_per_task_are_the_mean_of_every_stored_expert_of_the_split(tmp_path):
+    """Which experts a run trains on follows the split's order, not task ids
+    ('train-10' < 'train-2'); the estimate does not guess that order: it takes the mean
+    over every stored expert of the split, and names how many."""
+    config = load_config(DEMO, {"train_limit": 2, "store": str(tmp_path / "s.duckdb")})
+    store = Store(config.store)
+
+    def expert(task_id: str, split: str, n_steps: int) -> dict:
+        task = EnvTask(config.env, task_id, split, "Do it.", "A room.")
+        steps = tuple(Step("Thought: go.\nAction: look", "look", "Seen.") for _ in range(n_steps))
+        return expert_to_row(Trajectory(task, steps, 1.0), "gold")
+
+    lengths = {"train-10": 2, "train-11": 2, "train-2": 8, "train-3": 8}
+    rows = [expert(task_id, "train", n) for task_id, n in lengths.items()]
+    store.write({"expert_trajectories": [*rows, expert("dev-0", "dev", 30)]})
+    result = estimate(store, config)
+    assert result.steps_source == "5.0 expert steps per task (mean of 4 stored experts)"

@@ -254,10 +254,14 @@ class Estimate:
 
 def estimate(store: Store, config: RunConfig) -> Estimate:
     """The predicted seconds of `config`'s run from the store's measured rates."""
-    experts = store.expert_trajectories(config.env, config.train_split, config.train_limit)
+    # The mean over every stored expert of the split estimates the run's own experts' (the
+    # split's first games) without starting the env to learn the split's order.
+    experts = store.expert_trajectories(config.env, config.train_split)
     if experts:
         steps_per_task = sum(len(e.steps) for e in experts) / len(experts)
-        steps_source = f"{steps_per_task:.1f} expert steps per task (stored experts)"
+        steps_source = (
+            f"{steps_per_task:.1f} expert steps per task (mean of {len(experts)} stored experts)"
+        )
     else:
         steps_per_task = DEFAULT_STEPS_PER_TASK
         steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"

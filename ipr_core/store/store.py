@@ -659,17 +659,15 @@ class Store:
         step rewards, dev metrics, rollout and token counts."""
         return self.query(SUMMARY_SQL, {"run": run_id, "dev": dev_split, **_SUMMARY_NAMES})
 
-    def expert_trajectories(
-        self, env_id: str, split: str | None = None, limit: int | None = None
-    ) -> list[Trajectory]:
+    def expert_trajectories(self, env_id: str, split: str | None = None) -> list[Trajectory]:
+        """The env's stored experts by task id (which of them a run trains on is
+        `run.context.select_experts`: the split's first games, not the first task ids)."""
         sql = "SELECT * FROM expert_trajectories WHERE env_id = ?"
         params: list[Any] = [stored_env_id(env_id)]
         if split is not None:
             sql += " AND split = ?"
             params.append(split)
         sql += " ORDER BY task_id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
         return [expert_from_row(row) for row in self.query(sql, params).to_dict("records")]
 
     # -- costs, estimates, pair import and transcripts (`ipr_core.run.costs`, `ipr show`) -------
