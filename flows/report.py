@@ -43,6 +43,7 @@ from ipr_core.store.report_queries import (
     PAIRS_SQL,
     PER_SEED_SQL,
     RESULTS_SQL,
+    SAME_TRANSCRIPTS_SQL,
     SETTINGS_SQL,
     STEP_ACCURACY_OVERALL_SQL,
     STEP_ACCURACY_SQL,
@@ -108,6 +109,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
     distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     episodes = run_query(store, EPISODES_SQL, experiment_id)
+    same_transcripts = run_query(store, SAME_TRANSCRIPTS_SQL, experiment_id)
     manifests = run_query(store, MANIFESTS_SQL, experiment_id).markdown()
     tests = run_query(store, TEST_EVALUATIONS_SQL, experiment_id)
     diffs = run_query(store, per_game_diff_sql(list(episodes.frame["method"])), experiment_id)
@@ -183,10 +185,16 @@ def write_report(store: Store, experiment_id: str, out: Path) -> Path:
         "Test reward per game, averaged over the seeds whose episode finished, and the "
         "per-game differences of the comparisons.",
         diffs.markdown(),
+        "### Test tasks no model told apart",
+        "Groups of test tasks on which every tested model wrote the same transcript (actions "
+        "and observations). In a store whose splits hold distinct games these are distinct "
+        "games that differ where no agent looked (e.g. beyond the first room); in a store "
+        "made before splits were deduplicated a group may be one game twice, which the "
+        "comparisons above would count twice.",
+        same_transcripts.markdown(),
         "### Per-episode outcomes",
         "The source of the paired statistics: per method, seed and test game, the tested "
-        "model's outcome (`tasks`: the game's test task ids, more than one where seeds made "
-        "the same game); `failed`: the episode failed (left out, never scored 0).",
+        "model's outcome; `failed`: the episode failed (left out, never scored 0).",
         f"<details><summary>{len(episodes.frame)} rows</summary>\n\n{episodes.markdown()}"
         "\n\n</details>",
         "## Settled before test",
@@ -225,7 +233,7 @@ def iteration_rule(settings: pd.DataFrame) -> str:
 def episode_mismatches(episodes: pd.DataFrame, results: pd.DataFrame) -> list[str]:
     """Methods whose test episodes are not seeds x test tasks: the dev/test separation of
     the episodes query failed (e.g. no dev-only evaluation to learn the dev tasks from)."""
-    found_by_method = episodes.groupby("method")["tasks"].sum()
+    found_by_method = episodes.groupby("method").size()
     problems = []
     for row in results.itertuples():
         expected = int(row.seeds) * int(row.test_tasks)
@@ -243,15 +251,15 @@ def paired_section(
     mismatches: Sequence[str],
 ) -> str:
     """The paired-comparison table with how it was computed and how to recompute it."""
-    tasks = int(episodes["tasks"].sum()) if not episodes.empty else 0
-    failed = int((episodes["tasks"] * episodes["failed"].astype(int)).sum()) if tasks else 0
+    tasks = len(episodes)
+    failed = int(episodes["failed"].astype(int).sum()) if tasks else 0
     n_games = episodes["game_id"].nunique() if tasks else 0
-    per_run = episodes.groupby(["method", "seed"])["tasks"].sum().max() if tasks else 0
+    per_run = episodes.groupby(["method", "seed"]).size().max() if tasks else 0
     code = f"{paired_comparisons.__module__}.{paired_comparisons.__qualname__}"
     text = [
-        f"Each run is tested on {per_run} test tasks, which are {n_games} distinct games (a "
-        "game: every tested model wrote the same transcript on its tasks; splits now hold "
-        "each game once, older stores may hold one twice). Methods are "
+        f"Each run is tested on {per_run} test tasks ({n_games} across runs), each a "
+        "distinct game: splits hold each game once, by what the engine generates for it "
+        "(for stores made before that, see the transcript check below). Methods are "
         "compared game by game and, within a game, seed by seed (the methods of a seed share "
         "its SFT model and data). A - B is the mean over games of the game's mean over seeds "
         "of A - B. Its 95% interval is a hierarchical percentile bootstrap (games resampled "
@@ -447,7 +455,7 @@ def analysis(
         sft_row = results[results["method"] == SFT.name].iloc[0]
         expert = _num(settings["expert_reward"].iloc[0]) if not settings.empty else None
         spread = _num(getattr(sft_row, "reward_std", None))
-        same = spread == 0.0 or int(sft_row.seeds) == 1
+        same = spread == 0.0 and int(sft_row.seeds) > 1  # one seed says nothing of seeds
         lines.append(
             f"- The SFT agent's test reward is {_fmt(means[SFT.name])} (success "
             f"{_fmt(_num(sft_row.success_mean))}); the expert trajectories it learned from "

@@ -14,7 +14,7 @@ import pytest
 
 from flows.cli import main as cli_main
 from flows.commands import main
-from flows.report import COMPARED, EPISODES_SQL, markdown_table, run_query
+from flows.report import COMPARED, EPISODES_SQL, SAME_TRANSCRIPTS_SQL, markdown_table, run_query
 from flows.stats import paired_comparisons
 from ipr_core.errors import InputError, IprError
 from ipr_core.run.experiment import load_experiment_config, run_experiment
@@ -242,7 +242,7 @@ def test_report_pairs_methods_on_the_test_games_from_the_episodes_sql(experiment
     episodes = store.query(episodes_sql)
     assert markdown_table(episodes) == episodes_table.strip()
     # exactly the test episodes: 6 runs x 2 test tasks, no dev task among them
-    assert int(episodes["tasks"].sum()) == 12
+    assert len(episodes) == 12
     assert set(episodes["game_id"]) <= {"test-20000", "test-20001"}
     # the printed comparison table is paired_comparisons of that query's output
     paired = paired_comparisons(episodes, COMPARED)
@@ -285,12 +285,32 @@ def test_episodes_sql_leaves_failed_episodes_out_and_averages_the_rest(experimen
     solved = ipr[ipr["seed"] == 1].iloc[0]
     assert bool(failed.failed) and pd.isna(failed.reward)
     assert (solved.failed, solved.reward, solved.success, solved.steps) == (False, 1.0, 1.0, 3.0)
-    # the dev episodes of the same model are not test episodes; the edited transcripts
-    # make the two test tasks two games
+    # the dev episodes of the same model are not test episodes
     assert set(frame["game_id"]) == {"test-20000", "test-20001"} and len(frame) == 12
     paired = paired_comparisons(frame, COMPARED, n_resamples=100)
     reward = paired[(paired["comparison"] == "ipr - sft") & (paired["metric"] == "reward")].iloc[0]
     assert reward.games == 2
+
+
+def test_tasks_with_the_same_transcripts_stay_two_games_and_are_listed(experiment, tmp_path):
+    """Splits hold distinct games by content, so two test tasks are two games even where
+    every tested model wrote the same transcript (an agent that never leaves the first
+    room cannot tell games apart); the report lists such tasks instead of merging them."""
+    _, store, *_ = experiment
+    copy = Store(tmp_path / "copy.duckdb")
+    copy.path.write_bytes(store.path.read_bytes())
+    with copy.transaction() as con:  # every tested model writes test-20000's transcript twice
+        con.execute(
+            "UPDATE rollouts r SET steps = (SELECT s.steps FROM rollouts s "
+            "WHERE s.run_id = r.run_id AND s.iteration = r.iteration "
+            "AND s.policy_id = r.policy_id AND s.kind = 'eval' AND s.task_id = 'test-20000') "
+            "WHERE r.kind = 'eval' AND r.task_id = 'test-20001'"
+        )
+    episodes = run_query(copy, EPISODES_SQL, "smoke").frame
+    assert set(episodes["game_id"]) == {"test-20000", "test-20001"} and len(episodes) == 12
+    same = run_query(copy, SAME_TRANSCRIPTS_SQL, "smoke").frame
+    assert same.to_dict("records") == [{"test_tasks": "test-20000, test-20001", "tasks": 2}]
+    assert run_query(store, SAME_TRANSCRIPTS_SQL, "smoke").frame.empty
 
 
 @pytest.mark.parametrize(

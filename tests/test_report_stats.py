@@ -74,7 +74,6 @@ def test_the_verdict_needs_the_interval_and_the_test():
 def _episodes(rows):
     frame = pd.DataFrame(rows, columns=["method", "seed", "game_id", "reward", "steps", "failed"])
     frame["success"] = (frame["reward"] >= 1.0).astype(float)
-    frame["tasks"] = 1
     return frame
 
 
@@ -141,8 +140,8 @@ def test_statements_say_plainly_which_comparisons_ipr_wins():
 
 
 def test_episode_mismatches_name_methods_with_too_many_or_too_few_episodes():
-    episodes = _episodes([("sft", s, f"g{i}", 0.0, 1, False) for i in range(3) for s in (0, 1)])
-    episodes.loc[0, "tasks"] = 2  # a game made by two test seeds is two episodes
+    rows = [("sft", s, f"g{i}", 0.0, 1, False) for i in range(3) for s in (0, 1)]
+    episodes = _episodes([*rows, ("sft", 0, "dev-7", 0.0, 1, False)])  # a dev task let in
     results = pd.DataFrame({"method": ["sft", "ipr"], "seeds": [2, 2], "test_tasks": [3, 3]})
     assert episode_mismatches(episodes, results) == [
         "sft: 7 test episodes, expected 6",
@@ -201,6 +200,8 @@ def test_analysis_answers_from_the_numbers():
     assert "ranked the gold action higher in 7 (0.700), tied in 2 and ranked it lower in 1" in text
     per_seed_sft = statements({"sft": [0.2, 0.3], "ipr": [0.3, 0.4]}, {"sft": 0, "ipr": 0}, 4)
     assert "The SFT row is the same on every seed" not in per_seed_sft
+    one_seed = statements({"sft": [0.2], "ipr": [0.3]}, {"sft": 0, "ipr": 0}, 4)
+    assert "The SFT row is the same on every seed" not in one_seed
 
 
 def test_the_ordering_statement_says_which_of_its_steps_the_two_test_rule_shows():

@@ -93,8 +93,7 @@ def import_experts(
 
 def missing_expert_rows(store: Store, config: RunConfig, log: Log) -> list[Row]:
     """The gold expert rows to ingest when the store has fewer than `train_limit`."""
-    stored = store.expert_trajectories(config.env, config.train_split, config.train_limit)
-    if len(stored) >= config.train_limit:
+    if len(store.expert_trajectories(config.env, config.train_split)) >= config.train_limit:
         return []
     gold = gold_experts(config.env, config.train_split, config.train_limit)
     log(f"built {len(gold.rows)} expert trajectories ({len(gold.rejected)} rejected)")

@@ -280,59 +280,68 @@ FAILED_LIST = "(" + ", ".join(f"'{s}'" for s in sorted(FAILED_STATUSES)) + ")"
 
 TEST_EPISODES_CTES = f"""
 member AS (
-    SELECT x.method, x.seed, x.run_id, x.best_iteration, x.test_policy_id,
-           json_extract_string(e.config, '$.run.dev_split') AS dev_split,
-           json_extract_string(e.config, '$.test_split') AS test_split
-    FROM experiment_runs x JOIN experiments e USING (experiment_id)
-    WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
+    SELECT method, seed, run_id, best_iteration, test_policy_id FROM experiment_runs
+    WHERE experiment_id = {{exp}} AND status = 'finished'),
 dev_tasks AS (
     SELECT DISTINCT r.task_id
-    FROM member m
-    JOIN evaluations d ON d.run_id = m.run_id AND d.split = m.dev_split
+    FROM experiment_runs x JOIN experiments e USING (experiment_id)
+    JOIN evaluations d ON d.run_id = x.run_id
+         AND d.split = json_extract_string(e.config, '$.run.dev_split')
     JOIN rollouts r ON r.run_id = d.run_id AND r.iteration = d.iteration
          AND r.policy_id = d.policy_id AND r.kind = 'eval'
     WHERE NOT EXISTS (
         SELECT 1 FROM evaluations t
         WHERE t.run_id = d.run_id AND t.iteration = d.iteration
-          AND t.policy_id = d.policy_id AND t.split = m.test_split)),
+          AND t.policy_id = d.policy_id
+          AND t.split = json_extract_string(e.config, '$.test_split'))
+      AND x.experiment_id = {{exp}}),
 tested AS (
     SELECT m.method, m.seed, r.*
     FROM member m
     JOIN rollouts r ON r.run_id = m.run_id AND r.iteration = m.best_iteration
          AND r.policy_id = m.test_policy_id AND r.kind = 'eval'
     WHERE r.task_id NOT IN (SELECT task_id FROM dev_tasks)),
-games AS (
-    SELECT task_id, min(task_id) OVER (PARTITION BY transcripts) AS game_id
-    FROM (SELECT task_id,
-                 string_agg(policy_id || md5(steps), ',' ORDER BY policy_id || md5(steps))
-                     AS transcripts
-          FROM tested GROUP BY task_id)),
 episodes AS (
-    SELECT t.method, t.seed, t.task_id, g.game_id, t.status IN {FAILED_LIST} AS failed,
-           coalesce(t.outcome_reward, 0) AS reward, t.n_steps AS steps
-    FROM tested t JOIN games g USING (task_id))"""
-"""The test episodes of each finished run's tested model, with their game. Rollouts carry
-no split and a model's dev and test episodes share (run, iteration, policy), so the dev
-tasks are learnt from dev evaluations with no test evaluation beside them (a trained run's
-iteration 0); `episode_mismatches` checks the result against the evaluations. A game is a
-set of test tasks on which every tested model wrote the same transcript (actions and
-observations): the seeds of a split made one game twice before splits were deduplicated
-(`ipr_core.envs`); such a game counts once, named by its first task id."""
+    SELECT method, seed, task_id AS game_id, status IN {FAILED_LIST} AS failed,
+           coalesce(outcome_reward, 0) AS reward, n_steps AS steps
+    FROM tested)"""
+"""The test episodes of each finished run's tested model. Rollouts carry no split and a
+model's dev and test episodes share (run, iteration, policy), so the dev tasks are learnt
+from dev evaluations with no test evaluation beside them (a trained run's iteration 0, in
+any run of the experiment, finished or not); `episode_mismatches` checks the result against
+the evaluations. Each test task is a game: splits hold each game once, by the game's
+content (`ipr_core.envs.games`). Transcripts cannot tell games apart (an agent that never
+leaves the first room writes the same transcript in two games that differ beyond it), so
+they are only checked (`SAME_TRANSCRIPTS_SQL`), never used to merge tasks."""
 
 
 EPISODES_SQL = f"""
 WITH {TEST_EPISODES_CTES.strip()}
-SELECT method, seed, game_id, count(*) AS tasks,
-       bool_and(failed) AS failed,
-       round(avg(reward) FILTER (WHERE NOT failed), 4) AS reward,
-       round(avg(CAST(reward >= 1.0 AS DOUBLE)) FILTER (WHERE NOT failed), 4) AS success,
-       round(avg(steps) FILTER (WHERE NOT failed), 4) AS steps
+SELECT method, seed, game_id, failed,
+       CASE WHEN NOT failed THEN reward END AS reward,
+       CASE WHEN NOT failed THEN CAST(reward >= 1.0 AS DOUBLE) END AS success,
+       CASE WHEN NOT failed THEN steps END AS steps
 FROM episodes
-GROUP BY method, seed, game_id
 ORDER BY list_position({PAPER_ORDER}, method), seed, game_id
 """
-"""Per (method, seed, test game): the tested model's outcome (over the game's tasks, which
-are the same game); `failed`: every episode of it failed (left out, never scored 0)."""
+"""Per (method, seed, test game): the tested model's outcome; `failed`: the episode failed
+(left out, never scored 0)."""
+
+
+SAME_TRANSCRIPTS_SQL = f"""
+WITH {TEST_EPISODES_CTES.strip()},
+transcripts AS (
+    SELECT task_id,
+           string_agg(policy_id || md5(steps), ',' ORDER BY policy_id || md5(steps)) AS all_runs
+    FROM tested GROUP BY task_id)
+SELECT string_agg(task_id, ', ' ORDER BY task_id) AS test_tasks, count(*) AS tasks
+FROM transcripts
+GROUP BY all_runs
+HAVING count(*) > 1
+ORDER BY test_tasks
+"""
+"""Test tasks on which every tested model wrote the same transcript: distinct games no
+model told apart, or, in a store made before splits were deduplicated, one game twice."""
 
 
 MANIFESTS_SQL = f"""
