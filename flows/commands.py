@@ -540,8 +540,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from flows.report import write_report
     from ipr_core.store.store import Store
 
-    plot = write_report(Store(args.store, read_only=True), args.experiment, args.out)
-    print(f"wrote {args.out} and {plot}")
+    figures = write_report(Store(args.store, read_only=True), args.experiment, args.out)
+    print(f"wrote {args.out} and {', '.join(str(figure) for figure in figures)}")
     return 0
 
 

@@ -22,7 +22,7 @@ from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from flows import scale_out  # noqa: E402
-from flows.plots import iteration_plot_png  # noqa: E402
+from flows.plots import iteration_plot_png, training_steps_png  # noqa: E402
 from flows.report import markdown_table  # noqa: E402
 from ipr_core.config import RunConfig  # noqa: E402
 from ipr_core.run import loop  # noqa: E402
@@ -55,11 +55,26 @@ def summary_records(summary: pd.DataFrame) -> list[dict[str, Any]]:
     return summary.astype(object).where(summary.notna(), None).to_dict("records")
 
 
+def inline_png(png: bytes, alt: str) -> str:
+    """A figure inline: the Prefect UI renders data URIs in markdown artifacts, so plots
+    need no file server."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
 def plot_markdown(summary: pd.DataFrame, run_id: str) -> str:
-    """The run's dev curve as an inline PNG: the Prefect UI renders data URIs in markdown
-    artifacts, so the plot needs no file server."""
-    png = base64.b64encode(iteration_plot_png(summary, run_id)).decode("ascii")
-    return f"![dev reward and average steps by iteration](data:image/png;base64,{png})"
+    """The run's dev curve."""
+    return inline_png(iteration_plot_png(summary, run_id), "dev reward and average steps")
+
+
+def training_steps_markdown(ctx: RunContext, number: int) -> str:
+    """The iteration's mixture training, step by step (pair accuracy, margin, loss per DPO
+    level): whether the step term learns anything the trajectory term does not."""
+    steps = ctx.store.mixture_steps(ctx.run_id, number)
+    if steps.empty:
+        return "(no mixture training steps recorded: the method trains no mixture)"
+    steps = steps.assign(label=ctx.config.method)
+    title = f"Run {ctx.run_id}, iteration {number}: mixture training steps"
+    return inline_png(training_steps_png(steps, title), "mixture training steps")
 
 
 EXAMPLE_PAIRS = 2
@@ -127,6 +142,8 @@ def iteration(config: RunConfig, it: Iteration) -> IterationResult:
                 cost_markdown(ctx, it.number),
                 "## Example pairs (what the model is taught)",
                 example_pairs_markdown(ctx, it.number),
+                "## Training steps (dashed: o-DPO, solid: s-DPO)",
+                training_steps_markdown(ctx, it.number),
                 "## Dev reward and average steps by iteration",
                 plot_markdown(summary, config.run_id),
             ]

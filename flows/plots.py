@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 
+TRAINING_PANELS = (
+    ("pair accuracy", "accuracy", (-0.02, 1.02)),
+    ("implicit reward margin", "margin", None),
+    ("DPO loss", "loss", None),
+)
+"""Per DPO level (o: trajectory pairs, s: step pairs), what the training-step figures plot."""
+
 
 def _pyplot():
     import matplotlib
@@ -70,3 +77,41 @@ def plot_dev_curve(curve: pd.DataFrame, path: Path, experiment_id: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def training_steps_png(steps: pd.DataFrame, title: str) -> bytes:
+    """Per-step diagnostics of mixture training as PNG bytes: for each DPO level (o-DPO:
+    trajectory pairs, s-DPO: step pairs) pair accuracy, implicit reward margin and loss, one
+    line per `label`. `steps` holds `label`, `iteration`, `step` and the `training_steps`
+    columns; an iteration's steps are spread over [iteration, iteration + 1) on the x axis,
+    so methods with different step counts line up by iteration."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(4 * len(TRAINING_PANELS), 3.4))
+    steps = steps.sort_values(["iteration", "step"])
+    count = steps.groupby(["label", "iteration"])["step"].transform("count")
+    rank = steps.groupby(["label", "iteration"]).cumcount()
+    steps = steps.assign(x=steps["iteration"] + rank / count)
+    for ax, (name, metric, limits) in zip(axes, TRAINING_PANELS, strict=True):
+        for i, (label, rows) in enumerate(steps.groupby("label", sort=False)):
+            for level, style in (("o", "--"), ("s", "-")):  # a method keeps its colour
+                values = rows[f"{level}_dpo_{metric}"].astype(float)
+                if values.notna().any():
+                    ax.plot(
+                        rows["x"], values, style, color=f"C{i}", marker=".",
+                        label=f"{label} {level}-DPO",
+                    )  # fmt: skip
+        ax.set_title(name)
+        ax.set_xlabel("iteration (its optimizer steps in order)")
+        ax.set_xticks(sorted(steps["iteration"].unique()))
+        ax.grid(alpha=0.3)
+        if limits:
+            ax.set_ylim(*limits)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -176,6 +176,13 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert main(args) == 0
     text = out.read_text()
     assert (tmp_path / "docs" / "results-dev-reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "docs" / "results-training-steps.png").read_bytes()[:4] == b"\x89PNG"
+    # the training-steps figure plots its query's rows: every mixture step, per method
+    [curve_sql] = re.findall(r"\(results-training-steps.png\)\n\n```sql\n(.*?)\n```", text, re.S)
+    curve = store.query(curve_sql)
+    assert set(curve["label"]) == {"eto", "ipr"} and curve["seeds"].eq(2).all()
+    assert curve.loc[curve["label"] == "ipr", "s_dpo_accuracy"].notna().all()
+    assert curve.loc[curve["label"] == "eto", "s_dpo_accuracy"].isna().all()
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
     # settings, results, per seed, dev curve, pairs, training steps, costs, step reward
     # distribution, 2 x step accuracy, per-game differences, episodes, test evaluations,

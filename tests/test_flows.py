@@ -97,8 +97,8 @@ def test_flow_fills_every_table(smoke_flow):
 
 
 def test_the_run_publishes_tables_a_plot_and_progress(smoke_flow):
-    """The iteration artifact carries the summary row and an inline PNG of the dev curve;
-    every rollout stage filled a progress artifact."""
+    """The iteration artifact carries the summary row and inline PNGs of its training steps
+    and of the dev curve; every rollout stage filled a progress artifact."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
 
@@ -110,8 +110,9 @@ def test_the_run_publishes_tables_a_plot_and_progress(smoke_flow):
     by_key = {a.key: a for a in latest}
     markdown = by_key["smoke-iteration-1"].data
     assert "| iteration | trajectory_pairs | step_pairs |" in markdown
-    encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown).group(1)
-    assert base64.b64decode(encoded).startswith(b"\x89PNG")
+    figures = re.findall(r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert [alt for alt, _ in figures] == ["mixture training steps", "dev reward and average steps"]
+    assert all(base64.b64decode(png).startswith(b"\x89PNG") for _, png in figures)
     assert "| iteration | wall_s | cpu_s |" in markdown and "| total |" in markdown
     config, store, _ = smoke_flow
     [example] = store.example_pairs(config.run_id, 1, 1)

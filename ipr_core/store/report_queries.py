@@ -142,6 +142,19 @@ ORDER BY list_position({PAPER_ORDER}, x.method), t.iteration
 """Each iteration's training steps (`training_steps`), averaged over its steps and seeds:
 whether the step term (s-DPO) learns anything the trajectory term (o-DPO) does not."""
 
+TRAINING_CURVE_SQL = f"""
+SELECT x.method AS label, t.iteration, t.step, count(*) AS seeds,
+       avg(t.o_dpo_accuracy) AS o_dpo_accuracy, avg(t.s_dpo_accuracy) AS s_dpo_accuracy,
+       avg(t.o_dpo_margin) AS o_dpo_margin, avg(t.s_dpo_margin) AS s_dpo_margin,
+       avg(t.o_dpo_loss) AS o_dpo_loss, avg(t.s_dpo_loss) AS s_dpo_loss
+FROM experiment_runs x
+JOIN training_steps t ON t.run_id = x.run_id AND t.iteration >= 1
+WHERE x.experiment_id = {{exp}} AND x.status = 'finished' AND t.kind = 'mixture'
+GROUP BY x.method, t.iteration, t.step
+ORDER BY list_position({PAPER_ORDER}, x.method), t.iteration, t.step
+"""
+"""Every optimizer step of the mixture, averaged over seeds: the training-steps figure."""
+
 COSTS_SQL = f"""
 WITH member AS (
     SELECT x.method, x.run_id, json_extract_string(e.config, '$.run.dev_split') AS dev_split

@@ -659,6 +659,14 @@ class Store:
         step rewards, dev metrics, rollout and token counts."""
         return self.query(SUMMARY_SQL, {"run": run_id, "dev": dev_split, **_SUMMARY_NAMES})
 
+    def mixture_steps(self, run_id: str, iteration: int) -> pd.DataFrame:
+        """The per-step log of the iteration's mixture training (`training_steps`)."""
+        return self.query(
+            "SELECT * FROM training_steps WHERE run_id = ? AND iteration = ? "
+            "AND kind = 'mixture' ORDER BY step",
+            [run_id, iteration],
+        )
+
     def expert_trajectories(self, env_id: str, split: str | None = None) -> list[Trajectory]:
         """The env's stored experts by task id (which of them a run trains on is
         `run.context.select_experts`: the split's first games, not the first task ids)."""
