@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,8 @@ from ipr_core.method.step_rewards import (
     estimate_step_rewards,
     predict_step_rewards,
 )
-from ipr_core.store.store import At, Row, Store, step_reward_rows
+from ipr_core.run.costs import ADDED_UP, Meter, rollout_counts
+from ipr_core.store.store import At, Row, Scope, StageRecord, Store, step_reward_rows
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import RewardModelScorer
 from ipr_core.types import EXPERT_ITERATION, Actor, Trajectory
@@ -217,6 +218,45 @@ def score_steps(
 
 
 @dataclass
+class Chunks:
+    """The chunks a long stage has committed (`Stage.chunked`, `loop.run_stage`): its rows
+    go to the store as they are computed, with a partial record of what they cost, so a
+    stage killed after hours resumes from its last chunk. `earlier`: what the attempts
+    before this one committed (their seconds and rollout counts, and `units` of work)."""
+
+    store: Store
+    partial: StageRecord
+    earlier: dict[str, float]
+    stale: list[Scope] = field(default_factory=list)
+    """Deleted with the first chunk of an attempt that starts afresh."""
+    meter: Meter = field(default_factory=Meter)
+    rollouts: list[Row] = field(default_factory=list)
+    """This attempt's committed rollouts (counted into the cost)."""
+    units: int = 0
+
+    def save(self, rows: dict[str, list[Row]], units: int) -> None:
+        """Commit a chunk of the stage's rows; `units`: the work it finished (e.g. queries)."""
+        self.rollouts += rows.get("rollouts", [])
+        self.units += units
+        spent = {**self.meter.figures(), **rollout_counts(self.rollouts)}
+        total = {key: self.earlier.get(key, 0) + spent[key] for key in ADDED_UP}
+        total["units"] = self.done_units
+        self.partial = replace(self.partial, result=total)
+        self.store.save_chunk(self.partial, rows, self.stale)
+        self.stale = []
+
+    @property
+    def resumed(self) -> bool:
+        """Whether an earlier attempt with the same inputs committed chunks."""
+        return bool(self.earlier)
+
+    @property
+    def done_units(self) -> int:
+        """The units committed by every attempt so far."""
+        return int(self.earlier.get("units", 0)) + self.units
+
+
+@dataclass
 class RunContext:
     """One run's shared objects; stages take it with the `Iteration` they work on."""
 
@@ -228,6 +268,8 @@ class RunContext:
     scoring: ScoringRunner = score_in_process
     allow_manifest_change: bool = False
     """Resume a run whose packages, model, splits or prompt changed (`ipr_core.run.manifest`)."""
+    chunks: Chunks | None = None
+    """Set by `loop.run_stage` while a stage that commits in chunks computes."""
     engines: Engines = field(init=False)
 
     def __post_init__(self) -> None:

@@ -80,17 +80,32 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rollout_counts(rollouts: Sequence[Row]) -> dict[str, int]:
+    """What a stage's `rollouts` rows did: rollouts, tokens prefilled and generated, env steps."""
+    return {
+        "rollouts": len(rollouts),
+        **{key: sum(int(r[key]) for r in rollouts) for key in ROLLOUT_COUNTED},
+    }
+
+
+ROLLOUT_COUNTED = ("prefill_tokens", "generated_tokens", "env_steps")
+ADDED_UP = ("wall_s", "cpu_s", "rollouts", *ROLLOUT_COUNTED)
+"""The figures of a stage committed in chunks that its attempts add up (`Chunks`)."""
+
+
 def cost_row(
     record: StageRecord,
     figures: Mapping[str, float | None],
     rows: Mapping[str, Sequence[Row]],
     donor: StageRecord | None = None,
+    earlier: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """A `stage_costs` row: the measured `figures` (training's own figures may add
-    `trained_tokens` and a larger `peak_rss_mb`) and the counts of the stage's rollouts."""
-    rollouts = rows.get("rollouts", [])
+    `trained_tokens` and a larger `peak_rss_mb`) and the counts of the stage's rollouts,
+    plus what `earlier` attempts of a stage committed in chunks spent on theirs."""
+    counts = rollout_counts(rows.get("rollouts", []))
     peaks = [p for p in (figures["peak_rss_mb"], figures.get("train_peak_rss_mb")) if p]
-    return {
+    row = {
         "run_id": record.run_id,
         "iteration": record.iteration,
         "stage": record.stage,
@@ -98,14 +113,18 @@ def cost_row(
         "cpu_s": figures["cpu_s"],
         "gpu_s": figures["gpu_s"],
         "peak_rss_mb": max(peaks) if peaks else None,
-        "prefill_tokens": sum(int(r["prefill_tokens"]) for r in rollouts),
-        "generated_tokens": sum(int(r["generated_tokens"]) for r in rollouts),
+        "prefill_tokens": counts["prefill_tokens"],
+        "generated_tokens": counts["generated_tokens"],
         "trained_tokens": int(figures.get("trained_tokens") or 0),
-        "rollouts": len(rollouts),
-        "env_steps": sum(int(r["env_steps"]) for r in rollouts),
+        "rollouts": counts["rollouts"],
+        "env_steps": counts["env_steps"],
         "donor_run_id": None if donor is None else donor.run_id,
         "donor_iteration": None if donor is None else donor.iteration,
     }
+    for key, value in (earlier or {}).items():
+        if key in ADDED_UP:
+            row[key] = type(row[key])(row[key] + value)
+    return row
 
 
 def training_figures(metrics: Mapping[str, float]) -> dict[str, float]:

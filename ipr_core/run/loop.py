@@ -11,13 +11,15 @@ a stage (a plain call, or a Prefect task around the same call).
 
 One resume rule (`run_stage`): a stage is done when the store holds its completion record
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
-are still there. The record is written in the transaction that writes the stage's rows
-and its cost (`stage_costs`, `ipr_core.run.costs`), so a stage killed mid-write left none of
-them and is redone. A stage whose fingerprint matches
-another run's record copies that run's rows instead of recomputing them (every run of an
-experiment shares the expert step rewards and the SFT model's greedy exploration, the
-methods of one seed share iteration 1's agent step rewards and pairs; a greedy evaluation
-of a model is done once).
+are still there. The record is written in the transaction that writes the stage's rows and
+its cost (`stage_costs`, `ipr_core.run.costs`), so a stage killed mid-write left none of
+them and is redone. The Monte Carlo stages, which run for hours at an experiment's sizes,
+commit their rows in chunks as they go, with a partial record of the fingerprint they were
+computed for (`Chunks`): killed, such a stage resumes after its last chunk. A stage whose
+fingerprint matches another run's record copies that run's rows instead of recomputing them
+(every run of an experiment shares the expert step rewards and the SFT model's greedy
+exploration, the methods of one seed share iteration 1's agent step rewards and pairs; a
+greedy evaluation of a model is done once).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ipr_core.method.evaluate import Evaluation, evaluate
 from ipr_core.method.explore import Exploration, explore
 from ipr_core.method.mining import PairContext, mine_pairs
 from ipr_core.run import pipeline
-from ipr_core.run.context import Engines, MissingConfig, RunContext, ScoringJob
+from ipr_core.run.context import Chunks, Engines, MissingConfig, RunContext, ScoringJob
 from ipr_core.run.costs import Meter, cost_row, training_figures
 from ipr_core.run.fingerprints import (
     FINGERPRINT_CHARS,
@@ -56,6 +58,7 @@ from ipr_core.store.store import (
     expert_from_row,
     manifest_row,
     pair_row,
+    partial_name,
     rollout_row,
     training_step_rows,
 )
@@ -187,6 +190,9 @@ class Stage(Generic[R]):
     """The iteration every run of the stage stores its rows under (None: its own)."""
     per_split: bool = False
     """One completion record per evaluated split."""
+    chunk_scopes: Callable[[At, RunContext, Iteration], list[Scope]] | None = None
+    """Set for a long stage that commits its rows in chunks (`RunContext.chunks`) and
+    resumes from the last one: its scopes, known before it computes."""
 
     def at(self, ctx: RunContext, it: Iteration) -> At:
         return At(ctx.run_id, it.number if self.row_iteration is None else self.row_iteration)
@@ -236,12 +242,42 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
         return result
     if stage.trains:
         release_engines()  # a GPU inference engine would hold the memory training needs
-    output = stage.compute(ctx, it)
+    chunks = _start_chunks(stage, ctx, it, new) if stage.chunk_scopes else None
+    ctx.chunks = chunks
+    try:
+        output = stage.compute(ctx, it)
+    finally:
+        ctx.chunks = None
     scopes = stage.scopes(at, ctx, it, output.result)
-    cost = cost_row(new, {**meter.figures(), **output.figures}, output.rows)
+    figures = {**meter.figures(), **output.figures}
+    if chunks is None:
+        cost = cost_row(new, figures, output.rows)
+    else:  # the chunks' rows are in; the cost counts them and the attempts before this one
+        counted = {"rollouts": chunks.rollouts + output.rows.get("rollouts", [])}
+        cost = cost_row(new, figures, counted, earlier=chunks.earlier)
     rows = {**output.rows, "stage_costs": [cost]}
-    ctx.store.commit_stage(replace(new, result=_json(output.result)), scopes, rows, stage.replace)
+    # Committed chunks are the stage's rows: nothing to replace (unless none was committed
+    # and an attempt with other inputs left rows to delete).
+    keep = chunks is not None and not chunks.stale
+    record = replace(new, result=_json(output.result))
+    ctx.store.commit_stage(record, scopes, rows, stage.replace and not keep)
     return output.result
+
+
+def _start_chunks(stage: Stage[Any], ctx: RunContext, it: Iteration, new: StageRecord) -> Chunks:
+    """Resume the chunks an earlier attempt with the same fingerprint committed; otherwise
+    start afresh, deleting what an attempt with other inputs left (unless the stage adds
+    to its rows rather than replacing them)."""
+    assert stage.chunk_scopes is not None
+    name = partial_name(new.stage)
+    partial = ctx.store.stage_record(new.run_id, new.iteration, name)
+    if partial is not None and partial.fingerprint == new.fingerprint:
+        done = partial.result.get("units", 0)
+        ctx.log(f"{stage.label(it)}: resumes from its committed chunks ({done} done)")
+        return Chunks(ctx.store, partial, dict(partial.result))
+    at = At(new.run_id, new.iteration)
+    stale = stage.chunk_scopes(at, ctx, it) if stage.replace else []
+    return Chunks(ctx.store, replace(new, stage=name, result={}), {}, stale)
 
 
 def _holds(
@@ -555,15 +591,48 @@ EVALUATE: Stage[Evaluation] = Stage(
 )
 
 
+# -- Monte Carlo in chunks ------------------------------------------------------------------
+CHUNK_LIVE_SETS = 2
+"""A Monte Carlo stage commits its rows every this many live sets of rollouts
+(`generation.max_live_episodes`): such a stage can run for hours, and a kill then loses one
+chunk, not the stage. A chunk's queries are scored as one job, so its batches stay full."""
+
+
+def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> dict[str, list[Row]]:
+    """Score `job`'s queries chunk by chunk. Inside `run_stage` each chunk's rows are
+    committed as it finishes (`RunContext.chunks`) and none are returned; called alone, the
+    rows are returned. A rollout is seeded by its query and sample, so chunking does not
+    change what is sampled. Sharded scoring (`scale_out`) is one chunk: its shard files
+    already resume shard by shard."""
+    config = ctx.config
+    size = max(
+        1, CHUNK_LIVE_SETS * config.generation.max_live_episodes // config.monte_carlo.n_samples
+    )
+    if config.scale_out is not None:
+        size = max(size, len(job.queries))
+    rows: dict[str, list[Row]] = {}
+    for start in range(0, len(job.queries), size):
+        part = slice(start, start + size)
+        pairs = None if job.pairs is None else job.pairs[part]
+        chunk = ctx.score(replace(job, queries=job.queries[part], pairs=pairs), label)
+        if ctx.chunks is not None:
+            ctx.chunks.save(chunk, len(job.queries[part]))
+        else:
+            for table, table_rows in chunk.items():
+                rows.setdefault(table, []).extend(table_rows)
+    return rows
+
+
 # -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
 def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
     at = At(ctx.run_id, EXPERT_ITERATION)
     job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration), it.number)
-    rows = ctx.score(job, "expert step rewards") if queries else {}
-    ctx.log(f"scored {len(queries)} expert steps")
-    return Output(StepsScored(len(queries), scorer_id), rows)
+    rows = score_in_chunks(ctx, job, "expert step rewards")
+    scored = ctx.chunks.done_units if ctx.chunks else len(queries)  # by every attempt
+    ctx.log(f"scored {scored} expert steps")
+    return Output(StepsScored(scored, scorer_id), rows)
 
 
 def _step_reward_scopes(
@@ -573,6 +642,15 @@ def _step_reward_scopes(
 
     def owned(at: At, ctx: RunContext, it: Iteration, r: StepsScored) -> list[Scope]:
         return scopes.step_rewards(at, actor, r.scorer_id)
+
+    return owned
+
+
+def _scorer_scopes(actor: Actor) -> Callable[[At, RunContext, Iteration], list[Scope]]:
+    """The same scopes before the stage computes: the scorer id is known from the model."""
+
+    def owned(at: At, ctx: RunContext, it: Iteration) -> list[Scope]:
+        return scopes.step_rewards(at, actor, ctx.engines.scorer_id(it.scorer_path, it.number))
 
     return owned
 
@@ -604,6 +682,7 @@ EXPERT_STEP_REWARDS: Stage[StepsScored] = Stage(
     replace=False,
     scores_steps=True,
     row_iteration=EXPERT_ITERATION,
+    chunk_scopes=_scorer_scopes(EXPERT),
 )
 
 
@@ -654,9 +733,20 @@ def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     at = At(ctx.run_id, it.number)
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     pairs = _pair_contexts(ctx, it, explorations, scorer_id) if _stops_early(ctx) else None
-    seed = ctx.seed(at.iteration)
-    job = ScoringJob(at, AGENT, it.scorer_path, tuple(queries), seed, it.number, pairs)
-    rows = ctx.score(job, f"agent step rewards[{it.number}]") if queries else {}
+    todo = range(len(queries))
+    if ctx.chunks is not None and ctx.chunks.resumed:  # the committed chunks' steps are done
+        done = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
+        todo = [i for i, q in enumerate(queries) if (q.task_id, q.prefix_len) not in done]
+    job = ScoringJob(
+        at,
+        AGENT,
+        it.scorer_path,
+        tuple(queries[i] for i in todo),
+        ctx.seed(at.iteration),
+        it.number,
+        None if pairs is None else tuple(pairs[i] for i in todo),
+    )
+    rows = score_in_chunks(ctx, job, f"agent step rewards[{it.number}]")
     ctx.log(f"iteration {it.number}: scored {len(queries)} agent steps")
     return Output(StepsScored(len(queries), scorer_id), rows)
 
@@ -702,6 +792,7 @@ AGENT_STEP_REWARDS: Stage[StepsScored] = Stage(
     result_type=StepsScored,
     label=lambda it: f"agent step rewards[{it.number}]",
     scores_steps=True,
+    chunk_scopes=_scorer_scopes(AGENT),
 )
 
 

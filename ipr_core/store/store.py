@@ -364,6 +364,11 @@ class StageRecord:
     row_counts: list[int]
 
 
+def partial_name(stage: str) -> str:
+    """The `stage_runs` name of a stage's chunks committed before its completion."""
+    return f"{stage}.partial"
+
+
 class StoreLocked(IprError):
     """The store stayed locked by another process for longer than the timeout."""
 
@@ -502,14 +507,31 @@ class Store:
         replace: bool,
     ) -> StageRecord:
         """The stage's rows and its completion record in one transaction: a stage killed
-        before the commit left neither. `replace` first deletes what its scopes held."""
+        before the commit left neither. `replace` first deletes what its scopes held. The
+        stage's record of chunks committed so far (`save_chunk`), if any, goes."""
         with self.transaction() as con:
             if replace:
                 for scope in scopes:
                     con.execute(f"DELETE FROM {scope.table} WHERE {scope.where}", scope.params)
             for table, table_rows in rows.items():
                 upsert(con, table, table_rows)
+            _drop_partial(con, record)
             return _write_record(con, record, scopes)
+
+    def save_chunk(
+        self, partial: StageRecord, rows: Mapping[str, Sequence[Row]], stale: Sequence[Scope] = ()
+    ) -> None:
+        """A chunk of a stage's rows with its partial record (named `partial_name(stage)`:
+        the fingerprint the chunks are computed for and what they cost so far), in one
+        transaction, so a stage killed mid-chunk loses that chunk only. The first chunk of
+        an attempt that starts afresh first deletes what `stale` holds (rows an attempt with
+        other inputs left)."""
+        with self.transaction() as con:
+            for scope in stale:
+                con.execute(f"DELETE FROM {scope.table} WHERE {scope.where}", scope.params)
+            for table, table_rows in rows.items():
+                upsert(con, table, table_rows)
+            _write_record(con, partial, [])
 
     def copy_stage(
         self,
@@ -532,6 +554,7 @@ class Store:
                 )
             for table, table_rows in rows.items():
                 upsert(con, table, table_rows)
+            _drop_partial(con, record)
             return _write_record(con, record, [ours for _, ours in scopes])
 
     def record_checkpoint(
@@ -1000,6 +1023,14 @@ def table_columns(table: str) -> tuple[list[str], list[str]]:
 def _count(con: duckdb.DuckDBPyConnection, scope: Scope) -> int:
     sql = f"SELECT count(*) FROM {scope.table} WHERE {scope.where}"
     return int(con.execute(sql, scope.params).fetchall()[0][0])
+
+
+def _drop_partial(con: duckdb.DuckDBPyConnection, record: StageRecord) -> None:
+    """A completed stage keeps no record of the chunks it committed on the way."""
+    con.execute(
+        "DELETE FROM stage_runs WHERE run_id = ? AND iteration = ? AND stage = ?",
+        [record.run_id, record.iteration, partial_name(record.stage)],
+    )
 
 
 def _write_record(

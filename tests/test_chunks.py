@@ -1,0 +1,134 @@
+"""Monte Carlo stages commit their rows in chunks: a stage killed after some chunks resumes
+from the last one, and its rows and cost equal an uninterrupted run's."""
+
+import pytest
+
+from ipr_core.config import GenerationConfig, MonteCarloConfig, RunConfig
+from ipr_core.run.context import RunContext, score_in_process
+from ipr_core.run.loop import AGENT_STEP_REWARDS, EXPERT_STEP_REWARDS, EXPLORE, Iteration, run_stage
+from ipr_core.run.pipeline import ingest_gold
+from ipr_core.store.store import Store, partial_name
+
+ENV = "twx/arithmetic"  # 5 gold steps per task: 2 tasks give 10 expert steps
+COMPARED = ("step_rewards", "rollouts")
+
+
+def table(store: Store, name: str) -> list[dict]:
+    """Rows in a stable order, without what depends on when and in which process they were
+    made (`prefill_tokens` counts prompt tokens missed by the prefix cache)."""
+    excluded = "created_at, prefill_tokens" if name == "rollouts" else "created_at"
+    return store.query(f"SELECT * EXCLUDE ({excluded}) FROM {name} ORDER BY ALL").to_dict("records")
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+class Killed(Exception):
+    """Stands in for the process dying between two chunks."""
+
+
+class Scoring:
+    """In-process scoring that records each chunk's query count and can die at a call."""
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.chunks = die_at, []
+
+    def __call__(self, engines, job, label):
+        if len(self.chunks) == self.die_at:
+            raise Killed
+        self.chunks.append(len(job.queries))
+        return score_in_process(engines, job, label)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_path):
+    """Two stores holding the same 2 experts; 3 queries per chunk (2 live sets of 3
+    rollouts, N = 2)."""
+    config = RunConfig(
+        run_id="chunks",
+        env=ENV,
+        model="tiny-llama",
+        store=tmp_path / "a.duckdb",
+        cache_dir=tmp_path,
+        train_limit=2,
+        max_steps=6,
+        seed=3,
+        generation=GenerationConfig(max_new_tokens=16, max_batch_size=8, max_live_episodes=3),
+        monte_carlo=MonteCarloConfig(n_samples=2, temperature=1.0),
+    )
+    stores = []
+    for name in ("a", "b"):
+        store = Store(tmp_path / f"{name}.duckdb")
+        ingest_gold(store, ENV, "train", 2)
+        stores.append(store)
+    return config, stores, Iteration(1, tiny_model_path, tiny_model_path)
+
+
+def context(config: RunConfig, store: Store, scoring: Scoring) -> RunContext:
+    return RunContext(
+        config.model_copy(update={"store": store.path}), store, quiet, scoring=scoring
+    )
+
+
+def partial(store: Store, stage: str, iteration: int):
+    return store.stage_record("chunks", iteration, partial_name(stage))
+
+
+def test_a_killed_expert_stage_resumes_from_its_last_chunk(setup):
+    config, (whole, killed), it = setup
+    uninterrupted = Scoring()
+    full = run_stage(EXPERT_STEP_REWARDS, context(config, whole, uninterrupted), it)
+    assert uninterrupted.chunks == [3, 3, 3, 1] and full.queries == 10
+
+    with pytest.raises(Killed):
+        run_stage(EXPERT_STEP_REWARDS, context(config, killed, Scoring(die_at=2)), it)
+    left = partial(killed, "expert-step-rewards", 0)
+    assert left.result["units"] == 6 and killed.count("step_rewards") == 6
+    assert killed.stage_record("chunks", 0, "expert-step-rewards") is None
+
+    resumed = Scoring()
+    result = run_stage(EXPERT_STEP_REWARDS, context(config, killed, resumed), it)
+    assert resumed.chunks == [3, 1]  # the committed chunks are not scored again
+    assert result == full  # 10 steps scored, over both attempts
+    for name in COMPARED:
+        assert table(killed, name) == table(whole, name)
+    assert partial(killed, "expert-step-rewards", 0) is None
+    [cost_whole] = whole.query("SELECT * FROM stage_costs").to_dict("records")
+    [cost_resumed] = killed.query("SELECT * FROM stage_costs").to_dict("records")
+    for key in ("rollouts", "generated_tokens", "env_steps"):  # both attempts counted
+        assert cost_resumed[key] == cost_whole[key] > 0, key
+    assert cost_resumed["wall_s"] > left.result["wall_s"] > 0
+
+
+def test_chunks_of_other_inputs_are_thrown_away_and_the_stage_starts_afresh(setup):
+    """An agent stage's chunks committed for other explorations (another fingerprint) are
+    deleted with their partial record before the stage scores anything."""
+    config, (whole, killed), it = setup
+    for store in (whole, killed):
+        run_stage(EXPLORE, context(config, store, Scoring()), it)
+    uninterrupted = Scoring()
+    full = run_stage(AGENT_STEP_REWARDS, context(config, whole, uninterrupted), it)
+    assert len(uninterrupted.chunks) > 1, "needs more than one chunk"
+
+    with pytest.raises(Killed):
+        run_stage(AGENT_STEP_REWARDS, context(config, killed, Scoring(die_at=1)), it)
+    assert killed.count("step_rewards", "actor = 'agent'") == uninterrupted.chunks[0]
+    with killed.transaction() as con:
+        con.execute("UPDATE stage_runs SET fingerprint = 'other' WHERE stage LIKE '%.partial'")
+
+    afresh = Scoring()
+    assert run_stage(AGENT_STEP_REWARDS, context(config, killed, afresh), it) == full
+    assert afresh.chunks == uninterrupted.chunks  # every step scored again
+    for name in COMPARED:
+        assert table(killed, name) == table(whole, name)
+    assert partial(killed, "agent-step-rewards", 1) is None
+
+
+def test_called_alone_a_stage_returns_every_chunks_rows(setup):
+    """Outside `run_stage` (no chunk log) nothing is committed: the rows are returned."""
+    config, (store, _), it = setup
+    scoring = Scoring()
+    output = EXPERT_STEP_REWARDS.compute(context(config, store, scoring), it)
+    assert scoring.chunks == [3, 3, 3, 1]
+    assert len(output.rows["step_rewards"]) == 10 and store.count("step_rewards") == 0
