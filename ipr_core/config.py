@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
@@ -268,6 +269,16 @@ class RunConfig(StrictConfig):
 
     scale_out: ScaleOutConfig | None = None
     """None: each step reward stage runs in the flow's process."""
+
+    @classmethod
+    def from_record(cls, text: str) -> RunConfig:
+        """A config as a run recorded it (`runs.config`, a full dump): the dump spells out
+        the mixture weights, which only `custom` may set, so a method's own are left to it."""
+        data = json.loads(text)
+        spec = REGISTRY.get(data.get("method", "ipr"))
+        if spec is not None and not (spec.training == "mixture" and spec.weights is None):
+            data.get("mixture", {}).pop("weights", None)
+        return cls.model_validate(data)
 
     @property
     def mixture_settings(self) -> MixtureConfig | None:

@@ -12,9 +12,12 @@ from pydantic.fields import FieldInfo
 import flows
 import ipr_core
 from flows.commands import main
-from ipr_core.config import load_config, parse_overrides
+from ipr_core.config import RunConfig, load_config, parse_overrides
 from ipr_core.errors import InputError
 from ipr_core.run.experiment import load_experiment_config
+from ipr_core.training.methods import REGISTRY
+
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_loads_preset_with_defaults(tmp_path):
@@ -190,3 +193,14 @@ def test_every_numeric_setting_has_a_range_or_a_stated_reason():
                 where = f"{model.__module__}.{model.__name__}.{name}"
                 unbounded += _unbounded(field.annotation, list(field.metadata), where)
     assert unbounded == []
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_a_recorded_run_config_reads_back_for_every_method(method):
+    """`runs.config` is a full dump, mixture weights included, which only `custom` may set:
+    reading it back (`ipr estimate` takes training units from it) must not refuse it."""
+    overrides = {"method": method}
+    if method == "custom":
+        overrides["mixture"] = {"weights": {"trajectory_dpo": 1.0, "step_dpo": 0.5, "sft": 0.0}}
+    config = load_config(ROOT_CONFIGS / "demo.yaml", overrides)
+    assert RunConfig.from_record(config.model_dump_json()) == config

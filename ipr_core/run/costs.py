@@ -235,7 +235,7 @@ def _model(config: RunConfig) -> tuple[str, str]:
 
 def _config(text: str) -> RunConfig | None:
     try:
-        return RunConfig.model_validate_json(text)
+        return RunConfig.from_record(text)
     except ValueError:  # a config of an older schema: its training rows have no units
         return None
 
