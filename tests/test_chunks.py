@@ -1,9 +1,10 @@
-"""Monte Carlo stages commit their rows in chunks: a stage killed after some chunks resumes
-from the last one, and its rows and cost equal an uninterrupted run's."""
+"""The Monte Carlo and exploration stages commit their rows in chunks: a stage killed after
+some chunks resumes from the last one, and its rows and cost equal an uninterrupted run's."""
 
 import pytest
 
 from ipr_core.config import GenerationConfig, MonteCarloConfig, RunConfig
+from ipr_core.run import loop
 from ipr_core.run.context import RunContext, score_in_process
 from ipr_core.run.loop import AGENT_STEP_REWARDS, EXPERT_STEP_REWARDS, EXPLORE, Iteration, run_stage
 from ipr_core.run.pipeline import ingest_gold
@@ -132,3 +133,39 @@ def test_called_alone_a_stage_returns_every_chunks_rows(setup):
     output = EXPERT_STEP_REWARDS.compute(context(config, store, scoring), it)
     assert scoring.chunks == [3, 3, 3, 1]
     assert len(output.rows["step_rewards"]) == 10 and store.count("step_rewards") == 0
+
+
+def test_a_killed_exploration_resumes_with_the_experts_it_had_not_explored(setup, monkeypatch):
+    """Exploration chunks are whole experts (2 live episodes x 2 = 4 episodes: one 5-step
+    expert per chunk here)."""
+    config, (whole, killed), it = setup
+    config = config.model_copy(
+        update={"generation": config.generation.model_copy(update={"max_live_episodes": 2})}
+    )
+    calls: list[int] = []
+    explore, die_at = loop.explore, [None]
+
+    def recorded(engine, experts, from_start_only=False):
+        calls.append(len(experts))
+        if die_at[0] is not None and len(calls) > die_at[0]:
+            raise Killed
+        return explore(engine, experts, from_start_only)
+
+    monkeypatch.setattr(loop, "explore", recorded)
+    full = run_stage(EXPLORE, context(config, whole, Scoring()), it)
+    assert calls == [1, 1] and full.explorations == 10
+
+    calls.clear()
+    die_at[0] = 1
+    with pytest.raises(Killed):
+        run_stage(EXPLORE, context(config, killed, Scoring()), it)
+    assert killed.count("rollouts", "kind = 'explore'") == 5
+
+    calls.clear()
+    die_at[0] = None
+    assert run_stage(EXPLORE, context(config, killed, Scoring()), it) == full
+    assert calls == [1]  # the first expert's chunk was committed
+    assert table(killed, "rollouts") == table(whole, "rollouts")
+    assert partial(killed, "explore", 1) is None
+    [cost] = killed.query("SELECT rollouts FROM stage_costs").to_dict("records")
+    assert cost["rollouts"] == 10

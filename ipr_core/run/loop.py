@@ -13,7 +13,7 @@ One resume rule (`run_stage`): a stage is done when the store holds its completi
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
 are still there. The record is written in the transaction that writes the stage's rows and
 its cost (`stage_costs`, `ipr_core.run.costs`), so a stage killed mid-write left none of
-them and is redone. The Monte Carlo stages, which run for hours at an experiment's sizes,
+them and is redone. The Monte Carlo and exploration stages, hours at an experiment's sizes,
 commit their rows in chunks as they go, with a partial record of the fingerprint they were
 computed for (`Chunks`): killed, such a stage resumes after its last chunk. A stage whose
 fingerprint matches another run's record copies that run's rows instead of recomputing them
@@ -591,11 +591,12 @@ EVALUATE: Stage[Evaluation] = Stage(
 )
 
 
-# -- Monte Carlo in chunks ------------------------------------------------------------------
+# -- long rollout stages in chunks ----------------------------------------------------------
 CHUNK_LIVE_SETS = 2
-"""A Monte Carlo stage commits its rows every this many live sets of rollouts
-(`generation.max_live_episodes`): such a stage can run for hours, and a kill then loses one
-chunk, not the stage. A chunk's queries are scored as one job, so its batches stay full."""
+"""The Monte Carlo and exploration stages commit their rows every this many live sets of
+rollouts (`generation.max_live_episodes`): at an experiment's sizes they run for hours, and
+a kill then loses one chunk, not the stage. A chunk runs as one batch of work, so its
+batches stay full until its last episodes."""
 
 
 def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> dict[str, list[Row]]:
@@ -688,22 +689,52 @@ EXPERT_STEP_REWARDS: Stage[StepsScored] = Stage(
 
 # -- exploration ---------------------------------------------------------------------------
 def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
+    # greedy: the policy alone decides the episodes, so the seed is not fingerprinted and
+    # the runs of every seed copy iteration 1's exploration of the SFT model
+    from_start_only = not scores_steps(ctx)
+    experts = ctx.explored()
+    todo = experts
+    if ctx.chunks is not None and ctx.chunks.resumed:  # the committed chunks' experts are done
+        stored = ctx.store.explorations(ctx.run_id, it.number, experts)
+        done = {e.expert.task.task_id for e in stored}
+        todo = [expert for expert in experts if expert.task.task_id not in done]
+    size = CHUNK_LIVE_SETS * ctx.config.generation.max_live_episodes
+    rows: list[Row] = []
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
-        # greedy: the policy alone decides the episodes, so the seed is not fingerprinted
-        # and the runs of every seed copy iteration 1's exploration of the SFT model
-        explorations = explore(engine, ctx.explored(), from_start_only=not scores_steps(ctx))
-    policy_id = engine.backend.policy_id
-    ctx.log(f"iteration {it.number}: {len(explorations)} explorations")
-    rows = [
-        rollout_row(
-            e.rollout,
-            RowKey(ctx.run_id, it.number, RolloutKind.EXPLORE, e.prefix_len, AGENT),
-            policy_id,
-        )
-        for e in explorations
-    ]
-    return Output(Explored(len(explorations), policy_id), {"rollouts": rows})
+        for chunk in _expert_chunks(todo, size, from_start_only):
+            explorations = explore(engine, chunk, from_start_only)
+            chunk_rows = [
+                rollout_row(
+                    e.rollout,
+                    RowKey(ctx.run_id, it.number, RolloutKind.EXPLORE, e.prefix_len, AGENT),
+                    engine.backend.policy_id,
+                )
+                for e in explorations
+            ]
+            if ctx.chunks is not None:
+                ctx.chunks.save({"rollouts": chunk_rows}, len(chunk))
+            else:
+                rows += chunk_rows
+        policy_id = engine.backend.policy_id
+    total = len(experts) if from_start_only else sum(len(e.steps) for e in experts)
+    ctx.log(f"iteration {it.number}: {total} explorations")
+    return Output(Explored(total, policy_id), {"rollouts": rows} if rows else {})
+
+
+def _expert_chunks(
+    experts: Sequence[Trajectory], size: int, from_start_only: bool
+) -> list[list[Trajectory]]:
+    """Whole experts per chunk, about `size` episodes each (one per explored prefix)."""
+    chunks: list[list[Trajectory]] = [[]]
+    episodes = 0
+    for expert in experts:
+        if chunks[-1] and episodes >= size:
+            chunks.append([])
+            episodes = 0
+        chunks[-1].append(expert)
+        episodes += 1 if from_start_only else len(expert.steps)
+    return [chunk for chunk in chunks if chunk]
 
 
 EXPLORE: Stage[Explored] = Stage(
@@ -723,6 +754,7 @@ EXPLORE: Stage[Explored] = Stage(
     scopes=_run_scope(scopes.explorations),
     result_type=Explored,
     label=lambda it: f"explore[{it.number}]",
+    chunk_scopes=lambda at, ctx, it: [scopes.explorations(at)],
 )
 
 
