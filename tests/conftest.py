@@ -43,6 +43,32 @@ def smoke_run(tmp_path_factory, tiny_model_path):
     return config, Store(config.store), summary
 
 
+@pytest.fixture(scope="session")
+def two_task_mc_config():
+    """Builds the config of Monte Carlo over the first 2 tasks of `twx/arithmetic` (5 gold
+    steps each: 10 expert steps) with the tiny model, N = 2: what the scale-out and chunk
+    tests score."""
+    from ipr_core.config import GenerationConfig, MonteCarloConfig, RunConfig
+
+    def make(run_id: str, store: Path, max_live: int) -> RunConfig:
+        return RunConfig(
+            run_id=run_id,
+            env="twx/arithmetic",
+            model="tiny-llama",
+            store=store,
+            cache_dir=store.parent,
+            train_limit=2,
+            max_steps=6,
+            seed=3,
+            generation=GenerationConfig(
+                max_new_tokens=16, max_batch_size=32, max_live_episodes=max_live
+            ),
+            monte_carlo=MonteCarloConfig(n_samples=2, temperature=1.0),
+        )
+
+    return make
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stop_prefect_server():
     """Stop Prefect's ephemeral API server (if a test started one) while the session's

@@ -3,14 +3,14 @@ some chunks resumes from the last one, and its rows and cost equal an uninterrup
 
 import pytest
 
-from ipr_core.config import GenerationConfig, MonteCarloConfig, RunConfig
+from ipr_core.config import RunConfig
 from ipr_core.run import loop
 from ipr_core.run.context import RunContext, score_in_process
 from ipr_core.run.loop import AGENT_STEP_REWARDS, EXPERT_STEP_REWARDS, EXPLORE, Iteration, run_stage
 from ipr_core.run.pipeline import ingest_gold
 from ipr_core.store.store import Store, partial_name
 
-ENV = "twx/arithmetic"  # 5 gold steps per task: 2 tasks give 10 expert steps
+ENV = "twx/arithmetic"
 COMPARED = ("step_rewards", "rollouts")
 
 
@@ -43,21 +43,10 @@ class Scoring:
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model_path):
+def setup(tmp_path, tiny_model_path, two_task_mc_config):
     """Two stores holding the same 2 experts; 3 queries per chunk (2 live sets of 3
     rollouts, N = 2)."""
-    config = RunConfig(
-        run_id="chunks",
-        env=ENV,
-        model="tiny-llama",
-        store=tmp_path / "a.duckdb",
-        cache_dir=tmp_path,
-        train_limit=2,
-        max_steps=6,
-        seed=3,
-        generation=GenerationConfig(max_new_tokens=16, max_batch_size=8, max_live_episodes=3),
-        monte_carlo=MonteCarloConfig(n_samples=2, temperature=1.0),
-    )
+    config = two_task_mc_config("chunks", tmp_path / "a.duckdb", max_live=3)
     stores = []
     for name in ("a", "b"):
         store = Store(tmp_path / f"{name}.duckdb")

@@ -16,8 +16,6 @@ import pytest  # noqa: E402
 
 from flows import scale_out  # noqa: E402
 from ipr_core.config import (  # noqa: E402
-    GenerationConfig,
-    MonteCarloConfig,
     RunConfig,
     ScaleOutConfig,
     load_config,
@@ -80,21 +78,10 @@ def expert_job(store: Store, config: RunConfig, scorer: Path) -> ScoringJob:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_path):
+def runs(tmp_path_factory, tiny_model_path, two_task_mc_config):
     """The expert step rewards of 2 tasks, in process and in 2 shards on 2 Dask workers."""
     root = tmp_path_factory.mktemp("scale-out")
-    single = RunConfig(
-        run_id="shards",
-        env=ENV,
-        model="tiny-llama",
-        store=root / "single.duckdb",
-        cache_dir=root,
-        train_limit=2,
-        max_steps=6,
-        seed=3,
-        generation=GenerationConfig(max_new_tokens=16, max_batch_size=32, max_live_episodes=32),
-        monte_carlo=MonteCarloConfig(n_samples=2, temperature=1.0),
-    )
+    single = two_task_mc_config("shards", root / "single.duckdb", max_live=32)
     ingest_gold(Store(single.store), ENV, "train", 2)
     experts_only = root / "experts-only.duckdb"
     shutil.copy(single.store, experts_only)
