@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,28 @@ def test_a_store_from_before_the_hint_column_gets_it_on_its_first_write(tmp_path
     assert store.expert_trajectories("twx/coin", "train") == [expert("train-0")]
     columns = store.query("DESCRIBE expert_trajectories")["column_name"].tolist()
     assert columns.count("action_hint") == 1
+
+
+def test_a_copy_taken_while_another_process_writes_is_a_whole_store(tmp_path):
+    """`Store.copy_to` while a writer commits one row per transaction: every copy opens and
+    holds a prefix of the writes, none of them half-done."""
+    path = tmp_path / "live.duckdb"
+    Store(path).write({"expert_trajectories": [expert_to_row(expert("train-0"), "gold")]})
+    writer = textwrap.dedent(
+        f"""
+        from tests.test_store import expert
+        from ipr_core.store.store import Store, expert_to_row
+        store = Store({str(path)!r})
+        for i in range(1, 120):
+            store.write({{"expert_trajectories": [expert_to_row(expert(f"train-{{i}}"), "gold")]}})
+        """
+    )
+    running = subprocess.Popen([sys.executable, "-c", writer], cwd=Path(__file__).parents[1])
+    counts = []
+    while running.poll() is None:
+        copy = Store(path, read_only=True).copy_to(tmp_path / f"copy-{len(counts)}.duckdb")
+        counts.append(Store(copy, read_only=True).count("expert_trajectories"))
+    assert running.returncode == 0 and counts  # copies were taken while it wrote
+    final = Store(path, read_only=True).copy_to(tmp_path / "final.duckdb")
+    assert Store(final, read_only=True).count("expert_trajectories") == 120
+    assert counts == sorted(counts) and all(1 <= n <= 120 for n in counts)

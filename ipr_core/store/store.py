@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -419,6 +420,18 @@ class Store:
             yield con
         finally:
             con.close()
+
+    def copy_to(self, target: str | Path) -> Path:
+        """A consistent copy of the store file while another process may be writing it (a
+        running experiment): a read-only connection holds writers off (they wait, as for
+        any lock) while the file is copied, and no write is half-done when it opens."""
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect(read_only=True):
+            if Path(f"{self.path}.wal").exists():
+                raise IprError(f"store {self.path}: a write-ahead log is pending; copy it later")
+            shutil.copyfile(self.path, target)
+        return target
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
