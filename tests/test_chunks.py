@@ -6,7 +6,14 @@ import pytest
 from ipr_core.config import RunConfig
 from ipr_core.run import loop
 from ipr_core.run.context import RunContext, score_in_process
-from ipr_core.run.loop import AGENT_STEP_REWARDS, EXPERT_STEP_REWARDS, EXPLORE, Iteration, run_stage
+from ipr_core.run.loop import (
+    AGENT_STEP_REWARDS,
+    EVALUATE,
+    EXPERT_STEP_REWARDS,
+    EXPLORE,
+    Iteration,
+    run_stage,
+)
 from ipr_core.run.pipeline import ingest_gold
 from ipr_core.store.store import Store, partial_name
 
@@ -158,3 +165,37 @@ def test_a_killed_exploration_resumes_with_the_experts_it_had_not_explored(setup
     assert partial(killed, "explore", 1) is None
     [cost] = killed.query("SELECT rollouts FROM stage_costs").to_dict("records")
     assert cost["rollouts"] == 10
+
+
+def test_a_killed_evaluation_resumes_and_summarises_every_episode(setup, monkeypatch):
+    """Evaluation chunks of 4 tasks (2 live episodes x 2) on 6 dev tasks: killed after the
+    first, the resumed stage runs the other 2 and its evaluation row covers all 6."""
+    config, (whole, killed), it = setup
+    generation = config.generation.model_copy(update={"max_live_episodes": 2})
+    config = config.model_copy(update={"generation": generation, "dev_limit": 6})
+    calls: list[int] = []
+    evaluate, die_at = loop.evaluate, [None]
+
+    def recorded(engine, split, task_ids, seed=0):
+        calls.append(len(task_ids))
+        if die_at[0] is not None and len(calls) > die_at[0]:
+            raise Killed
+        return evaluate(engine, split, task_ids, seed)
+
+    monkeypatch.setattr(loop, "evaluate", recorded)
+    full = run_stage(EVALUATE, context(config, whole, Scoring()), it)
+    assert calls == [4, 2] and full.n_tasks == 6
+
+    calls.clear()
+    die_at[0] = 1
+    with pytest.raises(Killed):
+        run_stage(EVALUATE, context(config, killed, Scoring()), it)
+    assert killed.count("rollouts", "kind = 'eval'") == 4 and killed.count("evaluations") == 0
+
+    calls.clear()
+    die_at[0] = None
+    assert run_stage(EVALUATE, context(config, killed, Scoring()), it) == full
+    assert calls == [2]
+    for name in ("rollouts", "evaluations"):
+        assert table(killed, name) == table(whole, name)
+    assert partial(killed, "evaluate-dev", 1) is None

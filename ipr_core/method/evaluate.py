@@ -29,18 +29,32 @@ def evaluate(
 ) -> tuple[Evaluation, list[RolloutResult]]:
     """One greedy episode per task; the summary and the episodes."""
     results = engine.run([RolloutSpec(task_id) for task_id in task_ids], temperature=0.0, seed=seed)
-    finished = [r for r in results if not is_failed(r.status)]
-    outcomes = [r.outcome_reward or 0.0 for r in finished]
-    evaluation = Evaluation(
+    episodes = [Episode(r.status, r.outcome_reward, len(r.trajectory.steps)) for r in results]
+    return summarize(split, engine.backend.policy_id, episodes), results
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What an evaluation reads of an episode (a rollout or its stored row)."""
+
+    status: str
+    outcome_reward: float | None
+    n_steps: int
+
+
+def summarize(split: str, policy_id: str, episodes: Sequence[Episode]) -> Evaluation:
+    """The evaluation of a model's episodes on a split: failed ones counted, not averaged."""
+    finished = [e for e in episodes if not is_failed(e.status)]
+    outcomes = [e.outcome_reward or 0.0 for e in finished]
+    return Evaluation(
         split=split,
-        policy_id=engine.backend.policy_id,
-        n_tasks=len(results),
-        n_failed=len(results) - len(finished),
+        policy_id=policy_id,
+        n_tasks=len(episodes),
+        n_failed=len(episodes) - len(finished),
         avg_reward=_mean(outcomes),
         success_rate=_mean([1.0 if o >= 1.0 else 0.0 for o in outcomes]),
-        avg_steps=_mean([float(len(r.trajectory.steps)) for r in finished]),
+        avg_steps=_mean([float(e.n_steps) for e in finished]),
     )
-    return evaluation, results
 
 
 def _mean(values: list[float]) -> float | None:

@@ -13,13 +13,13 @@ One resume rule (`run_stage`): a stage is done when the store holds its completi
 (`stage_runs`) with the fingerprint of what the stage reads now, and the rows it recorded
 are still there. The record is written in the transaction that writes the stage's rows and
 its cost (`stage_costs`, `ipr_core.run.costs`), so a stage killed mid-write left none of
-them and is redone. The Monte Carlo and exploration stages, hours at an experiment's sizes,
-commit their rows in chunks as they go, with a partial record of the fingerprint they were
-computed for (`Chunks`): killed, such a stage resumes after its last chunk. A stage whose
-fingerprint matches another run's record copies that run's rows instead of recomputing them
-(every run of an experiment shares the expert step rewards and the SFT model's greedy
-exploration, the methods of one seed share iteration 1's agent step rewards and pairs; a
-greedy evaluation of a model is done once).
+them and is redone. The rollout stages, hours at an experiment's sizes, commit their rows in
+chunks as they go, with a partial record of the fingerprint they were computed for
+(`Chunks`): killed, such a stage resumes after its last chunk. A stage whose fingerprint
+matches another run's record copies that run's rows instead of recomputing them (every run
+of an experiment shares the expert step rewards and the SFT model's greedy exploration, the
+methods of one seed share iteration 1's agent step rewards and pairs; a greedy evaluation of
+a model is done once).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pandas as pd
 
 from ipr_core.digest import digest
 from ipr_core.engine.backends import release_engines
-from ipr_core.method.evaluate import Evaluation, evaluate
+from ipr_core.method.evaluate import Episode, Evaluation, evaluate, summarize
 from ipr_core.method.explore import Exploration, explore
 from ipr_core.method.mining import PairContext, mine_pairs
 from ipr_core.run import pipeline
@@ -307,6 +307,39 @@ def _json(result: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(result), default=str))
 
 
+# -- long rollout stages in chunks ----------------------------------------------------------
+CHUNK_LIVE_SETS = 2
+"""The rollout stages (Monte Carlo, exploration, evaluation) commit their rows every this many
+live sets of rollouts (`generation.max_live_episodes`): at an experiment's sizes they run
+for hours, and a kill then loses one chunk, not the stage. A chunk runs as one batch of
+work, so its batches stay full until its last episodes."""
+
+
+def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> dict[str, list[Row]]:
+    """Score `job`'s queries chunk by chunk. Inside `run_stage` each chunk's rows are
+    committed as it finishes (`RunContext.chunks`) and none are returned; called alone, the
+    rows are returned. A rollout is seeded by its query and sample, so chunking does not
+    change what is sampled. Sharded scoring (`scale_out`) is one chunk: its shard files
+    already resume shard by shard."""
+    config = ctx.config
+    size = max(
+        1, CHUNK_LIVE_SETS * config.generation.max_live_episodes // config.monte_carlo.n_samples
+    )
+    if config.scale_out is not None:
+        size = max(size, len(job.queries))
+    rows: dict[str, list[Row]] = {}
+    for start in range(0, len(job.queries), size):
+        part = slice(start, start + size)
+        pairs = None if job.pairs is None else job.pairs[part]
+        chunk = ctx.score(replace(job, queries=job.queries[part], pairs=pairs), label)
+        if ctx.chunks is not None:
+            ctx.chunks.save(chunk, len(job.queries[part]))
+        else:
+            for table, table_rows in chunk.items():
+                rows.setdefault(table, []).extend(table_rows)
+    return rows
+
+
 # -- the loop ------------------------------------------------------------------------------
 def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> IterationResult:
     """One iteration: THE list of its stages, in order, each run where the method needs it
@@ -548,26 +581,50 @@ SFT: Stage[Trained] = Stage(
 def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
     split = eval_split(ctx, it)
     task_ids = split_tasks(ctx.engines, split)
+    policy_id = model_id(it.policy_path)  # the backend's policy id
+    episodes = _evaluation_scopes(At(ctx.run_id, it.number), ctx, it)[1]
+    columns = "task_id, status, outcome_reward, n_steps"
+    todo = task_ids
+    if ctx.chunks is not None and ctx.chunks.resumed:  # the committed chunks' tasks are done
+        done = set(ctx.store.scope_rows(episodes, "task_id")["task_id"])
+        todo = [task_id for task_id in task_ids if task_id not in done]
+    key = RowKey(ctx.run_id, it.number, RolloutKind.EVAL, 0, AGENT)
+    size = CHUNK_LIVE_SETS * ctx.config.generation.max_live_episodes
+    rows: list[Row] = []
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"evaluate[{it.number}]")
-        result, rollouts = evaluate(engine, split.name, task_ids, ctx.config.seed)
+        for start in range(0, len(todo), size):
+            _, rollouts = evaluate(engine, split.name, todo[start : start + size], ctx.config.seed)
+            chunk = [rollout_row(r, key, engine.backend.policy_id) for r in rollouts]
+            if ctx.chunks is not None:
+                ctx.chunks.save({"rollouts": chunk}, len(chunk))
+            else:
+                rows += chunk
+    stored = ctx.store.scope_rows(episodes, columns).to_dict("records") if ctx.chunks else []
+    result = summarize(
+        split.name,
+        policy_id,
+        [Episode(r["status"], _float(r["outcome_reward"]), r["n_steps"]) for r in stored + rows],
+    )
     ctx.log(
         f"iteration {it.number}: {split.name} reward {result.avg_reward}, "
         f"success {result.success_rate}, steps {result.avg_steps} ({result.policy_id})"
     )
-    key = RowKey(ctx.run_id, it.number, RolloutKind.EVAL, 0, AGENT)
     evaluation = {"run_id": ctx.run_id, "iteration": it.number, **asdict(result)}
-    rows = {
-        "rollouts": [rollout_row(r, key, result.policy_id) for r in rollouts],
-        "evaluations": [evaluation],
-    }
-    return Output(result, rows)
+    return Output(result, {"evaluations": [evaluation], **({"rollouts": rows} if rows else {})})
 
 
-def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration, r: Evaluation) -> list[Scope]:
+def _float(value: Any) -> float | None:
+    """A stored outcome: NULL (a failed episode) comes back as NaN or None."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _evaluation_scopes(at: At, ctx: RunContext, it: Iteration) -> list[Scope]:
+    """The evaluation row and episodes of the model `it` evaluates (every backend takes the
+    model's content id as its policy id)."""
     split = eval_split(ctx, it)
     task_ids = split_tasks(ctx.engines, split)
-    return scopes.evaluation(at, r.policy_id, split.name, task_ids)
+    return scopes.evaluation(at, model_id(it.policy_path), split.name, task_ids)
 
 
 EVALUATE: Stage[Evaluation] = Stage(
@@ -584,44 +641,12 @@ EVALUATE: Stage[Evaluation] = Stage(
         ],
         FINGERPRINT_CHARS,
     ),
-    scopes=_evaluation_scopes,
+    scopes=lambda at, ctx, it, r: _evaluation_scopes(at, ctx, it),
     result_type=Evaluation,
     label=lambda it: f"evaluate[{it.number}]",
     per_split=True,
+    chunk_scopes=_evaluation_scopes,
 )
-
-
-# -- long rollout stages in chunks ----------------------------------------------------------
-CHUNK_LIVE_SETS = 2
-"""The Monte Carlo and exploration stages commit their rows every this many live sets of
-rollouts (`generation.max_live_episodes`): at an experiment's sizes they run for hours, and
-a kill then loses one chunk, not the stage. A chunk runs as one batch of work, so its
-batches stay full until its last episodes."""
-
-
-def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> dict[str, list[Row]]:
-    """Score `job`'s queries chunk by chunk. Inside `run_stage` each chunk's rows are
-    committed as it finishes (`RunContext.chunks`) and none are returned; called alone, the
-    rows are returned. A rollout is seeded by its query and sample, so chunking does not
-    change what is sampled. Sharded scoring (`scale_out`) is one chunk: its shard files
-    already resume shard by shard."""
-    config = ctx.config
-    size = max(
-        1, CHUNK_LIVE_SETS * config.generation.max_live_episodes // config.monte_carlo.n_samples
-    )
-    if config.scale_out is not None:
-        size = max(size, len(job.queries))
-    rows: dict[str, list[Row]] = {}
-    for start in range(0, len(job.queries), size):
-        part = slice(start, start + size)
-        pairs = None if job.pairs is None else job.pairs[part]
-        chunk = ctx.score(replace(job, queries=job.queries[part], pairs=pairs), label)
-        if ctx.chunks is not None:
-            ctx.chunks.save(chunk, len(job.queries[part]))
-        else:
-            for table, table_rows in chunk.items():
-                rows.setdefault(table, []).extend(table_rows)
-    return rows
 
 
 # -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------

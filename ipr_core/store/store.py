@@ -508,6 +508,10 @@ class Store:
         )
         return [_record(row) for _, row in found.iterrows()]
 
+    def scope_rows(self, scope: Scope, columns: str) -> pd.DataFrame:
+        """`columns` of the rows a stage's scope holds, in no particular order."""
+        return self.query(f"SELECT {columns} FROM {scope.table} WHERE {scope.where}", scope.params)
+
     def scope_counts(self, scopes: Sequence[Scope]) -> list[int]:
         with self._connect(read_only=True) as con:
             return [_count(con, scope) for scope in scopes]
