@@ -196,6 +196,11 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     export = moves.add_parser("export", help="adapters and records of the store's checkpoints")
     export.add_argument("--store", type=Path, required=True)
     export.add_argument("--to", type=Path, required=True, help="folder to commit beside the store")
+    export.add_argument(
+        "--experiment",
+        help="only what resuming this experiment needs (its unfinished runs' checkpoints, each "
+        "seed's SFT model, their parents); earlier exports of others are removed from --to",
+    )
     export.set_defaults(handler=cmd_checkpoints_export)
     restore = moves.add_parser("import", help="rebuild exported checkpoints this machine lacks")
     restore.add_argument("--store", type=Path, required=True)
@@ -345,7 +350,8 @@ def cmd_checkpoints_export(args: argparse.Namespace) -> int:
     from ipr_core.run.portable import export_checkpoints
     from ipr_core.store.store import Store
 
-    exported, skipped = export_checkpoints(Store(args.store, read_only=True), args.to)
+    store = Store(args.store, read_only=True)
+    exported, skipped = export_checkpoints(store, args.to, args.experiment)
     print(f"{len(exported)} checkpoints in {args.to}: {' '.join(exported)}")
     if skipped:
         print(f"not exported (not on this machine, or no adapter): {' '.join(skipped)}")

@@ -463,6 +463,42 @@ def test_exported_lora_checkpoints_rebuild_bit_for_bit_on_a_fresh_machine(
     assert import_checkpoints(store, tmp_path / "portable", fresh) == []  # nothing missing
 
 
+def test_an_experiment_export_keeps_what_its_unfinished_work_starts_from(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """`ipr checkpoints export --experiment`: a running run's checkpoints with their parents,
+    each seed's SFT model; a finished run's mixture is not needed (and leaves the folder)."""
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    root = tmp_path / "checkpoints"
+    settings = SFTConfig(epochs=1, batch_size=2, max_length=1024, lora=lora)
+    sft = train_sft(tiny_model_path, [_expert(0)], PROMPT, settings, root)
+    mixture_settings = MixtureConfig(epochs=1, batch_size=2, max_length=1024, lora=lora)
+    mixture = train_mixture(sft.path, _pairs(2), mixture_settings, root)
+    store = Store(tmp_path / "run.duckdb")
+    base = checkpoint_row(base_checkpoint(tiny_model_path))
+    rows = [base, checkpoint_row(sft, "x-sft-s0", 0), checkpoint_row(mixture, "x-eto-s0", 1)]
+    runs = [
+        {"experiment_id": "x", "method": "sft", "seed": 0, "run_id": "x-sft-s0",
+         "status": "finished", "best_iteration": 0, "test_policy_id": sft.checkpoint_id},
+        {"experiment_id": "x", "method": "eto", "seed": 0, "run_id": "x-eto-s0",
+         "status": "running", "best_iteration": None, "test_policy_id": None},
+    ]  # fmt: skip
+    store.write({"checkpoints": rows, "experiment_runs": runs})
+    to = tmp_path / "portable"
+    args = ["checkpoints", "export", "--store", str(store.path), "--to", str(to)]
+    assert commands.main([*args, "--experiment", "x"]) == 0
+    assert sorted(p.name for p in to.iterdir()) == sorted(
+        [sft.checkpoint_id, mixture.checkpoint_id]
+    )
+
+    with store.transaction() as con:  # the ETO run finished: its mixture is not needed
+        con.execute("UPDATE experiment_runs SET status = 'finished' WHERE method = 'eto'")
+    assert commands.main([*args, "--experiment", "x"]) == 0
+    assert [p.name for p in to.iterdir()] == [sft.checkpoint_id]
+    assert commands.main(args) == 0  # without --experiment: every checkpoint
+    assert len(list(to.iterdir())) == 2
+
+
 def test_importing_a_checkpoint_whose_parent_is_unknown_names_the_file_and_field(
     tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

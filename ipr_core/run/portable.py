@@ -9,6 +9,7 @@ records (~20 MB); imported, it is merged into its parent again, bit for bit, par
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ipr_core.config import checkpoints_dir
@@ -25,17 +26,42 @@ from ipr_core.training.checkpoints import (
 )
 
 
-def export_checkpoints(store: Store, to: Path) -> tuple[list[str], list[str]]:
-    """Export every trained checkpoint the store names that this machine holds; returns
-    (exported, skipped: missing here or without an adapter)."""
+def export_checkpoints(
+    store: Store, to: Path, experiment_id: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Export every trained checkpoint the store names that this machine holds, or with
+    `experiment_id` only those a resume of the experiment needs (`resume_checkpoints`;
+    earlier exports of others are removed from `to`); returns (exported, skipped: missing
+    here or without an adapter)."""
+    wanted = None if experiment_id is None else resume_checkpoints(store, experiment_id)
+    if wanted is not None and to.is_dir():
+        for folder in to.iterdir():
+            if (folder / RESULT_FILE).is_file() and folder.name not in wanted:
+                shutil.rmtree(folder)
     exported, skipped = [], []
     for record in store.checkpoint_records().itertuples():
-        if record.kind == "base":
+        if record.kind == "base" or (wanted is not None and record.checkpoint_id not in wanted):
             continue
         folder = Path(record.path).parent
         done = folder.name == record.checkpoint_id and export_portable(folder, to)
         (exported if done else skipped).append(record.checkpoint_id)
     return exported, skipped
+
+
+def resume_checkpoints(store: Store, experiment_id: str) -> set[str]:
+    """What resuming an experiment needs of its trained checkpoints: those its unfinished
+    work starts from (`Store.resume_checkpoint_roots`) and their parents, each of which an
+    import rebuilds first."""
+    records = store.checkpoint_records()
+    parents = dict(zip(records["checkpoint_id"], records["parent_id"], strict=True))
+    kinds = dict(zip(records["checkpoint_id"], records["kind"], strict=True))
+    needed: set[str] = set()
+    for root in store.resume_checkpoint_roots(experiment_id):
+        checkpoint = root
+        while checkpoint in parents and kinds[checkpoint] != "base" and checkpoint not in needed:
+            needed.add(checkpoint)
+            checkpoint = parents[checkpoint]
+    return needed
 
 
 def import_checkpoints(store: Store, packed_root: Path, cache_dir: Path) -> list[str]:

@@ -834,6 +834,20 @@ class Store:
         """Per run: method, seed, status, best iteration, its dev and test reward."""
         return self.query(EXPERIMENT_RUNS_SQL, [experiment_id])
 
+    def resume_checkpoint_roots(self, experiment_id: str) -> list[str]:
+        """The checkpoints the experiment's unfinished work starts from: those of its runs
+        that have not finished, and each seed's SFT model (the seed's later methods start
+        from it), without their parents."""
+        return sorted(
+            self.query(
+                "SELECT c.checkpoint_id FROM checkpoints c JOIN experiment_runs x USING (run_id) "
+                "WHERE x.experiment_id = $exp AND x.status <> 'finished' "
+                "UNION SELECT test_policy_id FROM experiment_runs "
+                "WHERE experiment_id = $exp AND method = 'sft' AND test_policy_id IS NOT NULL",
+                {"exp": experiment_id},
+            )["checkpoint_id"]
+        )
+
     def checkpoint_records(self) -> pd.DataFrame:
         """Every checkpoint the store names (the base models too): id, parent, kind, path;
         parents before their children."""
