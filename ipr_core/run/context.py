@@ -219,29 +219,30 @@ def score_steps(
 
 @dataclass
 class Chunks:
-    """The chunks a long stage has committed (`Stage.chunked`, `loop.run_stage`): its rows
-    go to the store as they are computed, with a partial record of what they cost, so a
-    stage killed after hours resumes from its last chunk. `earlier`: what the attempts
+    """The chunks a long stage has committed (`Stage.chunk_scopes`, `loop.run_stage`): its
+    rows go to the store as they are computed, with a partial record of what they cost, so
+    a stage killed after hours resumes from its last chunk. `earlier`: what the attempts
     before this one committed (their seconds and rollout counts, and `units` of work)."""
 
     store: Store
     partial: StageRecord
     earlier: dict[str, float]
+    meter: Meter
+    """The stage's own meter: this attempt's seconds."""
     stale: list[Scope] = field(default_factory=list)
     """Deleted with the first chunk of an attempt that starts afresh."""
-    meter: Meter = field(default_factory=Meter)
-    rollouts: list[Row] = field(default_factory=list)
-    """This attempt's committed rollouts (counted into the cost)."""
+    counted: dict[str, int] = field(default_factory=dict)
+    """This attempt's committed rollouts: how many, their tokens and env steps."""
     units: int = 0
 
     def save(self, rows: dict[str, list[Row]], units: int) -> None:
         """Commit a chunk of the stage's rows; `units`: the work it finished (e.g. queries)."""
-        self.rollouts += rows.get("rollouts", [])
+        for key, value in rollout_counts(rows.get("rollouts", [])).items():
+            self.counted[key] = self.counted.get(key, 0) + value
         self.units += units
-        spent = {**self.meter.figures(), **rollout_counts(self.rollouts)}
-        total = {key: self.earlier.get(key, 0) + spent[key] for key in ADDED_UP}
-        total["units"] = self.done_units
-        self.partial = replace(self.partial, result=total)
+        spent = {**self.meter.figures(), **self.counted}
+        total = {key: self.earlier.get(key, 0) + spent.get(key, 0) for key in ADDED_UP}
+        self.partial = replace(self.partial, result={**total, "units": self.done_units})
         self.store.save_chunk(self.partial, rows, self.stale)
         self.stale = []
 
@@ -254,6 +255,11 @@ class Chunks:
     def done_units(self) -> int:
         """The units committed by every attempt so far."""
         return int(self.earlier.get("units", 0)) + self.units
+
+    def added(self) -> dict[str, float]:
+        """What the stage's cost adds to this attempt's measured seconds: the earlier
+        attempts' figures and this attempt's committed rollouts."""
+        return {k: self.earlier.get(k, 0) + self.counted.get(k, 0) for k in ADDED_UP}
 
 
 @dataclass

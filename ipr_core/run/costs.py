@@ -90,7 +90,7 @@ def rollout_counts(rollouts: Sequence[Row]) -> dict[str, int]:
 
 ROLLOUT_COUNTED = ("prefill_tokens", "generated_tokens", "env_steps")
 ADDED_UP = ("wall_s", "cpu_s", "rollouts", *ROLLOUT_COUNTED)
-"""The figures of a stage committed in chunks that its attempts add up (`Chunks`)."""
+"""The figures of a stage committed in chunks that its chunks and attempts add up."""
 
 
 def cost_row(
@@ -98,11 +98,11 @@ def cost_row(
     figures: Mapping[str, float | None],
     rows: Mapping[str, Sequence[Row]],
     donor: StageRecord | None = None,
-    earlier: Mapping[str, float] | None = None,
+    added: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """A `stage_costs` row: the measured `figures` (training's own figures may add
     `trained_tokens` and a larger `peak_rss_mb`) and the counts of the stage's rollouts,
-    plus what `earlier` attempts of a stage committed in chunks spent on theirs."""
+    plus `added` (a stage committed in chunks: what its chunks and earlier attempts did)."""
     counts = rollout_counts(rows.get("rollouts", []))
     peaks = [p for p in (figures["peak_rss_mb"], figures.get("train_peak_rss_mb")) if p]
     row = {
@@ -121,7 +121,7 @@ def cost_row(
         "donor_run_id": None if donor is None else donor.run_id,
         "donor_iteration": None if donor is None else donor.iteration,
     }
-    for key, value in (earlier or {}).items():
+    for key, value in (added or {}).items():
         if key in ADDED_UP:
             row[key] = type(row[key])(row[key] + value)
     return row

@@ -242,7 +242,7 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
         return result
     if stage.trains:
         release_engines()  # a GPU inference engine would hold the memory training needs
-    chunks = _start_chunks(stage, ctx, it, new) if stage.chunk_scopes else None
+    chunks = _start_chunks(stage, ctx, it, new, meter) if stage.chunk_scopes else None
     ctx.chunks = chunks
     try:
         output = stage.compute(ctx, it)
@@ -250,11 +250,8 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
         ctx.chunks = None
     scopes = stage.scopes(at, ctx, it, output.result)
     figures = {**meter.figures(), **output.figures}
-    if chunks is None:
-        cost = cost_row(new, figures, output.rows)
-    else:  # the chunks' rows are in; the cost counts them and the attempts before this one
-        counted = {"rollouts": chunks.rollouts + output.rows.get("rollouts", [])}
-        cost = cost_row(new, figures, counted, earlier=chunks.earlier)
+    # the chunks' rows are in: the cost counts them and the attempts before this one
+    cost = cost_row(new, figures, output.rows, added=chunks.added() if chunks else None)
     rows = {**output.rows, "stage_costs": [cost]}
     # Committed chunks are the stage's rows: nothing to replace (unless none was committed
     # and an attempt with other inputs left rows to delete).
@@ -264,7 +261,9 @@ def run_stage(stage: Stage[R], ctx: RunContext, it: Iteration) -> R:
     return output.result
 
 
-def _start_chunks(stage: Stage[Any], ctx: RunContext, it: Iteration, new: StageRecord) -> Chunks:
+def _start_chunks(
+    stage: Stage[Any], ctx: RunContext, it: Iteration, new: StageRecord, meter: Meter
+) -> Chunks:
     """Resume the chunks an earlier attempt with the same fingerprint committed; otherwise
     start afresh, deleting what an attempt with other inputs left (unless the stage adds
     to its rows rather than replacing them)."""
@@ -274,10 +273,10 @@ def _start_chunks(stage: Stage[Any], ctx: RunContext, it: Iteration, new: StageR
     if partial is not None and partial.fingerprint == new.fingerprint:
         done = partial.result.get("units", 0)
         ctx.log(f"{stage.label(it)}: resumes from its committed chunks ({done} done)")
-        return Chunks(ctx.store, partial, dict(partial.result))
+        return Chunks(ctx.store, partial, dict(partial.result), meter)
     at = At(new.run_id, new.iteration)
     stale = stage.chunk_scopes(at, ctx, it) if stage.replace else []
-    return Chunks(ctx.store, replace(new, stage=name, result={}), {}, stale)
+    return Chunks(ctx.store, replace(new, stage=name, result={}), {}, meter, stale)
 
 
 def _holds(
