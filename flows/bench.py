@@ -18,7 +18,8 @@ samples each) are computed three ways on one model:
                    conversation is work the model must do whatever the batch), and again at
                    the fixed `sweep_context` (`fraction_of_hardware_at_fixed_context`).
 Then a and b run greedily on the same queries and their outcomes are compared: they must
-agree, up to a rare batching near-tie.
+agree, up to a rare batching near-tie. They run in the order a, d, c, b: the limits right
+after the engine, the minutes-long reference last.
 """
 
 from __future__ import annotations
@@ -138,11 +139,8 @@ def run_bench(
 
     a, a_greedy = _estimate(config, engine_backend, config.max_live_episodes, queries)
     log(f"a. engine: {a.wall_s:.1f} s")
-    reference_queries = _reference_queries(config, queries)
-    b, b_greedy = _estimate(config, reference_backend, 1, reference_queries)
-    log(f"b. reference: {b.wall_s:.1f} s for {b.rollouts} rollouts")
-    c = bare_model_limit(engine_backend, work)
-    log(f"c. limit: {c.wall_s:.1f} s")
+    # The limits run right after the engine, the minutes-long reference last: on a machine
+    # whose speed drifts, a fraction of two phases minutes apart measures the drift too.
     tail, cached, context = work_contexts(work)
     hardware = hardware_limit(engine_backend, a, config.sweep_rows, (tail, cached), context)
     log(f"d. hardware at a's contexts: {hardware['wall_s']:.1f} s")
@@ -150,6 +148,11 @@ def run_bench(
         engine_backend, a, config.sweep_rows, (config.sweep_context, 0), config.sweep_context
     )
     log(f"d. hardware at {config.sweep_context} tokens: {fixed['wall_s']:.1f} s")
+    c = bare_model_limit(engine_backend, work)
+    log(f"c. limit: {c.wall_s:.1f} s")
+    reference_queries = _reference_queries(config, queries)
+    b, b_greedy = _estimate(config, reference_backend, 1, reference_queries)
+    log(f"b. reference: {b.wall_s:.1f} s for {b.rollouts} rollouts")
 
     compared = None
     if compare is not None:
