@@ -49,6 +49,26 @@ class Scoring:
         return score_in_process(engines, job, label)
 
 
+class Dying:
+    """Wraps one of the loop's chunk functions (explore, evaluate): records the size of each
+    chunk (its argument `chunk_arg`: the experts, the task ids) and dies at call `die_at`."""
+
+    def __init__(self, monkeypatch, name: str, chunk_arg: int):
+        self.inner, self.chunk_arg = getattr(loop, name), chunk_arg
+        self.reset(die_at=None)
+        monkeypatch.setattr(loop, name, self)
+
+    def __call__(self, *args):
+        if len(self.calls) == self.die_at:
+            raise Killed
+        self.calls.append(len(args[self.chunk_arg]))
+        return self.inner(*args)
+
+    def reset(self, die_at: int | None) -> None:
+        self.calls: list[int] = []
+        self.die_at = die_at
+
+
 @pytest.fixture
 def setup(tmp_path, tiny_model_path, two_task_mc_config):
     """Two stores holding the same 2 experts; 3 queries per chunk (2 live sets of 3
@@ -131,71 +151,36 @@ def test_called_alone_a_stage_returns_every_chunks_rows(setup):
     assert len(output.rows["step_rewards"]) == 10 and store.count("step_rewards") == 0
 
 
-def test_a_killed_exploration_resumes_with_the_experts_it_had_not_explored(setup, monkeypatch):
-    """Exploration chunks are whole experts (2 live episodes x 2 = 4 episodes: one 5-step
-    expert per chunk here)."""
-    config, (whole, killed), it = setup
-    config = config.model_copy(
-        update={"generation": config.generation.model_copy(update={"max_live_episodes": 2})}
-    )
-    calls: list[int] = []
-    explore, die_at = loop.explore, [None]
-
-    def recorded(engine, experts, from_start_only=False):
-        calls.append(len(experts))
-        if die_at[0] is not None and len(calls) > die_at[0]:
-            raise Killed
-        return explore(engine, experts, from_start_only)
-
-    monkeypatch.setattr(loop, "explore", recorded)
-    full = run_stage(EXPLORE, context(config, whole, Scoring()), it)
-    assert calls == [1, 1] and full.explorations == 10
-
-    calls.clear()
-    die_at[0] = 1
-    with pytest.raises(Killed):
-        run_stage(EXPLORE, context(config, killed, Scoring()), it)
-    assert killed.count("rollouts", "kind = 'explore'") == 5
-
-    calls.clear()
-    die_at[0] = None
-    assert run_stage(EXPLORE, context(config, killed, Scoring()), it) == full
-    assert calls == [1]  # the first expert's chunk was committed
-    assert table(killed, "rollouts") == table(whole, "rollouts")
-    assert partial(killed, "explore", 1) is None
-    [cost] = killed.query("SELECT rollouts FROM stage_costs").to_dict("records")
-    assert cost["rollouts"] == 10
-
-
-def test_a_killed_evaluation_resumes_and_summarises_every_episode(setup, monkeypatch):
-    """Evaluation chunks of 4 tasks (2 live episodes x 2) on 6 dev tasks: killed after the
-    first, the resumed stage runs the other 2 and its evaluation row covers all 6."""
+@pytest.mark.parametrize(
+    "stage, function, chunk_arg, chunks, compared",
+    [
+        # whole experts per chunk: 2 live episodes x 2 = 4 episodes, one 5-step expert each
+        (EXPLORE, "explore", 1, [1, 1], ("rollouts",)),
+        # 4 of the 6 dev tasks, then 2; the evaluation row summarises all 6 episodes
+        (EVALUATE, "evaluate", 2, [4, 2], ("rollouts", "evaluations")),
+    ],
+    ids=["exploration", "evaluation"],
+)
+def test_a_killed_rollout_stage_resumes_with_the_work_it_had_not_done(
+    setup, monkeypatch, stage, function, chunk_arg, chunks, compared
+):
     config, (whole, killed), it = setup
     generation = config.generation.model_copy(update={"max_live_episodes": 2})
     config = config.model_copy(update={"generation": generation, "dev_limit": 6})
-    calls: list[int] = []
-    evaluate, die_at = loop.evaluate, [None]
+    chunked = Dying(monkeypatch, function, chunk_arg)
+    full = run_stage(stage, context(config, whole, Scoring()), it)
+    assert chunked.calls == chunks
 
-    def recorded(engine, split, task_ids, seed=0):
-        calls.append(len(task_ids))
-        if die_at[0] is not None and len(calls) > die_at[0]:
-            raise Killed
-        return evaluate(engine, split, task_ids, seed)
-
-    monkeypatch.setattr(loop, "evaluate", recorded)
-    full = run_stage(EVALUATE, context(config, whole, Scoring()), it)
-    assert calls == [4, 2] and full.n_tasks == 6
-
-    calls.clear()
-    die_at[0] = 1
+    chunked.reset(die_at=1)
     with pytest.raises(Killed):
-        run_stage(EVALUATE, context(config, killed, Scoring()), it)
-    assert killed.count("rollouts", "kind = 'eval'") == 4 and killed.count("evaluations") == 0
+        run_stage(stage, context(config, killed, Scoring()), it)
+    assert killed.count("stage_runs", "stage NOT LIKE '%.partial'") == 0  # not complete
 
-    calls.clear()
-    die_at[0] = None
-    assert run_stage(EVALUATE, context(config, killed, Scoring()), it) == full
-    assert calls == [2]
-    for name in ("rollouts", "evaluations"):
+    chunked.reset(die_at=None)
+    assert run_stage(stage, context(config, killed, Scoring()), it) == full
+    assert chunked.calls == chunks[1:]  # the first chunk was committed
+    for name in compared:
         assert table(killed, name) == table(whole, name)
-    assert partial(killed, "evaluate-dev", 1) is None
+    assert killed.count("stage_runs", "stage LIKE '%.partial'") == 0
+    [cost] = killed.query("SELECT rollouts FROM stage_costs").to_dict("records")
+    assert cost["rollouts"] == sum(chunks) * (5 if stage is EXPLORE else 1)
