@@ -237,7 +237,7 @@ class RunConfig(StrictConfig):
         them instead of the ones the config spells out would mislabel an ablation."""
         name = info.data.get("method")
         spec = REGISTRY.get(name) if isinstance(name, str) else None
-        custom = spec is not None and spec.training == "mixture" and spec.weights is None
+        custom = spec is not None and spec.reads_config_weights
         fixed = None if spec is None else spec.weights
         if not custom and "weights" in value.model_fields_set and value.weights != fixed:
             raise ValueError(
@@ -276,7 +276,7 @@ class RunConfig(StrictConfig):
         the mixture weights, which only `custom` may set, so a method's own are left to it."""
         data = json.loads(text)
         spec = REGISTRY.get(data.get("method", "ipr"))
-        if spec is not None and not (spec.training == "mixture" and spec.weights is None):
+        if spec is not None and not spec.reads_config_weights:
             data.get("mixture", {}).pop("weights", None)
         return cls.model_validate(data)
 

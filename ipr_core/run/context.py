@@ -240,8 +240,8 @@ class Chunks:
         for key, value in rollout_counts(rows.get("rollouts", [])).items():
             self.counted[key] = self.counted.get(key, 0) + value
         self.units += units
-        spent = {**self.meter.figures(), **self.counted}
-        total = {key: self.earlier.get(key, 0) + spent.get(key, 0) for key in ADDED_UP}
+        seconds = self.meter.figures()  # wall and CPU seconds of this attempt so far
+        total = {key: value + (seconds.get(key) or 0) for key, value in self.added().items()}
         self.partial = replace(self.partial, result={**total, "units": self.done_units})
         self.store.save_chunk(self.partial, rows, self.stale)
         self.stale = []

@@ -80,17 +80,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+ROLLOUT_COUNTED = ("prefill_tokens", "generated_tokens", "env_steps")
+ADDED_UP = ("wall_s", "cpu_s", "rollouts", *ROLLOUT_COUNTED)
+"""The figures of a stage committed in chunks that its chunks and attempts add up."""
+
+
 def rollout_counts(rollouts: Sequence[Row]) -> dict[str, int]:
     """What a stage's `rollouts` rows did: rollouts, tokens prefilled and generated, env steps."""
     return {
         "rollouts": len(rollouts),
         **{key: sum(int(r[key]) for r in rollouts) for key in ROLLOUT_COUNTED},
     }
-
-
-ROLLOUT_COUNTED = ("prefill_tokens", "generated_tokens", "env_steps")
-ADDED_UP = ("wall_s", "cpu_s", "rollouts", *ROLLOUT_COUNTED)
-"""The figures of a stage committed in chunks that its chunks and attempts add up."""
 
 
 def cost_row(

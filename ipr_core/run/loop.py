@@ -86,6 +86,8 @@ from ipr_core.types import (
 )
 
 R = TypeVar("R")
+Rows = dict[str, list[Row]]
+"""A stage's rows by table."""
 
 
 # -- what stages take and return -----------------------------------------------------------
@@ -314,7 +316,7 @@ for hours, and a kill then loses one chunk, not the stage. A chunk runs as one b
 work, so its batches stay full until its last episodes."""
 
 
-def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> dict[str, list[Row]]:
+def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> Rows:
     """Score `job`'s queries chunk by chunk. Inside `run_stage` each chunk's rows are
     committed as it finishes (`RunContext.chunks`) and none are returned; called alone, the
     rows are returned. A rollout is seeded by its query and sample, so chunking does not
@@ -326,17 +328,23 @@ def score_in_chunks(ctx: RunContext, job: ScoringJob, label: str) -> dict[str, l
     )
     if config.scale_out is not None:
         size = max(size, len(job.queries))
-    rows: dict[str, list[Row]] = {}
+    rows: Rows = {}
     for start in range(0, len(job.queries), size):
         part = slice(start, start + size)
         pairs = None if job.pairs is None else job.pairs[part]
         chunk = ctx.score(replace(job, queries=job.queries[part], pairs=pairs), label)
-        if ctx.chunks is not None:
-            ctx.chunks.save(chunk, len(job.queries[part]))
-        else:
-            for table, table_rows in chunk.items():
-                rows.setdefault(table, []).extend(table_rows)
+        keep_chunk(ctx, rows, chunk, len(job.queries[part]))
     return rows
+
+
+def keep_chunk(ctx: RunContext, kept: Rows, chunk: Rows, units: int) -> None:
+    """A finished chunk of a rollout stage: committed inside `run_stage` (`RunContext.chunks`;
+    `units`: the work it finished), else added to `kept`, the rows the stage returns."""
+    if ctx.chunks is not None:
+        ctx.chunks.save(chunk, units)
+        return
+    for table, table_rows in chunk.items():
+        kept.setdefault(table, []).extend(table_rows)
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -589,28 +597,26 @@ def _evaluate(ctx: RunContext, it: Iteration) -> Output[Evaluation]:
         todo = [task_id for task_id in task_ids if task_id not in done]
     key = RowKey(ctx.run_id, it.number, RolloutKind.EVAL, 0, AGENT)
     size = CHUNK_LIVE_SETS * ctx.config.generation.max_live_episodes
-    rows: list[Row] = []
+    kept: Rows = {}
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"evaluate[{it.number}]")
         for start in range(0, len(todo), size):
             _, rollouts = evaluate(engine, split.name, todo[start : start + size], ctx.config.seed)
             chunk = [rollout_row(r, key, engine.backend.policy_id) for r in rollouts]
-            if ctx.chunks is not None:
-                ctx.chunks.save({"rollouts": chunk}, len(chunk))
-            else:
-                rows += chunk
+            keep_chunk(ctx, kept, {"rollouts": chunk}, len(chunk))
     stored = ctx.store.scope_rows(episodes, columns).to_dict("records") if ctx.chunks else []
+    rows = stored + kept.get("rollouts", [])
     result = summarize(
         split.name,
         policy_id,
-        [Episode(r["status"], _float(r["outcome_reward"]), r["n_steps"]) for r in stored + rows],
+        [Episode(r["status"], _float(r["outcome_reward"]), r["n_steps"]) for r in rows],
     )
     ctx.log(
         f"iteration {it.number}: {split.name} reward {result.avg_reward}, "
         f"success {result.success_rate}, steps {result.avg_steps} ({result.policy_id})"
     )
     evaluation = {"run_id": ctx.run_id, "iteration": it.number, **asdict(result)}
-    return Output(result, {"evaluations": [evaluation], **({"rollouts": rows} if rows else {})})
+    return Output(result, {"evaluations": [evaluation], **kept})
 
 
 def _float(value: Any) -> float | None:
@@ -723,7 +729,7 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
         done = {e.expert.task.task_id for e in stored}
         todo = [expert for expert in experts if expert.task.task_id not in done]
     size = CHUNK_LIVE_SETS * ctx.config.generation.max_live_episodes
-    rows: list[Row] = []
+    kept: Rows = {}
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
         for chunk in _expert_chunks(todo, size, from_start_only):
@@ -736,14 +742,11 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
                 )
                 for e in explorations
             ]
-            if ctx.chunks is not None:
-                ctx.chunks.save({"rollouts": chunk_rows}, len(chunk))
-            else:
-                rows += chunk_rows
+            keep_chunk(ctx, kept, {"rollouts": chunk_rows}, len(chunk))
         policy_id = engine.backend.policy_id
     total = len(experts) if from_start_only else sum(len(e.steps) for e in experts)
     ctx.log(f"iteration {it.number}: {total} explorations")
-    return Output(Explored(total, policy_id), {"rollouts": rows} if rows else {})
+    return Output(Explored(total, policy_id), kept)
 
 
 def _expert_chunks(

@@ -47,6 +47,12 @@ class Method:
     """Whether an experiment may list it (`custom` has no fixed loss to compare)."""
 
     @property
+    def reads_config_weights(self) -> bool:
+        """Whether its loss is the config's `mixture.weights` (`custom`): every other method
+        fixes its own, or trains no mixture."""
+        return self.training == "mixture" and self.weights is None
+
+    @property
     def trains(self) -> bool:
         """Whether iterations follow SFT (and so the best iteration is picked on dev)."""
         return self.training != "none"
