@@ -483,13 +483,16 @@ def test_an_experiment_export_keeps_what_its_unfinished_work_starts_from(
         {"experiment_id": "x", "method": "eto", "seed": 0, "run_id": "x-eto-s0",
          "status": "running", "best_iteration": None, "test_policy_id": None},
     ]  # fmt: skip
-    store.write({"checkpoints": rows, "experiment_runs": runs})
+    experiment = {"experiment_id": "x", "config": "{}"}
+    store.write({"checkpoints": rows, "experiment_runs": runs, "experiments": [experiment]})
     to = tmp_path / "portable"
     args = ["checkpoints", "export", "--store", str(store.path), "--to", str(to)]
     assert commands.main([*args, "--experiment", "x"]) == 0
-    assert sorted(p.name for p in to.iterdir()) == sorted(
-        [sft.checkpoint_id, mixture.checkpoint_id]
-    )
+    both = sorted([sft.checkpoint_id, mixture.checkpoint_id])
+    assert sorted(p.name for p in to.iterdir()) == both
+
+    assert commands.main([*args, "--experiment", "nope"]) == 2  # unknown: nothing removed
+    assert sorted(p.name for p in to.iterdir()) == both
 
     with store.transaction() as con:  # the ETO run finished: its mixture is not needed
         con.execute("UPDATE experiment_runs SET status = 'finished' WHERE method = 'eto'")

@@ -15,6 +15,7 @@ from pathlib import Path
 from ipr_core.config import checkpoints_dir
 from ipr_core.engine.models import MODEL_SPECS, is_complete_model, resolve_model
 from ipr_core.errors import InputError
+from ipr_core.run.experiment import ensure_known
 from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import (
     COMPLETE_MARKER,
@@ -33,6 +34,8 @@ def export_checkpoints(
     `experiment_id` only those a resume of the experiment needs (`resume_checkpoints`;
     earlier exports of others are removed from `to`); returns (exported, skipped: missing
     here or without an adapter)."""
+    if experiment_id is not None:
+        ensure_known(store, experiment_id)  # a misspelt id must not empty `to`
     wanted = None if experiment_id is None else resume_checkpoints(store, experiment_id)
     if wanted is not None and to.is_dir():
         for folder in to.iterdir():
