@@ -154,3 +154,19 @@ def test_a_copy_taken_while_another_process_writes_is_a_whole_store(tmp_path):
     final = Store(path, read_only=True).copy_to(tmp_path / "final.duckdb")
     assert Store(final, read_only=True).count("expert_trajectories") == 120
     assert counts == sorted(counts) and all(1 <= n <= 120 for n in counts)
+
+
+def test_checkpoints_written_together_are_listed_parents_first(tmp_path):
+    """A resume imports parents before children in `checkpoint_records` order; rows written
+    in one transaction share their creation time, so the order must come from the tree."""
+    store = Store(tmp_path / "run.duckdb")
+    rows = [
+        {"checkpoint_id": "grandchild", "parent_id": "child", "kind": "mixture"},
+        {"checkpoint_id": "child", "parent_id": "base", "kind": "sft"},
+        {"checkpoint_id": "orphan", "parent_id": "elsewhere", "kind": "sft"},
+        {"checkpoint_id": "base", "parent_id": None, "kind": "base"},
+    ]
+    rows = [{**row, "path": f"/m/{row['checkpoint_id']}", "config": "{}"} for row in rows]
+    store.write({"checkpoints": rows})
+    listed = store.checkpoint_records()["checkpoint_id"].tolist()
+    assert listed == ["base", "orphan", "child", "grandchild"]

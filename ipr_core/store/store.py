@@ -851,9 +851,7 @@ class Store:
     def checkpoint_records(self) -> pd.DataFrame:
         """Every checkpoint the store names (the base models too): id, parent, kind, path;
         parents before their children."""
-        return self.query(
-            "SELECT checkpoint_id, parent_id, kind, path FROM checkpoints ORDER BY created_at"
-        )
+        return self.query(CHECKPOINTS_PARENTS_FIRST_SQL)
 
     def scorer_ids(self, run_id: str) -> list[str]:
         """The scorers whose step rewards a run holds."""
@@ -1104,6 +1102,21 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
     con.unregister("_batch")
     return len(frame)
 
+
+# Rows written in one transaction share `created_at`, so parents come first by their depth
+# in the tree (a base model, or a parent the store does not name, is depth 0).
+CHECKPOINTS_PARENTS_FIRST_SQL = """
+WITH RECURSIVE tree(checkpoint_id, depth) AS (
+    SELECT checkpoint_id, 0 FROM checkpoints
+    WHERE parent_id IS NULL OR parent_id NOT IN (SELECT checkpoint_id FROM checkpoints)
+    UNION ALL
+    SELECT c.checkpoint_id, t.depth + 1
+    FROM checkpoints c JOIN tree t ON c.parent_id = t.checkpoint_id
+)
+SELECT checkpoint_id, parent_id, kind, path
+FROM checkpoints JOIN tree USING (checkpoint_id)
+ORDER BY depth, created_at, checkpoint_id
+"""
 
 EXPERIMENT_RUNS_SQL = """
 SELECT x.method, x.seed, x.run_id, x.status, x.best_iteration,
