@@ -503,7 +503,8 @@ class Store:
     def stage_donors(self, stage: str, fingerprint: str) -> list[StageRecord]:
         """Every run and iteration whose `stage` completed with this fingerprint, oldest first."""
         found = self.query(
-            "SELECT * FROM stage_runs WHERE stage = ? AND fingerprint = ? ORDER BY created_at",
+            "SELECT * FROM stage_runs WHERE stage = ? AND fingerprint = ? "
+            "ORDER BY created_at, run_id, iteration",
             [stage, fingerprint],
         )
         return [_record(row) for _, row in found.iterrows()]
