@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ipr_core.config import load_config
 from ipr_core.envs.base import EnvTask
 from ipr_core.run.costs import estimate, planned_work
 from ipr_core.run.experiment import estimate_experiment, load_experiment_config
-from ipr_core.store.store import Store, expert_to_row
+from ipr_core.store.store import StageRecord, Store, expert_to_row, partial_name
 from ipr_core.types import Step, Trajectory
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -117,3 +118,26 @@ def test_expert_steps_per_task_are_the_mean_of_every_stored_expert_of_the_split(
     store.write({"expert_trajectories": [*rows, expert("dev-0", "dev", 30)]})
     result = estimate(store, config)
     assert result.steps_source == "5.0 expert steps per task (mean of 4 stored experts)"
+
+
+def test_a_stage_still_computing_is_measured_from_its_chunks_and_stands_in_for_its_kind(tmp_path):
+    """Hours into a Monte Carlo stage, its committed chunks are a measurement: the estimate
+    reads their seconds per rollout (from the partial record), and uses the same rate for
+    the step scoring nothing has measured yet, naming where each rate came from."""
+    config = load_config(DEMO, {"store": str(tmp_path / "s.duckdb")})
+    store = Store(config.store)
+    chunks = {"wall_s": 600.0, "rollouts": 120, "env_steps": 900, "units": 30}
+    store.save_chunk(StageRecord("r", 0, partial_name("expert-step-rewards"), "f", chunks, []), {})
+    zero = dict.fromkeys(("prefill_tokens", "generated_tokens", "rollouts", "env_steps"), 0)
+    sft = {"run_id": "r", "iteration": 0, "stage": "sft", "wall_s": 40.0, "cpu_s": 40.0}
+    sft |= zero | {"trained_tokens": 1000}
+    store.write({"runs": [{"run_id": "r", "config": config.model_dump_json()}]})
+    store.write({"stage_costs": [sft]})
+    table = estimate(store, config).table.set_index("stage")
+    for stage in ("expert-step-rewards", "agent-step-rewards"):
+        assert table.loc[stage, "rate_s"] == pytest.approx(5.0)
+        assert table.loc[stage, "rate_of"] == "expert-step-rewards"
+    assert pd.isna(table.loc["explore", "rate_s"]) and pd.isna(table.loc["explore", "rate_of"])
+    assert "explore" in estimate(store, config).unmeasured  # nothing measured does its work
+    rft = estimate(store, load_config(DEMO, {"store": config.store, "method": "rft"}))
+    assert rft.table.set_index("stage").loc["train-rft", "rate_of"] == "sft"

@@ -257,12 +257,23 @@ def _measured_units(row: Mapping[str, Any], config: RunConfig | None) -> float:
     return float(row["rollouts"])
 
 
+STANDS_IN = {
+    "agent-step-rewards": "expert-step-rewards",
+    "expert-step-rewards": "agent-step-rewards",
+    "train-rft": "sft",
+}
+"""A stage the store has not measured takes the rate of one doing the same work per unit:
+both step scorings roll a step's N samples out from a replayed prefix to the episode's end;
+RFT trains SFT's objective with SFT's settings."""
+
+
 @dataclass(frozen=True)
 class Estimate:
     run_id: str
     table: pd.DataFrame
     """Per stage: runs, units, unit, rate_s (seconds per unit; NaN: never measured),
-    seconds, and the measured seconds per env step and per trained token beside them."""
+    rate_of (the stage it was measured on: itself, or one in `STANDS_IN`), seconds, and
+    the measured seconds per env step and per trained token beside them."""
     predicted_s: float
     unmeasured: list[str]
     steps_source: str
@@ -288,12 +299,14 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     sources = _sources(store, config)
     rows = []
     for work in planned_work(config, steps_per_task):
-        measured = rates.loc[work.stage] if work.stage in rates.index else {}
+        source = work.stage if work.stage in rates.index else STANDS_IN.get(work.stage)
+        measured = rates.loc[source] if source in rates.index else {}
         rate = measured.get("rate_s", float("nan"))
         rows.append(
             {
                 **asdict(work),
                 "rate_s": rate,
+                "rate_of": source if source in rates.index else None,
                 "seconds": work.runs * work.units * rate,
                 "s_per_env_step": measured.get("s_per_env_step", float("nan")),
                 "s_per_trained_token": measured.get("s_per_trained_token", float("nan")),

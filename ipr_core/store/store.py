@@ -721,11 +721,10 @@ class Store:
 
     # -- costs, estimates, pair import and transcripts (`ipr_core.run.costs`, `ipr show`) -------
     def measured_stage_costs(self) -> pd.DataFrame:
-        """The cost rows of stages computed here (not copied from a donor run)."""
-        return self.query(
-            "SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens "
-            "FROM stage_costs WHERE donor_run_id IS NULL ORDER BY ALL"
-        )
+        """The cost rows of stages computed here (not copied from a donor run), and of
+        stages still computing what their committed chunks cost so far: a stage of hours
+        is measured from its first chunk, not only once it completes."""
+        return self.query(MEASURED_COSTS_SQL, [partial_name("%")])
 
     def run_configs(self) -> dict[str, str]:
         """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
@@ -1103,6 +1102,17 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
     con.unregister("_batch")
     return len(frame)
 
+
+MEASURED_COSTS_SQL = """
+SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens
+FROM stage_costs WHERE donor_run_id IS NULL
+UNION ALL
+SELECT run_id, iteration, stage[:-length('.partial') - 1],
+       CAST(result->>'wall_s' AS DOUBLE), CAST(result->>'rollouts' AS BIGINT),
+       CAST(result->>'env_steps' AS BIGINT), 0
+FROM stage_runs WHERE stage LIKE ?
+ORDER BY ALL
+"""
 
 # Rows written in one transaction share `created_at`, so parents come first by their depth
 # in the tree (a base model, or a parent the store does not name, is depth 0).
