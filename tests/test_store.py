@@ -170,3 +170,30 @@ def test_checkpoints_written_together_are_listed_parents_first(tmp_path):
     store.write({"checkpoints": rows})
     listed = store.checkpoint_records()["checkpoint_id"].tolist()
     assert listed == ["base", "orphan", "child", "grandchild"]
+
+
+def test_mc_samples_of_a_pair_list_each_scorer_together(tmp_path):
+    """A run's steps may be scored by several scorers (rewards are stored per scorer id) whose
+    sample indices coincide; `ipr show pair` lists each scorer's samples together, whatever
+    order they were written in."""
+    store = Store(tmp_path / "s.duckdb")
+    at = {"run_id": "r", "env_id": COIN, "task_id": "t", "prefix_len": 0}
+    pair = {"iteration": 1, "level": "step", "mode": "single", "chosen_actor": "expert"}
+    pair |= {"prompt": "[]", "chosen": "[]", "rejected": "[]", "chosen_reward": 1.0}
+    pair |= {"rejected_reward": 0.0, "chosen_outcome": 1.0, "rejected_outcome": 0.0}
+    reward = {"action": "x", "step_text": "x", "mean_reward": 0.5, "n_samples": 2, "n_ok": 2}
+    reward |= {"n_failed": 0, "terminal": False}
+    sample = {"kind": "mc", "status": "ok", "outcome_reward": 1.0, "n_steps": 1, "steps": "[]"}
+    sample |= {"prefill_tokens": 0, "generated_tokens": 0, "env_steps": 1, "parse_failures": 0}
+    rewards, rollouts = [], []
+    for scorer in ("b", "a"):
+        for actor, iteration in (("agent", 1), ("expert", 0)):
+            step = {**at, "iteration": iteration, "actor": actor}
+            rewards.append({**step, **reward, "scorer_id": scorer})
+            rollouts += [{**step, **sample, "policy_id": scorer, "sample_idx": k} for k in (0, 1)]
+    store.write({"pairs": [{**at, **pair}], "step_rewards": rewards, "rollouts": rollouts})
+    [pair_id] = store.query("SELECT pair_id FROM pair_ids")["pair_id"]
+    listed = store.pair_mc_samples(pair_id)[["actor", "scorer_id", "sample_idx"]]
+    assert listed.values.tolist() == [
+        [actor, scorer, k] for actor in ("agent", "expert") for scorer in "ab" for k in (0, 1)
+    ]

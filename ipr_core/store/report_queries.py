@@ -369,7 +369,7 @@ SELECT x.method, x.seed, x.run_id,
 FROM experiment_runs x
 JOIN run_manifests m USING (run_id)
 WHERE x.experiment_id = {{exp}}
-ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at
+ORDER BY list_position({PAPER_ORDER}, x.method), x.seed, m.created_at, m.manifest_id
 """
 """Each run's manifests (`ipr_core.run.manifest`): one row per distinct setup it ran with, so a
 run resumed with `--allow-manifest-change` shows both."""
@@ -380,7 +380,7 @@ SELECT x.method, x.seed, x.run_id,
        strftime(t.created_at, '%Y-%m-%d %H:%M:%S') AS tested_at,
        (SELECT json_extract_string(m.manifest, '$.git_commit') FROM run_manifests m
         WHERE m.run_id = x.run_id AND m.created_at <= t.created_at
-        ORDER BY m.created_at DESC LIMIT 1) AS code_commit
+        ORDER BY m.created_at DESC, m.manifest_id DESC LIMIT 1) AS code_commit
 FROM experiment_runs x
 JOIN experiments e USING (experiment_id)
 JOIN evaluations t ON t.run_id = x.run_id AND t.iteration = x.best_iteration

@@ -738,7 +738,7 @@ class Store:
             "SELECT e.run_id, e.created_at, e.predicted_s, e.unmeasured_stages, "
             "sum(c.wall_s) AS measured_s, "
             "count(*) AS measured_stages FROM estimates e JOIN stage_costs c USING (run_id) "
-            "GROUP BY ALL ORDER BY e.created_at DESC LIMIT 1"
+            "GROUP BY ALL ORDER BY e.created_at DESC, e.run_id LIMIT 1"
         )
 
     def iteration_costs(self, run_id: str, dev_split: str = "dev") -> pd.DataFrame:
@@ -807,10 +807,11 @@ class Store:
 
     def pair_mc_samples(self, pair_id: str) -> pd.DataFrame:
         """The Monte Carlo samples behind both step rewards of a step pair (its rows of the
-        `pair_mc_samples` view)."""
+        `pair_mc_samples` view), each scorer's together: a run's steps may be scored by
+        several (step rewards are stored per scorer id), whose sample indices coincide."""
         return self.query(
             "SELECT * EXCLUDE (pair_id) FROM pair_mc_samples WHERE pair_id = ? "
-            "ORDER BY actor, sample_idx",
+            "ORDER BY actor, scorer_id, sample_idx",
             [pair_id],
         )
 
@@ -876,7 +877,8 @@ class Store:
     def run_manifests(self, run_id: str) -> list[dict[str, Any]]:
         """The manifests a run was started and resumed with, oldest first."""
         found = self.query(
-            "SELECT manifest FROM run_manifests WHERE run_id = ? ORDER BY created_at", [run_id]
+            "SELECT manifest FROM run_manifests WHERE run_id = ? ORDER BY created_at, manifest_id",
+            [run_id],
         )
         return [json.loads(text) for text in found["manifest"]]
 
