@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import textwrap
@@ -197,3 +198,21 @@ def test_mc_samples_of_a_pair_list_each_scorer_together(tmp_path):
     assert listed.values.tolist() == [
         [actor, scorer, k] for actor in ("agent", "expert") for scorer in "ab" for k in (0, 1)
     ]
+
+
+def test_an_iterations_training_steps_are_those_of_the_checkpoint_its_stage_names(tmp_path):
+    """A mixture stage redone with other inputs (e.g. a resumed run with another learning
+    rate) trains a new checkpoint under the same run and iteration; the old checkpoint's
+    steps stay in the store (they are keyed by checkpoint) but are not the iteration's."""
+    store = Store(tmp_path / "run.duckdb")
+    steps = [
+        {"checkpoint_id": ckpt, "step": step, "run_id": "r", "iteration": 1, "kind": "mixture",
+         "loss": loss}
+        for ckpt, loss in (("old", 9.0), ("new", 1.0))
+        for step in (1, 2)
+    ]  # fmt: skip
+    record = {"run_id": "r", "iteration": 1, "stage": "train-mixture", "fingerprint": "f",
+              "result": json.dumps({"checkpoint_id": "new"}), "row_counts": "[]"}  # fmt: skip
+    store.write({"training_steps": steps, "stage_runs": [record]})
+    found = store.mixture_steps("r", 1)
+    assert found["checkpoint_id"].tolist() == ["new", "new"] and found["step"].tolist() == [1, 2]

@@ -5,7 +5,7 @@ query as it stands. They live with the store's other SQL; `flows/report.py` rend
 from collections.abc import Sequence
 
 from ipr_core.training.methods import COMPARISONS, REGISTRY
-from ipr_core.types import FAILED_STATUSES
+from ipr_core.types import FAILED_STATUSES, StageName
 
 COMPARED = tuple((a.name, b.name) for a, b in COMPARISONS)
 
@@ -125,7 +125,7 @@ ORDER BY list_position({PAPER_ORDER}, i.method), i.iteration
 
 
 TRAINING_STEPS_SQL = f"""
-SELECT x.method, t.iteration, count(DISTINCT x.seed) AS seeds, count(*) AS steps,
+SELECT x.method, s.iteration, count(DISTINCT x.seed) AS seeds, count(*) AS steps,
        round(avg(t.loss), 3) AS loss, round(avg(t.sft_loss), 3) AS sft_loss,
        round(avg(t.o_dpo_accuracy), 3) AS o_dpo_accuracy,
        round(avg(t.o_dpo_margin), 3) AS o_dpo_margin,
@@ -134,26 +134,32 @@ SELECT x.method, t.iteration, count(DISTINCT x.seed) AS seeds, count(*) AS steps
        round(avg(t.s_dpo_chosen_logratio), 3) AS s_dpo_chosen_logratio,
        round(avg(t.s_dpo_rejected_logratio), 3) AS s_dpo_rejected_logratio
 FROM experiment_runs x
-JOIN training_steps t ON t.run_id = x.run_id AND t.iteration >= 1
+JOIN stage_runs s ON s.run_id = x.run_id AND s.iteration >= 1
+     AND s.stage IN ('{StageName.TRAIN_MIXTURE}', '{StageName.TRAIN_RFT}')
+JOIN training_steps t ON t.checkpoint_id = s.result->>'checkpoint_id'
 WHERE x.experiment_id = {{exp}} AND x.status = 'finished'
-GROUP BY x.method, t.iteration
-ORDER BY list_position({PAPER_ORDER}, x.method), t.iteration
+GROUP BY x.method, s.iteration
+ORDER BY list_position({PAPER_ORDER}, x.method), s.iteration
 """
 """Each iteration's training steps (`training_steps`), averaged over its steps and seeds:
-whether the step term (s-DPO) learns anything the trajectory term (o-DPO) does not."""
+whether the step term (s-DPO) learns anything the trajectory term (o-DPO) does not. A run's
+steps are those of the checkpoint its training stage names (a stage redone with other
+inputs leaves its old checkpoint's steps in the store)."""
 
 TRAINING_CURVE_SQL = f"""
-SELECT x.method AS label, t.iteration, t.step, count(*) AS seeds,
+SELECT x.method AS label, s.iteration, t.step, count(*) AS seeds,
        avg(t.o_dpo_accuracy) AS o_dpo_accuracy, avg(t.s_dpo_accuracy) AS s_dpo_accuracy,
        avg(t.o_dpo_margin) AS o_dpo_margin, avg(t.s_dpo_margin) AS s_dpo_margin,
        avg(t.o_dpo_loss) AS o_dpo_loss, avg(t.s_dpo_loss) AS s_dpo_loss
 FROM experiment_runs x
-JOIN training_steps t ON t.run_id = x.run_id AND t.iteration >= 1
-WHERE x.experiment_id = {{exp}} AND x.status = 'finished' AND t.kind = 'mixture'
-GROUP BY x.method, t.iteration, t.step
-ORDER BY list_position({PAPER_ORDER}, x.method), t.iteration, t.step
+JOIN stage_runs s ON s.run_id = x.run_id AND s.stage = '{StageName.TRAIN_MIXTURE}'
+JOIN training_steps t ON t.checkpoint_id = s.result->>'checkpoint_id'
+WHERE x.experiment_id = {{exp}} AND x.status = 'finished'
+GROUP BY x.method, s.iteration, t.step
+ORDER BY list_position({PAPER_ORDER}, x.method), s.iteration, t.step
 """
-"""Every optimizer step of the mixture, averaged over seeds: the training-steps figure."""
+"""Every optimizer step of the mixture, averaged over seeds: the training-steps figure (the
+steps of the checkpoint each mixture stage names, as in `TRAINING_STEPS_SQL`)."""
 
 COSTS_SQL = f"""
 WITH member AS (

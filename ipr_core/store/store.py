@@ -701,11 +701,14 @@ class Store:
         return self.query(SUMMARY_SQL, {"run": run_id, "dev": dev_split, **_SUMMARY_NAMES})
 
     def mixture_steps(self, run_id: str, iteration: int) -> pd.DataFrame:
-        """The per-step log of the iteration's mixture training (`training_steps`)."""
+        """The per-step log of the iteration's mixture training (`training_steps`): of the
+        checkpoint its stage record names, not every checkpoint trained under the run and
+        iteration (a stage redone with other inputs leaves the old one's steps)."""
         return self.query(
-            "SELECT * FROM training_steps WHERE run_id = ? AND iteration = ? "
-            "AND kind = 'mixture' ORDER BY step",
-            [run_id, iteration],
+            "SELECT t.* FROM stage_runs s JOIN training_steps t "
+            "ON t.checkpoint_id = s.result->>'checkpoint_id' "
+            "WHERE s.run_id = ? AND s.iteration = ? AND s.stage = ? ORDER BY t.step",
+            [run_id, iteration, S.TRAIN_MIXTURE],
         )
 
     def expert_trajectories(self, env_id: str, split: str | None = None) -> list[Trajectory]:
