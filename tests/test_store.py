@@ -216,3 +216,31 @@ def test_an_iterations_training_steps_are_those_of_the_checkpoint_its_stage_name
     store.write({"training_steps": steps, "stage_runs": [record]})
     found = store.mixture_steps("r", 1)
     assert found["checkpoint_id"].tolist() == ["new", "new"] and found["step"].tolist() == [1, 2]
+
+
+def test_an_iteration_redone_with_another_model_shows_that_models_dev_evaluation(tmp_path):
+    """Evaluations are kept per model; the run's iteration table and the experiment's run
+    table show the evaluation of the model the iteration's stage record (or the run's
+    chosen model) names, once, not every model ever evaluated under that iteration."""
+    store = Store(tmp_path / "run.duckdb")
+    evaluations = [
+        {"run_id": "r", "iteration": 1, "split": "dev", "policy_id": policy, "n_tasks": 4,
+         "n_failed": 0, "avg_reward": reward, "success_rate": 0.0, "avg_steps": 3.0}
+        for policy, reward in (("old", 0.9), ("new", 0.1))
+    ]  # fmt: skip
+    record = {"run_id": "r", "iteration": 1, "stage": "evaluate-dev", "fingerprint": "f",
+              "result": json.dumps({"policy_id": "new"}), "row_counts": "[]"}  # fmt: skip
+    run = {"experiment_id": "x", "method": "ipr", "seed": 0, "run_id": "r",
+           "status": "finished", "best_iteration": 1, "test_policy_id": "new"}  # fmt: skip
+    store.write(
+        {
+            "evaluations": evaluations,
+            "stage_runs": [record],
+            "runs": [{"run_id": "r", "config": json.dumps({"dev_split": "dev"})}],
+            "experiments": [{"experiment_id": "x", "config": json.dumps({"test_split": "t"})}],
+            "experiment_runs": [run],
+        }
+    )
+    summary = store.iteration_summary("r")
+    assert summary["dev_reward"].tolist() == [0.1]
+    assert store.experiment_runs("x")["dev_reward"].tolist() == [0.1]

@@ -1142,7 +1142,7 @@ FROM experiment_runs x
 JOIN experiments e USING (experiment_id)
 LEFT JOIN runs r USING (run_id)
 LEFT JOIN evaluations d ON d.run_id = x.run_id AND d.iteration = x.best_iteration
-     AND d.split = json_extract_string(r.config, '$.dev_split')
+     AND d.policy_id = x.test_policy_id AND d.split = json_extract_string(r.config, '$.dev_split')
 LEFT JOIN evaluations t ON t.run_id = x.run_id AND t.iteration = x.best_iteration
      AND t.policy_id = x.test_policy_id
      AND t.split = json_extract_string(e.config, '$.test_split')
@@ -1167,9 +1167,13 @@ p AS (
            count(*) FILTER (WHERE level = $trajectory) AS trajectory_pairs,
            count(*) FILTER (WHERE level = $step) AS step_pairs
     FROM pairs WHERE run_id = $run GROUP BY iteration),
-e AS (
-    SELECT iteration, avg_reward AS dev_reward, success_rate, avg_steps
-    FROM evaluations WHERE run_id = $run AND split = $dev)
+e AS (  -- the evaluation of the model the iteration's stage record names: evaluations are
+        -- kept per model, and a stage redone with another model leaves the old one's
+    SELECT v.iteration, v.avg_reward AS dev_reward, v.success_rate, v.avg_steps
+    FROM evaluations v
+    JOIN stage_runs g ON g.run_id = v.run_id AND g.iteration = v.iteration
+         AND g.stage = $evaluate || '-' || v.split AND g.result->>'policy_id' = v.policy_id
+    WHERE v.run_id = $run AND v.split = $dev)
 SELECT iteration, coalesce(p.trajectory_pairs, 0) AS trajectory_pairs,
        coalesce(p.step_pairs, 0) AS step_pairs,
        round(s.expert_step_reward, 3) AS expert_step_reward,
@@ -1184,6 +1188,7 @@ ORDER BY iteration
 """
 _SUMMARY_NAMES = {
     "failed": sorted(FAILED_STATUSES),
+    "evaluate": S.EVALUATE,
     "eval": RolloutKind.EVAL,
     "expert": EXPERT,
     "agent": AGENT,
