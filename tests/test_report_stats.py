@@ -1,6 +1,7 @@
-"""The report's statistics (`flows.stats`) on hand-computable inputs, and the closing
-statements of `ipr report` read off them."""
+"""The report's statistics (`flows.stats`) on hand-computable inputs, the closing statements
+of `ipr report` read off them, and its queries on hand-written stores."""
 
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -12,6 +13,7 @@ from flows.report import (
     analysis,
     episode_mismatches,
     paired_statements,
+    run_query,
     settled_statements,
 )
 from flows.stats import (
@@ -20,6 +22,8 @@ from flows.stats import (
     sign_flip_p,
     verdict,
 )
+from ipr_core.store.report_queries import PAIRS_SQL
+from ipr_core.store.store import Store
 
 
 def test_exact_permutation_p_on_five_games():
@@ -247,3 +251,47 @@ def test_settled_statements_name_the_commit_before_test_and_flag_later_changes()
     assert settled_statements("configs/x.yaml", None, [_at(8)]) == [
         "`configs/x.yaml` has no commit in git (or git is absent)."
     ]
+
+
+def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stage_names(
+    tmp_path,
+):
+    """An iteration evaluated with two models (its mixture redone with other inputs) is one
+    iteration of one seed, and the pairs trained on are those of the checkpoint its mixture
+    stage names; a checkpoint another run trained first (so its row names that run) counts
+    for this run too."""
+    store = Store(tmp_path / "x.duckdb")
+    config = json.dumps({"run": {"dev_split": "dev"}, "test_split": "test"})
+
+    def record(stage: str, result: dict) -> dict:
+        return {"run_id": "r", "iteration": 1, "stage": stage, "fingerprint": "f",
+                "result": json.dumps(result), "row_counts": "[]"}  # fmt: skip
+
+    def checkpoint(checkpoint_id: str, run_id: str, pairs: int) -> dict:
+        return {"checkpoint_id": checkpoint_id, "kind": "mixture", "path": "/m",
+                "run_id": run_id, "iteration": 1, "config": "{}",
+                "metrics": json.dumps({"n_pairs": pairs})}  # fmt: skip
+
+    evaluation = {"run_id": "r", "iteration": 1, "split": "dev", "n_tasks": 1, "n_failed": 0}
+    store.write(
+        {
+            "experiments": [{"experiment_id": "x", "config": config}],
+            "experiment_runs": [
+                {
+                    "experiment_id": "x",
+                    "method": "ipr",
+                    "seed": 0,
+                    "run_id": "r",
+                    "status": "finished",
+                }  # fmt: skip
+            ],
+            "evaluations": [evaluation | {"policy_id": p} for p in ("old", "new")],
+            "stage_runs": [
+                record("evaluate-dev", {"policy_id": "new"}),
+                record("train-mixture", {"checkpoint_id": "new"}),
+            ],
+            "checkpoints": [checkpoint("old", "r", 5), checkpoint("new", "other", 7)],
+        }
+    )
+    pairs = run_query(store, PAIRS_SQL, "x").frame
+    assert pairs[["iteration", "seeds", "pairs_trained_on"]].values.tolist() == [[1, 1, 7]]

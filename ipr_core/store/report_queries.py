@@ -98,11 +98,11 @@ ORDER BY list_position({PAPER_ORDER}, x.method), d.iteration
 
 PAIRS_SQL = f"""
 WITH iterations AS (
-    SELECT x.method, x.run_id, d.iteration
+    SELECT x.method, x.run_id, g.iteration
     FROM experiment_runs x
     JOIN experiments e USING (experiment_id)
-    JOIN evaluations d ON d.run_id = x.run_id AND d.iteration >= 1
-         AND d.split = json_extract_string(e.config, '$.run.dev_split')
+    JOIN stage_runs g ON g.run_id = x.run_id AND g.iteration >= 1
+         AND g.stage = '{StageName.EVALUATE}-' || json_extract_string(e.config, '$.run.dev_split')
     WHERE x.experiment_id = {{exp}} AND x.status = 'finished'),
 mined AS (
     SELECT run_id, iteration,
@@ -110,8 +110,10 @@ mined AS (
            count(*) FILTER (WHERE level = 'step') AS step_pairs
     FROM pairs GROUP BY run_id, iteration),
 trained AS (
-    SELECT run_id, iteration, CAST(json_extract(metrics, '$.n_pairs') AS INTEGER) AS n_pairs
-    FROM checkpoints WHERE kind = 'mixture')
+    SELECT s.run_id, s.iteration,
+           CAST(json_extract(c.metrics, '$.n_pairs') AS INTEGER) AS n_pairs
+    FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id'
+    WHERE s.stage = '{StageName.TRAIN_MIXTURE}')
 SELECT i.method, i.iteration, count(*) AS seeds,
        sum(coalesce(m.trajectory_pairs, 0)) AS trajectory_pairs,
        sum(coalesce(m.step_pairs, 0)) AS step_pairs,
