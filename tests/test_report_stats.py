@@ -22,7 +22,7 @@ from flows.stats import (
     sign_flip_p,
     verdict,
 )
-from ipr_core.store.report_queries import PAIRS_SQL
+from ipr_core.store.report_queries import COSTS_SQL, PAIRS_SQL
 from ipr_core.store.store import Store
 
 
@@ -295,3 +295,48 @@ def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stag
     )
     pairs = run_query(store, PAIRS_SQL, "x").frame
     assert pairs[["iteration", "seeds", "pairs_trained_on"]].values.tolist() == [[1, 1, 7]]
+
+
+def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(tmp_path):
+    """Dev gain per iteration is the change in dev reward between the models the run's
+    iterations evaluated (their stage records), not a lag over every model evaluated."""
+    store = Store(tmp_path / "x.duckdb")
+    config = json.dumps({"run": {"dev_split": "dev"}, "test_split": "test"})
+    rewards = {(0, "sft"): 0.2, (1, "old"): 0.9, (1, "new"): 0.3}
+    evaluations = [
+        {"run_id": "r", "iteration": i, "split": "dev", "policy_id": p, "n_tasks": 1,
+         "n_failed": 0, "avg_reward": reward}
+        for (i, p), reward in rewards.items()
+    ]  # fmt: skip
+    records = [
+        {"run_id": "r", "iteration": i, "stage": "evaluate-dev", "fingerprint": "f",
+         "result": json.dumps({"policy_id": p}), "row_counts": "[]"}
+        for i, p in ((0, "sft"), (1, "new"))
+    ]  # fmt: skip
+    counts = dict.fromkeys(
+        ("prefill_tokens", "generated_tokens", "trained_tokens", "rollouts", "env_steps"), 0
+    )
+    costs = [
+        {"run_id": "r", "iteration": i, "stage": "evaluate-dev", "wall_s": 10.0, "cpu_s": 10.0}
+        | counts
+        for i in (0, 1)
+    ]
+    store.write(
+        {
+            "experiments": [{"experiment_id": "x", "config": config}],
+            "experiment_runs": [
+                {
+                    "experiment_id": "x",
+                    "method": "ipr",
+                    "seed": 0,
+                    "run_id": "r",
+                    "status": "finished",
+                }  # fmt: skip
+            ],
+            "evaluations": evaluations,
+            "stage_runs": records,
+            "stage_costs": costs,
+        }
+    )
+    table = run_query(store, COSTS_SQL, "x").frame.set_index("iteration")
+    assert table.loc[1, "dev_gain"] == pytest.approx(0.1)

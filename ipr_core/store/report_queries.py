@@ -183,9 +183,12 @@ cost AS (
 mined AS (
     SELECT m.method, p.iteration, count(*) AS pairs
     FROM member m JOIN pairs p USING (run_id) GROUP BY m.method, p.iteration),
-dev AS (
+dev AS (  -- per iteration, the evaluation of the model its stage record names
     SELECT m.method, m.run_id, d.iteration, d.avg_reward
-    FROM member m JOIN evaluations d ON d.run_id = m.run_id AND d.split = m.dev_split),
+    FROM member m
+    JOIN stage_runs g ON g.run_id = m.run_id AND g.stage = '{StageName.EVALUATE}-' || m.dev_split
+    JOIN evaluations d ON d.run_id = m.run_id AND d.iteration = g.iteration
+         AND d.split = m.dev_split AND d.policy_id = g.result->>'policy_id'),
 gain AS (
     SELECT method, iteration,
            sum(avg_reward - prev) AS dev_gain_sum, avg(avg_reward - prev) AS dev_gain
