@@ -253,6 +253,26 @@ def test_settled_statements_name_the_commit_before_test_and_flag_later_changes()
     ]
 
 
+def _finished_run(tmp_path, tables: dict[str, list[dict]]) -> Store:
+    """A store holding experiment `x` whose one finished run `r` (ipr, seed 0) has `tables`."""
+    store = Store(tmp_path / "x.duckdb")
+    config = json.dumps({"run": {"dev_split": "dev"}, "test_split": "test"})
+    run = {"experiment_id": "x", "method": "ipr", "seed": 0, "run_id": "r", "status": "finished"}
+    experiment = {"experiments": [{"experiment_id": "x", "config": config}]}
+    store.write(experiment | {"experiment_runs": [run]} | tables)
+    return store
+
+
+def _stage_record(iteration: int, stage: str, result: dict) -> dict:
+    return {"run_id": "r", "iteration": iteration, "stage": stage, "fingerprint": "f",
+            "result": json.dumps(result), "row_counts": "[]"}  # fmt: skip
+
+
+def _dev_evaluation(iteration: int, policy_id: str, reward: float) -> dict:
+    return {"run_id": "r", "iteration": iteration, "split": "dev", "policy_id": policy_id,
+            "n_tasks": 1, "n_failed": 0, "avg_reward": reward}  # fmt: skip
+
+
 def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stage_names(
     tmp_path,
 ):
@@ -260,38 +280,22 @@ def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stag
     iteration of one seed, and the pairs trained on are those of the checkpoint its mixture
     stage names; a checkpoint another run trained first (so its row names that run) counts
     for this run too."""
-    store = Store(tmp_path / "x.duckdb")
-    config = json.dumps({"run": {"dev_split": "dev"}, "test_split": "test"})
-
-    def record(stage: str, result: dict) -> dict:
-        return {"run_id": "r", "iteration": 1, "stage": stage, "fingerprint": "f",
-                "result": json.dumps(result), "row_counts": "[]"}  # fmt: skip
 
     def checkpoint(checkpoint_id: str, run_id: str, pairs: int) -> dict:
         return {"checkpoint_id": checkpoint_id, "kind": "mixture", "path": "/m",
                 "run_id": run_id, "iteration": 1, "config": "{}",
                 "metrics": json.dumps({"n_pairs": pairs})}  # fmt: skip
 
-    evaluation = {"run_id": "r", "iteration": 1, "split": "dev", "n_tasks": 1, "n_failed": 0}
-    store.write(
+    store = _finished_run(
+        tmp_path,
         {
-            "experiments": [{"experiment_id": "x", "config": config}],
-            "experiment_runs": [
-                {
-                    "experiment_id": "x",
-                    "method": "ipr",
-                    "seed": 0,
-                    "run_id": "r",
-                    "status": "finished",
-                }  # fmt: skip
-            ],
-            "evaluations": [evaluation | {"policy_id": p} for p in ("old", "new")],
+            "evaluations": [_dev_evaluation(1, p, 0.5) for p in ("old", "new")],
             "stage_runs": [
-                record("evaluate-dev", {"policy_id": "new"}),
-                record("train-mixture", {"checkpoint_id": "new"}),
+                _stage_record(1, "evaluate-dev", {"policy_id": "new"}),
+                _stage_record(1, "train-mixture", {"checkpoint_id": "new"}),
             ],
             "checkpoints": [checkpoint("old", "r", 5), checkpoint("new", "other", 7)],
-        }
+        },
     )
     pairs = run_query(store, PAIRS_SQL, "x").frame
     assert pairs[["iteration", "seeds", "pairs_trained_on"]].values.tolist() == [[1, 1, 7]]
@@ -300,43 +304,23 @@ def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stag
 def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(tmp_path):
     """Dev gain per iteration is the change in dev reward between the models the run's
     iterations evaluated (their stage records), not a lag over every model evaluated."""
-    store = Store(tmp_path / "x.duckdb")
-    config = json.dumps({"run": {"dev_split": "dev"}, "test_split": "test"})
-    rewards = {(0, "sft"): 0.2, (1, "old"): 0.9, (1, "new"): 0.3}
-    evaluations = [
-        {"run_id": "r", "iteration": i, "split": "dev", "policy_id": p, "n_tasks": 1,
-         "n_failed": 0, "avg_reward": reward}
-        for (i, p), reward in rewards.items()
-    ]  # fmt: skip
-    records = [
-        {"run_id": "r", "iteration": i, "stage": "evaluate-dev", "fingerprint": "f",
-         "result": json.dumps({"policy_id": p}), "row_counts": "[]"}
-        for i, p in ((0, "sft"), (1, "new"))
-    ]  # fmt: skip
-    counts = dict.fromkeys(
-        ("prefill_tokens", "generated_tokens", "trained_tokens", "rollouts", "env_steps"), 0
-    )
-    costs = [
-        {"run_id": "r", "iteration": i, "stage": "evaluate-dev", "wall_s": 10.0, "cpu_s": 10.0}
-        | counts
-        for i in (0, 1)
-    ]
-    store.write(
+    counts = ("prefill_tokens", "generated_tokens", "trained_tokens", "rollouts", "env_steps")
+    cost = {"run_id": "r", "stage": "evaluate-dev", "wall_s": 10.0, "cpu_s": 10.0}
+    cost |= dict.fromkeys(counts, 0)
+    store = _finished_run(
+        tmp_path,
         {
-            "experiments": [{"experiment_id": "x", "config": config}],
-            "experiment_runs": [
-                {
-                    "experiment_id": "x",
-                    "method": "ipr",
-                    "seed": 0,
-                    "run_id": "r",
-                    "status": "finished",
-                }  # fmt: skip
+            "evaluations": [
+                _dev_evaluation(0, "sft", 0.2),
+                _dev_evaluation(1, "old", 0.9),
+                _dev_evaluation(1, "new", 0.3),
             ],
-            "evaluations": evaluations,
-            "stage_runs": records,
-            "stage_costs": costs,
-        }
+            "stage_runs": [
+                _stage_record(0, "evaluate-dev", {"policy_id": "sft"}),
+                _stage_record(1, "evaluate-dev", {"policy_id": "new"}),
+            ],
+            "stage_costs": [cost | {"iteration": i} for i in (0, 1)],
+        },
     )
     table = run_query(store, COSTS_SQL, "x").frame.set_index("iteration")
     assert table.loc[1, "dev_gain"] == pytest.approx(0.1)
