@@ -6,7 +6,7 @@ stage draws the first k of the samples a full stage drew (`estimate_step_rewards
 every agent step of every run that sampled N, this replays the waves on the stored samples:
 after wave k it asks `mining.pair_decided` (the stage's own rule, with the run's mining
 settings and the expert step's stored reward) whether the N - k left could change the step's
-pair, and counts k. Steps that ended the episode (one replay, no samples) are left out.
+pair, and counts k. A step scored by two models (a stage redone) counts once per scorer. Steps that ended the episode (one replay, no samples) are left out.
 Prints, per run and iteration, the agent steps, rollouts drawn in full and early-stopped, and
 how many of the steps a pair decision closed at each wave."""
 
@@ -22,7 +22,7 @@ from ipr_core.store.store import Store
 from ipr_core.types import is_failed
 
 SAMPLES_SQL = """
-SELECT m.run_id, m.iteration, m.task_id, m.prefix_len,
+SELECT m.run_id, m.iteration, m.task_id, m.prefix_len, m.policy_id AS scorer_id,
        list(m.status ORDER BY m.sample_idx) AS statuses,
        list(m.outcome_reward ORDER BY m.sample_idx) AS outcomes,
        any_value(x.outcome_reward) AS agent_outcome,
