@@ -286,7 +286,7 @@ class RunConfig(StrictConfig):
         spec = method(self.method)
         if spec.training != "mixture":
             return None
-        if spec.weights is None:
+        if spec.reads_config_weights:
             return self.mixture
         return self.mixture.model_copy(update={"weights": spec.weights})
 
