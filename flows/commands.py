@@ -258,11 +258,17 @@ def _estimate_experiment(args: argparse.Namespace) -> int:
 
     config = load_experiment_config(args.config, args.overrides, args.store)
     runs = estimate_experiment(Store(config.run.store, read_only=True), config)
-    total = runs["predicted_s"].sum()
+    total, measured = runs["predicted_s"].sum(), runs["measured_s"].sum()
+    finished = runs["status"] == "finished"
     print(
         f"experiment {config.experiment_id!r}: predicted at most {total:,.0f} s "
         f"({total / 3600:.1f} h) on this machine, {len(runs)} runs (stages a seed's runs share "
         "counted once, iteration 1's exploration for each method; test evaluations included)"
+    )
+    print(
+        f"measured so far: {measured:,.0f} s ({measured / 3600:.1f} h); the {finished.sum()} "
+        f"finished runs predicted {runs.loc[finished, 'predicted_s'].sum():,.0f} s, measured "
+        f"{runs.loc[finished, 'measured_s'].sum():,.0f} s"
     )
     print(runs.to_string(index=False, float_format=lambda v: f"{v:,.0f}"))
     return 0

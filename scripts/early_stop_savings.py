@@ -6,9 +6,10 @@ stage draws the first k of the samples a full stage drew (`estimate_step_rewards
 every agent step of every run that sampled N, this replays the waves on the stored samples:
 after wave k it asks `mining.pair_decided` (the stage's own rule, with the run's mining
 settings and the expert step's stored reward) whether the N - k left could change the step's
-pair, and counts k. A step scored by two models (a stage redone) counts once per scorer. Steps that ended the episode (one replay, no samples) are left out.
-Prints, per run and iteration, the agent steps, rollouts drawn in full and early-stopped, and
-how many of the steps a pair decision closed at each wave."""
+pair, and counts k. A step scored by two models (a stage redone) counts once per scorer.
+Steps that ended the episode (one replay, no samples) are left out. Prints, per run and
+iteration, the agent steps, rollouts drawn in full and early-stopped, and how many of the
+steps a pair decision closed at each wave."""
 
 from __future__ import annotations
 

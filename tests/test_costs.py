@@ -141,3 +141,32 @@ def test_a_stage_still_computing_is_measured_from_its_chunks_and_stands_in_for_i
     assert "explore" in estimate(store, config).unmeasured  # nothing measured does its work
     rft = estimate(store, load_config(DEMO, {"store": config.store, "method": "rft"}))
     assert rft.table.set_index("stage").loc["train-rft", "rate_of"] == "sft"
+
+
+def test_an_experiment_estimate_shows_each_runs_status_and_wall_time_so_far(tmp_path):
+    """The prediction is checked on what the runs have measured: every stage cost (copies
+    included, at their own cost) and the committed chunks of a stage still computing."""
+    store_path = tmp_path / "rates.duckdb"
+    shutil.copy(DEMO.parents[1] / "docs" / "results" / "bench-stages.duckdb", store_path)
+    store = Store(store_path)
+    experiment = load_experiment_config(REPRO, ["seeds=[0]", "methods=[sft, ipr]"], store_path)
+    run_id = experiment.run_id("ipr", 0)
+    counts = ("prefill_tokens", "generated_tokens", "trained_tokens", "rollouts", "env_steps")
+    cost = {"run_id": run_id, "iteration": 0, "stage": "sft", "wall_s": 30.0, "cpu_s": 30.0}
+    copied = cost | {"stage": "ingest", "wall_s": 0.5, "donor_run_id": "elsewhere"}
+    run = {"experiment_id": experiment.experiment_id, "method": "ipr", "seed": 0,
+           "run_id": run_id, "status": "running"}  # fmt: skip
+    store.write(
+        {
+            "experiment_runs": [run],
+            "stage_costs": [row | dict.fromkeys(counts, 0) for row in (cost, copied)],
+        }
+    )
+    chunks = {"wall_s": 100.0, "rollouts": 8, "env_steps": 40}
+    partial = StageRecord(run_id, 0, partial_name("expert-step-rewards"), "f", chunks, [])
+    store.save_chunk(partial, {})
+    runs = estimate_experiment(store, experiment).set_index("run_id")
+    assert runs.loc[run_id, "status"] == "running"
+    assert runs.loc[run_id, "measured_s"] == pytest.approx(130.5)
+    sft = experiment.run_id("sft", 0)
+    assert runs.loc[sft, "status"] == "not started" and runs.loc[sft, "measured_s"] == 0

@@ -302,9 +302,11 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
     the runs of one SFT model share counted once: the ingest, the SFT training, its dev
     evaluation and the expert step rewards. Iteration 1's exploration, agent step rewards and
     pairs are also shared by the methods of a seed (and a `fixed_scorer`'s expert step rewards
-    by every seed) but counted for each: an upper bound."""
+    by every seed) but counted for each: an upper bound. Beside each: the run's status in the
+    store and the wall seconds it has measured so far (what the prediction is checked on)."""
     rows = []
     seen: set[tuple[int | None, str]] = set()
+    measured = store.run_wall_seconds()
     for seed in config.seeds:
         group = seed if config.sft_per_seed else None
         for method in config.methods:
@@ -322,10 +324,14 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
             test = config.test()
             if test is not None and "evaluate" in table.index:
                 seconds += test.limit * table.loc["evaluate", "rate_s"]
+            run_id = config.run_id(method, seed)
+            status = store.experiment_run_status(config.experiment_id, method, seed)
             rows.append(
                 {
-                    "run_id": config.run_id(method, seed),
+                    "run_id": run_id,
                     "predicted_s": seconds,
+                    "status": status or "not started",
+                    "measured_s": measured.get(run_id, 0.0),
                     "unmeasured": ", ".join(made.unmeasured),
                 }
             )

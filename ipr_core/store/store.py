@@ -729,6 +729,12 @@ class Store:
         is measured from its first chunk, not only once it completes."""
         return self.query(MEASURED_COSTS_SQL, [partial_name("%")])
 
+    def run_wall_seconds(self) -> dict[str, float]:
+        """run id -> the wall seconds its stages have taken so far: every cost row (a copied
+        stage's is the copy's own) and the committed chunks of a stage still computing."""
+        frame = self.query(RUN_WALL_SQL, [partial_name("%")])
+        return dict(zip(frame["run_id"], frame["wall_s"], strict=True))
+
     def run_configs(self) -> dict[str, str]:
         """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
         frame = self.query("SELECT run_id, config FROM runs")
@@ -1107,6 +1113,14 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
     con.unregister("_batch")
     return len(frame)
 
+
+RUN_WALL_SQL = """
+SELECT run_id, sum(wall_s) AS wall_s
+FROM (SELECT run_id, wall_s FROM stage_costs
+      UNION ALL
+      SELECT run_id, CAST(result->>'wall_s' AS DOUBLE) FROM stage_runs WHERE stage LIKE ?)
+GROUP BY run_id
+"""
 
 MEASURED_COSTS_SQL = """
 SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens
