@@ -1126,7 +1126,7 @@ MEASURED_COSTS_SQL = """
 SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens
 FROM stage_costs WHERE donor_run_id IS NULL
 UNION ALL
-SELECT run_id, iteration, stage[:-length('.partial') - 1],
+SELECT run_id, iteration, left(stage, length(stage) - length('.partial')),
        CAST(result->>'wall_s' AS DOUBLE), CAST(result->>'rollouts' AS BIGINT),
        CAST(result->>'env_steps' AS BIGINT), 0
 FROM stage_runs WHERE stage LIKE ?
