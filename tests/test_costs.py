@@ -170,3 +170,33 @@ def test_an_experiment_estimate_shows_each_runs_status_and_wall_time_so_far(tmp_
     assert runs.loc[run_id, "measured_s"] == pytest.approx(130.5)
     sft = experiment.run_id("sft", 0)
     assert runs.loc[sft, "status"] == "not started" and runs.loc[sft, "measured_s"] == 0
+
+
+def test_agent_step_scoring_is_planned_for_the_measured_share_of_explored_steps(tmp_path):
+    """Only an explored action that differs from the expert's is scored, so the plan takes
+    the share of explored steps scored in the store's completed iterations (agent-step
+    rollouts over explorations x N), and every step, an upper bound, when none is stored; a
+    stage still computing does not count (its rollouts so far are not its share)."""
+    config = load_config(DEMO, {"store": str(tmp_path / "s.duckdb")})
+    store = Store(config.store)
+    planned = estimate(store, config).table.set_index("stage").loc["agent-step-rewards", "units"]
+    counts = ("prefill_tokens", "generated_tokens", "trained_tokens", "env_steps")
+    cost = {"run_id": "r", "iteration": 1, "wall_s": 1.0, "cpu_s": 1.0} | dict.fromkeys(counts, 0)
+    n = config.monte_carlo.n_samples
+    store.write(
+        {
+            "runs": [{"run_id": "r", "config": config.model_dump_json()}],
+            "stage_costs": [
+                cost | {"stage": "explore", "rollouts": 10},
+                cost | {"stage": "agent-step-rewards", "rollouts": 4 * n},  # 4 of 10 steps
+            ],
+        }
+    )
+    chunks = {"wall_s": 1.0, "rollouts": 1, "env_steps": 1}  # iteration 2, still running
+    store.save_chunk(StageRecord("r", 2, partial_name("agent-step-rewards"), "f", chunks, []), {})
+    store.write({"stage_costs": [cost | {"iteration": 2, "stage": "explore", "rollouts": 10}]})
+    made = estimate(store, config)
+    assert made.table.set_index("stage").loc["agent-step-rewards", "units"] == pytest.approx(
+        0.4 * planned
+    )
+    assert made.share_source.startswith("40% of explored steps")

@@ -149,9 +149,10 @@ class Work:
     unit: str
 
 
-def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
+def planned_work(config: RunConfig, steps_per_task: float, scored_share: float = 1.0) -> list[Work]:
     """The stages `loop.run_ipr` runs for `config` and their work: rollouts for the stages
-    that roll out (MC: up to one per step and sample), task x epoch for training."""
+    that roll out (MC: one per expert step and sample, and per sample of the `scored_share`
+    of explored steps whose agent step is scored), task x epoch for training."""
     tasks, dev, explored = config.train_limit, config.dev_limit, explored_tasks(config)
     steps = explored * steps_per_task
     samples = config.monte_carlo.n_samples
@@ -168,7 +169,7 @@ def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
             work += [
                 Work("expert-step-rewards", 1, steps * samples, "rollout"),
                 Work("explore", k, steps, "rollout"),
-                Work("agent-step-rewards", k, steps * samples, "rollout"),
+                Work("agent-step-rewards", k, steps * samples * scored_share, "rollout"),
             ]
         else:  # trajectory pairs or successes only (ETO, RFT): each task explored from its start
             work.append(Work("explore", k, explored, "rollout"))
@@ -181,6 +182,31 @@ def planned_work(config: RunConfig, steps_per_task: float) -> list[Work]:
             work.append(Work("train-rft", k, rft_tasks(config) * config.sft.epochs, "task x epoch"))
     work.insert(1, Work("evaluate", evaluations, dev, "rollout"))
     return work
+
+
+def scored_share(store: Store, like: RunConfig) -> tuple[float, str]:
+    """The share of explored steps whose agent step gets Monte Carlo samples: only an action
+    that differs from the expert's is scored (`pipeline.agent_queries`), so it is measured, over
+    the store's completed iterations of runs of `like`'s model and env (every such iteration's
+    agent-step rollouts over its explorations x N); 1.0, an upper bound, when none is stored."""
+    costs = store.measured_stage_costs()
+    costs = costs[costs["complete"]]
+    configs = {run: _config(text) for run, text in store.run_configs().items()}
+    rollouts = costs.pivot_table(
+        index=["run_id", "iteration"], columns="stage", values="rollouts", aggfunc="sum"
+    )
+    scored = explored = 0.0
+    for (run_id, _), row in rollouts.iterrows():
+        config = configs.get(run_id)
+        if config is None or _model(config) != _model(like):
+            continue
+        if row.get("agent-step-rewards", 0) > 0 and row.get("explore", 0) > 0:
+            scored += row["agent-step-rewards"]
+            explored += row["explore"] * config.monte_carlo.n_samples
+    if explored == 0:
+        return 1.0, "every explored step's agent step scored (an upper bound: none measured)"
+    share = scored / explored
+    return share, f"{share:.0%} of explored steps' agent steps scored (measured)"
 
 
 def rft_tasks(config: RunConfig) -> int:
@@ -277,6 +303,8 @@ class Estimate:
     predicted_s: float
     unmeasured: list[str]
     steps_source: str
+    share_source: str
+    """How many explored steps the agent-step scoring was planned for (`scored_share`)."""
     sources: str
     """The measured runs the rates come from, and a warning when their model or env is
     not the config's (rates carry over between models only roughly)."""
@@ -295,10 +323,11 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     else:
         steps_per_task = DEFAULT_STEPS_PER_TASK
         steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"
+    share, share_source = scored_share(store, config)
     rates = measured_rates(store, config).set_index("stage")
     sources = _sources(store, config)
     rows = []
-    for work in planned_work(config, steps_per_task):
+    for work in planned_work(config, steps_per_task, share):
         source = work.stage if work.stage in rates.index else STANDS_IN.get(work.stage)
         measured = rates.loc[source] if source in rates.index else {}
         rate = measured.get("rate_s", float("nan"))
@@ -315,7 +344,9 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     table = pd.DataFrame(rows)
     unmeasured = table.loc[table["rate_s"].isna(), "stage"].tolist()
     predicted = float(table["seconds"].fillna(0).sum())
-    return Estimate(config.run_id, table, predicted, unmeasured, steps_source, sources)
+    return Estimate(
+        config.run_id, table, predicted, unmeasured, steps_source, share_source, sources
+    )
 
 
 def _sources(store: Store, config: RunConfig) -> str:
@@ -368,7 +399,8 @@ def format_estimate(made: Estimate, previous: pd.DataFrame) -> str:
             headline += f", without the {len(made.unmeasured)} stages it has no rate for"
     lines = [
         headline,
-        f"from {made.steps_source} and the store's measured seconds per unit;",
+        f"from {made.steps_source}, {made.share_source}, and the store's measured seconds "
+        "per unit;",
         made.sources + ":",
         made.table.to_string(index=False, na_rep="NULL", float_format=lambda v: f"{v:.3g}"),
     ]

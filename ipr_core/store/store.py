@@ -725,8 +725,8 @@ class Store:
     # -- costs, estimates, pair import and transcripts (`ipr_core.run.costs`, `ipr show`) -------
     def measured_stage_costs(self) -> pd.DataFrame:
         """The cost rows of stages computed here (not copied from a donor run), and of
-        stages still computing what their committed chunks cost so far: a stage of hours
-        is measured from its first chunk, not only once it completes."""
+        stages still computing what their committed chunks cost so far (`complete` false):
+        a stage of hours is measured from its first chunk, not only once it completes."""
         return self.query(MEASURED_COSTS_SQL, [partial_name("%")])
 
     def run_wall_seconds(self) -> dict[str, float]:
@@ -1123,12 +1123,12 @@ GROUP BY run_id
 """
 
 MEASURED_COSTS_SQL = """
-SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens
+SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens, true AS complete
 FROM stage_costs WHERE donor_run_id IS NULL
 UNION ALL
 SELECT run_id, iteration, left(stage, length(stage) - length('.partial')),
        CAST(result->>'wall_s' AS DOUBLE), CAST(result->>'rollouts' AS BIGINT),
-       CAST(result->>'env_steps' AS BIGINT), 0
+       CAST(result->>'env_steps' AS BIGINT), 0, false
 FROM stage_runs WHERE stage LIKE ?
 ORDER BY ALL
 """
