@@ -184,25 +184,23 @@ def planned_work(config: RunConfig, steps_per_task: float, scored_share: float =
     return work
 
 
-def scored_share(store: Store, like: RunConfig) -> tuple[float, str]:
+def scored_share(measured: Measured, like: RunConfig) -> tuple[float, str]:
     """The share of explored steps whose agent step gets Monte Carlo samples: only an action
     that differs from the expert's is scored (`pipeline.agent_queries`), so it is measured, over
     the store's completed iterations of runs of `like`'s model and env (every such iteration's
     agent-step rollouts over its explorations x N); 1.0, an upper bound, when none is stored."""
-    costs = store.measured_stage_costs()
-    costs = costs[costs["complete"]]
-    configs = {run: _config(text) for run, text in store.run_configs().items()}
+    costs = measured.costs[measured.costs["complete"]]
     rollouts = costs.pivot_table(
         index=["run_id", "iteration"], columns="stage", values="rollouts", aggfunc="sum"
     )
+    same = measured.runs_like(like)
     scored = explored = 0.0
     for (run_id, _), row in rollouts.iterrows():
-        config = configs.get(run_id)
-        if config is None or _model(config) != _model(like):
+        if run_id not in same:
             continue
         if row.get("agent-step-rewards", 0) > 0 and row.get("explore", 0) > 0:
             scored += row["agent-step-rewards"]
-            explored += row["explore"] * config.monte_carlo.n_samples
+            explored += row["explore"] * measured.configs[run_id].monte_carlo.n_samples
     if explored == 0:
         return 1.0, "every explored step's agent step scored (an upper bound: none measured)"
     share = scored / explored
@@ -221,21 +219,39 @@ def explored_tasks(config: RunConfig) -> int:
     return min(config.explore_limit, config.train_limit)
 
 
-def measured_rates(store: Store, like: RunConfig | None = None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Measured:
+    """What a store has measured, read once for every estimate made from it: the cost rows
+    of its computed stages, a running stage's chunks included (`Store.measured_stage_costs`),
+    and every run's config (None where it is of an older schema)."""
+
+    costs: pd.DataFrame
+    configs: dict[str, RunConfig | None]
+
+    @classmethod
+    def read(cls, store: Store) -> Measured:
+        configs = {run: _config(text) for run, text in store.run_configs().items()}
+        return cls(store.measured_stage_costs(), configs)
+
+    def runs_like(self, like: RunConfig) -> set[str]:
+        """The runs of `like`'s model and env (whose rates carry over without a note)."""
+        return {run for run, c in self.configs.items() if c and _model(c) == _model(like)}
+
+
+def measured_rates(measured: Measured, like: RunConfig | None = None) -> pd.DataFrame:
     """Seconds per unit of each stage, from the store's computed (not copied) stages:
     per rollout where a stage rolls out, per task x epoch (from the run's config) for
     training, per run or iteration otherwise; with the measured s per env step and per
     trained token beside them. With `like`, only runs of its model and env count when
     the store holds any."""
-    costs = store.measured_stage_costs()
-    configs = {run: _config(text) for run, text in store.run_configs().items()}
+    costs, configs = measured.costs, measured.configs
     if like is not None and not costs.empty:
-        same = {run for run, c in configs.items() if c and _model(c) == _model(like)}
+        same = measured.runs_like(like)
         if costs["run_id"].isin(same).any():
-            costs = costs[costs["run_id"].isin(same)].copy()
+            costs = costs[costs["run_id"].isin(same)]
     if costs.empty:
         return pd.DataFrame(columns=["stage", "rate_s", "measured_s", "units", "runs"])
-    costs["stage"] = costs["stage"].map(stage_kind)
+    costs = costs.assign(stage=costs["stage"].map(stage_kind))
     costs["units"] = [
         _measured_units(row, configs.get(row["run_id"])) for row in costs.to_dict("records")
     ]
@@ -310,8 +326,9 @@ class Estimate:
     not the config's (rates carry over between models only roughly)."""
 
 
-def estimate(store: Store, config: RunConfig) -> Estimate:
-    """The predicted seconds of `config`'s run from the store's measured rates."""
+def estimate(store: Store, config: RunConfig, measured: Measured | None = None) -> Estimate:
+    """The predicted seconds of `config`'s run from the store's measured rates (`measured`:
+    what the store has measured, when the caller has read it already)."""
     # The mean over every stored expert of the split estimates the run's own experts' (the
     # split's first games) without starting the env to learn the split's order.
     experts = store.expert_trajectories(config.env, config.train_split)
@@ -323,9 +340,10 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     else:
         steps_per_task = DEFAULT_STEPS_PER_TASK
         steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"
-    share, share_source = scored_share(store, config)
-    rates = measured_rates(store, config).set_index("stage")
-    sources = _sources(store, config)
+    measured = measured or Measured.read(store)
+    share, share_source = scored_share(measured, config)
+    rates = measured_rates(measured, config).set_index("stage")
+    sources = _sources(measured, config)
     rows = []
     for work in planned_work(config, steps_per_task, share):
         source = work.stage if work.stage in rates.index else STANDS_IN.get(work.stage)
@@ -349,12 +367,12 @@ def estimate(store: Store, config: RunConfig) -> Estimate:
     )
 
 
-def _sources(store: Store, config: RunConfig) -> str:
-    measured = set(store.measured_stage_costs().get("run_id", []))
-    runs = {run: _config(text) for run, text in store.run_configs().items() if run in measured}
+def _sources(measured: Measured, config: RunConfig) -> str:
+    with_costs = set(measured.costs["run_id"])
+    runs = {run: c for run, c in measured.configs.items() if run in with_costs}
     if not runs:
         return "no measured run in the store"
-    same = {run: c for run, c in runs.items() if c is not None and _model(c) == _model(config)}
+    same = {run: c for run, c in runs.items() if run in measured.runs_like(config)}
     runs = same or runs
     named = [
         f"{run} ({'?' if c is None else c.model}, {'?' if c is None else c.env})"

@@ -41,7 +41,7 @@ from ipr_core.config import (
 from ipr_core.errors import InputError, IprError
 from ipr_core.run import loop
 from ipr_core.run.context import Engines, Log, RunContext
-from ipr_core.run.costs import estimate
+from ipr_core.run.costs import Measured, estimate
 from ipr_core.run.loop import (
     Iterate,
     Iteration,
@@ -306,11 +306,12 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
     store and the wall seconds it has measured so far (what the prediction is checked on)."""
     rows = []
     seen: set[tuple[int | None, str]] = set()
-    measured = store.run_wall_seconds()
+    wall = store.run_wall_seconds()
+    measured = Measured.read(store)  # once: every run's estimate reads the same rates
     for seed in config.seeds:
         group = seed if config.sft_per_seed else None
         for method in config.methods:
-            made = estimate(store, config.run_config(method, seed))
+            made = estimate(store, config.run_config(method, seed), measured)
             table = made.table.set_index("stage").fillna({"seconds": 0.0, "rate_s": 0.0})
             seconds = 0.0
             for stage, row in table.iterrows():
@@ -331,7 +332,7 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
                     "run_id": run_id,
                     "predicted_s": seconds,
                     "status": status or "not started",
-                    "measured_s": measured.get(run_id, 0.0),
+                    "measured_s": wall.get(run_id, 0.0),
                     "unmeasured": ", ".join(made.unmeasured),
                 }
             )

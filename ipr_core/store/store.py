@@ -727,12 +727,18 @@ class Store:
         """The cost rows of stages computed here (not copied from a donor run), and of
         stages still computing what their committed chunks cost so far (`complete` false):
         a stage of hours is measured from its first chunk, not only once it completes."""
-        return self.query(MEASURED_COSTS_SQL, [partial_name("%")])
+        return self.query(
+            f"SELECT * EXCLUDE (copied) FROM ({COSTS_SO_FAR_SQL}) WHERE NOT copied ORDER BY ALL",
+            [partial_name("%")],
+        )
 
     def run_wall_seconds(self) -> dict[str, float]:
         """run id -> the wall seconds its stages have taken so far: every cost row (a copied
         stage's is the copy's own) and the committed chunks of a stage still computing."""
-        frame = self.query(RUN_WALL_SQL, [partial_name("%")])
+        frame = self.query(
+            f"SELECT run_id, sum(wall_s) AS wall_s FROM ({COSTS_SO_FAR_SQL}) GROUP BY run_id",
+            [partial_name("%")],
+        )
         return dict(zip(frame["run_id"], frame["wall_s"], strict=True))
 
     def run_configs(self) -> dict[str, str]:
@@ -1114,24 +1120,18 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Row]) -> i
     return len(frame)
 
 
-RUN_WALL_SQL = """
-SELECT run_id, sum(wall_s) AS wall_s
-FROM (SELECT run_id, wall_s FROM stage_costs
-      UNION ALL
-      SELECT run_id, CAST(result->>'wall_s' AS DOUBLE) FROM stage_runs WHERE stage LIKE ?)
-GROUP BY run_id
-"""
-
-MEASURED_COSTS_SQL = """
-SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens, true AS complete
-FROM stage_costs WHERE donor_run_id IS NULL
+COSTS_SO_FAR_SQL = """
+SELECT run_id, iteration, stage, wall_s, rollouts, env_steps, trained_tokens,
+       donor_run_id IS NOT NULL AS copied, true AS complete
+FROM stage_costs
 UNION ALL
 SELECT run_id, iteration, left(stage, length(stage) - length('.partial')),
        CAST(result->>'wall_s' AS DOUBLE), CAST(result->>'rollouts' AS BIGINT),
-       CAST(result->>'env_steps' AS BIGINT), 0, false
+       CAST(result->>'env_steps' AS BIGINT), 0, false, false
 FROM stage_runs WHERE stage LIKE ?
-ORDER BY ALL
 """
+"""Every stage's cost so far: the cost rows of finished stages (a copied stage's is the
+copy's own) and the partial records of stages still computing (their committed chunks)."""
 
 # Rows written in one transaction share `created_at`, so parents come first by their depth
 # in the tree (a base model, or a parent the store does not name, is depth 0).
