@@ -1,5 +1,6 @@
 """`ipr estimate`'s plan of a run: the work it expects each stage to do."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from ipr_core.config import load_config
 from ipr_core.envs.base import EnvTask
-from ipr_core.run.costs import estimate, planned_work
+from ipr_core.run.costs import Scale, estimate, planned_work
 from ipr_core.run.experiment import estimate_experiment, load_experiment_config
 from ipr_core.store.store import StageRecord, Store, expert_to_row, partial_name
 from ipr_core.types import Step, Trajectory
@@ -21,7 +22,7 @@ REPRO = DEMO.parent / "repro-full-sft.yaml"
 
 def _units(overrides: dict) -> dict[str, float]:
     config = load_config(DEMO, overrides)
-    return {work.stage: work.units for work in planned_work(config, steps_per_task=5.0)}
+    return {work.stage: work.units for work in planned_work(config, Scale(5.0))}
 
 
 def test_explore_limit_scales_exploration_monte_carlo_and_mixture_not_sft():
@@ -117,7 +118,7 @@ def test_expert_steps_per_task_are_the_mean_of_every_stored_expert_of_the_split(
     rows = [expert(task_id, "train", n) for task_id, n in lengths.items()]
     store.write({"expert_trajectories": [*rows, expert("dev-0", "dev", 30)]})
     result = estimate(store, config)
-    assert result.steps_source == "5.0 expert steps per task (mean of 4 stored experts)"
+    assert result.scale.steps_source == "5.0 expert steps per task (mean of 4 stored experts)"
 
 
 def test_a_stage_still_computing_is_measured_from_its_chunks_and_stands_in_for_its_kind(tmp_path):
@@ -199,4 +200,44 @@ def test_agent_step_scoring_is_planned_for_the_measured_share_of_explored_steps(
     assert made.table.set_index("stage").loc["agent-step-rewards", "units"] == pytest.approx(
         0.4 * planned
     )
-    assert made.share_source.startswith("40% of explored steps")
+    assert made.scale.share_source.startswith("40% of explored steps")
+
+
+def test_the_mixture_is_planned_per_pair_from_the_pairs_runs_mining_the_same_kinds_trained_on(
+    tmp_path,
+):
+    """A mixture step is a batch of pairs, and IPR mines step pairs beside its trajectory
+    pairs (decisive seed 0: 116 pairs of 32 explored tasks against ETO's 31), so a mixture's
+    seconds are per pair x epoch, and a plan takes the pairs per explored task that runs
+    mining the same kinds of pairs trained on (one per task when none did)."""
+    store = Store(tmp_path / "s.duckdb")
+    configs = {
+        m: load_config(DEMO, {"store": str(store.path), "method": m, "explore_limit": 4})
+        for m in ("ipr", "eto")
+    }
+    ipr_before = estimate(store, configs["ipr"]).table.set_index("stage").loc["train-mixture"]
+    assert ipr_before["units"] == 4 * configs["ipr"].mixture_settings.epochs
+    assert ipr_before["unit"] == "pair x epoch"
+    counts = ("prefill_tokens", "generated_tokens", "trained_tokens", "rollouts", "env_steps")
+    for method, n_pairs, wall_s in (("ipr", 12, 240.0), ("eto", 4, 80.0)):
+        run_id, config = f"r-{method}", configs[method]
+        record = StageRecord(run_id, 1, "train-mixture", "f", {"checkpoint_id": method}, [])
+        checkpoint = {"checkpoint_id": method, "kind": "lora", "path": ".", "config": "{}",
+                      "metrics": json.dumps({"n_pairs": n_pairs})}  # fmt: skip
+        cost = {"run_id": run_id, "iteration": 1, "stage": "train-mixture", "wall_s": wall_s}
+        store.write(
+            {
+                "runs": [{"run_id": run_id, "config": config.model_dump_json()}],
+                "checkpoints": [checkpoint],
+                "stage_costs": [cost | {"cpu_s": wall_s} | dict.fromkeys(counts, 0)],
+            }
+        )
+        store.commit_stage(record, [], {}, replace=False)
+    epochs = configs["ipr"].mixture_settings.epochs
+    ipr = estimate(store, configs["ipr"])
+    mixture = ipr.table.set_index("stage").loc["train-mixture"]
+    assert mixture["units"] == pytest.approx(4 * (12 / 4) * epochs)  # IPR's 3 pairs per task
+    assert mixture["rate_s"] == pytest.approx((240 + 80) / ((12 + 4) * epochs))
+    assert ipr.scale.pairs_source == "3.00 pairs per explored task (1 mixtures measured)"
+    eto = estimate(store, configs["eto"]).table.set_index("stage").loc["train-mixture"]
+    assert eto["units"] == pytest.approx(4 * 1.0 * epochs)

@@ -140,6 +140,21 @@ gold paths are 6-9 steps); labelled as a default wherever it is used."""
 
 
 @dataclass(frozen=True)
+class Scale:
+    """What a run's work scales with beyond its config, measured in the store where it can
+    be, each with the sentence `ipr estimate` prints about where it came from."""
+
+    steps_per_task: float
+    steps_source: str = "given"
+    scored_share: float = 1.0
+    """The share of explored steps whose agent step gets Monte Carlo samples."""
+    share_source: str = "every explored step's agent step scored (an upper bound: none measured)"
+    pairs_per_task: float = 1.0
+    """Pairs a mixture iteration trains on per explored task."""
+    pairs_source: str = "one pair per explored task (DEFAULT: none measured)"
+
+
+@dataclass(frozen=True)
 class Work:
     """One stage of the planned run: how many times it runs and its units each time."""
 
@@ -149,12 +164,13 @@ class Work:
     unit: str
 
 
-def planned_work(config: RunConfig, steps_per_task: float, scored_share: float = 1.0) -> list[Work]:
+def planned_work(config: RunConfig, scale: Scale) -> list[Work]:
     """The stages `loop.run_ipr` runs for `config` and their work: rollouts for the stages
-    that roll out (MC: one per expert step and sample, and per sample of the `scored_share`
-    of explored steps whose agent step is scored), task x epoch for training."""
+    that roll out (MC: one per expert step and sample, and per sample of the scored share
+    of explored steps), pair x epoch for the mixture (its steps are batches of pairs), task
+    x epoch for SFT and RFT."""
     tasks, dev, explored = config.train_limit, config.dev_limit, explored_tasks(config)
-    steps = explored * steps_per_task
+    steps = explored * scale.steps_per_task
     samples = config.monte_carlo.n_samples
     work = [Work("ingest", 1, 1, "run")]
     evaluations = 1
@@ -169,14 +185,19 @@ def planned_work(config: RunConfig, steps_per_task: float, scored_share: float =
             work += [
                 Work("expert-step-rewards", 1, steps * samples, "rollout"),
                 Work("explore", k, steps, "rollout"),
-                Work("agent-step-rewards", k, steps * samples * scored_share, "rollout"),
+                Work("agent-step-rewards", k, steps * samples * scale.scored_share, "rollout"),
             ]
         else:  # trajectory pairs or successes only (ETO, RFT): each task explored from its start
             work.append(Work("explore", k, explored, "rollout"))
         if mixture is not None:
             work += [
                 Work("mine-pairs", k, 1, "iteration"),
-                Work("train-mixture", k, explored * mixture.epochs, "task x epoch"),
+                Work(
+                    "train-mixture",
+                    k,
+                    explored * scale.pairs_per_task * mixture.epochs,
+                    "pair x epoch",
+                ),
             ]
         elif config.sft is not None:
             work.append(Work("train-rft", k, rft_tasks(config) * config.sft.epochs, "task x epoch"))
@@ -202,9 +223,28 @@ def scored_share(measured: Measured, like: RunConfig) -> tuple[float, str]:
             scored += row["agent-step-rewards"]
             explored += row["explore"] * measured.configs[run_id].monte_carlo.n_samples
     if explored == 0:
-        return 1.0, "every explored step's agent step scored (an upper bound: none measured)"
+        return 1.0, Scale.share_source
     share = scored / explored
     return share, f"{share:.0%} of explored steps' agent steps scored (measured)"
+
+
+def pairs_per_task(measured: Measured, like: RunConfig) -> tuple[float, str]:
+    """Pairs a mixture iteration trains on per explored task, measured over the store's
+    mixture stages of runs of `like`'s model and env that mine the same kinds of pairs
+    (with step pairs or without: in the decisive experiment IPR's first mixture trained on
+    116 pairs of 32 explored tasks, ETO's on 31); one per task when none is stored."""
+    same, steps = measured.runs_like(like), like.needs.monte_carlo
+    pairs = tasks = mixtures = 0
+    for run_id, n_pairs in measured.pairs.dropna()[["run_id", "n_pairs"]].itertuples(index=False):
+        config = measured.configs.get(run_id)
+        if run_id in same and config is not None and config.needs.monte_carlo == steps:
+            pairs, tasks, mixtures = pairs + n_pairs, tasks + explored_tasks(config), mixtures + 1
+    if tasks == 0:
+        return 1.0, Scale.pairs_source
+    return (
+        pairs / tasks,
+        f"{pairs / tasks:.2f} pairs per explored task ({mixtures} mixtures measured)",
+    )
 
 
 def rft_tasks(config: RunConfig) -> int:
@@ -223,15 +263,17 @@ def explored_tasks(config: RunConfig) -> int:
 class Measured:
     """What a store has measured, read once for every estimate made from it: the cost rows
     of its computed stages, a running stage's chunks included (`Store.measured_stage_costs`),
-    and every run's config (None where it is of an older schema)."""
+    every run's config (None where it is of an older schema) and the pairs each mixture
+    trained on (`Store.trained_pairs`)."""
 
     costs: pd.DataFrame
     configs: dict[str, RunConfig | None]
+    pairs: pd.DataFrame
 
     @classmethod
     def read(cls, store: Store) -> Measured:
         configs = {run: _config(text) for run, text in store.run_configs().items()}
-        return cls(store.measured_stage_costs(), configs)
+        return cls(store.measured_stage_costs(), configs, store.trained_pairs())
 
     def runs_like(self, like: RunConfig) -> set[str]:
         """The runs of `like`'s model and env (whose rates carry over without a note)."""
@@ -240,10 +282,10 @@ class Measured:
 
 def measured_rates(measured: Measured, like: RunConfig | None = None) -> pd.DataFrame:
     """Seconds per unit of each stage, from the store's computed (not copied) stages:
-    per rollout where a stage rolls out, per task x epoch (from the run's config) for
-    training, per run or iteration otherwise; with the measured s per env step and per
-    trained token beside them. With `like`, only runs of its model and env count when
-    the store holds any."""
+    per rollout where a stage rolls out, per pair x epoch for the mixture and task x epoch
+    for SFT and RFT (from the run's config), per run or iteration otherwise; with the
+    measured s per env step and per trained token beside them. With `like`, only runs of
+    its model and env count when the store holds any."""
     costs, configs = measured.costs, measured.configs
     if like is not None and not costs.empty:
         same = measured.runs_like(like)
@@ -252,8 +294,12 @@ def measured_rates(measured: Measured, like: RunConfig | None = None) -> pd.Data
     if costs.empty:
         return pd.DataFrame(columns=["stage", "rate_s", "measured_s", "units", "runs"])
     costs = costs.assign(stage=costs["stage"].map(stage_kind))
+    pairs = {(run, it): n for run, it, n in measured.pairs.dropna().itertuples(index=False)}
     costs["units"] = [
-        _measured_units(row, configs.get(row["run_id"])) for row in costs.to_dict("records")
+        _measured_units(
+            row, configs.get(row["run_id"]), pairs.get((row["run_id"], row["iteration"]))
+        )
+        for row in costs.to_dict("records")
     ]
     costs = costs[costs["units"] > 0]
     rates = costs.groupby("stage").agg(
@@ -282,18 +328,21 @@ def _config(text: str) -> RunConfig | None:
         return None
 
 
-def _measured_units(row: Mapping[str, Any], config: RunConfig | None) -> float:
+def _measured_units(
+    row: Mapping[str, Any], config: RunConfig | None, trained_pairs: int | None
+) -> float:
+    """A cost row's units of work; 0 where they are unknown (the row then sets no rate)."""
     kind = row["stage"]
     if kind in ("sft", "train-mixture", "train-rft"):
         if config is None:
             return 0.0
         if kind == "sft":
-            settings, tasks = config.sft, config.train_limit
+            settings, items = config.sft, config.train_limit
         elif kind == "train-rft":
-            settings, tasks = config.sft, rft_tasks(config)
+            settings, items = config.sft, rft_tasks(config)
         else:
-            settings, tasks = config.mixture_settings, explored_tasks(config)
-        return float(tasks * settings.epochs) if settings is not None else 0.0
+            settings, items = config.mixture_settings, trained_pairs or 0
+        return float(items * settings.epochs) if settings is not None else 0.0
     if kind in ("ingest", "mine-pairs"):
         return 1.0
     return float(row["rollouts"])
@@ -318,9 +367,9 @@ class Estimate:
     the measured seconds per env step and per trained token beside them."""
     predicted_s: float
     unmeasured: list[str]
-    steps_source: str
-    share_source: str
-    """How many explored steps the agent-step scoring was planned for (`scored_share`)."""
+    scale: Scale
+    """Expert steps per task, the share of explored steps scored and pairs per explored task
+    the plan took, with where each came from."""
     sources: str
     """The measured runs the rates come from, and a warning when their model or env is
     not the config's (rates carry over between models only roughly)."""
@@ -341,11 +390,16 @@ def estimate(store: Store, config: RunConfig, measured: Measured | None = None) 
         steps_per_task = DEFAULT_STEPS_PER_TASK
         steps_source = f"{steps_per_task:.1f} expert steps per task (DEFAULT: none stored)"
     measured = measured or Measured.read(store)
-    share, share_source = scored_share(measured, config)
+    scale = Scale(
+        steps_per_task,
+        steps_source,
+        *scored_share(measured, config),
+        *pairs_per_task(measured, config),
+    )
     rates = measured_rates(measured, config).set_index("stage")
     sources = _sources(measured, config)
     rows = []
-    for work in planned_work(config, steps_per_task, share):
+    for work in planned_work(config, scale):
         source = work.stage if work.stage in rates.index else STANDS_IN.get(work.stage)
         measured = rates.loc[source] if source in rates.index else {}
         rate = measured.get("rate_s", float("nan"))
@@ -362,9 +416,7 @@ def estimate(store: Store, config: RunConfig, measured: Measured | None = None) 
     table = pd.DataFrame(rows)
     unmeasured = table.loc[table["rate_s"].isna(), "stage"].tolist()
     predicted = float(table["seconds"].fillna(0).sum())
-    return Estimate(
-        config.run_id, table, predicted, unmeasured, steps_source, share_source, sources
-    )
+    return Estimate(config.run_id, table, predicted, unmeasured, scale, sources)
 
 
 def _sources(measured: Measured, config: RunConfig) -> str:
@@ -417,8 +469,8 @@ def format_estimate(made: Estimate, previous: pd.DataFrame) -> str:
             headline += f", without the {len(made.unmeasured)} stages it has no rate for"
     lines = [
         headline,
-        f"from {made.steps_source}, {made.share_source}, and the store's measured seconds "
-        "per unit;",
+        f"from {made.scale.steps_source}, {made.scale.share_source}, "
+        f"{made.scale.pairs_source}, and the store's measured seconds per unit;",
         made.sources + ":",
         made.table.to_string(index=False, na_rep="NULL", float_format=lambda v: f"{v:.3g}"),
     ]

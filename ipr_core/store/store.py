@@ -741,6 +741,17 @@ class Store:
         )
         return dict(zip(frame["run_id"], frame["wall_s"], strict=True))
 
+    def trained_pairs(self) -> pd.DataFrame:
+        """run_id, iteration, n_pairs: the pairs each completed mixture stage trained on
+        (from the metrics of the checkpoint its record names; NULL where an older store's
+        metrics do not count them)."""
+        return self.query(
+            "SELECT s.run_id, s.iteration, CAST(c.metrics->>'n_pairs' AS INTEGER) AS n_pairs "
+            "FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id' "
+            "WHERE s.stage = ? ORDER BY ALL",
+            [S.TRAIN_MIXTURE],
+        )
+
     def run_configs(self) -> dict[str, str]:
         """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
         frame = self.query("SELECT run_id, config FROM runs")
