@@ -143,14 +143,15 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         "## Per seed",
         per_seed.markdown(),
         "## Dev reward by iteration",
-        "Iteration 0 is the shared SFT model (iteration -1 the base model, if evaluated); "
-        "error bars span min-max over seeds.",
+        f"Iteration 0 is {sft_models(settings.frame)} (iteration -1 the base model, if "
+        "evaluated); error bars span min-max over seeds.",
         f"![dev reward by iteration]({plot.name})",
         curve.markdown(),
         "## Pairs per iteration",
         "Pairs mined per iteration, summed over seeds; `pairs_trained_on` counts those the "
-        "method's loss used (ETO drops step pairs, as its loss has no step term). Iteration "
-        "1's pairs are shared by every method of a seed.",
+        "method's loss used (ETO drops step pairs, as its loss has no step term). The methods "
+        "of a seed that explore alike share iteration 1's explorations and pairs: IPR and its "
+        "ablations explore from every expert prefix, ETO each task from its start.",
         pairs.markdown(),
         "## Training steps per iteration",
         "The mixture's per-step diagnostics, averaged over each iteration's optimizer steps "
@@ -224,6 +225,12 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
 
 
 # -- the rule and the settings ---------------------------------------------------------------
+def sft_models(settings: pd.DataFrame) -> str:
+    """What iteration 0 is: each seed's own SFT model (`sft_per_seed`), or one for all."""
+    per_seed = not settings.empty and bool(settings["sft_per_seed"].iloc[0])
+    return "each seed's own SFT model" if per_seed else "the SFT model every seed shares"
+
+
 def iteration_rule(settings: pd.DataFrame) -> str:
     """The iteration-0 rule of the experiment (`fallback_to_sft`), one for every method."""
     fallback = bool(settings["fallback_to_sft"].iloc[0]) if not settings.empty else False

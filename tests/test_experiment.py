@@ -192,6 +192,8 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
         assert markdown_table(store.query(sql)) == table.strip()
     settings = store.query(blocks[0][1])  # methods in the paper's order, seeds ascending
     assert settings[["methods", "seeds"]].values.tolist() == [["sft, eto, ipr", "0, 1"]]
+    assert config.sft_per_seed and settings["sft_per_seed"].tolist() == [True]
+    assert "Iteration 0 is each seed's own SFT model" in text  # not one shared model
     training = store.query(blocks[5][1])
     assert set(training["method"]) == {"eto", "ipr"}  # the trained methods, every iteration
     step_accuracy = training.groupby("method")["s_dpo_accuracy"]

@@ -32,6 +32,8 @@ SELECT json_extract_string(e.config, '$.run.env') AS env,
        CAST(json_extract(e.config, '$.run.monte_carlo.n_samples') AS INTEGER) AS mc_samples,
        coalesce(CAST(json_extract(e.config, '$.fallback_to_sft') AS BOOLEAN), false)
            AS fallback_to_sft,
+       coalesce(CAST(json_extract(e.config, '$.sft_per_seed') AS BOOLEAN), false)
+           AS sft_per_seed,
        (SELECT round(avg(outcome_reward), 3) FROM expert_trajectories
         WHERE env_id = json_extract_string(e.config, '$.run.env')
           AND split = json_extract_string(e.config, '$.run.train_split')) AS expert_reward
