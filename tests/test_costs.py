@@ -219,11 +219,16 @@ def test_the_mixture_is_planned_per_pair_from_the_pairs_runs_mining_the_same_kin
     assert ipr_before["units"] == 4 * configs["ipr"].mixture_settings.epochs
     assert ipr_before["unit"] == "pair x epoch"
     counts = ("prefill_tokens", "generated_tokens", "trained_tokens", "rollouts", "env_steps")
-    for method, n_pairs, wall_s in (("ipr", 12, 240.0), ("eto", 4, 80.0)):
-        run_id, config = f"r-{method}", configs[method]
-        record = StageRecord(run_id, 1, "train-mixture", "f", {"checkpoint_id": method}, [])
-        checkpoint = {"checkpoint_id": method, "kind": "lora", "path": ".", "config": "{}",
-                      "metrics": json.dumps({"n_pairs": n_pairs})}  # fmt: skip
+    # a third mixture's metrics are not JSON (a hand-edited store): it sets no rate
+    for name, metrics, wall_s in (
+        ("ipr", json.dumps({"n_pairs": 12}), 240.0),
+        ("eto", json.dumps({"n_pairs": 4}), 80.0),
+        ("bad", "{not json", 1000.0),
+    ):
+        run_id, config = f"r-{name}", configs["eto" if name == "eto" else "ipr"]
+        record = StageRecord(run_id, 1, "train-mixture", "f", {"checkpoint_id": name}, [])
+        checkpoint = {"checkpoint_id": name, "kind": "lora", "path": ".", "config": "{}",
+                      "metrics": metrics}  # fmt: skip
         cost = {"run_id": run_id, "iteration": 1, "stage": "train-mixture", "wall_s": wall_s}
         store.write(
             {

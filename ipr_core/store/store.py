@@ -744,9 +744,10 @@ class Store:
     def trained_pairs(self) -> pd.DataFrame:
         """run_id, iteration, n_pairs: the pairs each completed mixture stage trained on
         (from the metrics of the checkpoint its record names; NULL where an older store's
-        metrics do not count them)."""
+        metrics do not count them, or are not JSON: an estimate then does without them)."""
         return self.query(
-            "SELECT s.run_id, s.iteration, CAST(c.metrics->>'n_pairs' AS INTEGER) AS n_pairs "
+            "SELECT s.run_id, s.iteration, CASE WHEN json_valid(c.metrics) "
+            "THEN TRY_CAST(c.metrics->>'n_pairs' AS INTEGER) END AS n_pairs "
             "FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id' "
             "WHERE s.stage = ? ORDER BY ALL",
             [S.TRAIN_MIXTURE],
