@@ -208,6 +208,19 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     restore.add_argument("--cache-dir", type=Path, default=RUN_DEFAULTS["cache_dir"].default)
     restore.set_defaults(handler=cmd_checkpoints_import)
 
+    snapshot = commands.add_parser(
+        "snapshot",
+        help="a running store's consistent copy and the checkpoints a resume needs, to commit",
+    )
+    snapshot.add_argument("--store", type=Path, required=True)
+    snapshot.add_argument(
+        "--to", type=Path, required=True, help="the copy; checkpoints go to <its name>-checkpoints/"
+    )
+    snapshot.add_argument(
+        "--experiment", help="only the checkpoints resuming this experiment needs"
+    )
+    snapshot.set_defaults(handler=cmd_snapshot)
+
     show = commands.add_parser("show", help="a stored rollout or pair as a transcript")
     show.add_argument("what", choices=["rollout", "pair"])
     show.add_argument("id", help="the short id (rollout_ids / pair_ids views, ipr report)")
@@ -371,6 +384,18 @@ def cmd_checkpoints_import(args: argparse.Namespace) -> int:
     store = Store(args.store, read_only=True)
     rebuilt = import_checkpoints(store, args.source, args.cache_dir)
     print(f"{len(rebuilt)} checkpoints rebuilt in {args.cache_dir}: {' '.join(rebuilt)}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from ipr_core.run.portable import snapshot
+    from ipr_core.store.store import Store
+
+    store = Store(args.store, read_only=True)
+    folder, exported, skipped = snapshot(store, args.to, args.experiment)
+    print(f"copied {args.store} to {args.to}; {len(exported)} checkpoints in {folder}")
+    if skipped:
+        print(f"not exported (not on this machine, or no adapter): {' '.join(skipped)}")
     return 0
 
 

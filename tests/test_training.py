@@ -502,6 +502,48 @@ def test_an_experiment_export_keeps_what_its_unfinished_work_starts_from(
     assert len(list(to.iterdir())) == 2
 
 
+def test_a_snapshot_of_a_store_resumes_on_a_fresh_machine(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """`ipr snapshot`: the store's copy and, beside it, the checkpoints its experiment's resume
+    needs, read from the copy; a fresh cache rebuilds them from the snapshot alone. A
+    misspelt experiment writes nothing."""
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    settings = SFTConfig(epochs=1, batch_size=2, max_length=1024, lora=lora)
+    sft = train_sft(tiny_model_path, [_expert(0)], PROMPT, settings, tmp_path / "checkpoints")
+    store = Store(tmp_path / "run.duckdb")
+    run = {"experiment_id": "x", "method": "eto", "seed": 0, "run_id": "x-eto-s0",
+           "status": "running", "best_iteration": None, "test_policy_id": None}  # fmt: skip
+    store.write(
+        {
+            "checkpoints": [
+                checkpoint_row(base_checkpoint(tiny_model_path)),
+                checkpoint_row(sft, "x-eto-s0", 0),
+            ],
+            "experiment_runs": [run],
+            "experiments": [{"experiment_id": "x", "config": "{}"}],
+        }
+    )
+    target = tmp_path / "docs" / "x.duckdb"
+    args = ["snapshot", "--store", str(store.path), "--to", str(target), "--experiment"]
+    assert commands.main([*args, "nope"]) == 2
+    assert not (tmp_path / "docs").exists()
+
+    assert commands.main([*args, "x"]) == 0
+    copy = Store(target, read_only=True)
+    assert copy.query("SELECT run_id, status FROM experiment_runs").values.tolist() == [
+        ["x-eto-s0", "running"]
+    ]
+    folder = tmp_path / "docs" / "x-checkpoints"
+    assert [p.name for p in folder.iterdir()] == [sft.checkpoint_id]
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["x-checkpoints", "x.duckdb"]
+    fresh = tmp_path / "fresh"
+    assert import_checkpoints(copy, folder, fresh) == [sft.checkpoint_id]
+    again = fresh / "checkpoints" / sft.checkpoint_id / "model"
+    for name in (p.name for p in sft.path.iterdir()):
+        assert (again / name).read_bytes() == (sft.path / name).read_bytes(), name
+
+
 def test_importing_a_checkpoint_whose_parent_is_unknown_names_the_file_and_field(
     tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -51,6 +51,26 @@ def export_checkpoints(
     return exported, skipped
 
 
+def snapshot(
+    store: Store, target: Path, experiment_id: str | None = None
+) -> tuple[Path, list[str], list[str]]:
+    """What to commit of a store while its experiment runs, so that a fresh clone resumes it:
+    a consistent copy at `target` and, in `checkpoints_beside(target)`, the checkpoints
+    `export_checkpoints` picks, read from the copy so that the two agree. Returns the
+    checkpoints' folder, exported and skipped."""
+    if experiment_id is not None:
+        ensure_known(store, experiment_id)  # before anything is written
+    copy = Store(store.copy_to(target), read_only=True)
+    folder = checkpoints_beside(target)
+    return folder, *export_checkpoints(copy, folder, experiment_id)
+
+
+def checkpoints_beside(store_copy: Path) -> Path:
+    """Where a snapshot keeps its checkpoints: `<store name>-checkpoints/` beside the copy
+    (docs/results/decisive.duckdb -> docs/results/decisive-checkpoints)."""
+    return store_copy.with_name(f"{store_copy.stem}-checkpoints")
+
+
 def resume_checkpoints(store: Store, experiment_id: str) -> set[str]:
     """What resuming an experiment needs of its trained checkpoints: those its unfinished
     work starts from (`Store.resume_checkpoint_roots`) and their parents, each of which an

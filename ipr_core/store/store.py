@@ -424,13 +424,16 @@ class Store:
     def copy_to(self, target: str | Path) -> Path:
         """A consistent copy of the store file while another process may be writing it (a
         running experiment): a read-only connection holds writers off (they wait, as for
-        any lock) while the file is copied, and no write is half-done when it opens."""
+        any lock) while the file is copied, and no write is half-done when it opens. The
+        copy replaces `target` whole, so a copy cut short leaves the previous one."""
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.stem}.partial{target.suffix}")  # git ignores it
         with self._connect(read_only=True):
             if Path(f"{self.path}.wal").exists():
                 raise IprError(f"store {self.path}: a write-ahead log is pending; copy it later")
-            shutil.copyfile(self.path, target)
+            shutil.copyfile(self.path, partial)
+        partial.replace(target)
         return target
 
     @contextmanager
