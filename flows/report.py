@@ -35,6 +35,7 @@ from ipr_core.config import read_yaml_mapping
 from ipr_core.errors import InputError
 from ipr_core.run.experiment import ensure_known
 from ipr_core.store.report_queries import (
+    ACTIONS_SQL,
     COMPARED,
     COSTS_SQL,
     DEV_CURVE_SQL,
@@ -112,6 +113,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     episodes = run_query(store, EPISODES_SQL, experiment_id)
     same_transcripts = run_query(store, SAME_TRANSCRIPTS_SQL, experiment_id)
+    actions = run_query(store, ACTIONS_SQL, experiment_id)
     manifests = run_query(store, MANIFESTS_SQL, experiment_id).markdown()
     tests = run_query(store, TEST_EVALUATIONS_SQL, experiment_id)
     diffs = run_query(store, per_game_diff_sql(list(episodes.frame["method"])), experiment_id)
@@ -198,6 +200,10 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         "Test reward per game, averaged over the seeds whose episode finished, and the "
         "per-game differences of the comparisons.",
         diffs.markdown(),
+        "### Actions on the test games",
+        "What the tested models did: their actions by first word, per method over seeds "
+        "(failed episodes left out), the share of each method's actions.",
+        actions.markdown(),
         "### Test tasks no model told apart",
         "Groups of test tasks on which every tested model wrote the same transcript (actions "
         "and observations). In a store whose splits hold distinct games these are distinct "

@@ -185,9 +185,9 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert curve.loc[curve["label"] == "eto", "s_dpo_accuracy"].isna().all()
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
     # settings, results, per seed, dev curve, pairs, training steps, costs, step reward
-    # distribution, 2 x step accuracy, per-game differences, episodes, test evaluations,
-    # manifests
-    assert len(blocks) == 14
+    # distribution, 2 x step accuracy, per-game differences, actions, episodes, test
+    # evaluations, manifests
+    assert len(blocks) == 15
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
     settings = store.query(blocks[0][1])  # methods in the paper's order, seeds ascending
@@ -205,6 +205,15 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert costs.loc[costs["iteration"] == 0, "copied_stages"].sum() > 0
     distribution = store.query(blocks[7][1])
     assert set(distribution["reward"]) == {"expert", "agent", "margin"}
+    actions = store.query(blocks[11][1])  # every action of every tested model, by verb
+    assert list(actions["method"].unique()) == ["sft", "eto", "ipr"]
+    assert actions.groupby("method")["share"].sum().round(2).eq(1.0).all()
+    tested_steps = store.query(
+        "SELECT sum(n_steps) FROM rollouts r JOIN experiment_runs x ON x.run_id = r.run_id "
+        "AND r.iteration = x.best_iteration AND r.policy_id = x.test_policy_id "
+        "WHERE x.experiment_id = 'smoke' AND r.kind = 'eval' AND r.task_id LIKE 'test-%'"
+    ).iloc[0, 0]
+    assert actions["actions"].sum() == tested_steps
     results_table = blocks[1][0]
     rows = [line.split("|")[1].strip() for line in results_table.strip().splitlines()[2:]]
     assert rows == ["sft", "eto", "ipr"]
