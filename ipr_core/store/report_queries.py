@@ -359,7 +359,7 @@ WITH {TEST_EPISODES_CTES.strip()},
 actions AS (
     SELECT method,
            unnest(CAST(json_extract_string(steps, '$[*].action') AS VARCHAR[])) AS action
-    FROM tested WHERE status NOT IN {FAILED_LIST}),
+    FROM tested WHERE status NOT IN {FAILED_LIST} AND json_valid(steps)),
 verbs AS (
     SELECT method, coalesce(lower(nullif(regexp_extract(action, '[A-Za-z]+'), '')), '(none)')
            AS verb
@@ -371,9 +371,10 @@ GROUP BY method, verb
 ORDER BY list_position({PAPER_ORDER}, method), actions DESC, verb
 """
 """What the tested models do on the test games: their actions by first word (the verb), per
-method over seeds, failed episodes left out. A method that gains or loses reward by acting
-differently shows it here (IPR's first iteration on the decisive experiment's dev games
-opened containers 7x as often as its SFT model and took items a third as often)."""
+method over seeds, failed episodes (and any whose stored steps are not JSON) left out. A
+method that gains or loses reward by acting differently shows it here (IPR's first iteration
+on the decisive experiment's dev games opened containers 7x as often as its SFT model and
+took items a third as often)."""
 
 
 SAME_TRANSCRIPTS_SQL = f"""
