@@ -372,9 +372,13 @@ def cmd_checkpoints_export(args: argparse.Namespace) -> int:
     store = Store(args.store, read_only=True)
     exported, skipped = export_checkpoints(store, args.to, args.experiment)
     print(f"{len(exported)} checkpoints in {args.to}: {' '.join(exported)}")
+    print_not_exported(skipped)
+    return 0
+
+
+def print_not_exported(skipped: list[str]) -> None:
     if skipped:
         print(f"not exported (not on this machine, or no adapter): {' '.join(skipped)}")
-    return 0
 
 
 def cmd_checkpoints_import(args: argparse.Namespace) -> int:
@@ -394,8 +398,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     store = Store(args.store, read_only=True)
     folder, exported, skipped = snapshot(store, args.to, args.experiment)
     print(f"copied {args.store} to {args.to}; {len(exported)} checkpoints in {folder}")
-    if skipped:
-        print(f"not exported (not on this machine, or no adapter): {' '.join(skipped)}")
+    print_not_exported(skipped)
     return 0
 
 

@@ -401,16 +401,16 @@ def estimate(store: Store, config: RunConfig, measured: Measured | None = None) 
     rows = []
     for work in planned_work(config, scale):
         source = work.stage if work.stage in rates.index else STANDS_IN.get(work.stage)
-        measured = rates.loc[source] if source in rates.index else {}
-        rate = measured.get("rate_s", float("nan"))
+        row = rates.loc[source] if source in rates.index else {}
+        rate = row.get("rate_s", float("nan"))
         rows.append(
             {
                 **asdict(work),
                 "rate_s": rate,
                 "rate_of": source if source in rates.index else None,
                 "seconds": work.runs * work.units * rate,
-                "s_per_env_step": measured.get("s_per_env_step", float("nan")),
-                "s_per_trained_token": measured.get("s_per_trained_token", float("nan")),
+                "s_per_env_step": row.get("s_per_env_step", float("nan")),
+                "s_per_trained_token": row.get("s_per_trained_token", float("nan")),
             }
         )
     table = pd.DataFrame(rows)
@@ -424,7 +424,8 @@ def _sources(measured: Measured, config: RunConfig) -> str:
     runs = {run: c for run, c in measured.configs.items() if run in with_costs}
     if not runs:
         return "no measured run in the store"
-    same = {run: c for run, c in runs.items() if run in measured.runs_like(config)}
+    like = measured.runs_like(config)
+    same = {run: c for run, c in runs.items() if run in like}
     runs = same or runs
     named = [
         f"{run} ({'?' if c is None else c.model}, {'?' if c is None else c.env})"
