@@ -59,6 +59,7 @@ the store for every spelling of one setting)."""
 DtypeSetting = Literal["auto", "float32", "bfloat16"]
 """A phase's dtype in the transformers backend; `auto` measures both at startup."""
 DecodeAttention = Literal["sdpa", "grouped"]
+ExpertSteps = Literal["all", "compared"]
 """The transformers backend's decode attention (`GenerationConfig.decode_attention`)."""
 
 
@@ -88,6 +89,13 @@ class MonteCarloConfig(StrictConfig):
     """Sample an agent step one sample per wave and stop once the remaining samples cannot
     change its pair decision (`mining.pair_decided`, outcomes in [0, 1]): the same pairs
     from fewer rollouts; its stored step reward is the mean of the samples drawn."""
+    expert_steps: ExpertSteps = "all"
+    """Which expert steps get Monte Carlo samples: `all` (once per run, before iteration 1's
+    exploration), or `compared`: in each iteration, after its exploration, only the steps an
+    agent step differs from that no earlier iteration scored. Mining reads an expert step's
+    reward only there, and a rollout is seeded by its query and sample, so the pairs are
+    `all`'s from fewer rollouts; what is lost is the expert rewards nobody compares with (the
+    report's expert-reward quantiles and a step reward model's training rows)."""
 
 
 class VLLMConfig(StrictConfig):

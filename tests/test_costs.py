@@ -43,6 +43,26 @@ def test_eto_plans_no_step_rewards_and_explores_each_task_from_its_start_only():
     assert ipr["explore"] == 4 * 5.0 and ipr["agent-step-rewards"] > 0
 
 
+def test_compared_expert_steps_are_planned_per_iteration_at_the_scored_share():
+    """`expert_steps: compared` scores, after each exploration, at most the steps whose agent
+    step is scored; `all` scores every expert step once."""
+    overrides = {"train_limit": 16, "explore_limit": 4, "iterations": 3}
+    scale = Scale(5.0, scored_share=0.25)
+
+    def expert(config_overrides: dict) -> tuple[int, float]:
+        [work] = [
+            w
+            for w in planned_work(load_config(DEMO, config_overrides), scale)
+            if w.stage == "expert-step-rewards"
+        ]
+        return work.runs, work.units
+
+    samples = load_config(DEMO, overrides).monte_carlo.n_samples
+    assert expert(overrides) == (1, 4 * 5.0 * samples)
+    compared = {**overrides, "monte_carlo.expert_steps": "compared"}
+    assert expert(compared) == (3, 4 * 5.0 * samples * 0.25)
+
+
 def test_an_experiment_estimate_counts_what_a_seed_shares_once_and_adds_its_test(tmp_path):
     """Measured rates: the committed store of the iteration-1 stage benchmark. A method of
     a seed finds what an earlier method of the seed ran done: the ingest, the SFT model and

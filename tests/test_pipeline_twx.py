@@ -147,6 +147,54 @@ def test_expert_step_rewards_are_computed_once_per_run_and_scorer(smoke_run):
     assert store.count("rollouts", "kind = 'mc' AND actor = 'expert'") == before
 
 
+def test_compared_expert_steps_are_the_ones_mining_reads_and_keep_the_pairs(smoke_run, tmp_path):
+    """monte_carlo.expert_steps: compared scores, after an iteration's exploration, only the
+    expert steps its agent steps differ from, with the samples `all` drew for them (seeded by
+    query and sample), so mining makes `all`'s pairs; a later iteration scores only steps no
+    earlier one did."""
+    config, store, _ = smoke_run
+    copy = Store(store.copy_to(tmp_path / "compared.duckdb"))
+    monte_carlo = config.monte_carlo.model_copy(update={"expert_steps": "compared"})
+    compared = config.model_copy(update={"store": copy.path, "monte_carlo": monte_carlo})
+    [scorer] = copy.scorer_ids(config.run_id)
+    everything = copy.expert_reward_map(config.run_id, scorer, 0)  # `all`: every expert step
+    # the tiny model's steps differ from every expert step: keep one task's explorations
+    kept = min(key[0] for key in everything)
+    pair_columns = "level, task_id, prefix_len, chosen, rejected, chosen_reward, rejected_reward"
+    pairs_sql = f"SELECT {pair_columns} FROM pairs WHERE task_id = ? ORDER BY ALL"
+    pairs = copy.query(pairs_sql, [kept])
+    with copy.transaction() as con:  # and as if the run had scored no expert step yet
+        con.execute("DELETE FROM rollouts WHERE iteration = 1 AND task_id != ?", [kept])
+        con.execute("DELETE FROM step_rewards WHERE iteration = 1 AND task_id != ?", [kept])
+        con.execute("DELETE FROM step_rewards WHERE actor = 'expert'")
+        con.execute("DELETE FROM rollouts WHERE actor = 'expert' AND kind = 'mc'")
+    sft = Path(copy.query("SELECT path FROM checkpoints WHERE kind = 'sft'")["path"][0])
+    logs: list[str] = []
+    ctx = RunContext(compared, copy, log=logs.append)
+    first = loop.Iteration(1, sft, sft)
+    stage = loop.expert_step_rewards(ctx)
+
+    scored = loop.run_stage(stage, ctx, first).queries
+    compared_steps = set(copy.step_reward_map(config.run_id, scorer, 1, "agent"))
+    rewards = copy.expert_reward_map(config.run_id, scorer, 1)
+    assert scored == len(rewards) == len(compared_steps) < len(everything)
+    assert rewards == {key: everything[key] for key in compared_steps}
+    assert copy.count("step_rewards", "actor = 'expert' AND iteration = 1") == scored
+    loop.run_stage(loop.MINE_PAIRS, ctx, first)
+    assert copy.query(pairs_sql, [kept]).equals(pairs) and not pairs.empty
+    loop.run_stage(stage, ctx, first)
+    assert logs[-1].startswith("expert step rewards[1]: done before")
+
+    # iteration 2 explores as iteration 1 did: every step it compares was scored before
+    with copy.transaction() as con:
+        con.execute(
+            "INSERT INTO rollouts SELECT * REPLACE (2 AS iteration) FROM rollouts "
+            "WHERE iteration = 1 AND kind = 'explore'"
+        )
+    assert loop.run_stage(stage, ctx, loop.Iteration(2, sft, sft)).queries == 0
+    assert copy.expert_reward_map(config.run_id, scorer, 2) == rewards
+
+
 def test_rerun_changes_no_row_count(smoke_run):
     config, store, _ = smoke_run
     tables = ["expert_trajectories", "rollouts", "step_rewards", "pairs"]

@@ -73,8 +73,9 @@ def expert_job(store: Store, config: RunConfig, scorer: Path) -> ScoringJob:
     """The expert stage's scoring job, as the stage plans it."""
     experts = store.expert_trajectories(ENV, "train")
     scorer_id = Engines(config).scorer_id(scorer, 1)
-    queries = pending_expert_queries(store, config.run_id, scorer_id, experts)
-    return ScoringJob(At(config.run_id, 0), "expert", scorer, tuple(queries), EXPERT_SEED, 1)
+    at = At(config.run_id, 0)
+    queries = pending_expert_queries(store, at, scorer_id, experts)
+    return ScoringJob(at, "expert", scorer, tuple(queries), EXPERT_SEED, 1)
 
 
 @pytest.fixture(scope="module")

@@ -166,8 +166,9 @@ class Work:
 
 def planned_work(config: RunConfig, scale: Scale) -> list[Work]:
     """The stages `loop.run_ipr` runs for `config` and their work: rollouts for the stages
-    that roll out (MC: one per expert step and sample, and per sample of the scored share
-    of explored steps), pair x epoch for the mixture (its steps are batches of pairs), task
+    that roll out (MC: one per expert step and sample, or per sample of the scored share of
+    explored steps where only compared expert steps are scored, and per sample of the scored
+    share for the agent steps), pair x epoch for the mixture (its steps are batches of pairs), task
     x epoch for SFT and RFT."""
     tasks, dev, explored = config.train_limit, config.dev_limit, explored_tasks(config)
     steps = explored * scale.steps_per_task
@@ -182,10 +183,15 @@ def planned_work(config: RunConfig, scale: Scale) -> list[Work]:
         k = config.iterations
         evaluations += k
         if needs.monte_carlo:
+            scored = steps * samples * scale.scored_share
+            # `expert_steps: compared` scores, per iteration, at most the steps it compares
+            compared = config.monte_carlo.expert_steps == "compared"
             work += [
-                Work("expert-step-rewards", 1, steps * samples, "rollout"),
                 Work("explore", k, steps, "rollout"),
-                Work("agent-step-rewards", k, steps * samples * scale.scored_share, "rollout"),
+                Work("expert-step-rewards", k, scored, "rollout")
+                if compared
+                else Work("expert-step-rewards", 1, steps * samples, "rollout"),
+                Work("agent-step-rewards", k, scored, "rollout"),
             ]
         else:  # trajectory pairs or successes only (ETO, RFT): each task explored from its start
             work.append(Work("explore", k, explored, "rollout"))

@@ -21,7 +21,7 @@ ADDED_AFTER_STORES: dict[str, dict[str, Any]] = {
         "decode_dtype": "float32",
         "decode_attention": "sdpa",
     },
-    "monte_carlo": {"early_stop": False},
+    "monte_carlo": {"early_stop": False, "expert_steps": "all"},
 }
 """Settings added after stores were written, with the value that means what those stores
 did: hashed only when set to something else, so a stored stage stays done after an

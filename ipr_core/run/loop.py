@@ -1,8 +1,8 @@
 """The IPR loop, defined once: the stages of a run and of one iteration, and the resume rule.
 
     ingest -> SFT -> evaluate (base, SFT) -> per iteration k = 1..N:
-        expert step rewards (once per scorer) -> explore -> agent step rewards
-        -> mine pairs -> mixture training -> evaluate
+        explore -> expert step rewards (all once per scorer, or those compared)
+        -> agent step rewards -> mine pairs -> mixture training -> evaluate
 
 The scorer and the DPO reference are the SFT model throughout; iteration k's trained model
 explores iteration k + 1 (`docs/method.md`). `ipr run --no-prefect`, the Prefect flows and
@@ -354,8 +354,8 @@ def run_iteration(ctx: RunContext, it: Iteration, run: Runner = run_stage) -> It
     Monte Carlo stages and explores from the start of each task only; RFT mines no pairs and
     trains the SFT objective on the experts and its successful explorations."""
     needs = ctx.config.needs
-    expert = run(EXPERT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
     explored = run(EXPLORE, ctx, it)
+    expert = run(expert_step_rewards(ctx), ctx, it) if needs.monte_carlo else None
     agent = run(AGENT_STEP_REWARDS, ctx, it) if needs.monte_carlo else None
     mined = run(MINE_PAIRS, ctx, it) if needs.pairs else None
     trained = run(TRAIN_MIXTURE if needs.pairs else TRAIN_RFT, ctx, it)
@@ -654,13 +654,18 @@ EVALUATE: Stage[Evaluation] = Stage(
 )
 
 
-# -- Monte Carlo step rewards of the expert steps (once per run and scorer) -----------------
+# -- Monte Carlo step rewards of the expert steps -----------------------------------------
 def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
-    queries = pipeline.pending_expert_queries(ctx.store, ctx.run_id, scorer_id, ctx.explored())
-    at = At(ctx.run_id, EXPERT_ITERATION)
-    job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), ctx.seed(at.iteration), it.number)
-    rows = score_in_chunks(ctx, job, "expert step rewards")
+    at = _expert_at(ctx, it)
+    compared = None
+    if _compares_only(ctx):
+        compared = pipeline.compared_steps(ctx.store, at, ctx.explored())
+    queries = pipeline.pending_expert_queries(ctx.store, at, scorer_id, ctx.explored(), compared)
+    # seeded as iteration 0 whoever asks: a step's samples do not depend on when it is scored
+    seed = ctx.seed(EXPERT_ITERATION)
+    job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), seed, it.number)
+    rows = score_in_chunks(ctx, job, expert_step_rewards(ctx).label(it))
     scored = ctx.chunks.done_units if ctx.chunks else len(queries)  # by every attempt
     ctx.log(f"scored {scored} expert steps")
     return Output(StepsScored(scored, scorer_id), rows)
@@ -695,18 +700,37 @@ def _run_scope(owned: Callable[[At], Scope]) -> Callable[..., list[Scope]]:
     return scope
 
 
+def _compares_only(ctx: RunContext) -> bool:
+    return ctx.config.monte_carlo.expert_steps == "compared"
+
+
+def _expert_at(ctx: RunContext, it: Iteration) -> At:
+    """Where expert step rewards are stored: iteration 0, or (`compared`) the iteration that
+    first compared an agent step with them."""
+    return At(ctx.run_id, it.number if _compares_only(ctx) else EXPERT_ITERATION)
+
+
+def _expert_fingerprint(ctx: RunContext, it: Iteration) -> str:
+    inputs = [
+        "expert-step-rewards",
+        *_scorer_fields(ctx, it),
+        experts_hash(ctx),
+        ctx.seed(EXPERT_ITERATION),
+    ]
+    if _compares_only(ctx):  # the steps compared, and those scored before (skipped)
+        scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
+        earlier = At(ctx.run_id, it.number - 1)
+        inputs += [
+            ctx.store.explorations_hash(At(ctx.run_id, it.number)),
+            ctx.store.expert_rewards_hash(earlier, scorer_id),
+        ]
+    return digest(inputs, FINGERPRINT_CHARS)
+
+
 EXPERT_STEP_REWARDS: Stage[StepsScored] = Stage(
     name=StageName.EXPERT_STEP_REWARDS,
     compute=_expert_step_rewards,
-    fingerprint=lambda ctx, it: digest(
-        [
-            "expert-step-rewards",
-            *_scorer_fields(ctx, it),
-            experts_hash(ctx),
-            ctx.seed(EXPERT_ITERATION),
-        ],
-        FINGERPRINT_CHARS,
-    ),
+    fingerprint=_expert_fingerprint,
     scopes=_step_reward_scopes(EXPERT),
     result_type=StepsScored,
     label=lambda it: "expert step rewards",
@@ -715,6 +739,21 @@ EXPERT_STEP_REWARDS: Stage[StepsScored] = Stage(
     row_iteration=EXPERT_ITERATION,
     chunk_scopes=_scorer_scopes(EXPERT),
 )
+"""Every expert step, once per run and scorer, under iteration 0 (`expert_steps: all`); it
+adds to its rows, so a run that explores more tasks scores only their steps."""
+
+COMPARED_EXPERT_STEP_REWARDS: Stage[StepsScored] = replace(
+    EXPERT_STEP_REWARDS,
+    label=lambda it: f"expert step rewards[{it.number}]",
+    replace=True,
+    row_iteration=None,
+)
+"""`expert_steps: compared`: each iteration's stage owns the expert steps it scored first."""
+
+
+def expert_step_rewards(ctx: RunContext) -> Stage[StepsScored]:
+    """The expert stage of the run's `monte_carlo.expert_steps`."""
+    return COMPARED_EXPERT_STEP_REWARDS if _compares_only(ctx) else EXPERT_STEP_REWARDS
 
 
 # -- exploration ---------------------------------------------------------------------------
@@ -819,7 +858,7 @@ def _pair_contexts(
 ) -> tuple[PairContext, ...]:
     """What each agent query's pair decision knows before sampling (`pipeline.agent_queries`
     order): the expert step's reward, both outcomes, whether a step pair is mined there."""
-    experts = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, EXPERT)
+    experts = ctx.store.expert_reward_map(ctx.run_id, scorer_id, it.number)
     suffix = ctx.config.mining.step_mode == "suffix"
     return tuple(
         PairContext(
@@ -859,7 +898,7 @@ def _early_stop_inputs(ctx: RunContext, it: Iteration) -> list[Any]:
     """What early stopping reads besides the explorations: the mining rule and the expert
     step rewards."""
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
-    expert = ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), EXPERT, scorer_id)
+    expert = ctx.store.expert_rewards_hash(At(ctx.run_id, it.number), scorer_id)
     return [config_fields(ctx, "mining"), expert]
 
 
@@ -867,7 +906,7 @@ def _early_stop_inputs(ctx: RunContext, it: Iteration) -> list[Any]:
 def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
-    expert_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, EXPERT_ITERATION, EXPERT)
+    expert_rewards = ctx.store.expert_reward_map(ctx.run_id, scorer_id, it.number)
     agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
     mining = ctx.config.mining
     pairs = mine_pairs(explorations, expert_rewards, agent_rewards, mining, ctx.prompt)
@@ -890,7 +929,7 @@ def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
             it.number,
             experts_hash(ctx),
             ctx.store.explorations_hash(At(ctx.run_id, it.number)),
-            ctx.store.step_rewards_hash(At(ctx.run_id, EXPERT_ITERATION), EXPERT, scorer_id),
+            ctx.store.expert_rewards_hash(At(ctx.run_id, it.number), scorer_id),
             ctx.store.step_rewards_hash(At(ctx.run_id, it.number), AGENT, scorer_id),
             ctx.prompt.action_hint,
             config_fields(ctx, "env", "mining", "prompt"),

@@ -1,13 +1,13 @@
 """Expert data and the step queries of the loop's stages (see `ipr_core.run.loop`).
 
 Which expert trajectories a run trains on, and which steps the step reward stages score:
-the expert steps a (run, scorer) has not scored yet, and the agent's first own action of
-every exploration that differs from the expert's.
+the expert steps a (run, scorer) has not scored yet (all, or those an agent step differs
+from), and the agent's first own action of every exploration that differs from the expert's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from ipr_core.config import RunConfig
@@ -15,10 +15,11 @@ from ipr_core.envs import make_env
 from ipr_core.errors import InputError
 from ipr_core.method.expert import Rejected, gold_trajectories
 from ipr_core.method.explore import Exploration
+from ipr_core.method.mining import StepKey
 from ipr_core.method.step_rewards import StepQuery, expert_queries
 from ipr_core.run.context import Log, RunContext
-from ipr_core.store.store import Row, Store, expert_to_row
-from ipr_core.types import EXPERT, EXPERT_ITERATION, Trajectory
+from ipr_core.store.store import At, Row, Store, expert_to_row
+from ipr_core.types import Trajectory
 
 
 @dataclass(frozen=True)
@@ -108,18 +109,31 @@ def ensure_experts(ctx: RunContext) -> list[Trajectory]:
 
 
 def pending_expert_queries(
-    store: Store, run_id: str, scorer_id: str, experts: Sequence[Trajectory]
+    store: Store,
+    at: At,
+    scorer_id: str,
+    experts: Sequence[Trajectory],
+    compared: Collection[StepKey] | None = None,
 ) -> list[StepQuery]:
-    """The expert steps this (run, scorer) has not scored yet."""
-    done = store.step_reward_map(run_id, scorer_id, EXPERT_ITERATION, EXPERT)
+    """The expert steps this (run, scorer) has not scored by iteration `at.iteration`: all of
+    them, or those in `compared` (`monte_carlo.expert_steps: compared`)."""
+    done = store.expert_reward_map(at.run_id, scorer_id, at.iteration)
     return [
         query
         for expert in experts
         for query in expert_queries(expert)
-        if (query.task_id, query.prefix_len) not in done
+        if (key := (query.task_id, query.prefix_len)) not in done
+        and (compared is None or key in compared)
     ]
 
 
 def agent_queries(explorations: Sequence[Exploration]) -> list[StepQuery]:
     """The agent's first own action of every exploration that differs from the expert's."""
     return [q for e in explorations if (q := e.agent_step_query()) is not None]
+
+
+def compared_steps(store: Store, at: At, experts: Sequence[Trajectory]) -> set[StepKey]:
+    """The expert steps an iteration's agent steps are compared with: where its explorations'
+    first own action differs from the expert's (mining reads an expert reward nowhere else)."""
+    explorations = store.explorations(at.run_id, at.iteration, experts)
+    return {(q.task_id, q.prefix_len) for q in agent_queries(explorations)}

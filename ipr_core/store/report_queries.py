@@ -220,7 +220,7 @@ WITH member AS (
     WHERE experiment_id = {{exp}} AND status = 'finished'),
 expert AS (
     SELECT m.method, s.* FROM member m
-    JOIN step_rewards s ON s.run_id = m.run_id AND s.actor = 'expert' AND s.iteration = 0),
+    JOIN step_rewards s ON s.run_id = m.run_id AND s.actor = 'expert'),
 agent AS (
     SELECT m.method, a.mean_reward AS agent, e.mean_reward AS expert FROM member m
     JOIN step_rewards a ON a.run_id = m.run_id AND a.actor = 'agent'
@@ -247,7 +247,7 @@ gold AS (
     SELECT s.run_id, s.scorer_id, s.task_id, s.prefix_len, s.mean_reward AS gold_reward
     FROM step_rewards s
     JOIN expert_trajectories g USING (env_id, task_id)
-    WHERE s.actor = 'expert' AND s.iteration = 0 AND g.source = 'gold'),
+    WHERE s.actor = 'expert' AND g.source = 'gold'),
 compared AS (
     SELECT m.method, a.iteration, g.gold_reward, a.mean_reward AS agent_reward
     FROM member m
@@ -286,7 +286,7 @@ WITH compared AS (
     JOIN step_rewards a ON a.run_id = x.run_id AND a.actor = 'agent'
     JOIN step_rewards g ON g.run_id = a.run_id AND g.scorer_id = a.scorer_id
          AND g.task_id = a.task_id AND g.prefix_len = a.prefix_len
-         AND g.actor = 'expert' AND g.iteration = 0
+         AND g.actor = 'expert'
     JOIN expert_trajectories t ON t.env_id = g.env_id AND t.task_id = g.task_id
          AND t.source = 'gold'
     WHERE x.experiment_id = {exp} AND x.status = 'finished'

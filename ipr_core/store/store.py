@@ -33,7 +33,6 @@ from ipr_core.training.checkpoints import TrainResult, checkpoint_row
 from ipr_core.types import (
     AGENT,
     EXPERT,
-    EXPERT_ITERATION,
     FAILED_STATUSES,
     STEP,
     TRAJECTORY,
@@ -296,15 +295,15 @@ VIEWS: dict[str, str] = {
         FROM pairs p
         JOIN step_rewards s ON s.run_id = p.run_id AND s.task_id = p.task_id
              AND s.prefix_len = p.prefix_len
-             AND ((s.actor = {_EXPERT} AND s.iteration = {EXPERT_ITERATION})
+             AND ((s.actor = {_EXPERT} AND s.iteration <= p.iteration)
                   OR (s.actor = {_AGENT} AND s.iteration = p.iteration))
         JOIN rollouts r ON r.run_id = s.run_id AND r.iteration = s.iteration
              AND r.kind = {_MC} AND r.policy_id = s.scorer_id AND r.task_id = s.task_id
              AND r.prefix_len = s.prefix_len AND r.actor = s.actor
         WHERE p.level = {sql_text(STEP)}""",
     "stage_work": f"""
-        SELECT *, CASE WHEN stage = {sql_text(S.EXPERT_STEP_REWARDS)} THEN 1 ELSE iteration END
-                      AS cost_iteration,
+        SELECT *, CASE WHEN stage = {sql_text(S.EXPERT_STEP_REWARDS)} AND iteration = 0 THEN 1
+                      ELSE iteration END AS cost_iteration,
                CASE WHEN stage IN ({_SCORING}) THEN {_MC}
                     WHEN stage = {sql_text(S.EXPLORE)} THEN {sql_text(RolloutKind.EXPLORE)}
                     WHEN stage IN ({_TRAINING}) THEN 'train'
@@ -604,6 +603,16 @@ class Store:
             [at.run_id, at.iteration, actor, scorer_id],
         )
 
+    def expert_rewards_hash(self, at: At, scorer_id: str) -> str:
+        """What iteration `at.iteration` reads of a run's expert step rewards by a scorer
+        (`expert_reward_map`)."""
+        return self.rows_hash(
+            "step_rewards",
+            "task_id, prefix_len, action, mean_reward, n_samples, n_failed",
+            "run_id = ? AND iteration <= ? AND actor = ? AND scorer_id = ?",
+            [at.run_id, at.iteration, EXPERT, scorer_id],
+        )
+
     def explorations_hash(self, at: At) -> str:
         """What `explorations` returns for a (run, iteration)."""
         return self.rows_hash(
@@ -622,12 +631,20 @@ class Store:
             "WHERE run_id = ? AND scorer_id = ? AND iteration = ? AND actor = ?",
             [run_id, scorer_id, iteration, actor],
         )
-        return {
-            (row.task_id, int(row.prefix_len)): None
-            if _is_null(row.mean_reward)
-            else row.mean_reward
-            for row in frame.itertuples()
-        }
+        return _reward_map(frame)
+
+    def expert_reward_map(
+        self, run_id: str, scorer_id: str, iteration: int
+    ) -> dict[tuple[str, int], float | None]:
+        """The expert step rewards iteration `iteration` can read: scored once under
+        iteration 0, or (`monte_carlo.expert_steps: compared`) under the iteration that
+        first compared an agent step with them."""
+        frame = self.query(
+            "SELECT task_id, prefix_len, mean_reward FROM step_rewards "
+            "WHERE run_id = ? AND scorer_id = ? AND iteration <= ? AND actor = ?",
+            [run_id, scorer_id, iteration, EXPERT],
+        )
+        return _reward_map(frame)
 
     def explorations(
         self, run_id: str, iteration: int, experts: Sequence[Trajectory]
@@ -1277,7 +1294,7 @@ WITH a AS (
     SELECT a.mean_reward AS agent, e.mean_reward AS expert
     FROM step_rewards a
     JOIN step_rewards e ON e.run_id = a.run_id AND e.scorer_id = a.scorer_id
-         AND e.iteration = $expert_iteration AND e.actor = $expert AND e.task_id = a.task_id
+         AND e.actor = $expert AND e.task_id = a.task_id
          AND e.prefix_len = a.prefix_len
     WHERE a.run_id = $run AND a.actor = $agent),
 v AS (
@@ -1292,12 +1309,20 @@ SELECT reward, count(value) AS n, round(min(value), 3) AS min,
        round(avg(value), 3) AS mean
 FROM v GROUP BY reward ORDER BY list_position([$expert, $agent], reward) NULLS LAST
 """
-_QUANTILE_NAMES = {"expert": EXPERT, "agent": AGENT, "expert_iteration": EXPERT_ITERATION}
+_QUANTILE_NAMES = {"expert": EXPERT, "agent": AGENT}
 """Every expert step reward, every agent step reward and the margin at each agent step
 (the expert's step reward at the same prefix minus the agent's)."""
 
 
 # -- row conversion ----------------------------------------------------------------------
+def _reward_map(frame: pd.DataFrame) -> dict[tuple[str, int], float | None]:
+    """(task, prefix length) -> mean reward (None: every rollout failed)."""
+    return {
+        (row.task_id, int(row.prefix_len)): None if _is_null(row.mean_reward) else row.mean_reward
+        for row in frame.itertuples()
+    }
+
+
 def _is_null(value: object) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
