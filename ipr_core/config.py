@@ -205,6 +205,12 @@ class RunConfig(StrictConfig):
     explore_limit: int | None = Field(None, gt=0)
     """Explore from (and score the steps of) the first `explore_limit` of those experts; all
     when unset. SFT is cheap next to exploration and Monte Carlo scoring on a CPU."""
+    cut_explorations: bool = False
+    """End an exploration after an expert prefix at its first action when that action is
+    the expert's (status `cut`, no outcome): no pair compares it (a step pair needs another
+    action; trajectory pairs come from the prefix-0 episodes, never cut), yet playing such
+    episodes to the end of the game was most of an exploration stage's turns. The pairs are
+    those of a run without it."""
     dev_split: str = "dev"
     dev_limit: int = Field(8, gt=0)
     evaluate_base: bool = True

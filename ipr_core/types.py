@@ -11,13 +11,16 @@ from ipr_core.envs.base import EnvTask
 Message = dict[str, str]
 """A chat message: {"role": "system" | "user" | "assistant", "content": str}."""
 
-RolloutStatus = Literal["ok", "max_steps", "env_error", "generation_error", "truncated"]
+RolloutStatus = Literal["ok", "max_steps", "cut", "env_error", "generation_error", "truncated"]
 """ok: the env ended the episode; max_steps: the step bound ended it (its outcome counts);
+cut: the run ended it on purpose after the policy's first action (an exploration that took
+the expert's own action, `cut_explorations`): no outcome, and not a failure;
 env_error: the environment crashed; generation_error: the backend failed;
 truncated: the conversation outgrew the model's context. The last three are failures:
 they carry no outcome reward and are never averaged as 0."""
 
 FAILED_STATUSES: frozenset[str] = frozenset({"env_error", "generation_error", "truncated"})
+NO_OUTCOME_STATUSES: frozenset[str] = FAILED_STATUSES | {"cut"}
 
 Actor = Literal["expert", "agent"]
 EXPERT: Actor = "expert"

@@ -13,6 +13,7 @@ from ipr_core.engine.backends import make_backend
 from ipr_core.engine.backends.base import SamplingParams
 from ipr_core.engine.rollout import EpisodeConfig, RolloutEngine, RolloutSpec
 from ipr_core.errors import InputError
+from ipr_core.method.explore import explore
 from ipr_core.method.step_rewards import StepQuery, estimate_step_rewards
 from ipr_core.run import loop
 from ipr_core.run.context import Engines, RunContext, action_hint
@@ -193,6 +194,37 @@ def test_compared_expert_steps_are_the_ones_mining_reads_and_keep_the_pairs(smok
         )
     assert loop.run_stage(stage, ctx, loop.Iteration(2, sft, sft)).queries == 0
     assert copy.expert_reward_map(config.run_id, scorer, 2) == rewards
+
+
+def test_an_exploration_that_takes_the_experts_action_ends_there_when_cut(
+    smoke_run, tiny_model_path
+):
+    """cut_explorations: an episode after an expert prefix ends at its first action when it
+    is the expert's (status cut, no outcome); every other episode is the one it would be."""
+    config, store, _ = smoke_run
+    experts = store.expert_trajectories(config.env, "train")
+    episode = EpisodeConfig(max_new_tokens=16, max_steps=config.max_steps)
+    with RolloutEngine(config.env, make_backend(tiny_model_path), episode) as engine:
+        full = explore(engine, experts)
+        # the tiny model never takes an expert's action, so nothing is cut...
+        uncut = [e.rollout.trajectory for e in explore(engine, experts, cut=True)]
+        assert uncut == [e.rollout.trajectory for e in full]
+        # ...until the action it takes is the one named: every other later exploration
+        later = [e for e in full if e.prefix_len > 0]
+        cut = [
+            replace(e.rollout.spec, cut_if_action=e.rollout.policy_steps[0].action)
+            if i % 2 == 0
+            else e.rollout.spec
+            for i, e in enumerate(later)
+        ]
+        results = engine.run(cut, temperature=0.0)
+    for i, (exploration, result) in enumerate(zip(later, results, strict=True)):
+        if i % 2:
+            assert result.trajectory == exploration.rollout.trajectory
+            continue
+        assert (result.status, result.outcome_reward) == ("cut", None)
+        whole = exploration.rollout.trajectory.steps
+        assert result.trajectory.steps == whole[: exploration.prefix_len + 1] != whole
 
 
 def test_rerun_changes_no_row_count(smoke_run):

@@ -32,7 +32,14 @@ from ipr_core.agent.react import parse_react
 from ipr_core.engine.backends.base import Completion, PolicyBackend, SamplingParams
 from ipr_core.engine.progress import ProgressFn
 from ipr_core.envs import Env, EnvTask, StepResult, make_env
-from ipr_core.types import Message, RolloutStatus, Step, Trajectory, is_failed
+from ipr_core.types import (
+    NO_OUTCOME_STATUSES,
+    Message,
+    RolloutStatus,
+    Step,
+    Trajectory,
+    same_action,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,9 @@ class RolloutSpec:
     prefix: tuple[str, ...] = ()
     """Assistant turns replayed in the environment before the policy acts."""
     sample_idx: int = 0
+    cut_if_action: str | None = None
+    """End the episode after the policy's first action when it is this one (`same_action`):
+    status `cut`, no outcome."""
 
 
 @dataclass
@@ -273,10 +283,17 @@ class RolloutEngine:
 
     def _record(self, episode: _Episode, step: Step, done: bool) -> None:
         episode.steps.append(step)
+        spec = episode.spec
         if done:
             episode.status = "ok"
         elif len(episode.steps) >= self.max_steps:
             episode.status = "max_steps"
+        elif (
+            spec.cut_if_action is not None
+            and len(episode.steps) == len(spec.prefix) + 1
+            and same_action(step.action, spec.cut_if_action)
+        ):
+            episode.status = "cut"
 
     def _abandon(self, episode: _Episode, running: Future[StepResult], error: str) -> None:
         """A hung step: the episode fails now; its env is closed once the step returns."""
@@ -295,12 +312,11 @@ class RolloutEngine:
         if episode.env is not None:
             self._idle_envs.append(episode.env)
         status = episode.status or "ok"
-        failed = is_failed(status)
         task = episode.task or EnvTask(self.env_id, episode.spec.task_id, "", "", "")
         trajectory = Trajectory(
             task=task,
             steps=tuple(episode.steps),
-            outcome_reward=None if failed else episode.reward,
+            outcome_reward=None if status in NO_OUTCOME_STATUSES else episode.reward,
             status=status,
         )
         return RolloutResult(

@@ -37,16 +37,21 @@ def explore(
     engine: RolloutEngine,
     experts: Sequence[Trajectory],
     from_start_only: bool = False,
+    cut: bool = False,
 ) -> list[Exploration]:
     """The policy's greedy episodes (the method's exploration; the policy alone decides
     them, so they take no seed) after every prefix of each expert trajectory (prefix 0 is
-    its own whole episode); `from_start_only`: prefix 0 alone, all trajectory pairs use."""
+    its own whole episode); `from_start_only`: prefix 0 alone, all trajectory pairs use.
+    `cut`: an episode after a prefix ends at its first action when that is the expert's
+    (status `cut`): no pair compares it, as a step pair needs another action and trajectory
+    pairs come from prefix 0."""
     specs: list[RolloutSpec] = []
     owners: list[tuple[Trajectory, int]] = []
     for expert in experts:
         texts = tuple(step.text for step in expert.steps)
         for j in range(1 if from_start_only else len(texts)):
-            specs.append(RolloutSpec(task_id=expert.task.task_id, prefix=texts[:j]))
+            expert_action = expert.steps[j].action if cut and j > 0 else None
+            specs.append(RolloutSpec(expert.task.task_id, texts[:j], cut_if_action=expert_action))
             owners.append((expert, j))
     results = engine.run(specs, temperature=0.0)
     return [

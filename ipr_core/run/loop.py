@@ -772,7 +772,7 @@ def _explore(ctx: RunContext, it: Iteration) -> Output[Explored]:
     with ExitStack() as stack:
         engine = ctx.engines.engine(stack, it.policy_path, f"explore[{it.number}]")
         for chunk in _expert_chunks(todo, size, from_start_only):
-            explorations = explore(engine, chunk, from_start_only)
+            explorations = explore(engine, chunk, from_start_only, ctx.config.cut_explorations)
             chunk_rows = [
                 rollout_row(
                     e.rollout,
@@ -814,6 +814,7 @@ EXPLORE: Stage[Explored] = Stage(
             it.number,
             scores_steps(ctx),
             config_fields(ctx, *ROLLOUT_FIELDS),
+            *(["cut"] if ctx.config.cut_explorations else []),  # stores before it: unchanged
         ],
         FINGERPRINT_CHARS,
     ),
