@@ -372,6 +372,22 @@ def test_an_experiment_recorded_before_sft_per_seed_resumes_with_one_sft_model(t
         register(store, config)
 
 
+def test_an_experiment_recorded_before_later_run_settings_resumes_at_their_old_value(tmp_path):
+    """Its recorded run settings lack `monte_carlo.expert_steps` and `cut_explorations`
+    (`ADDED_AFTER_STORES`): it ran with `all` and no cut, so those resume; others do not."""
+    from ipr_core.run.experiment import register
+
+    config = load_experiment_config(CONFIG, store=tmp_path / "x.duckdb")
+    recorded = json.loads(config.shared_settings())
+    del recorded["run"]["monte_carlo"]["expert_steps"], recorded["run"]["cut_explorations"]
+    store = Store(config.run.store)
+    store.write({"experiments": [{"experiment_id": "smoke", "config": json.dumps(recorded)}]})
+    register(store, config)
+    run = config.run.model_copy(update={"cut_explorations": True})
+    with pytest.raises(IprError, match=r"\(run.cut_explorations\)"):
+        register(store, config.model_copy(update={"run": run}))
+
+
 def test_a_tuning_experiment_never_evaluates_a_test_task(experiment, tmp_path):
     config, store, *_ = experiment
     copy = Path(shutil.copy(store.path, tmp_path / "tune.duckdb"))

@@ -42,6 +42,7 @@ from ipr_core.errors import InputError, IprError
 from ipr_core.run import loop
 from ipr_core.run.context import Engines, Log, RunContext
 from ipr_core.run.costs import Measured, estimate
+from ipr_core.run.fingerprints import ADDED_AFTER_STORES
 from ipr_core.run.loop import (
     Iterate,
     Iteration,
@@ -210,7 +211,8 @@ def register(store: Store, config: ExperimentConfig) -> None:
     """Record the experiment; a resumed one must keep its shared settings."""
     recorded = store.experiment_settings(config.experiment_id)
     if recorded is not None:
-        before = LEGACY_SETTINGS | flatten(json.loads(recorded))
+        legacy = LEGACY_SETTINGS | flatten({"run": ADDED_AFTER_STORES})
+        before = legacy | flatten(json.loads(recorded))
         now = flatten(json.loads(config.shared_settings()))
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:

@@ -813,8 +813,7 @@ EXPLORE: Stage[Explored] = Stage(
             experts_hash(ctx),
             it.number,
             scores_steps(ctx),
-            config_fields(ctx, *ROLLOUT_FIELDS),
-            *(["cut"] if ctx.config.cut_explorations else []),  # stores before it: unchanged
+            config_fields(ctx, *ROLLOUT_FIELDS, "cut_explorations"),
         ],
         FINGERPRINT_CHARS,
     ),
