@@ -71,7 +71,8 @@ class ScoringJob:
     queries: tuple[StepQuery, ...]
     seed: int
     iteration: int
-    """The loop iteration asking (expert rows are stored under iteration 0 whoever asks)."""
+    """The loop iteration asking (expert rows go under `at`: iteration 0 whoever asks, or the
+    asking iteration with `monte_carlo.expert_steps: compared`)."""
     pairs: tuple[PairContext, ...] | None = None
     """One per query when Monte Carlo may stop early (`monte_carlo.early_stop`)."""
 
@@ -292,8 +293,8 @@ class RunContext:
         return self.scoring(self.engines, job, label)
 
     def seed(self, iteration: int) -> int:
-        """The sampling seed of an iteration: `EXPERT_SEED` for the expert steps (scored
-        once, under iteration 0), `seed * 1000 + k` for iteration k's agent steps."""
+        """The sampling seed of an iteration: `EXPERT_SEED` for the expert steps (whichever
+        iteration scores them), `seed * 1000 + k` for iteration k's agent steps."""
         if iteration == EXPERT_ITERATION:
             return EXPERT_SEED
         return self.config.seed * 1000 + iteration
