@@ -657,11 +657,9 @@ EVALUATE: Stage[Evaluation] = Stage(
 # -- Monte Carlo step rewards of the expert steps -----------------------------------------
 def _expert_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
-    at = _expert_at(ctx, it)
-    compared = None
-    if _compares_only(ctx):
-        compared = pipeline.compared_steps(ctx.store, at, ctx.explored())
-    queries = pipeline.pending_expert_queries(ctx.store, at, scorer_id, ctx.explored(), compared)
+    at, experts = _expert_at(ctx, it), ctx.explored()
+    compared = pipeline.compared_steps(ctx.store, at, experts) if _compares_only(ctx) else None
+    queries = pipeline.pending_expert_queries(ctx.store, at, scorer_id, experts, compared)
     # seeded as iteration 0 whoever asks: a step's samples do not depend on when it is scored
     seed = ctx.seed(EXPERT_ITERATION)
     job = ScoringJob(at, EXPERT, it.scorer_path, tuple(queries), seed, it.number)
