@@ -421,7 +421,7 @@ def test_a_right_aligned_cache_is_zero_wherever_attention_reads_and_no_row_wrote
     """The cache's buffers are not zero-filled whole: where attention reads but no row's
     keys and values went (left pads, columns ahead of the prompts) must still be zero, or a
     masked column's 0 weight times garbage (NaN) poisons the row. Fresh memory is made NaN
-    here, so a region left unwritten shows."""
+    here (every byte 0xFF), so a region left unwritten shows."""
     config = backend.model.config
     heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     layers = config.num_hidden_layers
@@ -431,7 +431,8 @@ def test_a_right_aligned_cache_is_zero_wherever_attention_reads_and_no_row_wrote
 
     rows = [kv(3), kv(5), None]
     empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(255))
+    monkeypatch.setattr(backend, "cache_memory", transformers_backend.CacheMemory())
     cache = backend._right_aligned(rows, 6, 9, "float32")
     monkeypatch.undo()
     for layer in cache.layers:
@@ -441,3 +442,25 @@ def test_a_right_aligned_cache_is_zero_wherever_attention_reads_and_no_row_wrote
             assert torch.equal(tensor[1, :, 1:6], rows[1][0][index])
             assert not tensor[0, :, :3].any() and not tensor[1, :, :1].any()
             assert not tensor[2].any() and not tensor[:, :, 6:].any()
+
+
+def test_reused_cache_memory_leaks_nothing_from_the_batch_it_held_before(
+    tiny_model_path: Path,
+):
+    """Batch caches live in memory kept across passes: a small call after a large one
+    reuses it without growing it, and writes every position it reads. Stale keys and
+    values (NaN here) would change the small call's tokens against a fresh backend's."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    fresh = TransformersBackend(tiny_model_path, max_batch_size=4)
+    expected = [c.text for cs in fresh.generate(CONVERSATIONS, params, seeds=[5, 6, 7]) for c in cs]
+
+    used = TransformersBackend(tiny_model_path, max_batch_size=4)
+    large = [conversation(f"Put the item {k} away.", turns=9) for k in range(8)]
+    used.generate(large, params, seeds=list(range(8)))
+    held = used.cache_memory.bytes
+    with torch.inference_mode():  # the backend's buffers are inference tensors
+        for buffer in used.cache_memory._buffers.values():
+            buffer.fill_(255)  # every float NaN
+    again = used.generate(CONVERSATIONS, params, seeds=[5, 6, 7])
+    assert [c.text for cs in again for c in cs] == expected
+    assert used.cache_memory.bytes == held
