@@ -20,6 +20,12 @@ samples each) are computed three ways on one model:
 Then a and b run greedily on the same queries and their outcomes are compared: they must
 agree, up to a rare batching near-tie. They run in the order a, d, c, b: the limits right
 after the engine, the minutes-long reference last.
+
+On a shared machine the same work takes +-12% from one minute to the next (four back-to-back
+engine runs of `configs/bench.yaml`: 53.7-67.1 s), so one a/d pair measures the machine's
+drift as much as the engine. With `repeats: k`, a and d run k times in turn, each a on a
+fresh backend (a cold prefix cache: the same work), and `fraction_of_hardware` is the lower
+median of the k pairs' fractions, every pair reported.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
@@ -90,6 +96,9 @@ class BenchConfig(BaseModel):
     reference_tasks: int | None = Field(None, gt=0)
     """b runs the queries of the first k tasks only (it is ~6x slower than a); its time is
     compared with a's per rollout. None: every task."""
+    repeats: int = Field(1, gt=0)
+    """a and d run this many times in turn; the report keeps the pair at the lower median
+    of their fractions of the hardware and lists every pair."""
     compare_rows_per_call: int | None = Field(None, gt=0)
     """`--compare` replays the first k rows of each of a's generate calls and scales its time
     by a's tokens over the replayed ones. None: every row."""
@@ -125,32 +134,18 @@ def run_bench(
     queries = _queries(config)
     log(f"{len(queries)} step-reward queries x N={config.n_samples} on {config.env}")
 
-    engine_backend = TransformersBackend(
-        model_path,
-        max_batch_size=config.max_batch_size,
-        prefill_dtype=config.prefill_dtype,
-        decode_dtype=config.decode_dtype,
-        decode_attention=config.decode_attention,
-    )
-    dtypes = engine_backend.prefill_dtype, engine_backend.decode_dtype
-    log("engine dtypes: prefill {}, decode {}".format(*dtypes))
-    reference_backend = TransformersBackend(model_path, max_batch_size=1, cache_tokens=0)
-    work = engine_backend.work_log = WorkLog()  # a's forward passes, replayed by c
-
-    a, a_greedy = _estimate(config, engine_backend, config.max_live_episodes, queries)
-    log(f"a. engine: {a.wall_s:.1f} s")
     # The limits run right after the engine, the minutes-long reference last: on a machine
     # whose speed drifts, a fraction of two phases minutes apart measures the drift too.
-    tail, cached, context = work_contexts(work)
-    hardware = hardware_limit(engine_backend, a, config.sweep_rows, (tail, cached), context)
-    log(f"d. hardware at a's contexts: {hardware['wall_s']:.1f} s")
-    fixed = hardware_limit(
-        engine_backend, a, config.sweep_rows, (config.sweep_context, 0), config.sweep_context
-    )
-    log(f"d. hardware at {config.sweep_context} tokens: {fixed['wall_s']:.1f} s")
+    pairs: list[EnginePair] = []
+    for _ in range(config.repeats):
+        engine_backend = None  # the last repeat's caches go before the next backend loads
+        engine_backend = _engine_backend(config, model_path)  # a cold cache: the same work
+        pairs.append(_engine_and_hardware(config, engine_backend, queries, log))
+    a, a_greedy, work, hardware, fixed = pair = _lower_median(pairs)
     c = bare_model_limit(engine_backend, work)
     log(f"c. limit: {c.wall_s:.1f} s")
     reference_queries = _reference_queries(config, queries)
+    reference_backend = TransformersBackend(model_path, max_batch_size=1, cache_tokens=0)
     b, b_greedy = _estimate(config, reference_backend, 1, reference_queries)
     log(f"b. reference: {b.wall_s:.1f} s for {b.rollouts} rollouts")
 
@@ -173,9 +168,20 @@ def run_bench(
         "prefill_tokens_ratio": (b.prefill_tokens / b.rollouts) / (a.prefill_tokens / a.rollouts),
         "wall_speedup": (b.wall_s / b.rollouts) / (a.wall_s / a.rollouts),
         "fraction_of_limit": c.wall_s / a.wall_s,
-        "work_contexts": {"prefill_tail": tail, "prefill_cached": cached, "decode": context},
+        "work_contexts": dict(
+            zip(("prefill_tail", "prefill_cached", "decode"), work_contexts(work), strict=True)
+        ),
         "hardware": hardware,
-        "fraction_of_hardware": hardware["wall_s"] / a.wall_s,
+        "fraction_of_hardware": pair.fraction,
+        "repeats": [
+            {
+                "engine_wall_s": p.a.wall_s,
+                "hardware_wall_s": p.hardware["wall_s"],
+                "fraction_of_hardware": p.fraction,
+                "engine_tokens": p.a.prefill_tokens + p.a.generated_tokens,
+            }
+            for p in pairs
+        ],
         "hardware_at_fixed_context": fixed,
         "fraction_of_hardware_at_fixed_context": fixed["wall_s"] / a.wall_s,
         "compare": compared,
@@ -186,6 +192,55 @@ def run_bench(
         "greedy_action_agreement": sum(same_actions) / len(same_actions),
         "greedy_rollouts": len(agree),
     }
+
+
+class EnginePair(NamedTuple):
+    """One run of a, then d's two sweeps, on a backend of its own."""
+
+    a: Measurement
+    greedy: list[RolloutResult]
+    work: WorkLog
+    hardware: dict[str, Any]
+    fixed: dict[str, Any]
+
+    @property
+    def fraction(self) -> float:
+        return self.hardware["wall_s"] / self.a.wall_s
+
+
+def _engine_backend(config: BenchConfig, model_path: Path) -> TransformersBackend:
+    return TransformersBackend(
+        model_path,
+        max_batch_size=config.max_batch_size,
+        prefill_dtype=config.prefill_dtype,
+        decode_dtype=config.decode_dtype,
+        decode_attention=config.decode_attention,
+    )
+
+
+def _engine_and_hardware(
+    config: BenchConfig,
+    backend: TransformersBackend,
+    queries: list[StepQuery],
+    log: Callable[[str], None],
+) -> EnginePair:
+    log(f"engine dtypes: prefill {backend.prefill_dtype}, decode {backend.decode_dtype}")
+    work = backend.work_log = WorkLog()  # a's forward passes, replayed by c
+    a, greedy = _estimate(config, backend, config.max_live_episodes, queries)
+    log(f"a. engine: {a.wall_s:.1f} s")
+    tail, cached, context = work_contexts(work)
+    hardware = hardware_limit(backend, a, config.sweep_rows, (tail, cached), context)
+    log(f"d. hardware at a's contexts: {hardware['wall_s']:.1f} s")
+    fixed = hardware_limit(
+        backend, a, config.sweep_rows, (config.sweep_context, 0), config.sweep_context
+    )
+    log(f"d. hardware at {config.sweep_context} tokens: {fixed['wall_s']:.1f} s")
+    return EnginePair(a, greedy, work, hardware, fixed)
+
+
+def _lower_median(pairs: list[EnginePair]) -> EnginePair:
+    """The pair whose fraction of the hardware is the lower median of all pairs'."""
+    return sorted(pairs, key=lambda pair: pair.fraction)[(len(pairs) - 1) // 2]
 
 
 def gold_trajectories(env_id: str, split: str, count: int) -> tuple[list[Trajectory], str]:
@@ -421,6 +476,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"greedy outcome agreement {report['greedy_outcome_agreement']:.2f} "
         f"(actions {report['greedy_action_agreement']:.2f}, {report['greedy_rollouts']} rollouts)"
     )
+    if len(report["repeats"]) > 1:
+        runs = ", ".join(
+            f"{r['fraction_of_hardware']:.2f} "
+            f"({r['hardware_wall_s']:.1f} / {r['engine_wall_s']:.1f} s)"
+            for r in report["repeats"]
+        )
+        lines.append(f"fraction_of_hardware per repeat (d / a): {runs}; reported: the lower median")
     if report["compare"] is not None:
         other = report["compare"]
         lines.append(

@@ -175,6 +175,19 @@ def test_sampling_draws_from_the_tempered_distribution(backend: TransformersBack
     assert abs(Counter(hot)[42] / 2000 - 0.262) < 0.03  # 0.1**0.25 / sum(p**0.25)
 
 
+def test_bfloat16_logits_sample_the_tokens_of_their_float32_values(backend: TransformersBackend):
+    """A bfloat16 decode hands its logits to sampling unconverted: the draws must be those
+    of the same logits in float32, at temperature 1 and at any other."""
+    logits = (torch.randn(256, 500, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    for temperature in (1.0, 0.7, 0.0):
+        params = SamplingParams(temperature=temperature)
+        draws = []
+        for values in (logits, logits.float()):
+            rows = [SimpleNamespace(generator=torch.Generator().manual_seed(k)) for k in range(256)]
+            draws.append(backend._sample(values, rows, params))
+        assert draws[0] == draws[1], temperature
+
+
 def test_greedy_is_identical_across_samples_and_calls(backend: TransformersBackend):
     params = SamplingParams(temperature=0.0, max_new_tokens=12, n=3)
     # the module's backend may or may not hold these prompts already (test order): one call

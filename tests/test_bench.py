@@ -28,6 +28,7 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
                 "prefill_dtype": "bfloat16",
                 "sweep_rows": [2, 4],
                 "sweep_context": 16,
+                "repeats": 2,
             }
         )
     )
@@ -86,6 +87,17 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
             + engine["generated_tokens"] / decode["tokens_per_s"]
         )
         assert report[fraction] == hardware["wall_s"] / engine["wall_s"]
+    # a and d ran twice, each a on a fresh backend: the same work both times; the report
+    # keeps the pair with the lower of the two fractions
+    repeats = report["repeats"]
+    assert len(repeats) == 2
+    assert {r["engine_tokens"] for r in repeats} == {
+        engine["prefill_tokens"] + engine["generated_tokens"]
+    }
+    assert report["fraction_of_hardware"] == min(r["fraction_of_hardware"] for r in repeats)
+    kept = min(repeats, key=lambda r: r["fraction_of_hardware"])
+    assert kept["engine_wall_s"] == engine["wall_s"]
+    assert "per repeat" in done.stdout
     assert 0.0 <= report["greedy_outcome_agreement"] <= 1.0
     assert report["greedy_rollouts"] == 1  # the reference's queries
     assert "fraction_of_hardware" in done.stdout  # the printed table

@@ -539,7 +539,7 @@ class TransformersBackend:
             if self.work_log is not None:
                 self.work_log.decodes.append((len(batch), int(positions.float().mean())))
             live_rows = [rows[batch[j]] for j in live]
-            tokens = self._sample(out.logits[live, -1].float(), live_rows, params)
+            tokens = self._sample(out.logits[live, -1], live_rows, params)
             for j, row, token in zip(live, live_rows, tokens, strict=True):
                 self._append(row, token, params)
                 if row.finish is not None:
@@ -608,10 +608,15 @@ class TransformersBackend:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> list[int]:
         """Greedy, or inverse-CDF sampling of the whole batch at once, each row drawing its
-        uniform from its own generator (so a row's token does not depend on its batch)."""
+        uniform from its own generator (so a row's token does not depend on its batch).
+        Probabilities are float32 whatever the logits' dtype; at temperature 1 the softmax
+        converts as it reads (the same numbers as converting first, one pass fewer over the
+        vocabulary per row and step)."""
         if params.temperature == 0:
             return logits.argmax(dim=-1).tolist()
-        cdf = torch.softmax(logits / params.temperature, dim=-1).cumsum(dim=-1)
+        if params.temperature != 1.0:
+            logits = logits.float() / params.temperature
+        cdf = torch.softmax(logits, dim=-1, dtype=torch.float32).cumsum(dim=-1)
         draws = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
         draws = draws.to(cdf.device)  # CPU generators: the same draws on any device
         targets = (draws * cdf[:, -1])[:, None]  # cdf[:, -1] is 1 up to rounding
