@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -162,6 +163,9 @@ def run_bench(
     return {
         "config": json.loads(config.model_dump_json()),
         "queries": len(queries),
+        # how OpenMP threads wait at barriers (ipr_core sets PASSIVE unless the environment
+        # says otherwise): ~20% of the engine's time on a machine it has to itself
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "engine": asdict(a) | {"tokens_per_s": a.tokens_per_s},
         "reference": asdict(b) | {"tokens_per_s": b.tokens_per_s},
         "limit": asdict(c) | {"tokens_per_s": c.tokens_per_s},

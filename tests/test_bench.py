@@ -1,6 +1,7 @@
 """`ipr bench rollouts` end to end on the tiny model: the three measurements and the ratios."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,11 +38,13 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
         [sys.executable, "-m", "flows.commands", "bench", "rollouts", "--config", config,
          "--out", out],
         capture_output=True, text=True, check=False,
+        env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     engine, reference, limit = report["engine"], report["reference"], report["limit"]
     assert report["queries"] == 2
+    assert report["omp_wait_policy"] == "PASSIVE"  # ipr_core's default, recorded
     assert engine["rollouts"] == 4  # 2 tasks x 1 query x N=2
     assert reference["rollouts"] == 2  # the first task's query only (reference_tasks)
     # the reference re-encodes every turn: it prefills more per rollout than the engine
