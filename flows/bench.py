@@ -163,8 +163,8 @@ def run_bench(
     return {
         "config": json.loads(config.model_dump_json()),
         "queries": len(queries),
-        # how OpenMP threads wait at barriers (ipr_core sets PASSIVE unless the environment
-        # says otherwise): ~20% of the engine's time on a machine it has to itself
+        # how OpenMP threads waited at barriers: ~20% of the engine's time on a machine it
+        # has to itself (`ipr bench rollouts` runs ACTIVE unless the environment says)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "engine": asdict(a) | {"tokens_per_s": a.tokens_per_s},
         "reference": asdict(b) | {"tokens_per_s": b.tokens_per_s},

@@ -13,4 +13,6 @@ import os
 # stays the default, and a run that owns its cores sets OMP_WAIT_POLICY=ACTIVE itself.
 # Read when torch loads its OpenMP runtime, so it is set before anything imports torch;
 # an explicit OMP_WAIT_POLICY in the environment wins.
+OMP_WAIT_FROM_ENVIRONMENT = "OMP_WAIT_POLICY" in os.environ
+"""Whether the environment chose the wait policy (else it is this default)."""
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

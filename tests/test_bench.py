@@ -44,7 +44,7 @@ def test_bench_rollouts_writes_the_three_measurements(tmp_path, tiny_model_path)
     report = json.loads(out.read_text())
     engine, reference, limit = report["engine"], report["reference"], report["limit"]
     assert report["queries"] == 2
-    assert report["omp_wait_policy"] == "PASSIVE"  # ipr_core's default, recorded
+    assert report["omp_wait_policy"] == "ACTIVE"  # a benchmark owns its cores, recorded
     assert engine["rollouts"] == 4  # 2 tasks x 1 query x N=2
     assert reference["rollouts"] == 2  # the first task's query only (reference_tasks)
     # the reference re-encodes every turn: it prefills more per rollout than the engine
