@@ -445,7 +445,7 @@ def test_a_right_aligned_cache_is_zero_wherever_attention_reads_and_no_row_wrote
     rows = [kv(3), kv(5), None]
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(255))
-    monkeypatch.setattr(backend, "cache_memory", transformers_backend.CacheMemory())
+    monkeypatch.setattr(backend, "cache_memory", transformers_backend.CacheMemory("cpu"))
     cache = backend._right_aligned(rows, 6, 9, "float32")
     monkeypatch.undo()
     for layer in cache.layers:

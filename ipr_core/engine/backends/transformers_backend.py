@@ -244,18 +244,19 @@ class CacheMemory:
     only one batch cache lives at a time (a backend prefills, then decodes, one pass after
     the other), and nothing keeps a view of it: rows leave it by copy."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
     def take(
-        self, layer: int, side: int, shape: tuple[int, ...], dtype: torch.dtype, device: str
+        self, layer: int, side: int, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
         """A contiguous, uninitialised tensor of `shape` in this layer's and side's memory;
         it overwrites what the last one held."""
         size = torch.Size(shape).numel() * dtype.itemsize
         buffer = self._buffers.get((layer, side))
-        if buffer is None or buffer.numel() < size or buffer.device.type != device:
-            buffer = torch.empty(size + size // 4, dtype=torch.uint8, device=device)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size + size // 4, dtype=torch.uint8, device=self.device)
             self._buffers[layer, side] = buffer
         return buffer[:size].view(dtype).view(shape)
 
@@ -332,7 +333,7 @@ class TransformersBackend:
         eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
         self.eos_token_ids = sorted({*eos, self.tokenizer.eos_token_id})
         self.prefix_cache = PrefixCache(cache_tokens)
-        self.cache_memory = CacheMemory()
+        self.cache_memory = CacheMemory(device)
         self.work_log: WorkLog | None = None
         """Set to a WorkLog to record forward-pass shapes."""
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
@@ -572,10 +573,9 @@ class TransformersBackend:
         cache = StaticCache(config=config, max_cache_len=total)
         shape = (len(kvs), config.num_key_value_heads, total, head_dim(config))
         shortest = min((0 if kv is None else kv[0][0].shape[1] for kv in kvs), default=0)
-        memory = self.cache_memory
         for layer, buffer in enumerate(cache.layers):
             keys, values = (
-                memory.take(layer, side, shape, DTYPES[dtype], self.device) for side in (0, 1)
+                self.cache_memory.take(layer, side, shape, DTYPES[dtype]) for side in (0, 1)
             )
             buffer.lazy_initialization(keys[:0], values[:0])  # no rows: allocates nothing
             buffer.keys, buffer.values, buffer.batch_size = keys, values, len(kvs)
