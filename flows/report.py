@@ -33,14 +33,14 @@ from flows.stats import (
 )
 from ipr_core.config import read_yaml_mapping
 from ipr_core.errors import InputError
-from ipr_core.run.experiment import ensure_known
+from ipr_core.run.experiment import ExperimentConfig, ensure_known, load_experiment_config
 from ipr_core.store.report_queries import (
     ACTIONS_SQL,
     COMPARED,
-    COSTS_SQL,
     DEV_CURVE_SQL,
     EPISODES_SQL,
     MANIFESTS_SQL,
+    METHOD_COSTS_SQL,
     PAIRS_SQL,
     PER_SEED_SQL,
     RESULTS_SQL,
@@ -108,7 +108,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
     training = run_query(store, TRAINING_STEPS_SQL, experiment_id)
     training_curve = run_query(store, TRAINING_CURVE_SQL, experiment_id)
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
-    costs = run_query(store, COSTS_SQL, experiment_id)
+    costs = run_query(store, METHOD_COSTS_SQL, experiment_id)
     distribution = run_query(store, STEP_REWARD_DISTRIBUTION_SQL, experiment_id)
     overall = run_query(store, STEP_ACCURACY_OVERALL_SQL, experiment_id)
     episodes = run_query(store, EPISODES_SQL, experiment_id)
@@ -134,6 +134,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         f"`{store.path}`. Every table is the result of the SQL query printed under it, "
         'exactly as it was run; paste one into `ipr sql "..." --store '
         f"{store.path}` to check it.",
+        coverage(experiment_id, per_seed.frame),
         "## Settings",
         settings.markdown(),
         "## Test results per method",
@@ -336,6 +337,37 @@ def _literal(text: str) -> str:
     return json.dumps(text)
 
 
+# -- how much of the experiment the report covers ------------------------------------------
+def coverage(experiment_id: str, finished: pd.DataFrame) -> str:
+    """Which of the runs the experiment's committed config plans are finished (`finished`:
+    the per-seed table), so a report made while the experiment runs says so before any
+    number."""
+    path = experiment_config_file(experiment_id)
+    if path is None:
+        return (
+            f"No config under `configs/` has `experiment_id: {experiment_id}`: the runs "
+            "it plans are unknown."
+        )
+    try:
+        config = load_experiment_config(path)
+    except InputError as error:
+        return f"The experiment's config does not load ({error}): the runs it plans are unknown."
+    return coverage_statement(str(path.relative_to(REPO)), config, finished)
+
+
+def coverage_statement(shown: str, config: ExperimentConfig, finished: pd.DataFrame) -> str:
+    planned = [(m, s) for s in config.seeds for m in config.methods]
+    done = set(zip(finished["method"], finished["seed"].astype(int), strict=True))
+    missing = [f"{m} seed {s}" for m, s in planned if (m, s) not in done]
+    if not missing:
+        return f"Every run `{shown}` plans ({len(planned)}: methods x seeds) is finished."
+    return (
+        f"**In progress: {len(planned) - len(missing)} of the {len(planned)} runs `{shown}` "
+        f"plans are finished** (not yet: {', '.join(missing)}). Every table and statement "
+        "below covers the finished runs only: none of it is the experiment's result."
+    )
+
+
 # -- settled before test ----------------------------------------------------------------------
 
 
@@ -465,6 +497,7 @@ def analysis(
         + ", ".join(f"{m} {_fmt(means[m])}" for m in ranking)
         + "."
     )
+    lines.append(success_statement(results))
     for better, worse in ((IPR.name, ETO.name), (ETO.name, SFT.name), (IPR.name, SFT.name)):
         lines.append("- " + compare(better, worse, results, per_seed))
     paper = (IPR.name, ETO.name, SFT.name)
@@ -512,6 +545,21 @@ def analysis(
     else:
         lines.append("- Step rewards: no step was compared against a gold action.")
     return "\n".join(lines)
+
+
+def success_statement(results: pd.DataFrame) -> str:
+    """Games completed per method; where no method completes one, a reward difference is one
+    of the env's partial credit (e.g. points for picking items up), and the report says so."""
+    success = {row.method: _num(row.success_mean) for row in results.itertuples()}
+    shown = ", ".join(f"{m} {_fmt(v)}" for m, v in success.items())
+    line = f"- Success rate (share of test games completed, mean over seeds): {shown}."
+    if all(v == 0 for v in success.values() if v is not None):
+        line += (
+            " No method completes a single test game: every reward difference here is one of "
+            "the game's partial credit, not of games solved (the actions table shows how each "
+            "model earned it)."
+        )
+    return line
 
 
 def _ordering_evidence(paired: pd.DataFrame | None) -> str:

@@ -19,13 +19,14 @@ from ipr_core.run import loop
 from ipr_core.run.context import Engines, RunContext, action_hint
 from ipr_core.run.direct import run_pipeline
 from ipr_core.run.pipeline import ensure_experts, ingest_gold
-from ipr_core.store.store import Store
+from ipr_core.store.store import At, Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.reward_model import (
     RewardModelConfig,
     step_reward_examples,
     train_reward_model,
 )
+from ipr_core.types import AGENT, EXPERT
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = "twx/twc"
@@ -158,7 +159,8 @@ def test_compared_expert_steps_are_the_ones_mining_reads_and_keep_the_pairs(smok
     monte_carlo = config.monte_carlo.model_copy(update={"expert_steps": "compared"})
     compared = config.model_copy(update={"store": copy.path, "monte_carlo": monte_carlo})
     [scorer] = copy.scorer_ids(config.run_id)
-    everything = copy.expert_reward_map(config.run_id, scorer, 0)  # `all`: every expert step
+    # `all`: every expert step
+    everything = copy.step_reward_map(At(config.run_id, 0), EXPERT, scorer)
     # the tiny model's steps differ from every expert step: keep one task's explorations
     kept = min(key[0] for key in everything)
     pair_columns = "level, task_id, prefix_len, chosen, rejected, chosen_reward, rejected_reward"
@@ -176,8 +178,8 @@ def test_compared_expert_steps_are_the_ones_mining_reads_and_keep_the_pairs(smok
     stage = loop.expert_step_rewards(ctx)
 
     scored = loop.run_stage(stage, ctx, first).queries
-    compared_steps = set(copy.step_reward_map(config.run_id, scorer, 1, "agent"))
-    rewards = copy.expert_reward_map(config.run_id, scorer, 1)
+    compared_steps = set(copy.step_reward_map(At(config.run_id, 1), AGENT, scorer))
+    rewards = copy.step_reward_map(At(config.run_id, 1), EXPERT, scorer)
     assert scored == len(rewards) == len(compared_steps) < len(everything)
     assert rewards == {key: everything[key] for key in compared_steps}
     assert copy.count("step_rewards", "actor = 'expert' AND iteration = 1") == scored
@@ -193,7 +195,7 @@ def test_compared_expert_steps_are_the_ones_mining_reads_and_keep_the_pairs(smok
             "WHERE iteration = 1 AND kind = 'explore'"
         )
     assert loop.run_stage(stage, ctx, loop.Iteration(2, sft, sft)).queries == 0
-    assert copy.expert_reward_map(config.run_id, scorer, 2) == rewards
+    assert copy.step_reward_map(At(config.run_id, 2), EXPERT, scorer) == rewards
 
 
 def test_an_exploration_that_takes_the_experts_action_ends_there_when_cut(

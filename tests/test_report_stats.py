@@ -3,6 +3,7 @@ of `ipr report` read off them, and its queries on hand-written stores."""
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from flows.report import (
     Commit,
     analysis,
+    coverage_statement,
     episode_mismatches,
     paired_statements,
     run_query,
@@ -22,8 +24,11 @@ from flows.stats import (
     sign_flip_p,
     verdict,
 )
-from ipr_core.store.report_queries import COSTS_SQL, PAIRS_SQL
+from ipr_core.run.experiment import load_experiment_config
+from ipr_core.store.report_queries import METHOD_COSTS_SQL, PAIRS_SQL
 from ipr_core.store.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_exact_permutation_p_on_five_games():
@@ -200,12 +205,15 @@ def test_analysis_answers_from_the_numbers():
     assert "Does ETO beat SFT on mean test reward? yes: 0.400 vs 0.200 (+0.200)" in text
     assert "IPR > ETO > SFT on mean test reward holds here: no." in text
     assert "The SFT row is the same on every seed" in text  # std 0: one model, greedy
+    assert "Success rate (share of test games completed, mean over seeds): sft 0.000, eto " in text
+    assert "No method completes a single test game" not in text
     assert "moves a run's success rate by 0.250" in text
     assert "ranked the gold action higher in 7 (0.700), tied in 2 and ranked it lower in 1" in text
     per_seed_sft = statements({"sft": [0.2, 0.3], "ipr": [0.3, 0.4]}, {"sft": 0, "ipr": 0}, 4)
     assert "The SFT row is the same on every seed" not in per_seed_sft
     one_seed = statements({"sft": [0.2], "ipr": [0.3]}, {"sft": 0, "ipr": 0}, 4)
     assert "The SFT row is the same on every seed" not in one_seed
+    assert "No method completes a single test game: every reward difference" in one_seed
 
 
 def test_the_ordering_statement_says_which_of_its_steps_the_two_test_rule_shows():
@@ -251,6 +259,23 @@ def test_settled_statements_name_the_commit_before_test_and_flag_later_changes()
     assert settled_statements("configs/x.yaml", None, [_at(8)]) == [
         "`configs/x.yaml` has no commit in git (or git is absent)."
     ]
+
+
+def test_a_report_of_a_running_experiment_says_which_planned_runs_it_lacks():
+    config = load_experiment_config(ROOT / "configs" / "decisive.yaml")
+    planned = [(m, s) for s in config.seeds for m in config.methods]
+    assert len(planned) == 15
+    finished = pd.DataFrame({"method": ["sft", "eto"], "seed": [0, 0]})
+    partial = coverage_statement("configs/decisive.yaml", config, finished)
+    assert partial.startswith(
+        "**In progress: 2 of the 15 runs `configs/decisive.yaml` plans are finished** "
+        "(not yet: ipr seed 0, ipr-no-sdpo seed 0, rft seed 0, sft seed 1,"
+    )
+    assert "none of it is the experiment's result" in partial
+    every = pd.DataFrame(planned, columns=["method", "seed"])
+    assert coverage_statement("c.yaml", config, every) == (
+        "Every run `c.yaml` plans (15: methods x seeds) is finished."
+    )
 
 
 def _finished_run(tmp_path, tables: dict[str, list[dict]]) -> Store:
@@ -322,5 +347,5 @@ def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(t
             "stage_costs": [cost | {"iteration": i} for i in (0, 1)],
         },
     )
-    table = run_query(store, COSTS_SQL, "x").frame.set_index("iteration")
+    table = run_query(store, METHOD_COSTS_SQL, "x").frame.set_index("iteration")
     assert table.loc[1, "dev_gain"] == pytest.approx(0.1)

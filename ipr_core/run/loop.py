@@ -720,7 +720,7 @@ def _expert_fingerprint(ctx: RunContext, it: Iteration) -> str:
         earlier = At(ctx.run_id, it.number - 1)
         inputs += [
             ctx.store.explorations_hash(At(ctx.run_id, it.number)),
-            ctx.store.expert_rewards_hash(earlier, scorer_id),
+            ctx.store.step_rewards_hash(earlier, EXPERT, scorer_id),
         ]
     return digest(inputs, FINGERPRINT_CHARS)
 
@@ -831,7 +831,7 @@ def _agent_step_rewards(ctx: RunContext, it: Iteration) -> Output[StepsScored]:
     pairs = _pair_contexts(ctx, it, explorations, scorer_id) if _stops_early(ctx) else None
     todo = range(len(queries))
     if ctx.chunks is not None and ctx.chunks.resumed:  # the committed chunks' steps are done
-        done = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
+        done = ctx.store.step_reward_map(At(ctx.run_id, it.number), AGENT, scorer_id)
         todo = [i for i, q in enumerate(queries) if (q.task_id, q.prefix_len) not in done]
     job = ScoringJob(
         at,
@@ -856,7 +856,7 @@ def _pair_contexts(
 ) -> tuple[PairContext, ...]:
     """What each agent query's pair decision knows before sampling (`pipeline.agent_queries`
     order): the expert step's reward, both outcomes, whether a step pair is mined there."""
-    experts = ctx.store.expert_reward_map(ctx.run_id, scorer_id, it.number)
+    experts = ctx.store.step_reward_map(At(ctx.run_id, it.number), EXPERT, scorer_id)
     suffix = ctx.config.mining.step_mode == "suffix"
     return tuple(
         PairContext(
@@ -896,7 +896,7 @@ def _early_stop_inputs(ctx: RunContext, it: Iteration) -> list[Any]:
     """What early stopping reads besides the explorations: the mining rule and the expert
     step rewards."""
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
-    expert = ctx.store.expert_rewards_hash(At(ctx.run_id, it.number), scorer_id)
+    expert = ctx.store.step_rewards_hash(At(ctx.run_id, it.number), EXPERT, scorer_id)
     return [config_fields(ctx, "mining"), expert]
 
 
@@ -904,8 +904,8 @@ def _early_stop_inputs(ctx: RunContext, it: Iteration) -> list[Any]:
 def _mine(ctx: RunContext, it: Iteration) -> Output[Mined]:
     scorer_id = ctx.engines.scorer_id(it.scorer_path, it.number)
     explorations = ctx.store.explorations(ctx.run_id, it.number, ctx.explored())
-    expert_rewards = ctx.store.expert_reward_map(ctx.run_id, scorer_id, it.number)
-    agent_rewards = ctx.store.step_reward_map(ctx.run_id, scorer_id, it.number, AGENT)
+    expert_rewards = ctx.store.step_reward_map(At(ctx.run_id, it.number), EXPERT, scorer_id)
+    agent_rewards = ctx.store.step_reward_map(At(ctx.run_id, it.number), AGENT, scorer_id)
     mining = ctx.config.mining
     pairs = mine_pairs(explorations, expert_rewards, agent_rewards, mining, ctx.prompt)
     counts = {"trajectory": 0, "step": 0}
@@ -927,7 +927,7 @@ def _mine_fingerprint(ctx: RunContext, it: Iteration) -> str:
             it.number,
             experts_hash(ctx),
             ctx.store.explorations_hash(At(ctx.run_id, it.number)),
-            ctx.store.expert_rewards_hash(At(ctx.run_id, it.number), scorer_id),
+            ctx.store.step_rewards_hash(At(ctx.run_id, it.number), EXPERT, scorer_id),
             ctx.store.step_rewards_hash(At(ctx.run_id, it.number), AGENT, scorer_id),
             ctx.prompt.action_hint,
             config_fields(ctx, "env", "mining", "prompt"),

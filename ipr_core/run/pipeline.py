@@ -19,7 +19,7 @@ from ipr_core.method.mining import StepKey
 from ipr_core.method.step_rewards import StepQuery, expert_queries
 from ipr_core.run.context import Log, RunContext
 from ipr_core.store.store import At, Row, Store, expert_to_row
-from ipr_core.types import Trajectory
+from ipr_core.types import EXPERT, Trajectory
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def pending_expert_queries(
 ) -> list[StepQuery]:
     """The expert steps this (run, scorer) has not scored by iteration `at.iteration`: all of
     them, or those in `compared` (`monte_carlo.expert_steps: compared`)."""
-    done = store.expert_reward_map(at.run_id, scorer_id, at.iteration)
+    done = store.step_reward_map(at, EXPERT, scorer_id)
     return [
         query
         for expert in experts

@@ -98,6 +98,17 @@ ORDER BY list_position({PAPER_ORDER}, x.method), d.iteration
 """
 
 
+TRAINED_PAIRS_SQL = f"""
+SELECT s.run_id, s.iteration,
+       CASE WHEN json_valid(c.metrics)
+            THEN TRY_CAST(c.metrics->>'n_pairs' AS INTEGER) END AS n_pairs
+FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id'
+WHERE s.stage = '{StageName.TRAIN_MIXTURE}'
+"""
+"""The pairs each completed mixture stage trained on, from the metrics of the checkpoint its
+record names (NULL where an older store's metrics do not count them, or are not JSON)."""
+
+
 PAIRS_SQL = f"""
 WITH iterations AS (
     SELECT x.method, x.run_id, g.iteration
@@ -111,11 +122,7 @@ mined AS (
            count(*) FILTER (WHERE level = 'trajectory') AS trajectory_pairs,
            count(*) FILTER (WHERE level = 'step') AS step_pairs
     FROM pairs GROUP BY run_id, iteration),
-trained AS (
-    SELECT s.run_id, s.iteration,
-           CAST(json_extract(c.metrics, '$.n_pairs') AS INTEGER) AS n_pairs
-    FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id'
-    WHERE s.stage = '{StageName.TRAIN_MIXTURE}')
+trained AS ({TRAINED_PAIRS_SQL})
 SELECT i.method, i.iteration, count(*) AS seeds,
        sum(coalesce(m.trajectory_pairs, 0)) AS trajectory_pairs,
        sum(coalesce(m.step_pairs, 0)) AS step_pairs,
@@ -165,7 +172,7 @@ ORDER BY list_position({PAPER_ORDER}, x.method), s.iteration, t.step
 """Every optimizer step of the mixture, averaged over seeds: the training-steps figure (the
 steps of the checkpoint each mixture stage names, as in `TRAINING_STEPS_SQL`)."""
 
-COSTS_SQL = f"""
+METHOD_COSTS_SQL = f"""
 WITH member AS (
     SELECT x.method, x.run_id, json_extract_string(e.config, '$.run.dev_split') AS dev_split
     FROM experiment_runs x JOIN experiments e USING (experiment_id)

@@ -29,6 +29,7 @@ from ipr_core.envs.base import EnvTask
 from ipr_core.errors import InputError, IprError, UnknownEnvError
 from ipr_core.method.explore import Exploration
 from ipr_core.method.step_rewards import StepReward
+from ipr_core.store.report_queries import TRAINED_PAIRS_SQL
 from ipr_core.training.checkpoints import TrainResult, checkpoint_row
 from ipr_core.types import (
     AGENT,
@@ -595,22 +596,14 @@ class Store:
         return digest([table, frame.to_json(orient="values", double_precision=15)], 32)
 
     def step_rewards_hash(self, at: At, actor: str, scorer_id: str) -> str:
-        """What mining reads of a (run, iteration, actor, scorer)'s step rewards."""
+        """What iteration `at.iteration` reads of a run's step rewards by an actor and a scorer
+        (`step_reward_map`): mining's input, and a stage fingerprint's."""
+        where, params = _step_rewards_at(at, actor, scorer_id)
         return self.rows_hash(
             "step_rewards",
             "task_id, prefix_len, action, mean_reward, n_samples, n_failed",
-            "run_id = ? AND iteration = ? AND actor = ? AND scorer_id = ?",
-            [at.run_id, at.iteration, actor, scorer_id],
-        )
-
-    def expert_rewards_hash(self, at: At, scorer_id: str) -> str:
-        """What iteration `at.iteration` reads of a run's expert step rewards by a scorer
-        (`expert_reward_map`)."""
-        return self.rows_hash(
-            "step_rewards",
-            "task_id, prefix_len, action, mean_reward, n_samples, n_failed",
-            "run_id = ? AND iteration <= ? AND actor = ? AND scorer_id = ?",
-            [at.run_id, at.iteration, EXPERT, scorer_id],
+            where,
+            params,
         )
 
     def explorations_hash(self, at: At) -> str:
@@ -623,26 +616,13 @@ class Store:
         )
 
     def step_reward_map(
-        self, run_id: str, scorer_id: str, iteration: int, actor: str
+        self, at: At, actor: str, scorer_id: str
     ) -> dict[tuple[str, int], float | None]:
-        """(task, prefix length) -> mean reward (None: every rollout failed)."""
+        """(task, prefix length) -> mean reward (None: every rollout failed) of the step
+        rewards iteration `at.iteration` reads."""
+        where, params = _step_rewards_at(at, actor, scorer_id)
         frame = self.query(
-            "SELECT task_id, prefix_len, mean_reward FROM step_rewards "
-            "WHERE run_id = ? AND scorer_id = ? AND iteration = ? AND actor = ?",
-            [run_id, scorer_id, iteration, actor],
-        )
-        return _reward_map(frame)
-
-    def expert_reward_map(
-        self, run_id: str, scorer_id: str, iteration: int
-    ) -> dict[tuple[str, int], float | None]:
-        """The expert step rewards iteration `iteration` can read: scored once under
-        iteration 0, or (`monte_carlo.expert_steps: compared`) under the iteration that
-        first compared an agent step with them."""
-        frame = self.query(
-            "SELECT task_id, prefix_len, mean_reward FROM step_rewards "
-            "WHERE run_id = ? AND scorer_id = ? AND iteration <= ? AND actor = ?",
-            [run_id, scorer_id, iteration, EXPERT],
+            f"SELECT task_id, prefix_len, mean_reward FROM step_rewards WHERE {where}", params
         )
         return _reward_map(frame)
 
@@ -763,15 +743,8 @@ class Store:
 
     def trained_pairs(self) -> pd.DataFrame:
         """run_id, iteration, n_pairs: the pairs each completed mixture stage trained on
-        (from the metrics of the checkpoint its record names; NULL where an older store's
-        metrics do not count them, or are not JSON: an estimate then does without them)."""
-        return self.query(
-            "SELECT s.run_id, s.iteration, CASE WHEN json_valid(c.metrics) "
-            "THEN TRY_CAST(c.metrics->>'n_pairs' AS INTEGER) END AS n_pairs "
-            "FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id' "
-            "WHERE s.stage = ? ORDER BY ALL",
-            [S.TRAIN_MIXTURE],
-        )
+        (`TRAINED_PAIRS_SQL`; an estimate does without the NULLs)."""
+        return self.query(f"{TRAINED_PAIRS_SQL} ORDER BY ALL")
 
     def run_configs(self) -> dict[str, str]:
         """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
@@ -792,7 +765,7 @@ class Store:
         """Per iteration and in total: what the stages cost, per pair mined and per point
         (0.01) of dev reward gained, and the shares of time by kind of work."""
         kinds = {kind.name.lower(): kind for kind in RolloutKind}
-        return self.query(COSTS_SQL, {"run": run_id, "dev": dev_split, **kinds})
+        return self.query(RUN_COSTS_SQL, {"run": run_id, "dev": dev_split, **kinds})
 
     def step_reward_quantiles(self, run_id: str) -> pd.DataFrame:
         """Quantiles of the expert and agent step rewards and of their margin (expert minus
@@ -1243,7 +1216,7 @@ _SUMMARY_NAMES = {
 }
 
 
-COSTS_SQL = """
+RUN_COSTS_SQL = """
 WITH c AS (
     SELECT cost_iteration AS iteration, wall_s, cpu_s, gpu_s, peak_rss_mb, prefill_tokens,
            generated_tokens, trained_tokens, rollouts, env_steps, work
@@ -1315,6 +1288,16 @@ _QUANTILE_NAMES = {"expert": EXPERT, "agent": AGENT}
 
 
 # -- row conversion ----------------------------------------------------------------------
+def _step_rewards_at(at: At, actor: str, scorer_id: str) -> tuple[str, list[Any]]:
+    """The step rewards of an actor an iteration reads: the agent's are its own iteration's;
+    the expert's are scored once, under iteration 0 (`monte_carlo.expert_steps: all`) or under
+    the iteration that first compared an agent step with them (`compared`), so every later
+    iteration reads them too."""
+    iteration = "iteration <= ?" if actor == EXPERT else "iteration = ?"
+    where = f"run_id = ? AND {iteration} AND actor = ? AND scorer_id = ?"
+    return where, [at.run_id, at.iteration, actor, scorer_id]
+
+
 def _reward_map(frame: pd.DataFrame) -> dict[tuple[str, int], float | None]:
     """(task, prefix length) -> mean reward (None: every rollout failed)."""
     return {
