@@ -639,8 +639,9 @@ def _interval(row: Any, a: str, b: str, what: str) -> str:
 
 
 def compare(better: str, worse: str, results: pd.DataFrame, per_seed: pd.DataFrame) -> str:
-    """'Does `better` beat `worse` on mean test reward', answered with the margin, the seed
-    ranges and the per-seed wins (seeds pair the runs: same seed, same iteration-1 data)."""
+    """Is `better`'s mean test reward above `worse`'s, answered with the margin, the seed
+    ranges and the per-seed wins (seeds pair the runs: same seed, same iteration-1 data);
+    "beats" is kept for the two-test rule's verdicts."""
     rows = {row.method: row for row in results.itertuples()}
     if better not in rows or worse not in rows:
         missing = [m for m in (better, worse) if m not in rows]
@@ -659,10 +660,15 @@ def compare(better: str, worse: str, results: pd.DataFrame, per_seed: pd.DataFra
         paired = len(both)
         wins = int((both[better] > both[worse]).sum())
         ties = int((both[better] == both[worse]).sum())
+    spread = (
+        "one seed: no seed range to compare."
+        if min(int(b.seeds), int(w.seeds)) < 2
+        else "the seed ranges " + ("overlap." if overlap else "do not overlap.")
+    )
     return (
-        f"Does {better.upper()} beat {worse.upper()} on mean test reward? {verdict}: "
+        f"Is {better.upper()}'s mean test reward above {worse.upper()}'s? {verdict}: "
         f"{_fmt(mean_b)} vs {_fmt(mean_w)} ({_signed(delta)}); higher on {wins} of {paired} "
-        f"seeds ({ties} tied); the seed ranges " + ("overlap." if overlap else "do not overlap.")
+        f"seeds ({ties} tied); {spread}"
     )
 
 

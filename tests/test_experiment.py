@@ -221,7 +221,7 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     ipr = runs[runs["method"] == "ipr"]["test_reward"].mean()
     ipr_row = next(line for line in results_table.splitlines() if line.startswith("| ipr |"))
     assert float(ipr_row.split("|")[3]) == pytest.approx(ipr, abs=1e-3)
-    assert "Does IPR beat ETO on mean test reward? " in text
+    assert "Is IPR's mean test reward above ETO's? " in text
     manifests = blocks[-1][0].strip().splitlines()
     assert manifests[0].startswith("| method | seed | run_id | recorded | model_id | packages")
     assert len(manifests) == 2 + 6  # one manifest per run

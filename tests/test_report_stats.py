@@ -200,9 +200,9 @@ def test_analysis_answers_from_the_numbers():
         {"sft": 0.0, "eto": 0.25, "ipr": 0.25},
         tasks=4,
     )
-    assert "Does IPR beat ETO on mean test reward? no: 0.350 vs 0.400 (-0.050)" in text
+    assert "Is IPR's mean test reward above ETO's? no: 0.350 vs 0.400 (-0.050)" in text
     assert "higher on 0 of 2 seeds (1 tied)" in text
-    assert "Does ETO beat SFT on mean test reward? yes: 0.400 vs 0.200 (+0.200)" in text
+    assert "Is ETO's mean test reward above SFT's? yes: 0.400 vs 0.200 (+0.200)" in text
     assert "IPR > ETO > SFT on mean test reward holds here: no." in text
     assert "The SFT row is the same on every seed" in text  # std 0: one model, greedy
     assert "Success rate (share of test games completed, mean over seeds): sft 0.000, eto " in text
@@ -213,6 +213,7 @@ def test_analysis_answers_from_the_numbers():
     assert "The SFT row is the same on every seed" not in per_seed_sft
     one_seed = statements({"sft": [0.2], "ipr": [0.3]}, {"sft": 0, "ipr": 0}, 4)
     assert "The SFT row is the same on every seed" not in one_seed
+    assert "higher on 1 of 1 seeds (0 tied); one seed: no seed range to compare." in one_seed
     assert "No method completes a single test game: every reward difference" in one_seed
 
 
