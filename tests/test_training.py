@@ -503,11 +503,12 @@ def test_an_experiment_export_keeps_what_its_unfinished_work_starts_from(
 
 
 def test_a_snapshot_of_a_store_resumes_on_a_fresh_machine(
-    tiny_model_path: Path, tmp_path: Path
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`ipr snapshot`: the store's copy and, beside it, the checkpoints its experiment's resume
     needs, read from the copy; a fresh cache rebuilds them from the snapshot alone. A
-    misspelt experiment writes nothing."""
+    misspelt experiment writes nothing, and so does a snapshot that could not resume (a
+    needed checkpoint neither here nor exported before)."""
     lora = {"enabled": True, "r": 4, "alpha": 8}
     settings = SFTConfig(epochs=1, batch_size=2, max_length=1024, lora=lora)
     sft = train_sft(tiny_model_path, [_expert(0)], PROMPT, settings, tmp_path / "checkpoints")
@@ -542,6 +543,17 @@ def test_a_snapshot_of_a_store_resumes_on_a_fresh_machine(
     again = fresh / "checkpoints" / sft.checkpoint_id / "model"
     for name in (p.name for p in sft.path.iterdir()):
         assert (again / name).read_bytes() == (sft.path / name).read_bytes(), name
+
+    sft.path.parent.rename(tmp_path / "moved")  # e.g. run from another directory
+    capsys.readouterr()
+    elsewhere = ["snapshot", "--store", str(store.path), "--to", str(tmp_path / "b" / "x.duckdb")]
+    assert commands.main([*elsewhere, "--experiment", "x"]) == 2
+    assert "1 checkpoint(s) a resume of experiment 'x' needs are neither on this machine" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "b").exists()
+    assert commands.main([*args, "x"]) == 0  # its earlier export holds it: kept
+    assert [p.name for p in folder.iterdir()] == [sft.checkpoint_id]
 
 
 def test_importing_a_checkpoint_whose_parent_is_unknown_names_the_file_and_field(

@@ -36,6 +36,7 @@ def export_checkpoints(
     here or without an adapter)."""
     if experiment_id is not None:
         ensure_known(store, experiment_id)  # a misspelt id must not empty `to`
+        refuse_incomplete(store, experiment_id, to)  # nor a directory the paths miss
     wanted = None if experiment_id is None else resume_checkpoints(store, experiment_id)
     if wanted is not None and to.is_dir():
         for folder in to.iterdir():
@@ -58,10 +59,11 @@ def snapshot(
     a consistent copy at `target` and, in `checkpoints_beside(target)`, the checkpoints
     `export_checkpoints` picks, read from the copy so that the two agree. Returns the
     checkpoints' folder, exported and skipped."""
-    if experiment_id is not None:
-        ensure_known(store, experiment_id)  # before anything is written
-    copy = Store(store.copy_to(target), read_only=True)
     folder = checkpoints_beside(target)
+    if experiment_id is not None:  # before anything is written
+        ensure_known(store, experiment_id)
+        refuse_incomplete(store, experiment_id, folder)
+    copy = Store(store.copy_to(target), read_only=True)
     return folder, *export_checkpoints(copy, folder, experiment_id)
 
 
@@ -85,6 +87,30 @@ def resume_checkpoints(store: Store, experiment_id: str) -> set[str]:
             needed.add(checkpoint)
             checkpoint = parents[checkpoint]
     return needed
+
+
+def refuse_incomplete(store: Store, experiment_id: str, to: Path) -> None:
+    """Refuse an export that could not resume the experiment: a checkpoint its resume needs
+    that this machine lacks (a store's checkpoint folders are recorded relative to the
+    directory the run ran in, so a command run elsewhere finds none) and that `to` does not
+    hold from an earlier export."""
+    folders = {
+        r.checkpoint_id: Path(r.path).parent for r in store.checkpoint_records().itertuples()
+    }
+    lost = sorted(
+        checkpoint
+        for checkpoint in resume_checkpoints(store, experiment_id)
+        if not (folders[checkpoint] / COMPLETE_MARKER).exists()
+        and not (to / checkpoint / RESULT_FILE).is_file()
+    )
+    if lost:
+        raise InputError(
+            str(store.path),
+            f"{len(lost)} checkpoint(s) a resume of experiment {experiment_id!r} needs are "
+            f"neither on this machine nor exported in {to}: {' '.join(lost)} (recorded at "
+            f"{folders[lost[0]]}, relative to the directory the run ran in); nothing written",
+            field="checkpoints",
+        )
 
 
 def import_checkpoints(store: Store, packed_root: Path, cache_dir: Path) -> list[str]:
