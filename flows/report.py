@@ -553,7 +553,8 @@ def success_statement(results: pd.DataFrame) -> str:
     success = {row.method: _num(row.success_mean) for row in results.itertuples()}
     shown = ", ".join(f"{m} {_fmt(v)}" for m, v in success.items())
     line = f"- Success rate (share of test games completed, mean over seeds): {shown}."
-    if all(v == 0 for v in success.values() if v is not None):
+    known = [v for v in success.values() if v is not None]
+    if known and all(v == 0 for v in known):
         line += (
             " No method completes a single test game: every reward difference here is one of "
             "the game's partial credit, not of games solved (the actions table shows how each "

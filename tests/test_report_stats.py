@@ -215,6 +215,8 @@ def test_analysis_answers_from_the_numbers():
     assert "The SFT row is the same on every seed" not in one_seed
     assert "higher on 1 of 1 seeds (0 tied); one seed: no seed range to compare." in one_seed
     assert "No method completes a single test game: every reward difference" in one_seed
+    unknown = statements({"sft": [0.2], "ipr": [0.3]}, {"sft": None, "ipr": None}, 4)
+    assert "No method completes a single test game" not in unknown  # no success measured
 
 
 def test_the_ordering_statement_says_which_of_its_steps_the_two_test_rule_shows():
