@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from ipr_core import OMP_WAIT_FROM_ENVIRONMENT
 from ipr_core.config import RunConfig, read_yaml_mapping
 from ipr_core.errors import IprError, raised_by_interrupt
 
@@ -40,7 +42,6 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
 
 def quiet_libraries() -> None:
     """Progress bars and advice from the ML libraries drown the pipeline's own log."""
-    import os
     import warnings
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,11 +63,7 @@ def own_the_cores() -> None:
     its OpenMP threads spin at barriers (ACTIVE) there: ~20% faster than ipr's PASSIVE
     default on cores a process owns (docs/benchmarks.md). A policy the environment chose
     wins; once torch has loaded its OpenMP runtime, the policy it read stays."""
-    import os
-
-    import ipr_core
-
-    if not ipr_core.OMP_WAIT_FROM_ENVIRONMENT and "torch" not in sys.modules:
+    if not OMP_WAIT_FROM_ENVIRONMENT and "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
 
 
