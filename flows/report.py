@@ -152,7 +152,9 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         curve.markdown(),
         "## Pairs per iteration",
         "Pairs mined per iteration, summed over seeds; `pairs_trained_on` counts those the "
-        "method's loss used (ETO drops step pairs, as its loss has no step term). The methods "
+        "method's loss used (ETO drops step pairs, as its loss has no step term) and "
+        "`pairs_dropped` those it left out as longer than `max_length` even without their "
+        "oldest turns. The methods "
         "of a seed that explore alike share iteration 1's explorations and pairs: IPR and its "
         "ablations explore from every expert prefix, ETO each task from its start.",
         pairs.markdown(),

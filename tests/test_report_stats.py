@@ -305,14 +305,14 @@ def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stag
     tmp_path,
 ):
     """An iteration evaluated with two models (its mixture redone with other inputs) is one
-    iteration of one seed, and the pairs trained on are those of the checkpoint its mixture
-    stage names; a checkpoint another run trained first (so its row names that run) counts
-    for this run too."""
+    iteration of one seed, and the pairs trained on (and dropped) are those of the checkpoint
+    its mixture stage names; a checkpoint another run trained first (so its row names that
+    run) counts for this run too."""
 
     def checkpoint(checkpoint_id: str, run_id: str, pairs: int) -> dict:
         return {"checkpoint_id": checkpoint_id, "kind": "mixture", "path": "/m",
                 "run_id": run_id, "iteration": 1, "config": "{}",
-                "metrics": json.dumps({"n_pairs": pairs})}  # fmt: skip
+                "metrics": json.dumps({"n_pairs": pairs, "n_dropped": pairs - 5})}  # fmt: skip
 
     store = _finished_run(
         tmp_path,
@@ -326,7 +326,9 @@ def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stag
         },
     )
     pairs = run_query(store, PAIRS_SQL, "x").frame
-    assert pairs[["iteration", "seeds", "pairs_trained_on"]].values.tolist() == [[1, 1, 7]]
+    assert pairs[["iteration", "seeds", "pairs_trained_on", "pairs_dropped"]].values.tolist() == [
+        [1, 1, 7, 2]
+    ]
 
 
 def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(tmp_path):

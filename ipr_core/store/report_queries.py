@@ -101,12 +101,15 @@ ORDER BY list_position({PAPER_ORDER}, x.method), d.iteration
 TRAINED_PAIRS_SQL = f"""
 SELECT s.run_id, s.iteration,
        CASE WHEN json_valid(c.metrics)
-            THEN TRY_CAST(c.metrics->>'n_pairs' AS INTEGER) END AS n_pairs
+            THEN TRY_CAST(c.metrics->>'n_pairs' AS INTEGER) END AS n_pairs,
+       CASE WHEN json_valid(c.metrics)
+            THEN TRY_CAST(c.metrics->>'n_dropped' AS INTEGER) END AS n_dropped
 FROM stage_runs s JOIN checkpoints c ON c.checkpoint_id = s.result->>'checkpoint_id'
 WHERE s.stage = '{StageName.TRAIN_MIXTURE}'
 """
-"""The pairs each completed mixture stage trained on, from the metrics of the checkpoint its
-record names (NULL where an older store's metrics do not count them, or are not JSON)."""
+"""The pairs each completed mixture stage trained on, and those it dropped as longer than
+`max_length` even without their oldest turns, from the metrics of the checkpoint its record
+names (NULL where an older store's metrics do not count them, or are not JSON)."""
 
 
 PAIRS_SQL = f"""
@@ -126,7 +129,8 @@ trained AS ({TRAINED_PAIRS_SQL})
 SELECT i.method, i.iteration, count(*) AS seeds,
        sum(coalesce(m.trajectory_pairs, 0)) AS trajectory_pairs,
        sum(coalesce(m.step_pairs, 0)) AS step_pairs,
-       sum(coalesce(t.n_pairs, 0)) AS pairs_trained_on
+       sum(coalesce(t.n_pairs, 0)) AS pairs_trained_on,
+       sum(coalesce(t.n_dropped, 0)) AS pairs_dropped
 FROM iterations i
 LEFT JOIN mined m USING (run_id, iteration)
 LEFT JOIN trained t USING (run_id, iteration)

@@ -744,7 +744,9 @@ class Store:
     def trained_pairs(self) -> pd.DataFrame:
         """run_id, iteration, n_pairs: the pairs each completed mixture stage trained on
         (`TRAINED_PAIRS_SQL`; an estimate does without the NULLs)."""
-        return self.query(f"{TRAINED_PAIRS_SQL} ORDER BY ALL")
+        return self.query(
+            f"SELECT run_id, iteration, n_pairs FROM ({TRAINED_PAIRS_SQL}) ORDER BY ALL"
+        )
 
     def run_configs(self) -> dict[str, str]:
         """run id -> its config (JSON) as `loop.prepare_run` recorded it."""
