@@ -37,6 +37,7 @@ from ipr_core.run.experiment import ExperimentConfig, ensure_known, load_experim
 from ipr_core.store.report_queries import (
     ACTIONS_SQL,
     COMPARED,
+    DEV_ACTIONS_SQL,
     DEV_CURVE_SQL,
     EPISODES_SQL,
     MANIFESTS_SQL,
@@ -104,6 +105,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
     results = run_query(store, RESULTS_SQL, experiment_id)
     per_seed = run_query(store, PER_SEED_SQL, experiment_id)
     curve = run_query(store, DEV_CURVE_SQL, experiment_id)
+    dev_actions = run_query(store, DEV_ACTIONS_SQL, experiment_id)
     pairs = run_query(store, PAIRS_SQL, experiment_id)
     training = run_query(store, TRAINING_STEPS_SQL, experiment_id)
     training_curve = run_query(store, TRAINING_CURVE_SQL, experiment_id)
@@ -150,6 +152,11 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         "evaluated); error bars span min-max over seeds.",
         f"![dev reward by iteration]({plot.name})",
         curve.markdown(),
+        "### Actions on the dev games by iteration",
+        "What each iteration's model did on the dev games: the share of its actions by first "
+        "word, pooled over seeds (failed episodes left out). A jump in the dev curve shows "
+        "here as a change in what the model does.",
+        dev_actions.markdown(),
         "## Pairs per iteration",
         "Pairs mined per iteration, summed over seeds; `pairs_trained_on` counts those the "
         "method's loss used (ETO drops step pairs, as its loss has no step term) and "

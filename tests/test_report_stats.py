@@ -25,7 +25,7 @@ from flows.stats import (
     verdict,
 )
 from ipr_core.run.experiment import load_experiment_config
-from ipr_core.store.report_queries import METHOD_COSTS_SQL, PAIRS_SQL
+from ipr_core.store.report_queries import DEV_ACTIONS_SQL, METHOD_COSTS_SQL, PAIRS_SQL
 from ipr_core.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,3 +354,34 @@ def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(t
     )
     table = run_query(store, METHOD_COSTS_SQL, "x").frame.set_index("iteration")
     assert table.loc[1, "dev_gain"] == pytest.approx(0.1)
+
+
+def test_the_dev_actions_table_counts_each_iterations_dev_episodes_by_verb(tmp_path):
+    """Per iteration, the verbs of the dev episodes: the tested iteration's test episodes
+    (same run, iteration and policy) and failed episodes are left out."""
+
+    def episode(iteration: int, policy_id: str, task_id: str, actions: list[str],
+                status: str = "ok") -> dict:  # fmt: skip
+        steps = json.dumps([{"action": a} for a in actions])
+        return {"run_id": "r", "iteration": iteration, "kind": "eval", "env_id": "e",
+                "task_id": task_id, "prefix_len": 0, "actor": "agent", "sample_idx": 0,
+                "policy_id": policy_id, "status": status, "n_steps": len(actions),
+                "steps": steps, "prefill_tokens": 0, "generated_tokens": 0, "env_steps": 0,
+                "parse_failures": 0}  # fmt: skip
+
+    test = {"run_id": "r", "iteration": 1, "split": "test", "policy_id": "m1", "n_tasks": 1,
+            "n_failed": 0, "avg_reward": 0.0}  # fmt: skip
+    store = _finished_run(
+        tmp_path,
+        {
+            "evaluations": [_dev_evaluation(0, "sft", 0.2), _dev_evaluation(1, "m1", 0.4), test],
+            "rollouts": [
+                episode(0, "sft", "dev-a", ["take apple", "put apple in box"]),
+                episode(0, "sft", "dev-b", ["open door"], status="env_error"),
+                episode(1, "m1", "dev-a", ["move north", "Move south", "take key"]),
+                episode(1, "m1", "test-a", ["open box"]),
+            ],
+        },
+    )
+    rows = run_query(store, DEV_ACTIONS_SQL, "x").frame.values.tolist()
+    assert rows == [["ipr", 0, 2, "put 0.50, take 0.50"], ["ipr", 1, 3, "move 0.67, take 0.33"]]

@@ -315,10 +315,7 @@ FAILED_LIST = "(" + ", ".join(f"'{s}'" for s in sorted(FAILED_STATUSES)) + ")"
 """The rollout statuses of failed episodes (no outcome; left out, never scored 0)."""
 
 
-TEST_EPISODES_CTES = f"""
-member AS (
-    SELECT method, seed, run_id, best_iteration, test_policy_id FROM experiment_runs
-    WHERE experiment_id = {{exp}} AND status = 'finished'),
+DEV_TASKS_CTE = """
 dev_tasks AS (
     SELECT DISTINCT r.task_id
     FROM experiment_runs x JOIN experiments e USING (experiment_id)
@@ -331,7 +328,18 @@ dev_tasks AS (
         WHERE t.run_id = d.run_id AND t.iteration = d.iteration
           AND t.policy_id = d.policy_id
           AND t.split = json_extract_string(e.config, '$.test_split'))
-      AND x.experiment_id = {{exp}}),
+      AND x.experiment_id = {exp})"""
+"""The tasks of the experiment's dev split. Rollouts carry no split and a model's dev and
+test episodes share (run, iteration, policy), so the dev tasks are learnt from dev
+evaluations with no test evaluation beside them (a trained run's iteration 0, in any run of
+the experiment, finished or not)."""
+
+
+TEST_EPISODES_CTES = f"""
+member AS (
+    SELECT method, seed, run_id, best_iteration, test_policy_id FROM experiment_runs
+    WHERE experiment_id = {{exp}} AND status = 'finished'),
+{DEV_TASKS_CTE},
 tested AS (
     SELECT m.method, m.seed, r.*
     FROM member m
@@ -342,12 +350,10 @@ episodes AS (
     SELECT method, seed, task_id AS game_id, status IN {FAILED_LIST} AS failed,
            coalesce(outcome_reward, 0) AS reward, n_steps AS steps
     FROM tested)"""
-"""The test episodes of each finished run's tested model. Rollouts carry no split and a
-model's dev and test episodes share (run, iteration, policy), so the dev tasks are learnt
-from dev evaluations with no test evaluation beside them (a trained run's iteration 0, in
-any run of the experiment, finished or not); `episode_mismatches` checks the result against
-the evaluations. Each test task is a game: splits hold each game once, by the game's
-content (`ipr_core.envs.games`). Transcripts cannot tell games apart (an agent that never
+"""The test episodes of each finished run's tested model: its episodes outside the dev
+tasks (`DEV_TASKS_CTE`); `episode_mismatches` checks the result against the evaluations.
+Each test task is a game: splits hold each game once, by the game's content
+(`ipr_core.envs.games`). Transcripts cannot tell games apart (an agent that never
 leaves the first room writes the same transcript in two games that differ beyond it), so
 they are only checked (`SAME_TRANSCRIPTS_SQL`), never used to merge tasks."""
 
@@ -365,16 +371,17 @@ ORDER BY list_position({PAPER_ORDER}, method), seed, game_id
 (left out, never scored 0)."""
 
 
+VERB = "coalesce(lower(nullif(regexp_extract(action, '[A-Za-z]+'), '')), '(none)')"
+"""An action's verb: its first word, lower-cased."""
+
+
 ACTIONS_SQL = f"""
 WITH {TEST_EPISODES_CTES.strip()},
 actions AS (
     SELECT method,
            unnest(CAST(json_extract_string(steps, '$[*].action') AS VARCHAR[])) AS action
     FROM tested WHERE status NOT IN {FAILED_LIST} AND json_valid(steps)),
-verbs AS (
-    SELECT method, coalesce(lower(nullif(regexp_extract(action, '[A-Za-z]+'), '')), '(none)')
-           AS verb
-    FROM actions)
+verbs AS (SELECT method, {VERB} AS verb FROM actions)
 SELECT method, verb, count(*) AS actions,
        round(count(*) / sum(count(*)) OVER (PARTITION BY method), 3) AS share
 FROM verbs
@@ -386,6 +393,37 @@ method over seeds, failed episodes (and any whose stored steps are not JSON) lef
 method that gains or loses reward by acting differently shows it here (IPR's first iteration
 on the decisive experiment's dev games opened containers 7x as often as its SFT model and
 took items a third as often)."""
+
+
+DEV_ACTIONS_SQL = f"""
+WITH {DEV_TASKS_CTE.strip()},
+dev AS (
+    SELECT x.method, d.iteration, r.steps
+    FROM experiment_runs x JOIN experiments e USING (experiment_id)
+    JOIN evaluations d ON d.run_id = x.run_id
+         AND d.split = json_extract_string(e.config, '$.run.dev_split')
+    JOIN rollouts r ON r.run_id = d.run_id AND r.iteration = d.iteration
+         AND r.policy_id = d.policy_id AND r.kind = 'eval'
+    WHERE x.experiment_id = {{exp}} AND x.status = 'finished'
+      AND r.task_id IN (SELECT task_id FROM dev_tasks)
+      AND r.status NOT IN {FAILED_LIST} AND json_valid(r.steps)),
+actions AS (
+    SELECT method, iteration,
+           unnest(CAST(json_extract_string(steps, '$[*].action') AS VARCHAR[])) AS action
+    FROM dev),
+verbs AS (SELECT method, iteration, {VERB} AS verb, count(*) AS n FROM actions GROUP BY ALL)
+SELECT method, iteration, sum(n) AS actions,
+       string_agg(verb || ' ' || printf('%.2f', n / total), ', ' ORDER BY n DESC, verb)
+           AS verb_shares
+FROM (SELECT *, sum(n) OVER (PARTITION BY method, iteration) AS total FROM verbs)
+GROUP BY method, iteration
+ORDER BY list_position({PAPER_ORDER}, method), iteration
+"""
+"""What each iteration's model does on the dev games: the share of its actions by verb, per
+method and iteration, pooled over seeds (failed episodes left out). A dev curve that jumps
+between iterations shows here whether the policy changed what it does (on the decisive
+experiment's seed 0, IPR's models opened containers at iteration 1, moved and took items at
+iteration 2 and put them down at iteration 3)."""
 
 
 SAME_TRANSCRIPTS_SQL = f"""
