@@ -42,7 +42,6 @@ from ipr_core.store.report_queries import (
     EPISODES_SQL,
     MANIFESTS_SQL,
     METHOD_COSTS_SQL,
-    PAIRS_SQL,
     PER_SEED_SQL,
     RESULTS_SQL,
     SAME_TRANSCRIPTS_SQL,
@@ -52,12 +51,17 @@ from ipr_core.store.report_queries import (
     STEP_REWARD_DISTRIBUTION_SQL,
     TEST_EVALUATIONS_SQL,
     TRAINING_CURVE_SQL,
+    TRAINING_DATA_SQL,
     TRAINING_STEPS_SQL,
     per_game_diff_sql,
 )
 from ipr_core.store.store import Store
-from ipr_core.training.methods import ETO, IPR, REGISTRY, SFT
+from ipr_core.training.methods import ETO, IPR, REGISTRY, RFT, SFT
 from ipr_core.types import FAILED_STATUSES
+
+RFT_FEW_SUCCESSES = 0.1
+"""Below this share of its training data from its own successes, the report calls RFT
+mostly further SFT."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
     per_seed = run_query(store, PER_SEED_SQL, experiment_id)
     curve = run_query(store, DEV_CURVE_SQL, experiment_id)
     dev_actions = run_query(store, DEV_ACTIONS_SQL, experiment_id)
-    pairs = run_query(store, PAIRS_SQL, experiment_id)
+    training_data = run_query(store, TRAINING_DATA_SQL, experiment_id)
     training = run_query(store, TRAINING_STEPS_SQL, experiment_id)
     training_curve = run_query(store, TRAINING_CURVE_SQL, experiment_id)
     accuracy = run_query(store, STEP_ACCURACY_SQL, experiment_id)
@@ -157,14 +161,16 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         "word, pooled over seeds (failed episodes left out). A jump in the dev curve shows "
         "here as a change in what the model does.",
         dev_actions.markdown(),
-        "## Pairs per iteration",
-        "Pairs mined per iteration, summed over seeds; `pairs_trained_on` counts those the "
-        "method's loss used (ETO drops step pairs, as its loss has no step term) and "
-        "`pairs_dropped` those it left out as longer than `max_length` even without their "
-        "oldest turns. The methods "
-        "of a seed that explore alike share iteration 1's explorations and pairs: IPR and its "
-        "ablations explore from every expert prefix, ETO each task from its start.",
-        pairs.markdown(),
+        "## What each iteration trained on",
+        "Summed over seeds. `successful_explorations` counts the explorations from a task's "
+        "start that completed it (reward 1): what RFT adds to the expert trajectories, so "
+        "with few of them RFT is SFT trained further on the same data. Pairs mined per "
+        "iteration follow; `pairs_trained_on` counts those the method's loss used (ETO "
+        "drops step pairs, as its loss has no step term) and `pairs_dropped` those it left "
+        "out as longer than `max_length` even without their oldest turns. The methods of a "
+        "seed that explore alike share iteration 1's explorations and pairs: IPR and its "
+        "ablations explore from every expert prefix, ETO and RFT each task from its start.",
+        training_data.markdown(),
         "## Training steps per iteration",
         "The mixture's per-step diagnostics, averaged over each iteration's optimizer steps "
         "and seeds: the loss and its SFT term and, per DPO level (o: trajectory pairs, s: "
@@ -229,7 +235,14 @@ def write_report(store: Store, experiment_id: str, out: Path) -> list[Path]:
         "## Settled before test",
         settled_section(experiment_id, tests),
         "## What the numbers show",
-        analysis(settings.frame, results.frame, per_seed.frame, overall.frame, paired),
+        analysis(
+            settings.frame,
+            results.frame,
+            per_seed.frame,
+            overall.frame,
+            training_data.frame,
+            paired,
+        ),
         "## Run manifests",
         "What shaped each run's numbers besides its config: package versions, the base "
         "model's content id, the task ids of each split (count and hash), the prompt "
@@ -493,6 +506,7 @@ def analysis(
     results: pd.DataFrame,
     per_seed: pd.DataFrame,
     accuracy: pd.DataFrame,
+    training_data: pd.DataFrame,
     paired: pd.DataFrame | None = None,
 ) -> str:
     """Statements computed from the tables above: who beats whom, by how much, how often."""
@@ -507,6 +521,9 @@ def analysis(
         + "."
     )
     lines.append(success_statement(results))
+    rft = rft_statement(training_data, settings)
+    if rft:
+        lines.append(rft)
     for better, worse in ((IPR.name, ETO.name), (ETO.name, SFT.name), (IPR.name, SFT.name)):
         lines.append("- " + compare(better, worse, results, per_seed))
     paper = (IPR.name, ETO.name, SFT.name)
@@ -568,6 +585,34 @@ def success_statement(results: pd.DataFrame) -> str:
             " No method completes a single test game: every reward difference here is one of "
             "the game's partial credit, not of games solved (the actions table shows how each "
             "model earned it)."
+        )
+    return line
+
+
+def rft_statement(training_data: pd.DataFrame, settings: pd.DataFrame) -> str | None:
+    """What RFT had of its own to learn from: its successful explorations beside the expert
+    trajectories every iteration trains on again. With few, RFT is SFT trained further, and
+    IPR - RFT compares IPR with that, not with learning from the agent's own successes."""
+    rows = training_data[training_data["method"] == RFT.name]
+    if rows.empty:
+        return None
+    successes = int(rows["successful_explorations"].sum())
+    line = (
+        f"- RFT's own successes: {successes} of its explorations completed their task, over "
+        f"{len(rows)} iteration(s) and {int(rows['seeds'].max())} seed(s)"
+    )
+    experts = _num(settings["sft_tasks"].iloc[0]) if not settings.empty else None
+    if experts is None:  # every training task: the count is not in the config
+        return line + ", beside the expert trajectories each iteration trains on again."
+    share = successes / (successes + int(experts) * int(rows["seeds"].sum()))
+    line += (
+        f", beside the {int(experts)} expert trajectories each iteration trains on again "
+        f"({share:.1%} of what it trained on)."
+    )
+    if share < RFT_FEW_SUCCESSES:
+        line += (
+            " With so few, RFT here is mostly SFT trained further on the same data, and "
+            "IPR - RFT compares IPR with that."
         )
     return line
 

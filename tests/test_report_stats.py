@@ -15,6 +15,7 @@ from flows.report import (
     coverage_statement,
     episode_mismatches,
     paired_statements,
+    rft_statement,
     run_query,
     settled_statements,
 )
@@ -25,7 +26,7 @@ from flows.stats import (
     verdict,
 )
 from ipr_core.run.experiment import load_experiment_config
-from ipr_core.store.report_queries import DEV_ACTIONS_SQL, METHOD_COSTS_SQL, PAIRS_SQL
+from ipr_core.store.report_queries import DEV_ACTIONS_SQL, METHOD_COSTS_SQL, TRAINING_DATA_SQL
 from ipr_core.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_episode_mismatches_name_methods_with_too_many_or_too_few_episodes():
     ]
 
 
-SETTINGS = pd.DataFrame({"expert_reward": [1.0]})
+SETTINGS = pd.DataFrame({"expert_reward": [1.0], "sft_tasks": [64]})
 ACCURACY = pd.DataFrame(
     {"compared_steps": [10], "gold_higher": [7], "tied": [2], "gold_lower": [1],
      "step_reward_accuracy": [0.7]}
@@ -191,7 +192,33 @@ def statements(
             for seed, reward in enumerate(by_seed)
         ]
     )
-    return analysis(SETTINGS, results, per_seed, ACCURACY, paired)
+    return analysis(SETTINGS, results, per_seed, ACCURACY, _training_data({}), paired)
+
+
+def _training_data(successes: dict[int, list[int]]) -> pd.DataFrame:
+    """RFT's rows of the training-data table: per iteration, its successes on each seed."""
+    return pd.DataFrame(
+        [
+            {"method": "rft", "iteration": it, "seeds": len(s), "successful_explorations": sum(s)}
+            for it, s in successes.items()
+        ],
+        columns=["method", "iteration", "seeds", "successful_explorations"],
+    )
+
+
+def test_the_rft_statement_counts_its_own_successes_against_the_expert_data():
+    few = rft_statement(_training_data({1: [1, 0], 2: [0, 0]}), SETTINGS)
+    assert few == (
+        "- RFT's own successes: 1 of its explorations completed their task, over 2 "
+        "iteration(s) and 2 seed(s), beside the 64 expert trajectories each iteration trains "
+        "on again (0.4% of what it trained on). With so few, RFT here is mostly SFT trained "
+        "further on the same data, and IPR - RFT compares IPR with that."
+    )
+    many = rft_statement(_training_data({1: [20], 2: [30]}), SETTINGS)
+    assert "(28.1% of what it trained on)." in many and "mostly SFT" not in many
+    assert rft_statement(_training_data({}), SETTINGS) is None  # no finished RFT run
+    every_task = rft_statement(_training_data({1: [2]}), SETTINGS.assign(sft_tasks=[None]))
+    assert every_task.endswith("beside the expert trajectories each iteration trains on again.")
 
 
 def test_analysis_answers_from_the_numbers():
@@ -296,18 +323,38 @@ def _stage_record(iteration: int, stage: str, result: dict) -> dict:
             "result": json.dumps(result), "row_counts": "[]"}  # fmt: skip
 
 
+def _rollout(
+    kind: str,
+    iteration: int,
+    task_id: str,
+    actions: list[str],
+    *,
+    prefix_len: int = 0,
+    policy_id: str = "p",
+    status: str = "ok",
+    reward: float | None = None,
+) -> dict:
+    steps = json.dumps([{"action": a} for a in actions])
+    return {"run_id": "r", "iteration": iteration, "kind": kind, "env_id": "e",
+            "task_id": task_id, "prefix_len": prefix_len, "actor": "agent", "sample_idx": 0,
+            "policy_id": policy_id, "status": status, "outcome_reward": reward,
+            "n_steps": len(actions), "steps": steps, "prefill_tokens": 0,
+            "generated_tokens": 0, "env_steps": 0, "parse_failures": 0}  # fmt: skip
+
+
 def _dev_evaluation(iteration: int, policy_id: str, reward: float) -> dict:
     return {"run_id": "r", "iteration": iteration, "split": "dev", "policy_id": policy_id,
             "n_tasks": 1, "n_failed": 0, "avg_reward": reward}  # fmt: skip
 
 
-def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stage_names(
+def test_the_training_data_table_counts_each_iteration_once_with_the_checkpoint_its_stage_names(
     tmp_path,
 ):
     """An iteration evaluated with two models (its mixture redone with other inputs) is one
     iteration of one seed, and the pairs trained on (and dropped) are those of the checkpoint
     its mixture stage names; a checkpoint another run trained first (so its row names that
-    run) counts for this run too."""
+    run) counts for this run too. Successful explorations are those from a task's start
+    that completed it (what RFT adds), not a completed one from a prefix or a failed one."""
 
     def checkpoint(checkpoint_id: str, run_id: str, pairs: int) -> dict:
         return {"checkpoint_id": checkpoint_id, "kind": "mixture", "path": "/m",
@@ -323,12 +370,18 @@ def test_the_pairs_table_counts_each_iteration_once_with_the_checkpoint_its_stag
                 _stage_record(1, "train-mixture", {"checkpoint_id": "new"}),
             ],
             "checkpoints": [checkpoint("old", "r", 5), checkpoint("new", "other", 7)],
+            "rollouts": [
+                _rollout("explore", 1, "a", ["take key"], reward=1.0),
+                _rollout("explore", 1, "b", ["take key"], reward=0.5),
+                _rollout("explore", 1, "c", ["take key"], prefix_len=2, reward=1.0),
+                _rollout("explore", 1, "d", ["take key"], status="env_error"),
+                _rollout("eval", 1, "e", ["take key"], reward=1.0),
+            ],
         },
     )
-    pairs = run_query(store, PAIRS_SQL, "x").frame
-    assert pairs[["iteration", "seeds", "pairs_trained_on", "pairs_dropped"]].values.tolist() == [
-        [1, 1, 7, 2]
-    ]
+    data = run_query(store, TRAINING_DATA_SQL, "x").frame
+    columns = ["iteration", "seeds", "successful_explorations", "pairs_trained_on", "pairs_dropped"]
+    assert data[columns].values.tolist() == [[1, 1, 1, 7, 2]]
 
 
 def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(tmp_path):
@@ -359,16 +412,6 @@ def test_the_cost_tables_dev_gain_is_that_of_the_models_the_stage_records_name(t
 def test_the_dev_actions_table_counts_each_iterations_dev_episodes_by_verb(tmp_path):
     """Per iteration, the verbs of the dev episodes: the tested iteration's test episodes
     (same run, iteration and policy) and failed episodes are left out."""
-
-    def episode(iteration: int, policy_id: str, task_id: str, actions: list[str],
-                status: str = "ok") -> dict:  # fmt: skip
-        steps = json.dumps([{"action": a} for a in actions])
-        return {"run_id": "r", "iteration": iteration, "kind": "eval", "env_id": "e",
-                "task_id": task_id, "prefix_len": 0, "actor": "agent", "sample_idx": 0,
-                "policy_id": policy_id, "status": status, "n_steps": len(actions),
-                "steps": steps, "prefill_tokens": 0, "generated_tokens": 0, "env_steps": 0,
-                "parse_failures": 0}  # fmt: skip
-
     test = {"run_id": "r", "iteration": 1, "split": "test", "policy_id": "m1", "n_tasks": 1,
             "n_failed": 0, "avg_reward": 0.0}  # fmt: skip
     store = _finished_run(
@@ -376,10 +419,10 @@ def test_the_dev_actions_table_counts_each_iterations_dev_episodes_by_verb(tmp_p
         {
             "evaluations": [_dev_evaluation(0, "sft", 0.2), _dev_evaluation(1, "m1", 0.4), test],
             "rollouts": [
-                episode(0, "sft", "dev-a", ["take apple", "put apple in box"]),
-                episode(0, "sft", "dev-b", ["open door"], status="env_error"),
-                episode(1, "m1", "dev-a", ["move north", "Move south", "take key"]),
-                episode(1, "m1", "test-a", ["open box"]),
+                _rollout("eval", 0, "dev-a", ["take apple", "put apple in box"], policy_id="sft"),
+                _rollout("eval", 0, "dev-b", ["open door"], policy_id="sft", status="env_error"),
+                _rollout("eval", 1, "dev-a", ["move north", "Move up", "take key"], policy_id="m1"),
+                _rollout("eval", 1, "test-a", ["open box"], policy_id="m1"),
             ],
         },
     )

@@ -98,6 +98,10 @@ ORDER BY list_position({PAPER_ORDER}, x.method), d.iteration
 """
 
 
+FAILED_LIST = "(" + ", ".join(f"'{s}'" for s in sorted(FAILED_STATUSES)) + ")"
+"""The rollout statuses of failed episodes (no outcome; left out, never scored 0)."""
+
+
 TRAINED_PAIRS_SQL = f"""
 SELECT s.run_id, s.iteration,
        CASE WHEN json_valid(c.metrics)
@@ -112,7 +116,7 @@ WHERE s.stage = '{StageName.TRAIN_MIXTURE}'
 names (NULL where an older store's metrics do not count them, or are not JSON)."""
 
 
-PAIRS_SQL = f"""
+TRAINING_DATA_SQL = f"""
 WITH iterations AS (
     SELECT x.method, x.run_id, g.iteration
     FROM experiment_runs x
@@ -125,18 +129,29 @@ mined AS (
            count(*) FILTER (WHERE level = 'trajectory') AS trajectory_pairs,
            count(*) FILTER (WHERE level = 'step') AS step_pairs
     FROM pairs GROUP BY run_id, iteration),
+successes AS (
+    SELECT run_id, iteration, count(*) AS successes
+    FROM rollouts
+    WHERE kind = 'explore' AND prefix_len = 0 AND status NOT IN {FAILED_LIST}
+      AND outcome_reward >= 1.0
+    GROUP BY run_id, iteration),
 trained AS ({TRAINED_PAIRS_SQL})
 SELECT i.method, i.iteration, count(*) AS seeds,
+       sum(coalesce(w.successes, 0)) AS successful_explorations,
        sum(coalesce(m.trajectory_pairs, 0)) AS trajectory_pairs,
        sum(coalesce(m.step_pairs, 0)) AS step_pairs,
        sum(coalesce(t.n_pairs, 0)) AS pairs_trained_on,
        sum(coalesce(t.n_dropped, 0)) AS pairs_dropped
 FROM iterations i
+LEFT JOIN successes w USING (run_id, iteration)
 LEFT JOIN mined m USING (run_id, iteration)
 LEFT JOIN trained t USING (run_id, iteration)
 GROUP BY i.method, i.iteration
 ORDER BY list_position({PAPER_ORDER}, i.method), i.iteration
 """
+"""Per method and iteration, summed over seeds: what its training read. Explorations from a
+task's start that completed it (RFT's additions to the expert data), the pairs mined, and
+those the mixture trained on and dropped (`TRAINED_PAIRS_SQL`)."""
 
 
 TRAINING_STEPS_SQL = f"""
@@ -309,10 +324,6 @@ SELECT count(*) AS compared_steps,
        round(gold_higher / compared_steps, 3) AS step_reward_accuracy
 FROM compared
 """
-
-
-FAILED_LIST = "(" + ", ".join(f"'{s}'" for s in sorted(FAILED_STATUSES)) + ")"
-"""The rollout statuses of failed episodes (no outcome; left out, never scored 0)."""
 
 
 DEV_TASKS_CTE = """
