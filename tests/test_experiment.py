@@ -184,28 +184,34 @@ def test_report_tables_are_what_their_queries_return(experiment, tmp_path, capsy
     assert curve.loc[curve["label"] == "ipr", "s_dpo_accuracy"].notna().all()
     assert curve.loc[curve["label"] == "eto", "s_dpo_accuracy"].isna().all()
     blocks = re.findall(r"((?:^\|[^\n]*\|\n)+)\n```sql\n(.*?)\n```", text, flags=re.M | re.S)
-    # settings, results, per seed, dev curve, pairs, training steps, costs, step reward
-    # distribution, 2 x step accuracy, per-game differences, actions, episodes, test
-    # evaluations, manifests
-    assert len(blocks) == 15
+    # settings, results, per seed, dev curve, dev actions, training data, training steps,
+    # costs, step reward distribution, 2 x step accuracy, per-game differences, actions,
+    # episodes, test evaluations, manifests
+    assert len(blocks) == 16
     for table, sql in blocks:
         assert markdown_table(store.query(sql)) == table.strip()
     settings = store.query(blocks[0][1])  # methods in the paper's order, seeds ascending
     assert settings[["methods", "seeds"]].values.tolist() == [["sft, eto, ipr", "0, 1"]]
     assert config.sft_per_seed and settings["sft_per_seed"].tolist() == [True]
     assert "Iteration 0 is each seed's own SFT model" in text  # not one shared model
-    training = store.query(blocks[5][1])
+    dev_actions = store.query(blocks[4][1])  # each iteration's dev model, by verb
+    assert set(dev_actions["method"]) == {"sft", "eto", "ipr"}
+    assert dev_actions["verb_shares"].str.fullmatch(r"(\S+ [01]\.\d\d)(, \S+ [01]\.\d\d)*").all()
+    training_data = store.query(blocks[5][1])
+    assert set(training_data["method"]) == {"eto", "ipr"}
+    assert (training_data["pairs_trained_on"] > 0).all()
+    training = store.query(blocks[6][1])
     assert set(training["method"]) == {"eto", "ipr"}  # the trained methods, every iteration
     step_accuracy = training.groupby("method")["s_dpo_accuracy"]
     assert step_accuracy.count()["ipr"] == (training["method"] == "ipr").sum()
     assert step_accuracy.count()["eto"] == 0  # ETO's loss has no step term
-    costs = store.query(blocks[6][1])
+    costs = store.query(blocks[7][1])
     assert set(costs["method"]) == {"sft", "eto", "ipr"}
     # a seed's later methods copy the dev evaluation of the seed's SFT model
     assert costs.loc[costs["iteration"] == 0, "copied_stages"].sum() > 0
-    distribution = store.query(blocks[7][1])
+    distribution = store.query(blocks[8][1])
     assert set(distribution["reward"]) == {"expert", "agent", "margin"}
-    actions = store.query(blocks[11][1])  # every action of every tested model, by verb
+    actions = store.query(blocks[12][1])  # every action of every tested model, by verb
     assert list(actions["method"].unique()) == ["sft", "eto", "ipr"]
     assert actions.groupby("method")["share"].sum().round(2).eq(1.0).all()
     tested_steps = store.query(
