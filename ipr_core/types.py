@@ -22,6 +22,11 @@ they carry no outcome reward and are never averaged as 0."""
 FAILED_STATUSES: frozenset[str] = frozenset({"env_error", "generation_error", "truncated"})
 NO_OUTCOME_STATUSES: frozenset[str] = FAILED_STATUSES | {"cut"}
 
+SUCCESS_REWARD = 1.0
+"""The outcome reward of a completed game: an episode succeeds when it reaches it (rewards
+below it are partial credit). Success rates, RFT's successful explorations and the report's
+queries all count successes by it."""
+
 Actor = Literal["expert", "agent"]
 EXPERT: Actor = "expert"
 AGENT: Actor = "agent"
@@ -102,6 +107,11 @@ class Pair:
 
 def is_failed(status: str) -> bool:
     return status in FAILED_STATUSES
+
+
+def is_success(status: str, outcome_reward: float | None) -> bool:
+    """A finished episode that completed its game (`SUCCESS_REWARD`); failed ones never are."""
+    return not is_failed(status) and (outcome_reward or 0.0) >= SUCCESS_REWARD
 
 
 def same_action(a: str, b: str) -> bool:

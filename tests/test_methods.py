@@ -12,6 +12,7 @@ from ipr_core.agent.prompts import PromptFormat
 from ipr_core.config import RunConfig
 from ipr_core.engine.rollout import RolloutResult, RolloutSpec
 from ipr_core.envs.base import EnvTask
+from ipr_core.method.evaluate import Episode, summarize
 from ipr_core.method.explore import Exploration
 from ipr_core.run.loop import rft_examples
 from ipr_core.training.config import MixtureWeights
@@ -105,6 +106,18 @@ def test_rft_trains_on_the_experts_and_the_successful_explorations_only() -> Non
         "Thought: t1 r1.0.\nAction: go north",
         "Thought: t0-explored-1.0-ok r1.0.\nAction: go north",
     ]
+
+
+def test_a_success_is_a_completed_game_and_failed_episodes_are_left_out() -> None:
+    episodes = [
+        Episode("ok", 1.0, 5),
+        Episode("max_steps", 0.5, 20),  # partial credit is not a success
+        Episode("truncated", 1.0, 3),  # a failed episode has no outcome, whatever it stored
+        Episode("ok", 1.0, 7),
+    ]
+    evaluation = summarize("dev", "policy", episodes)
+    assert (evaluation.n_failed, evaluation.success_rate) == (1, 2 / 3)
+    assert evaluation.avg_reward == pytest.approx(2.5 / 3)
 
 
 def test_the_registry_is_the_only_place_method_names_are_spelt() -> None:

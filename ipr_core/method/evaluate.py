@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ipr_core.engine.rollout import RolloutEngine, RolloutResult, RolloutSpec
-from ipr_core.types import is_failed
+from ipr_core.types import is_failed, is_success
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def summarize(split: str, policy_id: str, episodes: Sequence[Episode]) -> Evalua
         n_tasks=len(episodes),
         n_failed=len(episodes) - len(finished),
         avg_reward=_mean(outcomes),
-        success_rate=_mean([1.0 if o >= 1.0 else 0.0 for o in outcomes]),
+        success_rate=_mean(
+            [1.0 if is_success(e.status, e.outcome_reward) else 0.0 for e in finished]
+        ),
         avg_steps=_mean([float(e.n_steps) for e in finished]),
     )
 

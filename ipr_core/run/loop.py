@@ -78,11 +78,11 @@ from ipr_core.types import (
     BASE_ITERATION,
     EXPERT,
     EXPERT_ITERATION,
-    FAILED_STATUSES,
     Actor,
     RolloutKind,
     StageName,
     Trajectory,
+    is_success,
 )
 
 R = TypeVar("R")
@@ -1003,13 +1003,11 @@ def rft_examples(
     experts: Sequence[Trajectory], explored: Sequence[Exploration]
 ) -> list[Trajectory]:
     """What RFT trains on: the expert trajectories, then the explorations from the start of
-    a task that succeeded (reward 1; failed rollouts and step-level explorations left out)."""
+    a task that succeeded (`is_success`; step-level explorations left out)."""
     successes = [
         e.rollout.trajectory
         for e in explored
-        if e.prefix_len == 0
-        and e.rollout.status not in FAILED_STATUSES
-        and (e.rollout.outcome_reward or 0.0) >= 1.0
+        if e.prefix_len == 0 and is_success(e.rollout.status, e.rollout.outcome_reward)
     ]
     return [*experts, *successes]
 

@@ -5,7 +5,7 @@ query as it stands. They live with the store's other SQL; `flows/report.py` rend
 from collections.abc import Sequence
 
 from ipr_core.training.methods import COMPARISONS, REGISTRY
-from ipr_core.types import FAILED_STATUSES, StageName
+from ipr_core.types import FAILED_STATUSES, SUCCESS_REWARD, StageName
 
 COMPARED = tuple((a.name, b.name) for a, b in COMPARISONS)
 
@@ -133,7 +133,7 @@ successes AS (
     SELECT run_id, iteration, count(*) AS successes
     FROM rollouts
     WHERE kind = 'explore' AND prefix_len = 0 AND status NOT IN {FAILED_LIST}
-      AND outcome_reward >= 1.0
+      AND outcome_reward >= {SUCCESS_REWARD}
     GROUP BY run_id, iteration),
 trained AS ({TRAINED_PAIRS_SQL})
 SELECT i.method, i.iteration, count(*) AS seeds,
@@ -373,13 +373,17 @@ EPISODES_SQL = f"""
 WITH {TEST_EPISODES_CTES.strip()}
 SELECT method, seed, game_id, failed,
        CASE WHEN NOT failed THEN reward END AS reward,
-       CASE WHEN NOT failed THEN CAST(reward >= 1.0 AS DOUBLE) END AS success,
+       CASE WHEN NOT failed THEN CAST(reward >= {SUCCESS_REWARD} AS DOUBLE) END AS success,
        CASE WHEN NOT failed THEN steps END AS steps
 FROM episodes
 ORDER BY list_position({PAPER_ORDER}, method), seed, game_id
 """
 """Per (method, seed, test game): the tested model's outcome; `failed`: the episode failed
 (left out, never scored 0)."""
+
+
+ACTIONS = "unnest(CAST(json_extract_string(steps, '$[*].action') AS VARCHAR[]))"
+"""One row per action of an episode's stored steps (JSON; check `json_valid` first)."""
 
 
 VERB = "coalesce(lower(nullif(regexp_extract(action, '[A-Za-z]+'), '')), '(none)')"
@@ -389,8 +393,7 @@ VERB = "coalesce(lower(nullif(regexp_extract(action, '[A-Za-z]+'), '')), '(none)
 ACTIONS_SQL = f"""
 WITH {TEST_EPISODES_CTES.strip()},
 actions AS (
-    SELECT method,
-           unnest(CAST(json_extract_string(steps, '$[*].action') AS VARCHAR[])) AS action
+    SELECT method, {ACTIONS} AS action
     FROM tested WHERE status NOT IN {FAILED_LIST} AND json_valid(steps)),
 verbs AS (SELECT method, {VERB} AS verb FROM actions)
 SELECT method, verb, count(*) AS actions,
@@ -419,8 +422,7 @@ dev AS (
       AND r.task_id IN (SELECT task_id FROM dev_tasks)
       AND r.status NOT IN {FAILED_LIST} AND json_valid(r.steps)),
 actions AS (
-    SELECT method, iteration,
-           unnest(CAST(json_extract_string(steps, '$[*].action') AS VARCHAR[])) AS action
+    SELECT method, iteration, {ACTIONS} AS action
     FROM dev),
 verbs AS (SELECT method, iteration, {VERB} AS verb, count(*) AS n FROM actions GROUP BY ALL)
 SELECT method, iteration, sum(n) AS actions,
