@@ -512,12 +512,17 @@ def analysis(
     """Statements computed from the tables above: who beats whom, by how much, how often."""
     if results.empty:
         return "No finished run yet: nothing to compare."
-    means = {row.method: _num(row.reward_mean) for row in results.itertuples()}
     lines = paired_statements(paired) if paired is not None else []
-    ranking = sorted((m for m in means if means[m] is not None), key=lambda m: -means[m])
+    shared = shared_seeds(per_seed)
+    means = {method: float(shared[method].mean()) for method in shared}
+    scope = ""
+    if len(shared) < per_seed["seed"].nunique():
+        seeds = ", ".join(str(seed) for seed in shared.index)
+        scope = f" over seed(s) {seeds or 'none'} (those every method finished)"
+    ranking = sorted(means, key=lambda m: -means[m])
     lines.append(
-        "- Ranking by mean test reward: "
-        + ", ".join(f"{m} {_fmt(means[m])}" for m in ranking)
+        f"- Ranking by mean test reward{scope}: "
+        + (", ".join(f"{m} {_fmt(means[m])}" for m in ranking) or "none")
         + "."
     )
     lines.append(success_statement(results))
@@ -525,23 +530,23 @@ def analysis(
     if rft:
         lines.append(rft)
     for better, worse in ((IPR.name, ETO.name), (ETO.name, SFT.name), (IPR.name, SFT.name)):
-        lines.append("- " + compare(better, worse, results, per_seed))
+        lines.append("- " + compare(better, worse, per_seed))
     paper = (IPR.name, ETO.name, SFT.name)
-    if all(m in means and means[m] is not None for m in paper):
+    if all(m in means for m in paper):
         holds = means[IPR.name] > means[ETO.name] > means[SFT.name]
         lines.append(
-            "- The paper's ordering IPR > ETO > SFT on mean test reward holds here: "
+            f"- The paper's ordering IPR > ETO > SFT on mean test reward{scope} holds here: "
             + ("yes" if holds else "no")
             + _ordering_evidence(paired)
             + "."
         )
-    if SFT.name in means and means[SFT.name] is not None:
+    if SFT.name in set(results["method"]):
         sft_row = results[results["method"] == SFT.name].iloc[0]
         expert = _num(settings["expert_reward"].iloc[0]) if not settings.empty else None
         spread = _num(getattr(sft_row, "reward_std", None))
         same = spread == 0.0 and int(sft_row.seeds) > 1  # one seed says nothing of seeds
         lines.append(
-            f"- The SFT agent's test reward is {_fmt(means[SFT.name])} (success "
+            f"- The SFT agent's test reward is {_fmt(_num(sft_row.reward_mean))} (success "
             f"{_fmt(_num(sft_row.success_mean))}); the expert trajectories it learned from "
             f"reach {_fmt(expert)}."
             + (
@@ -693,37 +698,45 @@ def _interval(row: Any, a: str, b: str, what: str) -> str:
     )
 
 
-def compare(better: str, worse: str, results: pd.DataFrame, per_seed: pd.DataFrame) -> str:
-    """Is `better`'s mean test reward above `worse`'s, answered with the margin, the seed
-    ranges and the per-seed wins (seeds pair the runs: same seed, same iteration-1 data);
-    "beats" is kept for the two-test rule's verdicts."""
-    rows = {row.method: row for row in results.itertuples()}
-    if better not in rows or worse not in rows:
-        missing = [m for m in (better, worse) if m not in rows]
-        return f"{better.upper()} vs {worse.upper()}: not compared ({', '.join(missing)} not run)."
-    b, w = rows[better], rows[worse]
-    mean_b, mean_w = _num(b.reward_mean), _num(w.reward_mean)
-    if mean_b is None or mean_w is None:
-        return f"{better.upper()} vs {worse.upper()}: not compared (no test reward)."
+def shared_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Test reward by seed (rows) and method (columns) on the seeds every method finished.
+    While an experiment runs, methods have finished different seeds, and each seed has its
+    own SFT model: means over different seeds do not compare."""
+    seeds = per_seed.pivot_table(index="seed", columns="method", values="test_reward")
+    return seeds.dropna()
+
+
+def compare(better: str, worse: str, per_seed: pd.DataFrame) -> str:
+    """Is `better`'s mean test reward above `worse`'s on the seeds both finished, answered
+    with the margin, the seed ranges and the per-seed wins (seeds pair the runs: same SFT
+    model, same iteration-1 data); "beats" is kept for the two-test rule's verdicts."""
+    title = f"{better.upper()} vs {worse.upper()}: not compared"
+    missing = [m for m in (better, worse) if m not in set(per_seed["method"])]
+    if missing:
+        return f"{title} ({', '.join(missing)} not run)."
+    seeds = per_seed.pivot_table(index="seed", columns="method", values="test_reward")
+    if better not in seeds or worse not in seeds:
+        return f"{title} (no test reward)."
+    both = seeds[[better, worse]].dropna()
+    if both.empty:
+        return f"{title} (no seed on which both finished)."
+    mean_b, mean_w = float(both[better].mean()), float(both[worse].mean())
     delta = mean_b - mean_w
     verdict = "yes" if delta > 0 else "no (equal)" if delta == 0 else "no"
-    overlap = _num(b.reward_min) <= _num(w.reward_max) and _num(w.reward_min) <= _num(b.reward_max)
-    seeds = per_seed.pivot_table(index="seed", columns="method", values="test_reward")
-    wins = ties = paired = 0
-    if better in seeds and worse in seeds:
-        both = seeds[[better, worse]].dropna()
-        paired = len(both)
-        wins = int((both[better] > both[worse]).sum())
-        ties = int((both[better] == both[worse]).sum())
+    wins = int((both[better] > both[worse]).sum())
+    ties = int((both[better] == both[worse]).sum())
+    overlap = both[better].min() <= both[worse].max() and both[worse].min() <= both[better].max()
     spread = (
         "one seed: no seed range to compare."
-        if min(int(b.seeds), int(w.seeds)) < 2
+        if len(both) < 2
         else "the seed ranges " + ("overlap." if overlap else "do not overlap.")
     )
+    partial = len(both) < len(seeds[[better, worse]].dropna(how="all"))
     return (
         f"Is {better.upper()}'s mean test reward above {worse.upper()}'s? {verdict}: "
-        f"{_fmt(mean_b)} vs {_fmt(mean_w)} ({_signed(delta)}); higher on {wins} of {paired} "
-        f"seeds ({ties} tied); {spread}"
+        f"{_fmt(mean_b)} vs {_fmt(mean_w)} ({_signed(delta)})"
+        + (" (means over the seeds both finished)" if partial else "")
+        + f"; higher on {wins} of {len(both)} seeds ({ties} tied); {spread}"
     )
 
 

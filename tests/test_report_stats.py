@@ -246,6 +246,25 @@ def test_analysis_answers_from_the_numbers():
     assert "No method completes a single test game" not in unknown  # no success measured
 
 
+def test_while_an_experiment_runs_means_are_compared_on_the_seeds_every_method_finished():
+    # sft has finished seeds 0 and 1, eto and ipr seed 0 only: each seed has its own SFT
+    # model, so sft's mean over two seeds does not compare with the others' over one
+    text = statements(
+        {"sft": [0.2, 0.6], "eto": [0.25], "ipr": [0.45]}, {"sft": 0, "eto": 0, "ipr": 0}, 4
+    )
+    scope = "over seed(s) 0 (those every method finished)"
+    assert f"- Ranking by mean test reward {scope}: ipr 0.450, eto 0.250, sft 0.200." in text
+    assert f"IPR > ETO > SFT on mean test reward {scope} holds here: yes" in text
+    assert (
+        "Is ETO's mean test reward above SFT's? yes: 0.250 vs 0.200 (+0.050) (means over the "
+        "seeds both finished); higher on 1 of 1 seeds (0 tied); one seed" in text
+    )
+    assert "The SFT agent's test reward is 0.400" in text  # its own row: both its seeds
+    finished = statements({"sft": [0.2, 0.6], "ipr": [0.45, 0.5]}, {"sft": 0, "ipr": 0}, 4)
+    assert "- Ranking by mean test reward: ipr 0.475, sft 0.400." in finished
+    assert "both finished" not in finished
+
+
 def test_the_ordering_statement_says_which_of_its_steps_the_two_test_rule_shows():
     def row(comparison, low, high, p):
         return {"comparison": comparison, "metric": "reward", "games": 50, "a_mean": 0.47,
