@@ -698,12 +698,16 @@ def _interval(row: Any, a: str, b: str, what: str) -> str:
     )
 
 
+def seed_rewards(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Test reward by seed (rows) and method (columns); NaN where a seed's run is missing."""
+    return per_seed.pivot_table(index="seed", columns="method", values="test_reward")
+
+
 def shared_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Test reward by seed (rows) and method (columns) on the seeds every method finished.
-    While an experiment runs, methods have finished different seeds, and each seed has its
-    own SFT model: means over different seeds do not compare."""
-    seeds = per_seed.pivot_table(index="seed", columns="method", values="test_reward")
-    return seeds.dropna()
+    """`seed_rewards` on the seeds every method finished. While an experiment runs, methods
+    have finished different seeds, and each seed has its own SFT model: means over different
+    seeds do not compare."""
+    return seed_rewards(per_seed).dropna()
 
 
 def compare(better: str, worse: str, per_seed: pd.DataFrame) -> str:
@@ -714,7 +718,7 @@ def compare(better: str, worse: str, per_seed: pd.DataFrame) -> str:
     missing = [m for m in (better, worse) if m not in set(per_seed["method"])]
     if missing:
         return f"{title} ({', '.join(missing)} not run)."
-    seeds = per_seed.pivot_table(index="seed", columns="method", values="test_reward")
+    seeds = seed_rewards(per_seed)
     if better not in seeds or worse not in seeds:
         return f"{title} (no test reward)."
     both = seeds[[better, worse]].dropna()
