@@ -283,15 +283,18 @@ def _estimate_experiment(args: argparse.Namespace) -> int:
     runs = estimate_experiment(Store(config.run.store, read_only=True), config)
     total, measured = runs["predicted_s"].sum(), runs["measured_s"].sum()
     finished = runs["status"] == "finished"
+    # a running run's measured seconds are done work; a run past its prediction leaves none
+    left = (runs.loc[~finished, "predicted_s"] - runs.loc[~finished, "measured_s"]).clip(lower=0)
     print(
-        f"experiment {config.experiment_id!r}: predicted at most {total:,.0f} s "
-        f"({total / 3600:.1f} h) on this machine, {len(runs)} runs (stages a seed's runs share "
-        "counted once, iteration 1's exploration for each method; test evaluations included)"
+        f"experiment {config.experiment_id!r}: predicted {total:,.0f} s ({total / 3600:.1f} h) "
+        f"on this machine, {len(runs)} runs (the stages runs of one SFT model share counted "
+        "once; test evaluations included)"
     )
     print(
         f"measured so far: {measured:,.0f} s ({measured / 3600:.1f} h); the {finished.sum()} "
         f"finished runs predicted {runs.loc[finished, 'predicted_s'].sum():,.0f} s, measured "
-        f"{runs.loc[finished, 'measured_s'].sum():,.0f} s"
+        f"{runs.loc[finished, 'measured_s'].sum():,.0f} s; left: {left.sum():,.0f} s "
+        f"({left.sum() / 3600:.1f} h) predicted for the {(~finished).sum()} unfinished runs"
     )
     print(runs.to_string(index=False, float_format=lambda v: f"{v:,.0f}"))
     return 0

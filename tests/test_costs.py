@@ -65,12 +65,14 @@ def test_compared_expert_steps_are_planned_per_iteration_at_the_scored_share():
 
 def test_an_experiment_estimate_counts_what_a_seed_shares_once_and_adds_its_test(tmp_path):
     """Measured rates: the committed store of the iteration-1 stage benchmark. A method of
-    a seed finds what an earlier method of the seed ran done: the ingest, the SFT model and
-    its dev evaluation, the expert step rewards; a tuning experiment has no test evaluation."""
+    a seed finds done what an earlier method of the seed ran with the same inputs (the runs
+    copy it by fingerprint): the ingest, the SFT model and its dev evaluation, the expert
+    step rewards, and iteration 1's exploration (from the same starts) and agent step
+    rewards; a tuning experiment has no test evaluation."""
     store_path = tmp_path / "rates.duckdb"
     shutil.copy(DEMO.parents[1] / "docs" / "results" / "bench-stages.duckdb", store_path)
     store = Store(store_path)
-    methods = ("sft", "ipr", "ipr-no-sdpo")
+    methods = ("sft", "eto", "ipr", "ipr-no-sdpo", "rft")
     experiment = load_experiment_config(
         REPRO, ["seeds=[0, 1]", f"methods=[{', '.join(methods)}]"], store_path
     ).model_copy(update={"sft_per_seed": True})
@@ -78,32 +80,48 @@ def test_an_experiment_estimate_counts_what_a_seed_shares_once_and_adds_its_test
     assert list(runs.index) == [f"repro-full-sft-{m}-s{s}" for s in (0, 1) for m in methods]
 
     def alone(method: str) -> tuple[float, dict[str, float]]:
+        """The run's own prediction and the seconds of one run of each of its stages."""
         table = estimate(store, experiment.run_config(method, 0)).table.set_index("stage")
-        seconds = table["seconds"].fillna(0.0)
-        return seconds.sum(), {
-            **seconds.to_dict(),
-            "sft dev evaluation": table.loc["evaluate", "units"] * table.loc["evaluate", "rate_s"],
+        once = (table["units"] * table["rate_s"]).fillna(0.0)
+        return table["seconds"].fillna(0.0).sum(), {
+            **once.to_dict(),
             "test": experiment.test_limit * table.loc["evaluate", "rate_s"],
         }
 
-    total, ipr = alone("ipr")
-    assert all(ipr[s] > 0 for s in ("sft", "expert-step-rewards", "sft dev evaluation", "test"))
-    # after the sft method: ingest, SFT and its evaluation are done; the expert MC is not
-    assert runs["repro-full-sft-ipr-s0"] == pytest.approx(
-        total - ipr["ingest"] - ipr["sft"] - ipr["sft dev evaluation"] + ipr["test"]
+    def predicted(method: str) -> float:
+        return runs[f"repro-full-sft-{method}-s0"]
+
+    sft_model = ("ingest", "sft", "evaluate")  # the SFT run's: the SFT model's dev evaluation
+    total, eto = alone("eto")
+    assert all(eto[s] > 0 for s in (*sft_model, "explore", "test"))
+    assert predicted("eto") == pytest.approx(total - sum(eto[s] for s in sft_model) + eto["test"])
+    total, ipr = alone("ipr")  # explores along expert steps, not from the start as ETO did
+    assert predicted("ipr") == pytest.approx(total - sum(ipr[s] for s in sft_model) + ipr["test"])
+    total, no_sdpo = alone("ipr-no-sdpo")  # after ipr: its expert and iteration-1 MC are done
+    shared = (*sft_model, "expert-step-rewards", "explore", "agent-step-rewards")
+    assert no_sdpo["agent-step-rewards"] > 0
+    assert predicted("ipr-no-sdpo") == pytest.approx(
+        total - sum(no_sdpo[s] for s in shared) + no_sdpo["test"]
     )
-    total, no_sdpo = alone("ipr-no-sdpo")  # after ipr: the expert MC is done too
-    assert runs["repro-full-sft-ipr-no-sdpo-s0"] == pytest.approx(
-        total
-        - sum(no_sdpo[s] for s in ("ingest", "sft", "expert-step-rewards", "sft dev evaluation"))
-        + no_sdpo["test"]
+    total, rft = alone("rft")  # iteration 1 explores from the start, as ETO's did
+    assert predicted("rft") == pytest.approx(
+        total - sum(rft[s] for s in (*sft_model, "explore")) + rft["test"]
     )
     for method in methods:  # seed 1 trains its own SFT model: the same cost again
         key = f"repro-full-sft-{method}-s"
         assert runs[key + "1"] == pytest.approx(runs[key + "0"])
 
     tuning = estimate_experiment(store, experiment.model_copy(update={"tuning": True}))
-    assert tuning["predicted_s"].sum() == pytest.approx(runs.sum() - 6 * ipr["test"])
+    assert tuning["predicted_s"].sum() == pytest.approx(runs.sum() - 10 * ipr["test"])
+
+    # One SFT model for every seed: seed 1's SFT run is seed 0's (its test evaluation too),
+    # and its IPR explores as seed 0's did but samples its agent steps with its own seed.
+    one = estimate_experiment(store, experiment.model_copy(update={"sft_per_seed": False}))
+    one = one.set_index("run_id")["predicted_s"]
+    assert one["repro-full-sft-sft-s1"] == pytest.approx(0.0)
+    assert one["repro-full-sft-ipr-s1"] == pytest.approx(
+        predicted("ipr") - ipr["explore"] - ipr["expert-step-rewards"]
+    )
 
 
 def test_ipr_estimate_of_an_experiment_config_prints_every_run_and_the_total(tmp_path):
@@ -116,7 +134,8 @@ def test_ipr_estimate_of_an_experiment_config_prints_every_run_and_the_total(tmp
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "experiment 'repro-full-sft': predicted at most" in done.stdout
+    assert "experiment 'repro-full-sft': predicted " in done.stdout
+    assert "predicted for the 6 unfinished runs" in done.stdout  # none has run
     for run in ("sft-s0", "eto-s1", "ipr-s1"):
         assert f"repro-full-sft-{run}" in done.stdout
     assert store_path.read_bytes() == before  # it reads the rates: a committed store stays as it is

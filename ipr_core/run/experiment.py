@@ -293,39 +293,58 @@ def ensure_known(store: Store, experiment_id: str) -> None:
 
 
 # -- ipr estimate of a whole experiment ------------------------------------------------------
-SHARED_PER_SFT_MODEL = ("ingest", "sft", "expert-step-rewards")
-"""Stages the runs sharing an SFT model (a seed's, or the one model without `sft_per_seed`)
-find done by the first of them (copied rows cost ~0 s)."""
+def shared_key(stage: str, config: ExperimentConfig, run: RunConfig) -> tuple[Any, ...] | None:
+    """What a planned stage's first run (its only run, or iteration 1; for `evaluate`, the
+    SFT model's dev evaluation; `test`, the test evaluation) depends on: two runs of an
+    experiment with the same key share that first run (the later one copies its rows at
+    ~0 s, as the stage fingerprints in `loop` decide). None: the stage is the run's own."""
+    sft_model = run.seed if config.sft_per_seed else None
+    if stage in ("ingest", "sft", "evaluate"):
+        return (stage, sft_model)
+    if stage == "test":  # greedy: only the SFT method's test model is the shared SFT model
+        return None if run.needs.exploration else (stage, sft_model)
+    if stage == "explore":  # greedy: the SFT policy and where episodes start decide it
+        return (stage, sft_model, run.needs.monte_carlo, run.cut_explorations)
+    if stage == "agent-step-rewards":  # the shared exploration, sampled with the run's seed
+        return (stage, sft_model, run.seed)
+    if stage == "expert-step-rewards":
+        if run.monte_carlo.expert_steps == "compared":  # the steps iteration 1 compared
+            return (stage, sft_model)
+        return (stage, SCORER_RUN if config.scorer_config() else sft_model)
+    return None  # pairs and training follow the method
 
 
 def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
     """Predicted seconds of every (method, seed) run of `config`, from the store's measured
-    rates (`costs.estimate`), with its test evaluation added (unless tuning) and the stages
-    the runs of one SFT model share counted once: the ingest, the SFT training, its dev
-    evaluation and the expert step rewards. Iteration 1's exploration, agent step rewards and
-    pairs are also shared by the methods of a seed (and a `fixed_scorer`'s expert step rewards
-    by every seed) but counted for each: an upper bound. Beside each: the run's status in the
-    store and the wall seconds it has measured so far (what the prediction is checked on)."""
+    rates (`costs.estimate`), with its test evaluation added (unless tuning) and the first
+    run of each stage that runs of one SFT model share (`shared_key`) counted once. Beside
+    each: the run's status in the store and the wall seconds it has measured so far (what
+    the prediction is checked on)."""
     rows = []
-    seen: set[tuple[int | None, str]] = set()
+    seen: set[tuple[Any, ...]] = set()
+
+    def done_before(key: tuple[Any, ...] | None) -> bool:
+        """Whether an earlier run did the work of `key` (and from now on, that one did)."""
+        if key is None:
+            return False
+        known = key in seen
+        seen.add(key)
+        return known
+
     wall = store.run_wall_seconds()
     measured = Measured.read(store)  # once: every run's estimate reads the same rates
     for seed in config.seeds:
-        group = seed if config.sft_per_seed else None
         for method in config.methods:
-            made = estimate(store, config.run_config(method, seed), measured)
+            run = config.run_config(method, seed)
+            made = estimate(store, run, measured)
             table = made.table.set_index("stage").fillna({"seconds": 0.0, "rate_s": 0.0})
             seconds = 0.0
             for stage, row in table.iterrows():
-                key = (group, str(stage))
-                shared = key in seen and (stage in SHARED_PER_SFT_MODEL or stage == "evaluate")
-                seen.add(key)
-                if not shared:
-                    seconds += row["seconds"]
-                elif stage == "evaluate":  # all but the SFT model's dev evaluation
-                    seconds += row["seconds"] - row["units"] * row["rate_s"]
+                seconds += row["seconds"]
+                if done_before(shared_key(str(stage), config, run)):  # copied at ~0 s
+                    seconds -= row["units"] * row["rate_s"]
             test = config.test()
-            if test is not None and "evaluate" in table.index:
+            if test is not None and not done_before(shared_key("test", config, run)):
                 seconds += test.limit * table.loc["evaluate", "rate_s"]
             run_id = config.run_id(method, seed)
             status = store.experiment_run_status(config.experiment_id, method, seed)
