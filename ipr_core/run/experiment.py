@@ -56,6 +56,7 @@ from ipr_core.store.store import Store
 from ipr_core.training.checkpoints import model_id
 from ipr_core.training.config import Seed, StrictConfig
 from ipr_core.training.methods import EXPERIMENT_METHODS
+from ipr_core.types import StageName
 
 PER_RUN_FIELDS = ("run_id", "method", "seed")
 """RunConfig fields the experiment sets for each run; the shared `run` settings leave them out."""
@@ -293,21 +294,25 @@ def ensure_known(store: Store, experiment_id: str) -> None:
 
 
 # -- ipr estimate of a whole experiment ------------------------------------------------------
+TEST = "test"
+"""`shared_key`'s name for a run's test evaluation, which the plan adds beside its stages."""
+
+
 def shared_key(stage: str, config: ExperimentConfig, run: RunConfig) -> tuple[Any, ...] | None:
     """What a planned stage's first run (its only run, or iteration 1; for `evaluate`, the
     SFT model's dev evaluation; `test`, the test evaluation) depends on: two runs of an
     experiment with the same key share that first run (the later one copies its rows at
     ~0 s, as the stage fingerprints in `loop` decide). None: the stage is the run's own."""
     sft_model = run.seed if config.sft_per_seed else None
-    if stage in ("ingest", "sft", "evaluate"):
+    if stage in (StageName.INGEST, StageName.SFT, StageName.EVALUATE):
         return (stage, sft_model)
-    if stage == "test":  # greedy: only the SFT method's test model is the shared SFT model
+    if stage == TEST:  # greedy: only the SFT method's test model is the shared SFT model
         return None if run.needs.exploration else (stage, sft_model)
-    if stage == "explore":  # greedy: the SFT policy and where episodes start decide it
+    if stage == StageName.EXPLORE:  # greedy: the SFT policy and where episodes start decide it
         return (stage, sft_model, run.needs.monte_carlo, run.cut_explorations)
-    if stage == "agent-step-rewards":  # the shared exploration, sampled with the run's seed
+    if stage == StageName.AGENT_STEP_REWARDS:  # the shared exploration, the run's sampling seed
         return (stage, sft_model, run.seed)
-    if stage == "expert-step-rewards":
+    if stage == StageName.EXPERT_STEP_REWARDS:
         if run.monte_carlo.expert_steps == "compared":  # the steps iteration 1 compared
             return (stage, sft_model)
         return (stage, SCORER_RUN if config.scorer_config() else sft_model)
@@ -344,7 +349,7 @@ def estimate_experiment(store: Store, config: ExperimentConfig) -> pd.DataFrame:
                 if done_before(shared_key(str(stage), config, run)):  # copied at ~0 s
                     seconds -= row["units"] * row["rate_s"]
             test = config.test()
-            if test is not None and not done_before(shared_key("test", config, run)):
+            if test is not None and not done_before(shared_key(TEST, config, run)):
                 seconds += test.limit * table.loc["evaluate", "rate_s"]
             run_id = config.run_id(method, seed)
             status = store.experiment_run_status(config.experiment_id, method, seed)
